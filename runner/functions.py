@@ -1,0 +1,508 @@
+"""JMESPath custom functions used by integration specs.
+
+Every function is null-safe: a null (missing) input gives null, so a spec can
+chain functions without guarding each field, and schema validation later
+flags the required fields that stayed null.  Functions never guess: an
+unknown currency, an unparseable date or an unknown country gives null.
+
+Use :func:`compile` and :func:`search` (or ``compile(expr).search(data)``,
+whose default options already include these functions).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import functools
+import json
+import re
+import unicodedata
+from decimal import Decimal
+
+import jmespath
+from jmespath import exceptions as _jexc
+from jmespath import functions as _jfunc
+from jmespath.parser import ParsedResult
+
+__all__ = [
+    "RunnerFunctions",
+    "OPTIONS",
+    "FUNCTION_DOCS",
+    "compile",
+    "search",
+    "currency_exponent",
+    "country_code",
+    "minor_to_major",
+    "to_decimal",
+]
+
+signature = _jfunc.signature
+
+FUNCTION_DOCS: dict[str, str] = {
+    "minor_to_major": "minor_to_major(amount, currency, overrides?) -> exact decimal: amount in minor units "
+    "(int or numeric string) divided by 10^ISO-4217 exponent; unknown currency -> null; "
+    "overrides is an object like {\"ISK\": 2} for provider quirks.",
+    "to_decimal": "to_decimal(value) -> exact decimal from a number or string (\"1,234.50\", \"12.5\", \"(3.00)\"); "
+    "null, \"\" or unparseable -> null.",
+    "unix_to_date": "unix_to_date(seconds, tz?) -> \"YYYY-MM-DD\" of a unix timestamp in UTC or in the IANA zone "
+    "tz (null tz = UTC).",
+    "unix_to_datetime": "unix_to_datetime(seconds) -> ISO 8601 UTC \"YYYY-MM-DDTHH:MM:SSZ\".",
+    "to_date": "to_date(value, format?) -> \"YYYY-MM-DD\" from an ISO date/datetime (the date as written, offset "
+    "not applied) or a strptime format such as \"%d/%m/%Y\"; unparseable -> null.",
+    "upper": "upper(s) -> upper-cased string; null -> null.",
+    "lower": "lower(s) -> lower-cased string; null -> null.",
+    "trim": "trim(s) -> string without leading/trailing whitespace; null -> null.",
+    "country_code": "country_code(value) -> ISO 3166-1 alpha-2 code from an alpha-2/alpha-3 code, English name, "
+    "alias or local name (case/accent/punctuation-insensitive); unknown or empty -> null.",
+    "coalesce": "coalesce(a, b, ...) -> first argument that is not blank (null, whitespace-only string, [], or an "
+    "object whose values are all blank); else null.",
+    "non_empty": "non_empty(value) -> value, or null if it is blank (null, whitespace-only string, [], or an "
+    "object whose values are all blank).",
+    "concat_ws": "concat_ws(sep, a, b, ...) -> the non-blank string/number arguments (arrays are flattened one "
+    "level), each trimmed, joined with sep; null if none.",
+    "currency_exponent": "currency_exponent(code) -> ISO 4217 minor-unit exponent (int), or null if unknown or the "
+    "currency has no minor unit.",
+}
+
+
+class RunnerFunctionError(_jexc.JMESPathError):
+    """A function was called with arguments that are a spec bug (not a data problem)."""
+
+
+# ---------------------------------------------------------------------------
+# Data tables (loaded lazily, once)
+# ---------------------------------------------------------------------------
+
+
+def _read_data(name: str):
+    from importlib import resources
+
+    return json.loads((resources.files(__package__ or "runner") / "data" / name).read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _exponents() -> dict[str, int | None]:
+    raw = _read_data("currencies.json")
+    table: dict[str, int | None] = {}
+    table.update(raw.get("withdrawn", {}))
+    for code in raw.get("no_minor_unit", []):
+        table[code] = None
+    table.update(raw["active"])
+    return table
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+_DROP_CHARS = str.maketrans("", "", ".'\u2019`\u00b4")
+
+
+def _norm_country(text: str) -> str:
+    s = unicodedata.normalize("NFKD", text)
+    s = "".join(c for c in s if not unicodedata.combining(c))
+    s = s.casefold().translate(_DROP_CHARS).replace("&", " and ")
+    s = " ".join(_NON_WORD.sub(" ", s).split())
+    if s.startswith("the "):
+        s = s[4:]
+    return s
+
+
+@functools.cache
+def _countries() -> tuple[frozenset[str], dict[str, str], dict[str, str]]:
+    """(alpha-2 codes, alpha-3 -> alpha-2, normalised name/alias -> alpha-2)."""
+    raw = _read_data("countries.json")
+    alpha2 = frozenset(raw["alpha2"])
+    alpha3 = dict(raw["alpha3"])
+    names: dict[str, str] = {}
+    # aliases first so official names win on a (theoretical) clash
+    for alias, code in raw["aliases"].items():
+        names[_norm_country(alias)] = code
+    for code, name in raw["alpha2"].items():
+        names[_norm_country(name)] = code
+    return alpha2, alpha3, names
+
+
+# ---------------------------------------------------------------------------
+# Plain-Python implementations (also usable outside JMESPath)
+# ---------------------------------------------------------------------------
+
+
+def currency_exponent(code, overrides=None):
+    """ISO 4217 exponent for ``code`` (any case), honouring ``overrides``; None if unknown."""
+    if code is None:
+        return None
+    if not isinstance(code, str):
+        raise RunnerFunctionError(f"currency code must be a string, got {type(code).__name__}")
+    c = code.strip().upper()
+    if overrides:
+        for k, v in overrides.items():
+            if isinstance(k, str) and k.strip().upper() == c:
+                if v is not None and (type(v) is not int or v < 0):
+                    raise RunnerFunctionError(f"currency exponent override for {k!r} must be an int >= 0, got {v!r}")
+                return v
+    return _exponents().get(c)
+
+
+_DEC_STRICT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _decimal_from_minor(amount):
+    t = type(amount)
+    if t is int:
+        return Decimal(amount)
+    if t is str:
+        s = amount.strip()
+        if not _DEC_STRICT.fullmatch(s):
+            return None
+        return Decimal(s)
+    if t is float:
+        if amount != amount or amount in (float("inf"), float("-inf")):
+            return None
+        return Decimal(str(amount))
+    if t is Decimal:
+        return amount if amount.is_finite() else None
+    raise RunnerFunctionError(f"amount must be a number or numeric string, got {t.__name__}")
+
+
+def minor_to_major(amount, currency, overrides=None):
+    """Exact Decimal of ``amount`` minor units in ``currency``; None if either is null/unknown."""
+    if amount is None or currency is None:
+        return None
+    exp = currency_exponent(currency, overrides)
+    if exp is None:
+        return None
+    d = _decimal_from_minor(amount)
+    if d is None:
+        return None
+    if exp == 0:
+        return d
+    sign, digits, e = d.as_tuple()
+    return Decimal((sign, digits, e - exp))  # exact shift, no context rounding
+
+
+_THOUSANDS_COMMA = re.compile(r"\d{1,3}(,\d{3})+(\.\d*)?")
+_THOUSANDS_DOT = re.compile(r"\d{1,3}(\.\d{3})+(,\d*)?")
+_THOUSANDS_SPACE = re.compile(r"\d{1,3}([ '\u00a0\u202f\u2009]\d{3})+([.,]\d*)?")
+
+
+def _parse_decimal_string(s: str):
+    s = s.strip()
+    if not s:
+        return None
+    neg = False
+    if s[0] == "(" and s[-1] == ")":  # accounting negative: (1,234.50)
+        neg, s = True, s[1:-1].strip()
+    if s and s[0] in "+-":
+        neg ^= s[0] == "-"
+        s = s[1:].lstrip()
+    if not s:
+        return None
+    if _DEC_STRICT.fullmatch(s):
+        num = s
+    elif _THOUSANDS_COMMA.fullmatch(s):
+        num = s.replace(",", "")
+    elif _THOUSANDS_DOT.fullmatch(s):  # 1.234,50
+        num = s.replace(".", "").replace(",", ".")
+    elif _THOUSANDS_SPACE.fullmatch(s):  # 1 234,50 / 1'234.50
+        num = re.sub(r"[ '\u00a0\u202f\u2009]", "", s).replace(",", ".")
+    elif s.count(",") == 1 and "." not in s and re.fullmatch(r"\d*,\d+", s):  # 12,5 (decimal comma)
+        num = s.replace(",", ".")
+    else:
+        return None
+    try:
+        d = Decimal(num)
+    except decimal.InvalidOperation:
+        return None
+    return -d if neg else d
+
+
+def to_decimal(value):
+    """Exact Decimal from a number or numeric string; None for null/empty/garbage."""
+    if value is None:
+        return None
+    t = type(value)
+    if t is int:
+        return Decimal(value)
+    if t is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        return Decimal(str(value))
+    if t is Decimal:
+        return value if value.is_finite() else None
+    if t is str:
+        return _parse_decimal_string(value)
+    return None
+
+
+_EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
+_UTC = _dt.timezone.utc
+
+
+def _seconds(value):
+    """Unix seconds as int/float from a number or numeric string; None if null/garbage."""
+    if value is None:
+        return None
+    t = type(value)
+    if t is int or t is float:
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if t is Decimal:
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if t is str:
+        s = value.strip()
+        if not _DEC_STRICT.fullmatch(s):
+            return None
+        d = Decimal(s)
+        return int(d) if d == d.to_integral_value() else float(d)
+    raise RunnerFunctionError(f"unix timestamp must be a number or numeric string, got {t.__name__}")
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str):
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise RunnerFunctionError(f"unknown IANA time zone {name!r}") from exc
+
+
+def unix_to_date(seconds, tz=None):
+    s = _seconds(seconds)
+    if s is None:
+        return None
+    zone = None if tz is None or tz.strip().upper() in ("UTC", "Z", "ETC/UTC") else _zone(tz.strip())
+    try:
+        if zone is None:
+            return _dt.date.fromordinal(_EPOCH_ORDINAL + int(s // 86400)).isoformat()
+        return _dt.datetime.fromtimestamp(s, zone).date().isoformat()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def unix_to_datetime(seconds):
+    s = _seconds(seconds)
+    if s is None:
+        return None
+    try:
+        dt = _dt.datetime.fromtimestamp(int(s // 1), _UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return dt.isoformat()[:19] + "Z"
+
+
+def to_date(value, fmt=None):
+    if value is None:
+        return None
+    s = value.strip()
+    if not s:
+        return None
+    try:
+        if fmt is not None:
+            return _dt.datetime.strptime(s, fmt).date().isoformat()
+        if len(s) == 10:
+            return _dt.date.fromisoformat(s).isoformat()
+        # fromisoformat keeps the wall-clock date as written in its own offset
+        return _dt.datetime.fromisoformat(s).date().isoformat()
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=8192)
+def _country_slow(value: str):
+    alpha2, alpha3, names = _countries()
+    s = value.strip()
+    if not s:
+        return None
+    u = s.upper()
+    if u in alpha2:
+        return u
+    if u in alpha3:
+        return alpha3[u]
+    key = _norm_country(s)
+    if not key:
+        return None
+    ku = key.upper()
+    if ku in alpha2:
+        return ku
+    if ku in alpha3:
+        return alpha3[ku]
+    return names.get(key)
+
+
+def country_code(value):
+    """ISO 3166-1 alpha-2 for a code, name or alias; None if unknown/empty."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RunnerFunctionError(f"country must be a string, got {type(value).__name__}")
+    if len(value) == 2 and value in _countries()[0]:  # fast path: already a valid upper-case alpha-2
+        return value
+    return _country_slow(value)
+
+
+def _is_blank(value) -> bool:
+    if value is None:
+        return True
+    t = type(value)
+    if t is str:
+        return not value.strip()
+    if t is list:
+        return not value
+    if t is dict:
+        return all(_is_blank(v) for v in value.values())
+    return False
+
+
+def _concat_parts(parts, out):
+    for p in parts:
+        if p is None:
+            continue
+        t = type(p)
+        if t is str:
+            p = p.strip()
+            if p:
+                out.append(p)
+        elif t is int or t is float or t is Decimal:
+            out.append(str(p))
+        elif t is list:
+            _concat_parts([x for x in p if type(x) is not list], out)
+        else:
+            raise RunnerFunctionError(f"concat_ws() cannot join a {t.__name__}")
+
+
+# ---------------------------------------------------------------------------
+# JMESPath function class
+# ---------------------------------------------------------------------------
+
+_NUM_OR_STR = {"types": ["number", "string", "null"]}
+_STR = {"types": ["string", "null"]}
+
+
+class RunnerFunctions(_jfunc.Functions):
+    """JMESPath functions for specs.
+
+    Extends the signature format with ``"optional": True`` for trailing optional
+    arguments, and treats ``decimal.Decimal`` as a JMESPath number so the output
+    of ``to_decimal``/``minor_to_major`` can feed other functions (``sum``, ...).
+    """
+
+    _arity_cache: dict = {}
+
+    def _validate_arguments(self, args, signature, function_name):
+        bounds = self._arity_cache.get(function_name)
+        if bounds is None or bounds[0] is not signature:
+            required = sum(1 for s in signature if not s.get("optional") and not s.get("variadic"))
+            variadic = bool(signature) and bool(signature[-1].get("variadic"))
+            if variadic:
+                required += 1
+            bounds = (signature, required, None if variadic else len(signature))
+            self._arity_cache[function_name] = bounds
+        _, required, maximum = bounds
+        n = len(args)
+        if maximum is None:
+            if n < required:
+                raise _jexc.VariadictArityError(required, n, function_name)
+        elif n < required or n > maximum:
+            raise _jexc.ArityError(required if n < required else maximum, n, function_name)
+        for i in range(min(n, len(signature))):
+            types = signature[i]["types"]
+            if types:
+                self._type_check_single(args[i], types, function_name)
+
+    _pytypes_cache: dict = {}
+
+    def _get_allowed_pytypes(self, types):
+        key = tuple(types)
+        hit = self._pytypes_cache.get(key)
+        if hit is None:
+            allowed, subtypes = super()._get_allowed_pytypes(types)
+            if "float" in allowed:
+                allowed = [*allowed, "Decimal"]
+            subtypes = [(*s, "Decimal") if "float" in s else s for s in subtypes]
+            hit = self._pytypes_cache[key] = (allowed, subtypes)
+        return hit
+
+    @signature(_NUM_OR_STR, _STR, {"types": ["object", "null"], "optional": True})
+    def _func_minor_to_major(self, amount, currency, overrides=None):
+        return minor_to_major(amount, currency, overrides)
+
+    @signature(_NUM_OR_STR)
+    def _func_to_decimal(self, value):
+        return to_decimal(value)
+
+    @signature(_NUM_OR_STR, {"types": ["string", "null"], "optional": True})
+    def _func_unix_to_date(self, seconds, tz=None):
+        return unix_to_date(seconds, tz)
+
+    @signature(_NUM_OR_STR)
+    def _func_unix_to_datetime(self, seconds):
+        return unix_to_datetime(seconds)
+
+    @signature(_STR, {"types": ["string", "null"], "optional": True})
+    def _func_to_date(self, value, fmt=None):
+        return to_date(value, fmt)
+
+    @signature(_STR)
+    def _func_upper(self, s):
+        return None if s is None else s.upper()
+
+    @signature(_STR)
+    def _func_lower(self, s):
+        return None if s is None else s.lower()
+
+    @signature(_STR)
+    def _func_trim(self, s):
+        return None if s is None else s.strip()
+
+    @signature(_STR)
+    def _func_country_code(self, value):
+        return country_code(value)
+
+    @signature({"types": [], "variadic": True})
+    def _func_coalesce(self, *args):
+        for a in args:
+            if not _is_blank(a):
+                return a
+        return None
+
+    @signature({"types": []})
+    def _func_non_empty(self, value):
+        return None if _is_blank(value) else value
+
+    @signature({"types": ["string"]}, {"types": [], "variadic": True})
+    def _func_concat_ws(self, sep, *parts):
+        out: list[str] = []
+        _concat_parts(parts, out)
+        return sep.join(out) if out else None
+
+    @signature(_STR)
+    def _func_currency_exponent(self, code):
+        return currency_exponent(code)
+
+
+_missing_docs = (set(RunnerFunctions.FUNCTION_TABLE) - set(_jfunc.Functions.FUNCTION_TABLE)) ^ set(FUNCTION_DOCS)
+if _missing_docs:  # pragma: no cover - guards against adding a function without a doc line
+    raise RuntimeError(f"FUNCTION_DOCS out of sync with RunnerFunctions: {sorted(_missing_docs)}")
+
+OPTIONS = jmespath.Options(custom_functions=RunnerFunctions())
+
+
+class RunnerParsedResult(ParsedResult):
+    """A ParsedResult whose ``search`` uses the runner functions unless told otherwise."""
+
+    def search(self, value, options=None):
+        return super().search(value, options=OPTIONS if options is None else options)
+
+
+@functools.lru_cache(maxsize=4096)
+def compile(expression: str) -> ParsedResult:  # noqa: A001 - mirrors jmespath.compile
+    """Parse a spec expression (cached). ``.search(data)`` already uses the runner functions."""
+    parsed = jmespath.compile(expression)
+    return RunnerParsedResult(parsed.expression, parsed.parsed)
+
+
+def search(parsed, data):
+    """Evaluate a compiled expression (or an expression string) with the runner functions."""
+    if isinstance(parsed, str):
+        parsed = compile(parsed)
+    return parsed.search(data, options=OPTIONS)
