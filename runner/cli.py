@@ -1,0 +1,276 @@
+"""The `runner` command line.
+
+Exit codes (also in the README):
+  0  everything worked
+  1  the run finished, but a connection or some invoices failed (see the summary)
+  2  the config or a spec is invalid, or the command was used wrongly
+  3  another `runner apply` holds the state store's lock
+  130 interrupted (Ctrl-C); everything committed so far is kept
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import sys
+
+import click
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED = 0, 1, 2, 3
+
+# Commands that live in their own modules, imported only when used (start-up time matters for validate).
+LAZY = {
+    "doctor": "runner.diagnostics_cli:doctor",
+    "explain": "runner.diagnostics_cli:explain",
+    "status": "runner.diagnostics_cli:status",
+    "support-bundle": "runner.diagnostics_cli:support_bundle",
+    "connect": "runner.oauth_cli:connect",
+    "serve": "runner.inbound_cli:serve",
+    "keys": "runner.inbound_cli:keys",
+}
+
+
+class Group(click.Group):
+    def list_commands(self, ctx):
+        extra = [n for n, target in LAZY.items() if importlib.util.find_spec(target.split(":")[0]) is not None]
+        return sorted(set(super().list_commands(ctx)) | set(extra))
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in LAZY:
+            return cmd
+        module, attr = LAZY[name].split(":")
+        if importlib.util.find_spec(module) is None:
+            return None
+        return getattr(importlib.import_module(module), attr)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    from loguru import logger
+
+    from runner.redact import redact
+
+    logger.remove()
+    level = "DEBUG" if verbose > 1 else "INFO" if verbose == 1 else "WARNING"
+
+    def sink(message):
+        sys.stderr.write(redact(str(message)))
+
+    fmt = "{time:HH:mm:ss} {level: <7} {message}\n"
+    # diagnose=False: loguru would otherwise print variable values (secrets) in tracebacks.
+    logger.add(sink, level=level, format=fmt, backtrace=False, diagnose=False, colorize=False)
+
+
+def fail(exc) -> None:
+    """Print a RunnerError for a person (never a traceback) and exit with its code."""
+    from runner.redact import redact
+
+    click.echo(redact(f"error: {exc.render()}"), err=True)
+    sys.exit(getattr(exc, "exit_code", EXIT_FAILED))
+
+
+def load_config(path: str, *, strict: bool = True):
+    from runner import config
+    from runner.errors import ConfigError
+
+    try:
+        return config.load(path, strict=strict)
+    except ConfigError as exc:
+        fail(exc)
+
+
+def run(coro):
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        click.echo("interrupted: everything committed so far is kept; run the same command again to continue", err=True)
+        sys.exit(130)
+
+
+def select(cfg, names: tuple[str, ...]):
+    from runner.errors import ConfigError
+
+    if not names:
+        return None
+    try:
+        return [cfg.connection(n) for n in names]
+    except ConfigError as exc:
+        fail(exc)
+
+
+def open_store(cfg, *, lock: bool = False):
+    from runner.state import Store
+
+    store = Store(cfg.state_path)
+    if lock and not store.lock():
+        click.echo(f"error: another `runner apply` is using {cfg.state_path}; wait for it to finish", err=True)
+        sys.exit(EXIT_LOCKED)
+    return store
+
+
+output_option = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                             help="text for people, json for scripts.")
+verbose_option = click.option("-v", "--verbose", count=True, help="More log lines (-vv for debug).")
+connection_option = click.option("--connection", "-c", "connections", multiple=True,
+                                 help="Only this connection (repeatable).")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runner", prog_name="runner")
+def main():
+    """Import unpaid invoices from accounting systems into Debitura as collection cases.
+
+    Start with `runner validate CONFIG`, look with `runner plan CONFIG`, then `runner apply CONFIG`.
+    """
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@output_option
+def validate(config_file, output):
+    """Check CONFIG and every integration spec it uses (exit 2 when invalid). Sends no request."""
+    cfg = load_config(config_file)
+    if output == "json":
+        from runner.report import print_json
+
+        print_json({"ok": True, "config": str(cfg.file), "connections": [
+            {"name": c.name, "integration": c.integration, "environment": c.environment, "window": c.window.as_dict()}
+            for c in cfg.connections], "destination": cfg.destination.type})
+        return
+    click.echo(f"{cfg.file}: valid")
+    for c in cfg.connections:
+        state = "" if c.enabled else " (disabled)"
+        click.echo(f"  {c.name}: {c.integration} ({c.environment}){state}, window {c.window.describe()}")
+    d = cfg.destination
+    click.echo(f"  destination: {d.type}" + (f" ({d.environment})" if d.environment else f" ({d.path})"))
+
+
+def _sync(config_file, mode, details, output, verbose, connections):
+    setup_logging(verbose)
+    from runner import pipeline, report
+
+    cfg = load_config(config_file)
+    store = open_store(cfg, lock=(mode == "apply"))
+    progress = None
+    live = None
+    if mode == "apply" and output == "text" and sys.stderr.isatty():
+        from rich.progress import Progress, SpinnerColumn, TextColumn
+
+        live = Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
+                        console=report.console(stderr=True))
+        tasks = {}
+
+        def progress(name, res):
+            if name not in tasks:
+                tasks[name] = live.add_task(name)
+            live.update(tasks[name], description=f"{name}: {res.seen} seen, {res.imported} imported")
+
+        live.start()
+    try:
+        result = run(pipeline.sync(cfg, mode=mode, store=store, connections=select(cfg, connections),
+                                   details=details or output == "json", progress=progress, command=mode))
+    finally:
+        if live is not None:
+            live.stop()
+        store.close()
+    if output == "json":
+        data = result.as_dict()
+        if details or mode == "plan":
+            for c, cr in zip(data["connections"], result.connections):
+                c["invoices"] = [v.as_dict() for v in cr.verdicts]
+        report.print_json(data)
+    else:
+        report.render_run(result, details=details)
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--details", is_flag=True, help="Show every invoice and its verdict.")
+@output_option
+@verbose_option
+@connection_option
+def plan(config_file, details, output, verbose, connections):
+    """Dry run: per connection, how many invoices would be imported and how many skipped, and why. Creates nothing."""
+    _sync(config_file, "plan", details, output, verbose, connections)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--details", is_flag=True, help="Show every invoice and its verdict.")
+@output_option
+@verbose_option
+@connection_option
+def apply(config_file, details, output, verbose, connections):
+    """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice."""
+    _sync(config_file, "apply", details, output, verbose, connections)
+
+
+@main.command()
+@click.argument("integration", required=False)
+@click.option("--dir", "extra_dir", type=click.Path(file_okay=False), help="A folder of extra specs.")
+@output_option
+def integrations(integration, extra_dir, output):
+    """List the integrations, or show one spec."""
+    from pathlib import Path
+
+    from runner import specs
+    from runner.errors import ConfigError
+
+    found = specs.available(Path(extra_dir) if extra_dir else Path("integrations.d").resolve())
+    if integration is None:
+        rows = []
+        for sid, path in found.items():
+            try:
+                s = specs.load_file(path)
+                rows.append({"id": sid, "name": s.name, "auth": s.auth.type, "environments": list(s.environments),
+                             "file": str(path), "description": s.description})
+            except ConfigError as exc:
+                rows.append({"id": sid, "file": str(path), "error": exc.render()})
+        if output == "json":
+            from runner.report import print_json
+
+            print_json(rows)
+            return
+        for r in rows:
+            if "error" in r:
+                click.echo(f"{r['id']:<22} INVALID  {r['file']}\n{r['error']}")
+            else:
+                click.echo(f"{r['id']:<22} {r['auth']:<8} {', '.join(r['environments']):<24} {r['description']}")
+        return
+    if integration not in found:
+        click.echo(f"error: no integration '{integration}'; known: {', '.join(found)}", err=True)
+        sys.exit(EXIT_INVALID)
+    try:
+        s = specs.load_file(found[integration])
+    except ConfigError as exc:
+        fail(exc)
+    if output == "json":
+        from runner.report import print_json
+
+        print_json(s.raw)
+        return
+    click.echo(f"# {found[integration]}")
+    click.echo(found[integration].read_text())
+
+
+@main.group()
+def sandbox():
+    """The built-in simulators of the providers and of Debitura."""
+
+
+@sandbox.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Persist simulator state (cases) here.")
+def sandbox_serve(host, port, data_dir):
+    """Serve every simulator over HTTP under /<name> (e.g. http://127.0.0.1:8765/stripe)."""
+    from pathlib import Path
+
+    from runner.sandbox import server
+
+    server.serve(host=host, port=port, data_dir=Path(data_dir) if data_dir else None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,316 @@
+"""The user's config: load, validate against schemas/config.schema.json, resolve secrets and date windows.
+
+Everything a run needs is resolved here, before any request is made, so a mistake is reported with its
+file, line and fix instead of failing halfway through a sync.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from runner import schemas, secrets, specs
+from runner.errors import ConfigError, Problem
+from runner.yamlfile import Document, load as load_yaml, schema_problems
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+    tz: str
+    source: str  # how the user wrote it, e.g. "last 90d"
+
+    def contains(self, moment: datetime) -> bool:
+        return self.start <= moment <= self.end
+
+    def contains_date(self, d: date) -> bool:
+        return self.start_date <= d <= self.end_date
+
+    @property
+    def zone(self):
+        return _zone(self.tz)
+
+    @property
+    def start_date(self) -> date:
+        return self.start.astimezone(self.zone).date()
+
+    @property
+    def end_date(self) -> date:
+        return self.end.astimezone(self.zone).date()
+
+    def describe(self) -> str:
+        fmt = "%Y-%m-%d %H:%M %Z"
+        z = self.zone
+        return f"{self.start.astimezone(z).strftime(fmt)} → {self.end.astimezone(z).strftime(fmt)} ({self.source})"
+
+    def as_dict(self) -> dict:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat(), "timezone": self.tz, "source": self.source}
+
+    def context(self) -> dict:
+        """What templates see as `window`."""
+        return {"start": self.start, "end": self.end, "start_date": self.start_date.isoformat(),
+                "end_date": self.end_date.isoformat(), "timezone": self.tz}
+
+
+@dataclass
+class Connection:
+    name: str
+    integration: str
+    spec: specs.Spec
+    environment: str
+    base_url: str | None
+    credentials: dict[str, str]  # resolved secret values (redacted everywhere)
+    credential_refs: dict[str, str]
+    window: Window
+    server_filters: bool
+    debtor_type: str
+    account_id: str | None
+    expect: dict
+    options: dict
+    enabled: bool = True
+    problems: list[Problem] = field(default_factory=list)  # non-fatal in lenient mode (doctor)
+    index: int = 0
+
+
+@dataclass
+class Destination:
+    type: str
+    environment: str | None = None
+    api_key: str | None = None
+    base_url: str | None = None
+    is_test: bool = False
+    tag: str | None = None
+    allow_pending_contracts: bool = False
+    concurrency: int = 8
+    path: Path | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    file: Path
+    doc: Document
+    state_path: Path
+    destination: Destination
+    connections: list[Connection]
+    integrations_dir: Path | None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+    def connection(self, name: str) -> Connection:
+        for c in self.connections:
+            if c.name == name:
+                return c
+        raise ConfigError(Problem(f"no connection named '{name}' in {self.file}",
+                                  fix=f"use one of: {', '.join(c.name for c in self.connections)}"))
+
+
+_DURATION = re.compile(r"^([1-9][0-9]*)\s*([dwmyh])$")
+
+
+def _zone(name: str):
+    from zoneinfo import ZoneInfo
+
+    return timezone.utc if name in ("UTC", "utc", "Z") else ZoneInfo(name)
+
+
+def _months_back(moment: datetime, months: int) -> datetime:
+    y, m = divmod(moment.month - 1 - months, 12)
+    year, month = moment.year + y, m + 1
+    import calendar
+
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def _parse_point(text: str, tz, *, end: bool) -> datetime:
+    text = text.strip()
+    if len(text) == 10:  # a plain date: the whole day in the window's zone
+        d = date.fromisoformat(text)
+        if end:
+            return datetime.combine(d, time.max, tzinfo=tz)
+        return datetime.combine(d, time.min, tzinfo=tz)
+    moment = datetime.fromisoformat(text.replace(" ", "T").replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=tz)
+
+
+def resolve_window(raw: dict, now: datetime | None = None) -> Window:
+    tzname = raw.get("timezone", "UTC")
+    tz = _zone(tzname)
+    now = (now or datetime.now(timezone.utc)).astimezone(tz)
+    if "last" in raw:
+        n, unit = _DURATION.match(raw["last"].strip()).groups()
+        n = int(n)
+        if unit == "m":
+            start = _months_back(now, n)
+        elif unit == "y":
+            start = _months_back(now, 12 * n)
+        else:
+            start = now - timedelta(**{{"d": "days", "w": "weeks", "h": "hours"}[unit]: n})
+        return Window(start=start, end=now, tz=tzname, source=f"last {raw['last']}")
+    start = _parse_point(raw["from"], tz, end=False)
+    end = _parse_point(raw["to"], tz, end=True) if raw.get("to") else now
+    src = f"from {raw['from']}" + (f" to {raw['to']}" if raw.get("to") else " to now")
+    return Window(start=start, end=end, tz=tzname, source=src)
+
+
+def _walk_strings(obj: Any, path: tuple = ()):
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk_strings(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk_strings(v, path + (i,))
+
+
+def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ=None,
+         now: datetime | None = None) -> Config:
+    """Load and check a config. strict=False keeps per-connection problems on the connection (for doctor)."""
+    environ = os.environ if environ is None else environ
+    path = Path(path)
+    doc = load_yaml(path)
+    data = doc.data
+    if not isinstance(data, dict):
+        raise ConfigError(doc.problem((), "the config must be a block of keys: destination, connections, ...",
+                                      "start from sample-config.yaml"))
+    problems: list[Problem] = []
+    # Literal secrets first: they are the most dangerous mistake in a file that lives in git.
+    for p, value in _walk_strings(data):
+        if secrets.parse_ref(value) is None and secrets.looks_secret(value):
+            problems.append(doc.problem(p, "this looks like a literal secret (an API key or token) written in the config",
+                                        "remove it from the file (and rotate it if it was committed), put it in an "
+                                        "environment variable and write \"${MY_API_KEY}\" instead"))
+    errors = list(schemas.validator("config").iter_errors(data))
+    problems += [p for p in schema_problems(doc, errors) if not any(
+        q.line == p.line and q.column == p.column for q in problems)]
+    if problems:
+        raise ConfigError(problems)
+
+    base = path.resolve().parent
+    state_raw = data.get("state", ".runner/state.db")
+    state_path = Path(state_raw if isinstance(state_raw, str) else state_raw.get("path", ".runner/state.db"))
+    state_path = state_path if state_path.is_absolute() else base / state_path
+    integrations_dir = Path(data["integrations_dir"]) if data.get("integrations_dir") else base / "integrations.d"
+    if not integrations_dir.is_absolute():
+        integrations_dir = base / integrations_dir
+
+    dest = _destination(doc, data["destination"], base, problems, resolve, environ)
+    defaults = data.get("defaults") or {}
+    connections: list[Connection] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(data["connections"]):
+        p = ("connections", i)
+        if raw["name"] in seen:
+            problems.append(doc.problem(p + ("name",), f"two connections are named '{raw['name']}'",
+                                        "give each connection its own name; the ledger is kept per connection"))
+            continue
+        seen.add(raw["name"])
+        conn = _connection(doc, raw, p, i, defaults, base, integrations_dir, problems, resolve, environ, now)
+        if conn is not None:
+            connections.append(conn)
+    if strict:
+        for c in connections:
+            problems += c.problems
+        problems += dest.problems
+    if problems:
+        raise ConfigError(problems)
+    return Config(file=path, doc=doc, state_path=state_path, destination=dest, connections=connections,
+                  integrations_dir=integrations_dir if integrations_dir.is_dir() else None)
+
+
+def _secret(doc, value, path, base, resolve, environ, problems) -> str | None:
+    ref = secrets.parse_ref(value)
+    if ref is None or not resolve:
+        return None
+    got = secrets.resolve(ref, base, environ)
+    if got is None:
+        problems.append(secrets.missing_problem(ref, doc, path))
+    return got
+
+
+def _destination(doc, raw, base, problems, resolve, environ) -> Destination:
+    if raw["type"] == "jsonl":
+        p = Path(raw["path"])
+        return Destination(type="jsonl", path=p if p.is_absolute() else base / p)
+    d = Destination(type="debitura", environment=raw["environment"], base_url=raw.get("base_url"),
+                    is_test=bool(raw.get("is_test", False)), tag=raw.get("tag"),
+                    allow_pending_contracts=bool(raw.get("allow_pending_contracts", False)),
+                    concurrency=int(raw.get("concurrency", 8)))
+    d.api_key = _secret(doc, raw["api_key"], ("destination", "api_key"), base, resolve, environ, d.problems)
+    return d
+
+
+def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, resolve, environ, now):
+    try:
+        spec = specs.load_spec(raw["integration"], integrations_dir)
+    except KeyError:
+        names = ", ".join(sorted(specs.available(integrations_dir)))
+        problems.append(doc.problem(p + ("integration",), f"no integration named '{raw['integration']}'",
+                                    f"use one of: {names} (or add {raw['integration']}.yaml to integrations.d/)"))
+        return None
+    except ConfigError as exc:  # the spec itself is broken: report its own file and line
+        problems.extend(exc.problems)
+        return None
+    env = raw.get("environment", spec.default_environment)
+    if env not in spec.environments:
+        problems.append(doc.problem(p + ("environment",), f"integration '{spec.id}' has no environment '{env}'",
+                                    f"use one of: {', '.join(spec.environments)}"))
+        return None
+    window_raw = raw.get("window") or defaults.get("window")
+    if window_raw is None:
+        problems.append(doc.problem(p, "no date window for this connection",
+                                    "add `window: {last: 90d}` to the connection (or under defaults:)", key=True))
+        return None
+    try:
+        window = resolve_window(window_raw, now)
+    except Exception as exc:  # unknown time zone, impossible date
+        where = p + ("window",) if raw.get("window") else ("defaults", "window")
+        problems.append(doc.problem(where, f"cannot read the date window: {exc}",
+                                    "dates are YYYY-MM-DD, time zones are IANA names like Europe/Copenhagen"))
+        return None
+    if window.start > window.end:
+        problems.append(doc.problem(p + ("window",), "the window starts after it ends", "swap `from` and `to`"))
+    conn = Connection(name=raw["name"], integration=spec.id, spec=spec, environment=env,
+                      base_url=raw.get("base_url"), credentials={}, credential_refs=dict(raw.get("credentials") or {}),
+                      window=window, server_filters=raw.get("server_filters", True),
+                      debtor_type=raw.get("debtor_type") or defaults.get("debtor_type") or "Company",
+                      account_id=raw.get("account_id"), expect=raw.get("expect") or {},
+                      options=_options(doc, spec, raw.get("options") or {}, p, problems),
+                      enabled=raw.get("enabled", True), index=index)
+    for name in spec.auth.credentials:
+        if name not in conn.credential_refs:
+            conn.problems.append(doc.problem(p, f"integration '{spec.id}' needs the credential '{name}'",
+                                             f"add `credentials: {{{name}: \"${{{name.upper()}}}\"}}` to this connection",
+                                             key=True))
+    for name, ref in conn.credential_refs.items():
+        value = _secret(doc, ref, p + ("credentials", name), base, resolve, environ, conn.problems)
+        if value is None:
+            continue
+        conn.credentials[name] = value
+        rule = spec.environments[env].credentials.get(name)
+        if rule and not re.search(rule.pattern, value):
+            conn.problems.append(doc.problem(p + ("credentials", name), rule.message,
+                                             f"use the {env} credential here, or set `environment:` to match the key"))
+    return conn
+
+
+def _options(doc, spec, given: dict, p, problems) -> dict:
+    out = {}
+    for name, decl in spec.options.items():
+        if name in given:
+            out[name] = given[name]
+        elif "default" in decl:
+            out[name] = decl["default"]
+    for name in given:
+        if name not in spec.options:
+            problems.append(doc.problem(p + ("options", name), f"integration '{spec.id}' has no option '{name}'",
+                                        f"options it knows: {', '.join(spec.options) or 'none'}", key=True))
+    return out

@@ -1,0 +1,244 @@
+"""Destinations: where eligible invoices go. `debitura` creates collection cases through the Customer API
+(POST /cases); `jsonl` appends the mapped cases to a file for people who want them without sending them.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+
+from runner import secrets
+from runner.config import Destination as DestinationConfig
+from runner.errors import DestinationError, ProviderError
+from runner.http import Clients, Http, Policy, error_message, limiter_for
+
+DEBITURA_URLS = {
+    "production": "https://customer-api.debitura.com",
+    "test": "https://testcustomer-api.debitura.com",
+    "sandbox": "sandbox://debitura",
+}
+DEBITURA_RATE = {"requests_per_minute": 2000}
+
+
+@dataclass
+class Delivery:
+    case_id: str | None
+    case_reference: str | None
+    existing: bool = False  # the destination already had this case (replayed or found by reference)
+
+
+def idempotency_key(account_key: str, invoice_id: str) -> str:
+    """Derived, so every retry and every rerun of the same invoice sends the same key."""
+    return "runner-" + hashlib.sha256(f"{account_key}\x1f{invoice_id}".encode()).hexdigest()[:40]
+
+
+def _json_default(obj):
+    if isinstance(obj, Decimal):
+        return float(obj)
+    raise TypeError
+
+
+def dumps(obj) -> bytes:
+    return orjson.dumps(obj, default=_json_default)
+
+
+def case_body(invoice: dict, cfg: DestinationConfig) -> dict:
+    """The POST /cases body for one canonical invoice (CreateCollectionCaseRequestApiViewModel)."""
+    debtor = invoice["debtor"]
+    addr = debtor.get("address", {})
+    d = {"type": debtor["type"], "name": debtor["name"], "address": addr.get("street"), "zipCode": addr.get("postal_code"),
+         "city": addr.get("city"), "countryAlpha2": addr.get("country")}
+    if debtor.get("email"):
+        d["email"] = debtor["email"]
+    if debtor.get("phone"):
+        d["phone"] = debtor["phone"]
+    if addr.get("state"):
+        d["state"] = addr["state"]
+        if addr.get("country") == "US":
+            d["stateAlpha2"] = addr["state"]
+    body = {
+        "currencyCode": invoice["currency"],
+        "amountToRecover": float(invoice["amount"]),
+        "date": invoice["issue_date"] + "T00:00:00Z",
+        "dueDate": invoice["due_date"] + "T00:00:00Z",
+        "creditorReference": invoice["number"],
+        "claimDescription": f"Unpaid invoice {invoice['number']} ({invoice['source']['integration']} "
+                            f"{invoice['external_id']})",
+        "debtor": {k: v for k, v in d.items() if v is not None},
+        "isTest": bool(cfg.is_test),
+    }
+    if cfg.tag:
+        body["tag"] = cfg.tag
+    if cfg.allow_pending_contracts:
+        body["allowPendingContracts"] = True
+    return body
+
+
+class DebituraDestination:
+    name = "debitura"
+
+    def __init__(self, cfg: DestinationConfig, clients: Clients):
+        self.cfg = cfg
+        base = cfg.base_url or DEBITURA_URLS[cfg.environment]
+        key = cfg.api_key or ""
+        self.http = Http(clients, base, headers={"XApiKey": key, "Accept": "application/json"},
+                         policy=Policy(attempts=6, backoff_s=0.5, max_backoff_s=60),
+                         limiter=limiter_for("debitura:" + secrets.fingerprint(key), DEBITURA_RATE),
+                         label=f"Debitura ({cfg.environment})")
+        self.label = self.http.label
+
+    def describe(self) -> str:
+        return f"Debitura Customer API, {self.cfg.environment} ({self.http.base_url})" + (
+            ", test cases (isTest)" if self.cfg.is_test else "")
+
+    def prepare(self, pending_keys: set[str]) -> None:
+        pass
+
+    async def check(self) -> dict:
+        """GET /me: proves the key works in this environment; returns the creditor profile."""
+        try:
+            resp = await self.http.request("GET", "/me")
+        except ProviderError as exc:
+            raise self._fatal(exc) from None
+        return resp.json("Debitura's /me answer")
+
+    def _fatal(self, exc: ProviderError) -> DestinationError:
+        if exc.status == 401:
+            other = "test" if self.cfg.environment == "production" else "production"
+            return DestinationError(
+                f"Debitura ({self.cfg.environment}) refused the API key (HTTP 401): {exc.message.split(': ', 1)[-1]}",
+                fix=f"check that the key is active (app.debitura.com → API keys) and that it belongs to the "
+                    f"{self.cfg.environment} environment, not {other}; then update the secret it is read from",
+                status=401, fatal=True)
+        return DestinationError(str(exc.message), fix=exc.fix, status=exc.status, fatal=exc.status == 403)
+
+    async def deliver(self, invoice: dict, key: str) -> Delivery:
+        body = case_body(invoice, self.cfg)
+        try:
+            resp = await self.http.request("POST", "/cases", content=dumps(body),
+                                           headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+                                           ok=(400, 409, 422))
+        except ProviderError as exc:
+            if exc.status in (401, 403):
+                raise self._fatal(exc) from None
+            raise DestinationError(exc.message, fix=exc.fix, status=exc.status) from None
+        data = _safe_json(resp.content)
+        if resp.status == 200 or resp.status == 201:
+            return Delivery(case_id=str(data.get("id")) if isinstance(data, dict) else None,
+                            case_reference=data.get("reference") if isinstance(data, dict) else None)
+        kinds = _business_types(data)
+        if "IdempotencyConflict" in kinds or "DuplicateReference" in kinds or _mentions_duplicate(data):
+            existing = await self.find(invoice["number"])
+            if existing is not None:
+                return Delivery(case_id=existing.get("id"), case_reference=existing.get("reference"), existing=True)
+        raise DestinationError(f"Debitura refused the case (HTTP {resp.status}): {_describe_errors(data, resp)}",
+                               status=resp.status, details={"response": data},
+                               fix="fix the invoice or debtor data named above in the accounting system; "
+                                   "the invoice is retried on the next run")
+
+    async def find(self, creditor_reference: str) -> dict | None:
+        from urllib.parse import quote
+
+        try:
+            resp = await self.http.request("GET", "/cases/by-creditor-reference/" + quote(creditor_reference, safe=""),
+                                           ok=(404,))
+        except ProviderError:
+            return None
+        if resp.status == 404:
+            return None
+        data = _safe_json(resp.content)
+        return data if isinstance(data, dict) else None
+
+    async def close(self) -> None:
+        pass
+
+
+def _safe_json(content: bytes):
+    try:
+        return orjson.loads(content)
+    except Exception:
+        return {}
+
+
+def _business_types(data) -> set[str]:
+    if not isinstance(data, dict):
+        return set()
+    errs = data.get("businessErrors") or []
+    return {e.get("type") for e in errs if isinstance(e, dict)}
+
+
+def _mentions_duplicate(data) -> bool:
+    return "DuplicateReference" in orjson.dumps(data).decode() if data else False
+
+
+def _describe_errors(data, resp) -> str:
+    """Parse both error shapes Debitura documents: ASP.NET field dictionaries and ApiErrorResponseDto."""
+    if isinstance(data, dict):
+        parts = []
+        errors = data.get("errors")
+        if isinstance(errors, dict):
+            for fld, msgs in errors.items():
+                parts.append(f"{fld}: {'; '.join(msgs) if isinstance(msgs, list) else msgs}")
+        for e in data.get("businessErrors") or []:
+            if isinstance(e, dict):
+                parts.append(f"{e.get('type')}: {e.get('message')}")
+        if not parts and data.get("message"):
+            parts.append(str(data["message"]))
+        if parts:
+            return "; ".join(parts)
+    return error_message(resp)
+
+
+class JsonlDestination:
+    """Appends one JSON object per case. Idempotent across crashes: keys already in the file are not rewritten."""
+
+    name = "jsonl"
+
+    def __init__(self, cfg: DestinationConfig, clients: Clients | None = None):
+        self.cfg = cfg
+        self.path: Path = cfg.path
+        self._fh = None
+        self._written: set[str] | None = None
+
+    def describe(self) -> str:
+        return f"JSON lines file {self.path}"
+
+    def prepare(self, pending_keys: set[str]) -> None:
+        """Only when a previous run stopped mid-delivery do we need to know what the file already holds."""
+        if pending_keys and self.path.exists():
+            self._written = set()
+            with self.path.open("rb") as fh:
+                for line in fh:
+                    try:
+                        self._written.add(orjson.loads(line).get("idempotency_key"))
+                    except Exception:
+                        continue  # a line cut short by a crash
+
+    async def check(self) -> dict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return {"path": str(self.path)}
+
+    async def deliver(self, invoice: dict, key: str) -> Delivery:
+        if self._written is not None and key in self._written:
+            return Delivery(case_id=key, case_reference=None, existing=True)
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("ab")
+        self._fh.write(dumps({"idempotency_key": key, "invoice": invoice, "case": case_body(invoice, self.cfg)}) + b"\n")
+        return Delivery(case_id=key, case_reference=None)
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    async def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def make(cfg: DestinationConfig, clients: Clients):
+    return DebituraDestination(cfg, clients) if cfg.type == "debitura" else JsonlDestination(cfg, clients)

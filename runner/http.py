@@ -1,0 +1,303 @@
+"""One HTTP layer for every integration and the destination.
+
+Timeouts, retries with exponential backoff and jitter on 429/5xx/connection errors, `Retry-After` (header, or
+a wait inside the body for APIs that send it there), proactive rate limits shared by everything that uses the
+same account, and a guard that no request ever leaves the declared base URL.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import orjson
+from loguru import logger
+
+from runner.errors import ProviderError, UnsafeRequest
+
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+SANDBOX_SCHEME = "sandbox://"
+
+
+@dataclass
+class Policy:
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    timeout_s: float = 30.0
+    retry_after_body: Callable[[Any], Any] | None = None  # JMESPath search on a 429 body
+
+    @classmethod
+    def from_spec(cls, raw: dict | None, expression=None) -> "Policy":
+        raw = raw or {}
+        return cls(attempts=raw.get("attempts", 5), backoff_s=raw.get("backoff_s", 0.5),
+                   max_backoff_s=raw.get("max_backoff_s", 30.0),
+                   retry_after_body=expression.search if expression is not None else None)
+
+
+class Limiter:
+    """A token bucket plus a concurrency cap, shared by every connection with the same scope."""
+
+    def __init__(self, per_second: float | None, concurrency: int | None):
+        self.rate = per_second
+        self.capacity = max(1.0, per_second or 1.0)
+        # Start with one token, not a full bucket: a burst at start-up is what trips a provider's limiter.
+        self.tokens = 1.0
+        self.stamp = time.monotonic()
+        self.lock = asyncio.Lock()
+        self.slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self.paused_until = 0.0
+
+    async def acquire(self) -> None:
+        if self.rate is None and not self.paused_until:
+            return
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                if now < self.paused_until:
+                    await asyncio.sleep(self.paused_until - now)
+                    continue
+                if self.rate is None:
+                    return
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= 1.0:
+                    self.tokens -= 1.0
+                    return
+                await asyncio.sleep((1.0 - self.tokens) / self.rate)
+
+    def pause(self, seconds: float) -> None:
+        """A 429 told us to wait: every request sharing this budget waits, not only the one refused."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+
+_limiters: dict[tuple, Limiter] = {}
+
+
+def limiter_for(scope: str, rate_limit: dict | None) -> Limiter:
+    rate_limit = rate_limit or {}
+    rps = rate_limit.get("requests_per_second")
+    if rps is None and rate_limit.get("requests_per_minute"):
+        rps = rate_limit["requests_per_minute"] / 60.0
+    key = (scope, rps, rate_limit.get("concurrency"))
+    lim = _limiters.get(key)
+    if lim is None:
+        lim = _limiters[key] = Limiter(rps, rate_limit.get("concurrency"))
+    return lim
+
+
+def reset_limiters() -> None:
+    _limiters.clear()
+
+
+@dataclass
+class Response:
+    status: int
+    headers: httpx.Headers
+    content: bytes
+    url: str
+    elapsed_s: float = 0.0
+    _json: Any = field(default=None, repr=False)
+
+    def json(self, what: str = "the response") -> Any:
+        if self._json is None:
+            self._json = parse_json(self.content, self.headers.get("content-type", ""), what, self.status)
+        return self._json
+
+
+def parse_json(content: bytes, content_type: str, what: str, status: int | None = None) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        head = content[:200].decode("utf-8", "replace").strip()
+        if "html" in content_type or head.lower().startswith(("<!doctype", "<html")):
+            msg = f"{what} was an HTML page, not JSON (HTTP {status}): the provider or a proxy in between returned an error page"
+        elif not content:
+            msg = f"{what} was empty (HTTP {status})"
+        else:
+            msg = f"{what} is not valid JSON (HTTP {status}, {exc}); it starts with {head[:80]!r}"
+        raise ProviderError(msg, status=status, fix="run again later; if it persists, check the provider's status page") from None
+
+
+_ERROR_PATHS = ("error.message", "error_description", "message", "Fault.Error[0].Detail", "Fault.Error[0].Message",
+                "fault.error[0].detail", "title", "error")
+
+
+def error_message(resp: Response) -> str:
+    """The provider's own words for an error, from whichever common envelope it uses."""
+    try:
+        body = orjson.loads(resp.content)
+    except Exception:
+        text = resp.content[:200].decode("utf-8", "replace").strip()
+        return text if text and not text.lower().startswith("<") else f"HTTP {resp.status}"
+    import jmespath
+
+    for p in _ERROR_PATHS:
+        try:
+            v = jmespath.search(p, body)
+        except Exception:
+            v = None
+        if isinstance(v, str) and v:
+            return v
+    return f"HTTP {resp.status}"
+
+
+class Clients:
+    """The httpx clients of one run: one for the network, one per built-in sandbox simulator."""
+
+    def __init__(self, sandbox_dir=None):
+        self.sandbox_dir = sandbox_dir
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def resolve(self, base_url: str) -> tuple[httpx.AsyncClient, str]:
+        if base_url.startswith(SANDBOX_SCHEME):
+            name = base_url[len(SANDBOX_SCHEME):].split("/", 1)[0]
+            client = self._clients.get(name)
+            if client is None:
+                from runner import sandbox  # only runs that use a sandbox pay for importing it
+
+                client = self._clients[name] = httpx.AsyncClient(
+                    transport=sandbox.get_transport(name, self.sandbox_dir), timeout=30.0)
+            rest = base_url[len(SANDBOX_SCHEME) + len(name):]
+            return client, f"http://{name}.sandbox.invalid{rest}"
+        client = self._clients.get("")
+        if client is None:
+            client = self._clients[""] = httpx.AsyncClient(
+                timeout=30.0, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                follow_redirects=False)
+        return client, base_url
+
+    async def aclose(self) -> None:
+        for c in self._clients.values():
+            await c.aclose()
+        self._clients.clear()
+
+
+class Http:
+    """Requests to one base URL with one set of default headers, one policy and one limiter."""
+
+    def __init__(self, clients: Clients, base_url: str, *, headers: dict | None = None, policy: Policy | None = None,
+                 limiter: Limiter | None = None, label: str = "provider"):
+        self.client, self.base_url = clients.resolve(base_url.rstrip("/"))
+        self.headers = headers or {}
+        self.policy = policy or Policy()
+        self.limiter = limiter
+        self.label = label
+        self.requests = 0
+        self.retries = 0
+        split = urlsplit(self.base_url)
+        self._origin = (split.scheme, split.netloc)
+        self._prefix = split.path.rstrip("/")
+
+    def url(self, path_or_url: str) -> str:
+        """Join a path to the base URL; an absolute URL must stay on the base URL's host and path."""
+        if "://" in path_or_url:
+            s = urlsplit(path_or_url)
+            if (s.scheme, s.netloc) != self._origin or not s.path.startswith(self._prefix):
+                raise UnsafeRequest(
+                    f"{self.label} sent a link to {s.scheme}://{s.netloc}{s.path}, outside its declared address "
+                    f"{self.base_url}; the runner does not follow it",
+                    fix="if the provider really moved, update base_url in the integration spec")
+            return path_or_url
+        if not path_or_url.startswith("/"):
+            path_or_url = "/" + path_or_url
+        return self.base_url + path_or_url
+
+    async def request(self, method: str, path: str, *, params: dict | None = None, headers: dict | None = None,
+                      json: Any = None, content: bytes | None = None, ok: tuple = ()) -> Response:
+        """Send with retries. Returns the response for 2xx and for statuses in `ok`; raises otherwise."""
+        url = self.url(path)
+        hdrs = {**self.headers, **(headers or {})}
+        body = orjson.dumps(json) if json is not None else content
+        if json is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.limiter is not None:
+                await self.limiter.acquire()
+            started = time.monotonic()
+            try:
+                if self.limiter is not None and self.limiter.slots is not None:
+                    async with self.limiter.slots:
+                        raw = await self.client.request(method, url, params=params, headers=hdrs, content=body,
+                                                        timeout=self.policy.timeout_s)
+                else:
+                    raw = await self.client.request(method, url, params=params, headers=hdrs, content=body,
+                                                    timeout=self.policy.timeout_s)
+                self.requests += 1
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                self.requests += 1
+                if attempt >= self.policy.attempts:
+                    raise ProviderError(f"{self.label} could not be reached after {attempt} attempts: "
+                                        f"{type(exc).__name__}: {exc}",
+                                        fix="check the network and the provider's status page, then run again") from None
+                wait = self._backoff(attempt)
+                logger.warning("{} {}: {} — retrying in {:.1f}s", method, _short(url), type(exc).__name__, wait)
+                self.retries += 1
+                await asyncio.sleep(wait)
+                continue
+            resp = Response(status=raw.status_code, headers=raw.headers, content=raw.content, url=str(raw.url),
+                            elapsed_s=time.monotonic() - started)
+            if 200 <= resp.status < 300 or resp.status in ok:
+                return resp
+            if resp.status in RETRY_STATUSES and attempt < self.policy.attempts:
+                wait = self._wait_for(resp, attempt)
+                if resp.status == 429 and self.limiter is not None:
+                    self.limiter.pause(wait)
+                logger.info("{} {}: HTTP {} — retrying in {:.1f}s (attempt {}/{})", method, _short(url),
+                            resp.status, wait, attempt, self.policy.attempts)
+                self.retries += 1
+                await asyncio.sleep(wait)
+                continue
+            raise _status_error(self.label, resp, attempt)
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.policy.max_backoff_s, self.policy.backoff_s * (2 ** (attempt - 1)))
+        return cap * (0.5 + random.random() / 2)  # jitter: many clients must not retry in step
+
+    def _wait_for(self, resp: Response, attempt: int) -> float:
+        ra = resp.headers.get("retry-after")
+        if ra:
+            try:
+                return min(120.0, max(0.0, float(ra)))
+            except ValueError:
+                try:
+                    when = email.utils.parsedate_to_datetime(ra).timestamp()
+                    return min(120.0, max(0.0, when - time.time()))
+                except Exception:
+                    pass
+        if resp.status == 429:
+            try:
+                body = orjson.loads(resp.content)
+                v = self.policy.retry_after_body(body) if self.policy.retry_after_body else (
+                    body.get("retryAfter") if isinstance(body, dict) else None)
+                if isinstance(v, (int, float)) and v >= 0:
+                    return min(120.0, float(v))
+            except Exception:
+                pass
+        return self._backoff(attempt)
+
+
+def _status_error(label: str, resp: Response, attempts: int) -> ProviderError:
+    from runner.errors import AuthError
+
+    msg = error_message(resp)
+    if resp.status == 401:
+        return AuthError(f"{label} refused the credentials (HTTP 401): {msg}", status=401,
+                         fix="the key or token is wrong, revoked or expired: create a new one and update the secret it is read from")
+    if resp.status == 403:
+        return AuthError(f"{label} accepted the credentials but they may not read this (HTTP 403): {msg}", status=403,
+                         fix="give the key read access to invoices and customers (e.g. a restricted key with those permissions)")
+    extra = f" after {attempts} attempts" if attempts > 1 else ""
+    return ProviderError(f"{label} answered HTTP {resp.status}{extra}: {msg}", status=resp.status)
+
+
+def _short(url: str) -> str:
+    s = urlsplit(url)
+    return s.path

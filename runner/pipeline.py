@@ -1,0 +1,620 @@
+"""The engine: fetch → map → filter → validate → dedupe → deliver → record a verdict for every invoice.
+
+`Source` is one connection's provider side (auth, requests, pages, mapping, filters) and knows nothing of
+state or destinations; `sync` runs every connection concurrently and records one verdict per invoice seen.
+No code here knows any particular integration: everything specific comes from the spec.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any, AsyncIterator, Callable
+
+from loguru import logger
+
+from runner import auth as auth_mod
+from runner import pagination, secrets, validation
+from runner.config import Config, Connection
+from runner.destinations import idempotency_key
+from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
+                           UnsafeRequest)
+from runner.http import Clients, Http, Policy, limiter_for
+
+IMPORTED, SKIPPED, FAILED, ELIGIBLE = "imported", "skipped", "failed", "eligible"
+REASONS = {
+    "not_unpaid": "not unpaid (paid, partially paid, void or draft)",
+    "outside_date_window": "outside the date window",
+    "incomplete_address": "incomplete debtor address",
+    "invalid": "invalid invoice data",
+    "not_yet_due": "not yet due",
+    "duplicate": "already imported (duplicate)",
+}
+
+
+@dataclass(slots=True)
+class Verdict:
+    invoice_id: str
+    number: str | None
+    verdict: str
+    reason: str | None = None
+    message: str = ""
+    detail: dict = field(default_factory=dict)
+    invoice: dict | None = None
+
+    def as_dict(self, with_invoice: bool = False) -> dict:
+        d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,
+             "message": self.message}
+        if self.detail:
+            d["detail"] = self.detail
+        if with_invoice and self.invoice is not None:
+            d["invoice"] = self.invoice
+        return d
+
+
+@dataclass
+class ConnectionResult:
+    name: str
+    integration: str
+    environment: str
+    window: dict
+    window_text: str
+    account_id: str | None = None
+    account_name: str | None = None
+    status: str = "ok"  # ok | failed | needs_reconnect | partial
+    error: str | None = None
+    fix: str | None = None
+    counts: Counter = field(default_factory=Counter)  # "imported" | "skipped:<reason>" | "failed"
+    samples: dict = field(default_factory=dict)  # reason -> a few verdicts, for summaries and support
+    verdicts: list = field(default_factory=list)  # every verdict, only when details were asked for
+    requests: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    @property
+    def imported(self) -> int:
+        return self.counts.get(IMPORTED, 0)
+
+    def skipped(self) -> dict:
+        return {k.split(":", 1)[1]: v for k, v in self.counts.items() if k.startswith("skipped:")}
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(FAILED, 0)
+
+    def why_zero(self) -> str | None:
+        """When nothing was imported, say why: a sync that 'found 0 invoices' is never left unexplained."""
+        if self.imported:
+            return None
+        if self.status != "ok":
+            return f"nothing was imported because the connection failed: {self.error}"
+        if self.seen == 0:
+            return ("the provider returned no invoices for this window and filter: nothing unpaid was created in "
+                    f"{self.window_text}; widen `window:` if you expected some")
+        sk = self.skipped()
+        if self.failed:
+            return f"{self.failed} eligible invoice(s) failed to deliver; see the errors above"
+        if sk and set(sk) == {"duplicate"}:
+            return "every eligible invoice was already imported before (duplicates); nothing new to send"
+        parts = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in sorted(sk.items(), key=lambda x: -x[1]))
+        return f"every invoice seen was skipped: {parts}"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "integration": self.integration, "environment": self.environment,
+                "account_id": self.account_id, "account_name": self.account_name, "status": self.status,
+                "error": self.error, "fix": self.fix, "window": self.window, "seen": self.seen,
+                "imported": self.imported, "skipped": self.skipped(), "failed": self.failed,
+                "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
+                "samples": {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}}
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (None, False, "", [], {}, 0)
+
+
+def _date_of(value: Any, fmt: str, tz) -> tuple[datetime | None, date | None]:
+    if value is None or value == "":
+        return None, None
+    if fmt == "unix":
+        return datetime.fromtimestamp(int(float(value)), timezone.utc), None
+    text = str(value)
+    if fmt == "date" or len(text) == 10:
+        return None, date.fromisoformat(text[:10])
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=tz)), None
+
+
+class Source:
+    """One connection's provider side: authenticate, page through invoices, map and classify each record."""
+
+    def __init__(self, conn: Connection, clients: Clients, store=None):
+        self.conn = conn
+        self.spec = conn.spec
+        self.stream = conn.spec.invoices
+        self.clients = clients
+        self.store = store
+        self.account_id: str | None = None
+        self.account_name: str | None = None
+        self.accounts: list[dict] = []  # companies/organizations the credential can see (choose)
+        self._detail_cache: dict[tuple, Any] = {}
+        saved = store.connection(conn.name) if store is not None else {"data": {}}
+        self.saved = saved
+        self.options = dict(conn.options)
+        self._ctx_base = {"secrets": dict(conn.credentials), "options": self.options,
+                          "connection": {"name": conn.name, **(saved.get("data") or {})},
+                          "environment": conn.environment, "window": conn.window.context()}
+        env = self.spec.environments[conn.environment]
+        self.base_url = conn.base_url or env.base_url.render(self._ctx_base)
+        rl = env.rate_limit or self.spec.rate_limit
+        scope = (rl or {}).get("scope")
+        scope_value = (self.spec.id + ":" + (secrets.fingerprint("|".join(sorted(conn.credentials.values())))
+                                             if conn.credentials else conn.name))
+        if scope:
+            from runner.templates import Template
+
+            scope_value = self.spec.id + ":" + Template(scope).render(self._ctx_base)
+        retry_expr = None
+        if self.spec.retry.get("retry_after_body"):
+            from runner.specs import Expression
+
+            retry_expr = Expression(self.spec.retry["retry_after_body"])
+        self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, retry_expr),
+                         limiter=limiter_for(scope_value, rl), label=self.spec.name)
+        self.auth = None
+        self.today = datetime.now(conn.window.zone).date()
+
+    # --- context and requests --------------------------------------------------------------------------
+    def context(self, **extra) -> dict:
+        return {**self._ctx_base, **extra} if extra else self._ctx_base
+
+    async def open(self) -> None:
+        if self.store is not None and self.saved.get("status") == "needs_reconnect":
+            raise NeedsReconnect(f"the connection '{self.conn.name}' needs to be reconnected: "
+                                 f"{self.saved.get('last_error') or 'its authorization was revoked or expired'}",
+                                 fix=f"runner connect {self.conn.name}")
+        self.auth = auth_mod.make(self.conn, self._ctx_base, self.store, self.clients)
+        await self._identify()
+
+    async def send(self, method: str, path: str, *, params=None, headers=None, json=None, ok=()) -> Any:
+        hdrs = {**(await self.auth.headers()), **(headers or {})}
+        try:
+            return await self.http.request(method, path, params=params, headers=hdrs, json=json, ok=ok)
+        except AuthError as exc:
+            if exc.status == 401 and await self.auth.unauthorized():
+                hdrs = {**(await self.auth.headers()), **(headers or {})}
+                return await self.http.request(method, path, params=params, headers=hdrs, json=json, ok=ok)
+            raise
+
+    async def send_spec(self, req_spec, ctx: dict, extra_params: dict | None = None, url: str | None = None, ok=()):
+        req = req_spec.render(ctx, extra_params)
+        return await self.send(req["method"], url or req["path"], params=None if url else (req["params"] or None),
+                               headers=req["headers"] or None, json=req["json"], ok=ok)
+
+    async def _identify(self) -> None:
+        acc = self.spec.account
+        if "request" in acc:
+            resp = await self.send_spec(acc["request"], self.context())
+            view = {"response": resp.json(f"{self.spec.name}'s account answer"), "connection": self.context()["connection"],
+                    "options": self.options}
+            if "choose" in acc:
+                self._choose(acc["choose"], view["response"])
+                view["options"] = self.options
+            if acc.get("id") is not None:
+                v = acc["id"].search(view)
+                self.account_id = None if v is None else str(v)
+            if acc.get("name") is not None:
+                v = acc["name"].search(view)
+                self.account_name = None if v is None else str(v)
+        else:
+            if acc.get("id") is not None:
+                self.account_id = acc["id"].render(self.context()) or None
+            if acc.get("name") is not None:
+                self.account_name = acc["name"].render(self.context()) or None
+        if self.conn.account_id:
+            self.account_id = self.conn.account_id
+        self.account_id = self.account_id or self.conn.name
+        exp = self.conn.expect
+        if exp.get("account_id") and exp["account_id"] != self.account_id or (
+                exp.get("account_name") and exp["account_name"] != self.account_name):
+            want = " / ".join(x for x in (exp.get("account_id"), exp.get("account_name")) if x)
+            got = " / ".join(x for x in (self.account_id, self.account_name) if x)
+            raise AccountMismatch(
+                f"'{self.conn.name}' is connected to {self.spec.name} account {got!r}, but the config expects {want!r}; "
+                f"nothing was imported from it",
+                fix=f"run `runner connect {self.conn.name}` and choose {want!r}, or change `expect:` if the "
+                    f"connected account is the right one")
+
+    def _choose(self, choose: dict, body: Any) -> None:
+        items = choose["list"].search(body) or []
+        self.accounts = [{"id": str(choose["id"].search(i)), "name": choose["name"].search(i)} for i in items]
+        option = choose.get("option")
+        pinned = self.options.get(option) if option else None
+        listing = "; ".join(f"{a['id']} ({a['name']})" for a in self.accounts) or "none"
+        if pinned:
+            if not any(a["id"] == str(pinned) for a in self.accounts):
+                raise AccountMismatch(
+                    f"'{self.conn.name}' pins {option} {pinned}, which this authorization cannot see; it can see: {listing}",
+                    fix=f"set options: {{{option}: ...}} to one of those, or run `runner connect {self.conn.name}` as a "
+                        f"user with access to {pinned}")
+            return
+        if len(self.accounts) == 1:
+            self.options[option] = self.accounts[0]["id"]
+            return
+        if not self.accounts:
+            raise AccountMismatch(f"the authorization for '{self.conn.name}' cannot see any account to import from")
+        lines = "\n".join(f"      options: {{{option}: \"{a['id']}\"}}   # {a['name']}" for a in self.accounts)
+        raise AccountMismatch(
+            f"'{self.conn.name}' can see {len(self.accounts)} accounts and the config pins none, so the runner will not "
+            f"guess (taking the first one silently is how invoices go missing): {listing}",
+            fix=f"add one of these lines to the connection '{self.conn.name}' in the config:\n{lines}")
+
+    @property
+    def account_key(self) -> str:
+        return f"{self.spec.id}:{self.account_id}"
+
+    # --- pages -----------------------------------------------------------------------------------------
+    def _server_params(self) -> dict:
+        if not self.conn.server_filters:
+            return {}
+        params = {}
+        for kind in ("status", "window"):
+            params.update(self.stream.server_filters.get(kind, {}))
+        return params
+
+    async def pages(self) -> AsyncIterator[list]:
+        pag = pagination.paginator(self.stream.paginate)
+        step = pag.first()
+        extra = self._server_params()
+        count = 0
+        while True:
+            count += 1
+            if count > self.stream.paginate.max_pages:
+                raise ProviderError(f"stopped after {count - 1} pages (max_pages in the spec)",
+                                    fix="raise paginate.max_pages in the spec if the account really has this many")
+            ctx = self.context(page=step.page)
+            resp = await self.send_spec(self.stream.request, ctx, {**extra, **step.params}, url=step.url)
+            body = resp.json(f"{self.spec.name}'s invoice list")
+            records = self.stream.records.search(body)
+            if records is None:
+                records = []  # some APIs omit the list entirely when it is empty
+            elif isinstance(records, dict):
+                records = [records]
+            elif not isinstance(records, list):
+                raise ProviderError(f"{self.spec.name}'s invoice list has {type(records).__name__} where a list of "
+                                    f"invoices was expected (at '{self.stream.records.source}')")
+            if self.stream.max_page_size and len(records) > self.stream.max_page_size:
+                raise ProviderError(f"{self.spec.name} sent a page of {len(records)} invoices, more than the "
+                                    f"{self.stream.max_page_size} the spec allows; refusing it")
+            if self.stream.details:
+                await self.enrich(records)
+            yield records
+            step = pag.next(body, records, resp.content)
+            if step is None:
+                return
+
+    async def enrich(self, records: list) -> None:
+        """Per-record detail lookups (e.g. the customer's address), each distinct key fetched once per run."""
+        for d in self.stream.details:
+            todo: dict[tuple, list] = {}
+            for rec in records:
+                if not isinstance(rec, dict) or (d.when is not None and not _truthy(d.when.search(rec))):
+                    continue
+                key = (d.name, d.key.render(self.context(record=rec)))
+                if key in self._detail_cache:
+                    rec[d.name] = self._detail_cache[key]
+                else:
+                    todo.setdefault(key, []).append(rec)
+
+            async def fetch(key, recs):
+                resp = await self.send_spec(d.request, self.context(record=recs[0]), ok=(404,))
+                value = None if resp.status == 404 else resp.json(f"{self.spec.name}'s {d.name} answer")
+                if value is not None and d.select is not None:
+                    value = d.select.search(value)
+                self._detail_cache[key] = value
+                for r in recs:
+                    r[d.name] = value
+
+            await asyncio.gather(*(fetch(k, v) for k, v in todo.items()))
+
+    # --- classification --------------------------------------------------------------------------------
+    def evaluate(self, rec: Any) -> Verdict:
+        try:
+            return self._evaluate(rec)
+        except Exception as exc:  # a mapping function choking on a hostile value: a verdict, not a crash
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
+
+    def _evaluate(self, rec: Any) -> Verdict:
+        rec = self.stream.prepare(rec)
+        inv = self.stream.mapping.apply(rec)
+        ext = inv.get("external_id")
+        number = inv.get("number")
+        if isinstance(number, (int, float)):
+            number = inv["number"] = str(number)
+        if ext is None:
+            return Verdict("<no id>", number, SKIPPED, "invalid",
+                           "the record has no id (the spec's external_id mapping found nothing)")
+        ext = inv["external_id"] = str(ext)
+        if not _truthy(self.stream.unpaid.search(rec)):
+            status = self.stream.status_text.search(rec) if self.stream.status_text else None
+            return Verdict(ext, number, SKIPPED, "not_unpaid",
+                           f"status is {status}: only unpaid invoices are imported" if status
+                           else "not unpaid: only unpaid invoices are imported", {"status": status})
+        ok, shown = self._in_window(rec, inv)
+        if ok is None:
+            return Verdict(ext, number, SKIPPED, "invalid", f"its date cannot be read ({shown!r})")
+        if not ok:
+            w = self.conn.window
+            return Verdict(ext, number, SKIPPED, "outside_date_window",
+                           f"dated {shown}, outside the window {w.start_date} → {w.end_date}",
+                           {"date": shown, "window": w.as_dict()})
+        inv["source"] = {"connection": self.conn.name, "integration": self.spec.id,
+                         "account_id": self.account_id or self.conn.name}
+        debtor = inv.get("debtor")
+        if isinstance(debtor, dict) and "type" not in debtor:
+            debtor["type"] = self.conn.debtor_type
+        outcome = validation.check(inv)
+        if not outcome.ok:
+            detail = {"errors": outcome.errors}
+            if outcome.missing:
+                detail["missing"] = outcome.missing
+            if isinstance(debtor, dict):
+                detail["debtor"] = debtor.get("name")
+            return Verdict(ext, number, SKIPPED, outcome.reason, outcome.message(), detail, inv)
+        if inv["due_date"] > self.today.isoformat():
+            return Verdict(ext, number, SKIPPED, "not_yet_due",
+                           f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
+                           f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
+        return Verdict(ext, number, ELIGIBLE, invoice=inv)
+
+    def _in_window(self, rec, inv) -> tuple[bool | None, Any]:
+        rule = self.stream.date
+        value = rule.value.search(rec) if rule else inv.get("issue_date")
+        fmt = rule.format if rule else "date"
+        w = self.conn.window
+        try:
+            moment, day = _date_of(value, fmt, w.zone)
+        except (ValueError, TypeError, OverflowError):
+            return None, value
+        if moment is not None:
+            return w.contains(moment), moment.astimezone(w.zone).strftime("%Y-%m-%d %H:%M %Z")
+        if day is not None:
+            return w.contains_date(day), day.isoformat()
+        return None, value
+
+    # --- one invoice -----------------------------------------------------------------------------------
+    async def lookup(self, key: str) -> Any | None:
+        """Fetch one invoice by id, else by number, with the spec's lookup requests. None if not found."""
+        for kind, var in (("by_id", "invoice_id"), ("by_number", "number")):
+            lr = self.spec.lookup.get(kind)
+            if lr is None:
+                continue
+            resp = await self.send_spec(lr.request, self.context(**{var: key}), ok=tuple(lr.not_found))
+            if resp.status in lr.not_found:
+                continue
+            rec = lr.record.search(resp.json(f"{self.spec.name}'s invoice answer"))
+            if rec:
+                if self.stream.details:
+                    await self.enrich([rec])
+                return rec
+        return None
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    run_id: int | None
+    mode: str  # plan | apply
+    destination: str
+    connections: list[ConnectionResult]
+    started: float
+    finished: float
+    destination_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.destination_error and all(c.status == "ok" and not c.failed for c in self.connections)
+
+    def totals(self) -> dict:
+        c = Counter()
+        for r in self.connections:
+            c.update(r.counts)
+        return {"seen": sum(r.seen for r in self.connections), "imported": c.get(IMPORTED, 0),
+                "skipped": {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("skipped:")},
+                "failed": c.get(FAILED, 0)}
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "run_id": self.run_id, "destination": self.destination, "ok": self.ok,
+                "destination_error": self.destination_error, "totals": self.totals(),
+                "seconds": round(self.finished - self.started, 3),
+                "connections": [c.as_dict() for c in self.connections]}
+
+
+class _RunState:
+    def __init__(self):
+        self.fatal: DestinationError | None = None
+
+
+async def _deliver_page(source: Source, result: ConnectionResult, eligible: list[Verdict], store, destination,
+                        run: _RunState, sem: asyncio.Semaphore) -> None:
+    ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
+    to_send: list[tuple[Verdict, str]] = []
+    for v in eligible:
+        row = ledger.get(v.invoice_id)
+        if row is not None and row.status == "delivered":
+            when = time.strftime("%Y-%m-%d", time.localtime(row.updated))
+            v.verdict, v.reason = SKIPPED, "duplicate"
+            v.message = f"already imported on {when} as case {row.case_reference or row.case_id}"
+            v.detail = {"case_id": row.case_id, "case_reference": row.case_reference, "imported_on": when}
+        else:
+            to_send.append((v, row.idempotency_key if row else idempotency_key(source.account_key, v.invoice_id)))
+    if destination is None:  # plan: say what would happen, touch nothing
+        for v, _ in to_send:
+            v.verdict = IMPORTED
+            v.message = "would be imported" + (" (retrying an unfinished delivery)" if ledger.get(v.invoice_id) else "")
+        return
+    if not to_send:
+        return
+    if run.fatal is not None:
+        for v, _ in to_send:
+            v.verdict, v.reason, v.message = FAILED, "destination_unavailable", run.fatal.message
+        return
+    # Exactly once: pending (with its key) is committed before the call, delivered after it.
+    store.mark_pending([(source.account_key, v.invoice_id, source.conn.name, v.number, k) for v, k in to_send])
+    if hasattr(destination, "prepare") and any(ledger.get(v.invoice_id) for v, _ in to_send):
+        destination.prepare({k for v, k in to_send if ledger.get(v.invoice_id)})
+
+    async def one(v: Verdict, key: str):
+        if run.fatal is not None:
+            return v, None, run.fatal
+        async with sem:
+            try:
+                return v, await destination.deliver(v.invoice, key), None
+            except DestinationError as exc:
+                if exc.fatal:
+                    run.fatal = exc
+                return v, None, exc
+            except RunnerError as exc:
+                return v, None, exc
+
+    done, failed = [], []
+    for v, delivery, err in await asyncio.gather(*(one(v, k) for v, k in to_send)):
+        if err is not None:
+            v.verdict, v.reason, v.message = FAILED, "delivery_failed", err.message
+            if err.fix:
+                v.detail = {"fix": err.fix}
+            failed.append((source.account_key, v.invoice_id, err.message))
+            continue
+        done.append((source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference))
+        v.detail = {"case_id": delivery.case_id, "case_reference": delivery.case_reference}
+        if delivery.existing:
+            v.verdict, v.reason = SKIPPED, "duplicate"
+            v.message = f"the destination already has this case ({delivery.case_reference or delivery.case_id})"
+        else:
+            v.verdict = IMPORTED
+            v.message = f"imported as case {delivery.case_reference or delivery.case_id}"
+    if hasattr(destination, "flush"):
+        destination.flush()
+    if done:
+        store.mark_delivered(done, destination.name)
+    if failed:
+        store.mark_failed(failed)
+
+
+async def sync_connection(conn: Connection, *, clients: Clients, store, destination, run_id: int | None,
+                          run: _RunState, details: bool = False, progress: Callable | None = None,
+                          sem: asyncio.Semaphore | None = None) -> ConnectionResult:
+    started = time.monotonic()
+    result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
+                              window=conn.window.as_dict(), window_text=conn.window.describe())
+    source = Source(conn, clients, store)
+    sem = sem or asyncio.Semaphore(8)
+    try:
+        await source.open()
+        result.account_id, result.account_name = source.account_id, source.account_name
+        async for records in source.pages():
+            verdicts = [source.evaluate(r) for r in records]
+            eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
+            if eligible:
+                await _deliver_page(source, result, eligible, store, destination, run, sem)
+            _count(result, verdicts, details)
+            if destination is not None and store is not None and run_id is not None:
+                store.record_verdicts(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict,
+                                                v.reason, _detail_json(v)) for v in verdicts])
+            if progress:
+                progress(conn.name, result)
+            if run.fatal is not None:
+                raise run.fatal
+    except NeedsReconnect as exc:
+        result.status, result.error, result.fix = "needs_reconnect", exc.message, exc.fix or f"runner connect {conn.name}"
+    except (RunnerError, UnsafeRequest) as exc:
+        result.status, result.error, result.fix = "failed", exc.message, exc.fix
+    except Exception as exc:  # never lose what was done because of an unexpected error: record it and go on
+        logger.exception("unexpected error in connection {}", conn.name)
+        result.status, result.error = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
+    result.requests = source.http.requests
+    result.seconds = time.monotonic() - started
+    if result.status == "ok" and result.seen and source.account_id:
+        result.account_id = source.account_id
+    if store is not None and destination is not None:
+        _record_health(store, conn, source, result, run_id)
+    return result
+
+
+def _detail_json(v: Verdict) -> str | None:
+    if not v.message and not v.detail:
+        return None
+    import orjson
+
+    return orjson.dumps({"message": v.message, **v.detail}, default=str).decode()
+
+
+def _count(result: ConnectionResult, verdicts: list[Verdict], details: bool) -> None:
+    for v in verdicts:
+        result.seen += 1
+        key = v.verdict if v.verdict != SKIPPED else f"skipped:{v.reason}"
+        result.counts[key] += 1
+        sample_key = v.reason or v.verdict
+        samples = result.samples.setdefault(sample_key, [])
+        if len(samples) < 5:
+            v_copy = Verdict(v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail)
+            samples.append(v_copy)
+        if details:
+            result.verdicts.append(v)
+
+
+def _record_health(store, conn: Connection, source: Source, result: ConnectionResult, run_id) -> None:
+    fields: dict = {"integration": conn.integration, "last_run_id": run_id}
+    if source.account_id:
+        fields["account_id"] = source.account_id
+    if source.account_name:
+        fields["account_name"] = source.account_name
+    if conn.credentials:
+        fields["credential_fingerprint"] = secrets.fingerprint("|".join(sorted(conn.credentials.values())))
+    if result.status == "ok":
+        fields["last_success"] = time.time()
+    else:
+        fields["last_error"] = result.error
+        fields["last_error_at"] = time.time()
+        if result.status == "needs_reconnect":
+            fields["status"] = "needs_reconnect"
+    store.update_connection(conn.name, **fields)
+
+
+async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
+               progress: Callable | None = None, command: str | None = None) -> RunResult:
+    """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers."""
+    from runner import destinations
+
+    started = time.time()
+    conns = [c for c in (connections or cfg.connections) if c.enabled]
+    clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
+    run = _RunState()
+    dest = destinations.make(cfg.destination, clients)
+    run_id = None
+    dest_error = None
+    try:
+        if mode == "apply":
+            run_id = store.begin_run(command or "apply", str(cfg.file))
+            try:
+                await dest.check()
+            except DestinationError as exc:
+                run.fatal = exc
+                dest_error = exc.render()
+        sem = asyncio.Semaphore(max(1, getattr(cfg.destination, "concurrency", 8)))
+        results = await asyncio.gather(*(
+            sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
+                            run_id=run_id, run=run, details=details, progress=progress, sem=sem) for c in conns))
+    finally:
+        await dest.close()
+        await clients.aclose()
+    if run.fatal is not None and dest_error is None:
+        dest_error = run.fatal.render()
+    result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),
+                       started=started, finished=time.time(), destination_error=dest_error)
+    if run_id is not None:
+        store.finish_run(run_id, "ok" if result.ok else "partial", result.as_dict())
+    return result

@@ -1,0 +1,69 @@
+"""One redaction layer for everything the runner prints or logs.
+
+Secrets are registered as they are resolved (config credentials, OAuth tokens). `redact(text)` masks
+every registered value; the loguru sink and every console/JSON output go through it.
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+_pattern: re.Pattern | None = None
+MASK = "****"
+
+# Token-shaped strings are masked even when not registered (e.g. inside a provider's error body).
+_SHAPES = re.compile(
+    r"(?:(?:sk|rk)_(?:live|test)_[A-Za-z0-9_]{4,})"
+    r"|(?:Bearer\s+)[A-Za-z0-9._~+/=-]{8,}"
+    r"|(?:Zoho-oauthtoken\s+)[A-Za-z0-9._-]{8,}"
+    r"|(?:\"?(?:access_token|refresh_token|client_secret|api_key|id_token)\"?\s*[:=]\s*\"?)[^\s\",&}]{4,}"
+)
+
+
+def register(value: str | None) -> None:
+    global _pattern
+    if not value or len(value) < 4:
+        return
+    with _lock:
+        if value in _secrets:
+            return
+        _secrets.add(value)
+        ordered = sorted(_secrets, key=len, reverse=True)
+        _pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+
+def _shape(m: re.Match) -> str:
+    s = m.group(0)
+    for prefix in ("Bearer ", "Zoho-oauthtoken "):
+        if s.startswith(prefix):
+            return prefix + MASK
+    if s[:3] in ("sk_", "rk_"):
+        return s[:8] + MASK
+    key_end = max(s.find(":"), s.find("="))
+    return s[: key_end + 1] + (' "' if '"' in s[key_end:key_end + 3] else " ") + MASK if key_end > 0 else MASK
+
+
+def redact(text):
+    if not isinstance(text, str):
+        return text
+    pat = _pattern
+    if pat is not None:
+        text = pat.sub(MASK, text)
+    return _SHAPES.sub(_shape, text)
+
+
+def redact_obj(obj):
+    """Redact every string inside a JSON-like structure (for --output json and bundles)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_obj(v) for v in obj]
+    return obj
+
+
+def known() -> frozenset[str]:
+    return frozenset(_secrets)

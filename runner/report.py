@@ -1,0 +1,82 @@
+"""What a person reads after plan and apply: a summary per connection, counts by reason, examples, the fix.
+
+Everything printed goes through the redaction layer. `--output json` prints the same facts as JSON.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from runner.pipeline import REASONS, RunResult
+from runner.redact import redact, redact_obj
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (CI logs, files) gets wide lines instead of tables wrapped at 80 columns.
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 220)
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(redact(json.dumps(redact_obj(obj), indent=2, default=str, ensure_ascii=False)) + "\n")
+
+
+def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out = out or console()
+    verb = "would import" if result.mode == "plan" else "imported"
+    head = "plan (dry run: nothing is created)" if result.mode == "plan" else f"apply (run {result.run_id})"
+    out.print(Text(redact(f"runner {head} → {result.destination}"), style="bold"))
+    if result.destination_error:
+        out.print(Text(redact("destination: " + result.destination_error), style="red"))
+    for c in result.connections:
+        out.print()
+        acct = f", account {c.account_name or c.account_id}" if (c.account_name or c.account_id) else ""
+        out.print(Text(redact(f"● {c.name} ({c.integration}, {c.environment}{acct})"), style="bold"))
+        out.print(redact(f"  window: {c.window_text}"))
+        if c.status != "ok":
+            label = "NEEDS RECONNECT" if c.status == "needs_reconnect" else "FAILED"
+            out.print(Text(redact(f"  {label}: {c.error}"), style="red"))
+            if c.fix:
+                out.print(Text(redact("  fix: " + c.fix.replace("\n", "\n  ")), style="yellow"))
+        sk = c.skipped()
+        out.print(redact(f"  seen {c.seen} · {verb} {c.imported} · skipped {sum(sk.values())} · failed {c.failed}"))
+        if sk or c.failed:
+            t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
+            t.add_column("reason")
+            t.add_column("count", justify="right")
+            t.add_column("example")
+            for reason, n in sorted(sk.items(), key=lambda x: -x[1]):
+                ex = (c.samples.get(reason) or [None])[0]
+                t.add_row(reason, str(n), redact(f"{ex.number or ex.invoice_id}: {ex.message}") if ex else "")
+            if c.failed:
+                ex = (c.samples.get("delivery_failed") or c.samples.get("destination_unavailable") or [None])[0]
+                t.add_row(Text("failed", style="red"), str(c.failed),
+                          redact(f"{ex.number or ex.invoice_id}: {ex.message}") if ex else "")
+            out.print(t)
+        why = c.why_zero()
+        if why:
+            out.print(Text(redact(f"  0 {verb}: {why}"), style="yellow"))
+        if details and c.verdicts:
+            t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
+            for col in ("invoice", "number", "verdict", "reason", "why"):
+                t.add_column(col)
+            for v in c.verdicts:
+                style = {"imported": "green", "failed": "red"}.get(v.verdict)
+                t.add_row(v.invoice_id, v.number or "", Text(v.verdict, style=style or ""), v.reason or "",
+                          redact(v.message))
+            out.print(t)
+    tot = result.totals()
+    sk = ", ".join(f"{n} {r}" for r, n in sorted(tot["skipped"].items(), key=lambda x: -x[1]))
+    out.print()
+    line = f"total: {verb} {tot['imported']}, skipped {sum(tot['skipped'].values())}" + (f" ({sk})" if sk else "")
+    line += f", failed {tot['failed']} · {result.finished - result.started:.1f}s"
+    out.print(Text(redact(line), style="bold"))
+
+
+def reason_help() -> str:
+    return "\n".join(f"  {k:<20} {v}" for k, v in REASONS.items())

@@ -1,0 +1,86 @@
+"""Secrets come only by reference — `${ENV_VAR}` or `${file:path}` — and are redacted everywhere.
+
+Every resolved secret is registered with `redact`, so no log line, error, plan or bundle can print it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import redact
+from runner.errors import Problem
+
+REF = re.compile(r"^\$\{(?:(env|file):)?([^}]+)\}$")
+
+# Shapes of real credentials. A literal matching one of these in a config is refused: configs live in git.
+SECRET_SHAPES = re.compile(
+    r"^(?:"
+    r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9_]{8,}"  # payment-provider style keys
+    r"|dbt_[A-Za-z0-9_]{8,}"  # destination keys
+    r"|(?:Bearer|Basic)\s+\S{8,}"  # pasted Authorization headers
+    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWTs (access tokens)
+    r"|(?:AB|RT)\d{2,}[A-Za-z0-9]{20,}"  # OAuth refresh tokens
+    r"|1000\.[0-9a-f]{20,}\.[0-9a-f]{20,}"  # OAuth tokens with a numeric prefix
+    r"|[A-Za-z0-9+/_\-]{32,}={0,2}"  # long opaque random strings
+    r")$"
+)
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    kind: str  # "env" | "file"
+    name: str
+    raw: str
+
+    def describe(self) -> str:
+        return f"environment variable {self.name}" if self.kind == "env" else f"file {self.name}"
+
+
+def parse_ref(value: object) -> SecretRef | None:
+    if not isinstance(value, str):
+        return None
+    m = REF.match(value.strip())
+    if not m:
+        return None
+    return SecretRef(kind=m.group(1) or "env", name=m.group(2).strip(), raw=value)
+
+
+def looks_secret(value: object) -> bool:
+    return isinstance(value, str) and bool(SECRET_SHAPES.match(value.strip())) and not value.startswith(("http", "/", "."))
+
+
+def resolve(ref: SecretRef, base_dir: Path, environ=os.environ) -> str | None:
+    """Return the secret's value, or None when it is not set. Registers the value for redaction."""
+    if ref.kind == "env":
+        value = environ.get(ref.name)
+    else:
+        path = Path(ref.name).expanduser()
+        if not path.is_absolute():
+            path = base_dir / path
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            value = None
+    if value:
+        redact.register(value)
+        return value
+    return None
+
+
+def missing_problem(ref: SecretRef, doc, path: tuple) -> Problem:
+    if ref.kind == "env":
+        fix = (f"export {ref.name}=... in the shell or CI job that runs the runner "
+               f"(or use ${{file:path/to/secret}} to read it from a file)")
+        msg = f"the environment variable {ref.name} is not set (or is empty)"
+    else:
+        fix = f"create the file {ref.name} (relative to the config file) holding only the secret, mode 0600"
+        msg = f"the secret file {ref.name} does not exist, cannot be read, or is empty"
+    return doc.problem(path, msg, fix)
+
+
+def fingerprint(value: str) -> str:
+    """A short, non-reversible name for a credential, so a rotated key shows up as a change."""
+    return "fp:" + hashlib.sha256(value.encode()).hexdigest()[:12]

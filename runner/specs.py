@@ -1,0 +1,419 @@
+"""Integration specs: load `integrations.d/*.yaml`, validate against the schema, compile every template
+and JMESPath expression up front, and hand the engine typed, ready-to-run objects.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner import functions, schemas
+from runner.errors import ConfigError, Problem
+from runner.templates import Template, TemplateError
+from runner.yamlfile import Document, load as load_yaml, schema_problems
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "integrations.d"
+
+# Names a template may read, by where it is used. A typo ({{ secret.api_key }}) fails at load time.
+REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token"}
+DETAIL_NAMES = REQUEST_NAMES | {"record"}
+LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
+
+
+class Expression:
+    """A compiled JMESPath expression that remembers its source (for messages)."""
+
+    __slots__ = ("source", "_parsed", "search")
+
+    def __init__(self, source: str):
+        self.source = source
+        self._parsed = functions.compile(source)
+        _check_functions(self._parsed.parsed)
+        parsed, options = self._parsed, functions.OPTIONS
+        self.search = lambda data: parsed.search(data, options=options)
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+
+def _check_functions(node) -> None:
+    """JMESPath only finds an unknown function when it runs; find it when the spec loads instead."""
+    if isinstance(node, dict):
+        if node.get("type") == "function_expression" and node.get("value") not in functions.OPTIONS.custom_functions.FUNCTION_TABLE:
+            known = ", ".join(sorted(functions.OPTIONS.custom_functions.FUNCTION_TABLE))
+            raise ValueError(f"unknown function {node.get('value')}(); known functions: {known}")
+        for child in node.get("children") or []:
+            _check_functions(child)
+
+
+@dataclass
+class RequestSpec:
+    method: str
+    path: Template
+    params: dict[str, Any]  # name -> Template | list[Template] | scalar
+    headers: dict[str, Template]
+    json: dict | None = None
+
+    def render(self, ctx: dict, extra_params: dict | None = None) -> dict:
+        params = {}
+        for k, v in self.params.items():
+            params[k] = _render_value(v, ctx)
+        for k, v in (extra_params or {}).items():
+            params[k] = _render_value(v, ctx)
+        return {"method": self.method, "path": self.path.render(ctx), "params": params,
+                "headers": {k: t.render(ctx) for k, t in self.headers.items()},
+                "json": _render_json(self.json, ctx) if self.json is not None else None}
+
+
+def _render_value(v, ctx):
+    if isinstance(v, Template):
+        return v.render(ctx)
+    if isinstance(v, list):
+        return [_render_value(x, ctx) for x in v]
+    return v
+
+
+def _render_json(obj, ctx):
+    if isinstance(obj, str):
+        return Template(obj).render(ctx)
+    if isinstance(obj, dict):
+        return {k: _render_json(v, ctx) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_render_json(v, ctx) for v in obj]
+    return obj
+
+
+@dataclass
+class Paginate:
+    type: str = "none"
+    param: str | None = None
+    value: Expression | None = None
+    more: Expression | None = None
+    size_param: str | None = None
+    size: int | None = None
+    start: int | None = None
+    max_pages: int = 100_000
+
+
+@dataclass
+class Detail:
+    name: str
+    key: Template
+    request: RequestSpec
+    select: Expression | None
+    when: Expression | None
+
+
+@dataclass
+class Mapping:
+    """Canonical field path -> expression. Applying it builds the nested canonical dict."""
+
+    fields: list[tuple[tuple, Expression]]
+
+    def apply(self, record: Any) -> dict:
+        out: dict = {}
+        for path, expr in self.fields:
+            value = expr.search(record)
+            if isinstance(value, str):
+                value = value.strip()
+                if not value:
+                    continue
+            elif value is None or value == {} or value == []:
+                continue
+            node = out
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+        return out
+
+
+@dataclass
+class DateRule:
+    value: Expression
+    format: str = "date"
+
+
+@dataclass
+class Stream:
+    request: RequestSpec
+    records: Expression
+    paginate: Paginate
+    mapping: Mapping
+    unpaid: Expression
+    status_text: Expression | None
+    date: DateRule | None
+    server_filters: dict[str, dict[str, Any]]
+    details: list[Detail]
+    max_page_size: int | None
+    let: list[tuple[str, Expression]] = field(default_factory=list)
+
+    def prepare(self, record: Any) -> Any:
+        """Compute the spec's `let` values into the record (names start with _, so they never clash)."""
+        if self.let and isinstance(record, dict):
+            for name, expr in self.let:
+                record[name] = expr.search(record)
+        return record
+
+
+@dataclass
+class LookupRequest:
+    request: RequestSpec
+    record: Expression
+    not_found: list[int]
+
+
+@dataclass
+class CredentialRule:
+    pattern: str
+    message: str
+
+
+@dataclass
+class Environment:
+    name: str
+    base_url: Template
+    credentials: dict[str, CredentialRule]
+    oauth2: dict
+    rate_limit: dict | None
+    description: str = ""
+
+
+@dataclass
+class Auth:
+    type: str
+    credentials: list[str]
+    headers: dict[str, Template]
+    oauth2: dict | None
+
+
+@dataclass
+class Spec:
+    id: str
+    name: str
+    description: str
+    file: str
+    auth: Auth
+    environments: dict[str, Environment]
+    rate_limit: dict
+    retry: dict
+    check: RequestSpec | None
+    account: dict
+    invoices: Stream
+    lookup: dict[str, LookupRequest]
+    inbound: dict
+    options: dict
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def default_environment(self) -> str:
+        return next(iter(self.environments))
+
+
+class _Compiler:
+    """Walks a validated spec document and compiles it, collecting every problem with its location."""
+
+    def __init__(self, doc: Document):
+        self.doc = doc
+        self.problems: list[Problem] = []
+
+    def template(self, value: Any, path: tuple, allowed: set[str]) -> Template | None:
+        try:
+            t = Template(str(value))
+        except TemplateError as exc:
+            self.problems.append(self.doc.problem(path, str(exc), "fix the Jinja2 syntax: {{ name }} or {{ name | filter }}"))
+            return None
+        unknown = t.names() - allowed
+        if unknown:
+            self.problems.append(self.doc.problem(
+                path, f"template {value!r} uses unknown name(s): {', '.join(sorted(unknown))}",
+                f"a template here may use: {', '.join(sorted(allowed))}"))
+        return t
+
+    def expression(self, value: Any, path: tuple) -> Expression | None:
+        if value is None:
+            return None
+        try:
+            return Expression(str(value))
+        except Exception as exc:  # jmespath ParseError / LexerError / unknown function
+            detail = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+            self.problems.append(self.doc.problem(
+                path, f"JMESPath expression {value!r} is invalid: {detail}",
+                "check the expression at https://jmespath.org (literals need backticks: `0`, strings single quotes: 'open')"))
+            return None
+
+    def request(self, raw: dict, path: tuple, allowed: set[str]) -> RequestSpec:
+        params = {}
+        for k, v in (raw.get("params") or {}).items():
+            if isinstance(v, list):
+                params[k] = [self.template(x, path + ("params", k, i), allowed) for i, x in enumerate(v)]
+            elif isinstance(v, str):
+                params[k] = self.template(v, path + ("params", k), allowed)
+            else:
+                params[k] = v
+        headers = {k: self.template(v, path + ("headers", k), allowed) for k, v in (raw.get("headers") or {}).items()}
+        if raw.get("json") is not None:
+            self._check_json_templates(raw["json"], path + ("json",), allowed)
+        return RequestSpec(method=raw.get("method", "GET"), path=self.template(raw["path"], path + ("path",), allowed),
+                           params=params, headers=headers, json=raw.get("json"))
+
+    def _check_json_templates(self, obj, path, allowed):
+        if isinstance(obj, str):
+            self.template(obj, path, allowed)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                self._check_json_templates(v, path + (k,), allowed)
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                self._check_json_templates(v, path + (i,), allowed)
+
+    def mapping(self, raw: dict, path: tuple) -> Mapping:
+        fields: list = []
+        self._mapping_fields(raw, path, (), fields, schemas.load("invoice"))
+        return Mapping(fields=fields)
+
+    def _mapping_fields(self, raw: dict, path: tuple, prefix: tuple, out: list, schema: dict) -> None:
+        props = schema.get("properties", {})
+        for key, value in raw.items():
+            if key not in props or key == "source":
+                import difflib
+
+                guess = difflib.get_close_matches(key, list(props), n=1)
+                self.problems.append(self.doc.problem(
+                    path + (key,), f"'{key}' is not a field of the canonical invoice" +
+                    (" here" if prefix else ""),
+                    f"did you mean '{guess[0]}'?" if guess else f"fields here: {', '.join(p for p in props if p != 'source')}",
+                    key=True))
+                continue
+            if isinstance(value, dict):
+                self._mapping_fields(value, path + (key,), prefix + (key,), out, props[key])
+            else:
+                expr = self.expression(value, path + (key,))
+                if expr is not None:
+                    out.append((prefix + (key,), expr))
+
+    def paginate(self, raw: dict | None, path: tuple) -> Paginate:
+        if not raw:
+            return Paginate()
+        return Paginate(type=raw["type"], param=raw.get("param"),
+                        value=self.expression(raw.get("value"), path + ("value",)),
+                        more=self.expression(raw.get("more"), path + ("more",)),
+                        size_param=raw.get("size_param"), size=raw.get("size"),
+                        start=raw.get("start"), max_pages=raw.get("max_pages", 100_000))
+
+    def stream(self, raw: dict, path: tuple) -> Stream:
+        details = []
+        for i, d in enumerate(raw.get("details") or []):
+            p = path + ("details", i)
+            details.append(Detail(name=d["name"], key=self.template(d["key"], p + ("key",), DETAIL_NAMES),
+                                  request=self.request(d["request"], p + ("request",), DETAIL_NAMES),
+                                  select=self.expression(d.get("select"), p + ("select",)),
+                                  when=self.expression(d.get("when"), p + ("when",))))
+        server_filters = {}
+        for kind, params in (raw.get("server_filters") or {}).items():
+            server_filters[kind] = {k: (self.template(v, path + ("server_filters", kind, k), REQUEST_NAMES)
+                                        if isinstance(v, str) else v) for k, v in params.items()}
+        date = None
+        if raw.get("date"):
+            date = DateRule(value=self.expression(raw["date"]["value"], path + ("date", "value")),
+                            format=raw["date"].get("format", "date"))
+        return Stream(request=self.request(raw["request"], path + ("request",), REQUEST_NAMES),
+                      records=self.expression(raw["records"], path + ("records",)),
+                      paginate=self.paginate(raw.get("paginate"), path + ("paginate",)),
+                      mapping=self.mapping(raw["map"], path + ("map",)),
+                      unpaid=self.expression(raw["unpaid"], path + ("unpaid",)),
+                      status_text=self.expression(raw.get("status_text"), path + ("status_text",)),
+                      date=date, server_filters=server_filters, details=details,
+                      max_page_size=raw.get("max_page_size"),
+                      let=[(k, e) for k, v in (raw.get("let") or {}).items()
+                           if (e := self.expression(v, path + ("let", k))) is not None])
+
+
+def parse(doc: Document) -> Spec:
+    """Validate and compile one spec document. Raises ConfigError naming every problem."""
+    data = doc.data
+    if not isinstance(data, dict):
+        raise ConfigError(doc.problem((), "an integration spec must be a block of keys (id, name, auth, ...)"))
+    errors = list(schemas.validator("integration").iter_errors(data))
+    if errors:
+        raise ConfigError(schema_problems(doc, errors))
+    c = _Compiler(doc)
+    envs = {}
+    for name, env in data["environments"].items():
+        p = ("environments", name)
+        envs[name] = Environment(
+            name=name, base_url=c.template(env["base_url"], p + ("base_url",), {"connection", "options", "token"}),
+            credentials={k: CredentialRule(**v) for k, v in (env.get("credentials") or {}).items()},
+            oauth2=env.get("oauth2") or {}, rate_limit=env.get("rate_limit"),
+            description=env.get("description", ""))
+    a = data["auth"]
+    auth = Auth(type=a["type"], credentials=list(a.get("credentials") or []),
+                headers={k: c.template(v, ("auth", "headers", k), REQUEST_NAMES) for k, v in (a.get("headers") or {}).items()},
+                oauth2=a.get("oauth2"))
+    if auth.oauth2:
+        for key in ("authorize_url", "token_url", "revoke_url", "header"):
+            if key in auth.oauth2:
+                c.template(auth.oauth2[key], ("auth", "oauth2", key), REQUEST_NAMES | {"redirect"})
+    check = c.request(data["check"]["request"], ("check", "request"), REQUEST_NAMES) if data.get("check") else None
+    account = dict(data.get("account") or {})
+    if "request" in account:
+        account["request"] = c.request(account["request"], ("account", "request"), REQUEST_NAMES)
+        for k in ("id", "name"):
+            if k in account:
+                account[k] = c.expression(account[k], ("account", k))
+    else:
+        for k in ("id", "name"):
+            if k in account:
+                account[k] = c.template(account[k], ("account", k), REQUEST_NAMES)
+    if "choose" in account:
+        ch = account["choose"]
+        account["choose"] = {k: (c.expression(v, ("account", "choose", k)) if k != "option" else v) for k, v in ch.items()}
+    lookup = {}
+    for kind, lr in (data.get("lookup") or {}).items():
+        p = ("lookup", kind)
+        lookup[kind] = LookupRequest(request=c.request(lr["request"], p + ("request",), LOOKUP_NAMES),
+                                     record=c.expression(lr.get("record", "@"), p + ("record",)),
+                                     not_found=list(lr.get("not_found") or [404]))
+    inbound = dict(data.get("inbound") or {})
+    if "records" in inbound:
+        inbound["records"] = c.expression(inbound["records"], ("inbound", "records"))
+    stream = c.stream(data["invoices"], ("invoices",))
+    stem = Path(doc.file).stem
+    if stem != data["id"] and not doc.file.startswith("<"):
+        c.problems.append(doc.problem(("id",), f"the spec id '{data['id']}' does not match its file name '{stem}.yaml'",
+                                      f"rename the file to {data['id']}.yaml or set id: {stem}"))
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Spec(id=data["id"], name=data["name"], description=data.get("description", ""), file=doc.file,
+                auth=auth, environments=envs, rate_limit=data.get("rate_limit") or {}, retry=data.get("retry") or {},
+                check=check, account=account, invoices=stream, lookup=lookup, inbound=inbound,
+                options=data.get("options") or {}, raw=data)
+
+
+def spec_dirs(extra: Path | None = None) -> list[Path]:
+    """Where specs are found: a user folder first (it may override a built-in), then the built-ins."""
+    dirs = []
+    if extra is not None and extra.is_dir():
+        dirs.append(extra)
+    dirs.append(BUILTIN_DIR)
+    return dirs
+
+
+def available(extra: Path | None = None) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in spec_dirs(extra):
+        for p in sorted(d.glob("*.yaml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def load_file(path: Path) -> Spec:
+    return parse(load_yaml(path))
+
+
+def load_spec(spec_id: str, extra: Path | None = None) -> Spec:
+    files = available(extra)
+    if spec_id not in files:
+        raise KeyError(spec_id)
+    return load_file(files[spec_id])

@@ -1,0 +1,307 @@
+"""The state store (SQLite): the ledger, verdict history, run history, connection health and OAuth tokens.
+
+Writes that later steps depend on are committed before those steps run: an invoice is recorded as
+`pending` with its idempotency key before the destination is called, and as `delivered` after, so a crash
+at any point followed by a rerun delivers every invoice exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    account_key TEXT NOT NULL,
+    invoice_id TEXT NOT NULL,
+    connection TEXT NOT NULL,
+    number TEXT,
+    status TEXT NOT NULL,            -- pending | delivered | failed
+    idempotency_key TEXT NOT NULL,
+    case_id TEXT,
+    case_reference TEXT,
+    destination TEXT,
+    error TEXT,
+    first_seen REAL NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (account_key, invoice_id)
+);
+CREATE INDEX IF NOT EXISTS ledger_number ON ledger (connection, number);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    command TEXT NOT NULL,
+    config TEXT,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,            -- running | ok | failed | partial
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+    run_id INTEGER NOT NULL,
+    connection TEXT NOT NULL,
+    account_key TEXT NOT NULL,
+    invoice_id TEXT NOT NULL,
+    number TEXT,
+    verdict TEXT NOT NULL,           -- imported | skipped | failed
+    reason TEXT,
+    detail TEXT,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verdicts_invoice ON verdicts (account_key, invoice_id);
+CREATE INDEX IF NOT EXISTS verdicts_run ON verdicts (run_id, connection);
+CREATE TABLE IF NOT EXISTS connections (
+    name TEXT PRIMARY KEY,
+    integration TEXT,
+    status TEXT NOT NULL DEFAULT 'active',   -- active | needs_reconnect
+    account_id TEXT,
+    account_name TEXT,
+    credential_fingerprint TEXT,
+    data TEXT NOT NULL DEFAULT '{}',         -- what a connect flow learned (realm id, api domain, ...)
+    last_success REAL,
+    last_error TEXT,
+    last_error_at REAL,
+    last_run_id INTEGER,
+    updated REAL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    connection TEXT PRIMARY KEY,
+    token TEXT NOT NULL,             -- JSON, encrypted when RUNNER_SECRET_KEY is set
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    connection TEXT NOT NULL,
+    what TEXT NOT NULL,
+    old TEXT,
+    new TEXT,
+    at REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class LedgerRow:
+    account_key: str
+    invoice_id: str
+    connection: str
+    number: str | None
+    status: str
+    idempotency_key: str
+    case_id: str | None
+    case_reference: str | None
+    error: str | None
+    first_seen: float
+    updated: float
+
+
+class Store:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                # Created 0600: the store holds OAuth tokens.
+                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+            else:
+                try:
+                    os.chmod(self.path, 0o600)
+                except OSError:
+                    pass
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._lockfile = None
+
+    def close(self) -> None:
+        self.db.close()
+        if self._lockfile is not None:
+            self._lockfile.close()
+            self._lockfile = None
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def lock(self) -> bool:
+        """Take the run lock (one apply at a time per state store). False if another run holds it."""
+        import fcntl
+
+        if str(self.path) == ":memory:":
+            return True
+        f = open(str(self.path) + ".lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._lockfile = f
+        return True
+
+    # --- runs ------------------------------------------------------------------------------------------
+    def begin_run(self, command: str, config: str) -> int:
+        with self.tx():
+            cur = self.db.execute("INSERT INTO runs (command, config, started, status) VALUES (?, ?, ?, 'running')",
+                                  (command, config, time.time()))
+            return cur.lastrowid
+
+    def finish_run(self, run_id: int, status: str, summary: dict) -> None:
+        with self.tx():
+            self.db.execute("UPDATE runs SET finished=?, status=?, summary=? WHERE id=?",
+                            (time.time(), status, json.dumps(summary, default=str), run_id))
+
+    def last_runs(self, limit: int = 10) -> list[dict]:
+        rows = self.db.execute("SELECT id, command, started, finished, status, summary FROM runs "
+                               "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [{"id": r[0], "command": r[1], "started": r[2], "finished": r[3], "status": r[4],
+                 "summary": json.loads(r[5]) if r[5] else None} for r in rows]
+
+    # --- ledger ----------------------------------------------------------------------------------------
+    def ledger_lookup(self, account_key: str, invoice_ids: Iterable[str]) -> dict[str, LedgerRow]:
+        ids = list(invoice_ids)
+        out: dict[str, LedgerRow] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
+                 "case_reference, error, first_seen, updated FROM ledger WHERE account_key=? AND invoice_id IN (%s)"
+                 % ",".join("?" * len(chunk)))
+            for row in self.db.execute(q, (account_key, *chunk)):
+                out[row[1]] = LedgerRow(*row)
+        return out
+
+    def ledger_find(self, connection: str | None, key: str) -> list[LedgerRow]:
+        """Find ledger rows by invoice id or number (for explain)."""
+        q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, case_reference, "
+             "error, first_seen, updated FROM ledger WHERE (invoice_id=? OR number=?)")
+        args: list = [key, key]
+        if connection:
+            q += " AND connection=?"
+            args.append(connection)
+        return [LedgerRow(*r) for r in self.db.execute(q, args)]
+
+    def mark_pending(self, rows: list[tuple]) -> None:
+        """rows: (account_key, invoice_id, connection, number, idempotency_key). Committed before delivery."""
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO ledger (account_key, invoice_id, connection, number, status, idempotency_key, "
+                "first_seen, updated) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?) "
+                "ON CONFLICT (account_key, invoice_id) DO UPDATE SET status='pending', updated=excluded.updated, "
+                "number=excluded.number WHERE ledger.status != 'delivered'",
+                [(a, i, c, n, k, now, now) for a, i, c, n, k in rows])
+
+    def mark_delivered(self, rows: list[tuple], destination: str) -> None:
+        """rows: (account_key, invoice_id, case_id, case_reference)."""
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, destination=?, error=NULL, "
+                "updated=? WHERE account_key=? AND invoice_id=?",
+                [(cid, cref, destination, now, a, i) for a, i, cid, cref in rows])
+
+    def mark_failed(self, rows: list[tuple]) -> None:
+        """rows: (account_key, invoice_id, error). The invoice is retried by the next run."""
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "UPDATE ledger SET status='failed', error=?, updated=? WHERE account_key=? AND invoice_id=? "
+                "AND status != 'delivered'", [(e, now, a, i) for a, i, e in rows])
+
+    # --- verdicts --------------------------------------------------------------------------------------
+    def record_verdicts(self, run_id: int, rows: list[tuple]) -> None:
+        """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json)."""
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO verdicts (run_id, connection, account_key, invoice_id, number, verdict, reason, detail, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in rows])
+
+    def verdict_history(self, account_key: str, invoice_id: str, limit: int = 20) -> list[dict]:
+        rows = self.db.execute("SELECT run_id, verdict, reason, detail, at FROM verdicts WHERE account_key=? AND "
+                               "invoice_id=? ORDER BY at DESC LIMIT ?", (account_key, invoice_id, limit)).fetchall()
+        return [{"run_id": r[0], "verdict": r[1], "reason": r[2], "detail": json.loads(r[3]) if r[3] else None,
+                 "at": r[4]} for r in rows]
+
+    def run_verdicts(self, run_id: int, connection: str | None = None, not_imported: bool = False,
+                     limit: int = 1000) -> list[dict]:
+        q = "SELECT connection, invoice_id, number, verdict, reason, detail FROM verdicts WHERE run_id=?"
+        args: list = [run_id]
+        if connection:
+            q += " AND connection=?"
+            args.append(connection)
+        if not_imported:
+            q += " AND verdict != 'imported' AND reason IS NOT 'duplicate'"
+        q += " LIMIT ?"
+        args.append(limit)
+        return [{"connection": r[0], "invoice_id": r[1], "number": r[2], "verdict": r[3], "reason": r[4],
+                 "detail": json.loads(r[5]) if r[5] else None} for r in self.db.execute(q, args)]
+
+    # --- connections -----------------------------------------------------------------------------------
+    def connection(self, name: str) -> dict:
+        r = self.db.execute("SELECT name, integration, status, account_id, account_name, credential_fingerprint, "
+                            "data, last_success, last_error, last_error_at, last_run_id FROM connections WHERE name=?",
+                            (name,)).fetchone()
+        if r is None:
+            return {"name": name, "status": "active", "data": {}}
+        keys = ["name", "integration", "status", "account_id", "account_name", "credential_fingerprint", "data",
+                "last_success", "last_error", "last_error_at", "last_run_id"]
+        d = dict(zip(keys, r))
+        d["data"] = json.loads(d["data"] or "{}")
+        return d
+
+    def update_connection(self, name: str, **fields) -> None:
+        """Upsert fields of a connection's row; records a `changes` row when the account or credential changes."""
+        cur = self.connection(name)
+        if "data" in fields:
+            fields["data"] = json.dumps({**cur.get("data", {}), **fields["data"]})
+        now = time.time()
+        changes = []
+        for what in ("account_id", "account_name", "credential_fingerprint"):
+            if what in fields and cur.get(what) and fields[what] and cur.get(what) != fields[what]:
+                changes.append((name, what, cur.get(what), fields[what], now))
+        cols = ["name", "updated"] + list(fields)
+        vals = [name, now] + list(fields.values())
+        with self.tx():
+            self.db.execute(
+                f"INSERT INTO connections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                f"ON CONFLICT (name) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols[1:]), vals)
+            if changes:
+                self.db.executemany("INSERT INTO changes (connection, what, old, new, at) VALUES (?, ?, ?, ?, ?)",
+                                    changes)
+
+    def changes(self, name: str, limit: int = 20) -> list[dict]:
+        return [{"what": r[0], "old": r[1], "new": r[2], "at": r[3]} for r in self.db.execute(
+            "SELECT what, old, new, at FROM changes WHERE connection=? ORDER BY at DESC LIMIT ?", (name, limit))]
+
+    # --- tokens ----------------------------------------------------------------------------------------
+    def get_token(self, connection: str) -> dict | None:
+        r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
+        if r is None:
+            return None
+        from runner import crypto
+
+        return json.loads(crypto.decrypt(r[0]))
+
+    def save_token(self, connection: str, token: dict) -> None:
+        """Committed (durably) before the caller uses the token: a rotated refresh token is never lost."""
+        from runner import crypto
+
+        blob = crypto.encrypt(json.dumps(token))
+        with self.tx():
+            self.db.execute("INSERT INTO tokens (connection, token, updated) VALUES (?, ?, ?) ON CONFLICT (connection) "
+                            "DO UPDATE SET token=excluded.token, updated=excluded.updated", (connection, blob, time.time()))
+
+    def delete_token(self, connection: str) -> None:
+        with self.tx():
+            self.db.execute("DELETE FROM tokens WHERE connection=?", (connection,))

@@ -1,0 +1,89 @@
+"""Request templates: Jinja2 in a sandboxed environment where an undefined name is an error.
+
+Templates come from YAML files that people edit and share, so they run sandboxed (no attribute escapes,
+no file access) and are compiled when the spec loads, so `runner validate` finds a broken one.
+"""
+from __future__ import annotations
+
+import functools
+from datetime import date, datetime, timezone
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+
+def _unix(value) -> int:
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    if isinstance(value, date):
+        return int(datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp())
+    return int(value)
+
+
+def _date(value, fmt: str = "%Y-%m-%d") -> str:
+    if isinstance(value, (datetime, date)):
+        return value.strftime(fmt)
+    return str(value)
+
+
+def _isoformat(value) -> str:
+    return value.isoformat() if isinstance(value, (datetime, date)) else str(value)
+
+
+def _utc(value):
+    return value.astimezone(timezone.utc) if isinstance(value, datetime) else value
+
+
+def _sql_quote(value) -> str:
+    """Quote a value for a provider's query language (QuickBooks-style SQL): 'O''Brien'."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@functools.cache
+def environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    env.filters.update(unix=_unix, date=_date, isoformat=_isoformat, utc=_utc, sql_quote=_sql_quote)
+    return env
+
+
+class TemplateError(Exception):
+    """A template failed to compile or render; the message is meant for the person who wrote it."""
+
+
+class Template:
+    __slots__ = ("source", "_tpl", "constant")
+
+    def __init__(self, source: str):
+        self.source = source
+        # Most values in a spec are plain strings; skip Jinja for them (hot path: every request).
+        self.constant = "{{" not in source and "{%" not in source
+        if self.constant:
+            self._tpl = None
+            return
+        try:
+            self._tpl = environment().from_string(source)
+        except TemplateSyntaxError as exc:
+            raise TemplateError(f"template {source!r} does not compile: {exc.message} (line {exc.lineno})") from None
+
+    def render(self, context: dict) -> str:
+        if self.constant:
+            return self.source
+        try:
+            return self._tpl.render(context)
+        except UndefinedError as exc:
+            raise TemplateError(f"template {self.source!r}: {exc.message}") from None
+        except SecurityError as exc:
+            raise TemplateError(f"template {self.source!r} tried something not allowed: {exc}") from None
+        except Exception as exc:  # a filter given the wrong type, etc.
+            raise TemplateError(f"template {self.source!r} failed: {exc}") from None
+
+    def names(self) -> set[str]:
+        """Top-level names the template reads (to check them against what the context will hold)."""
+        if self.constant:
+            return set()
+        from jinja2 import meta
+
+        return meta.find_undeclared_variables(environment().parse(self.source))
+
+    def __repr__(self) -> str:
+        return f"Template({self.source!r})"
