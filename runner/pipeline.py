@@ -146,7 +146,8 @@ class Source:
                           "connection": {"name": conn.name, **(saved.get("data") or {})},
                           "environment": conn.environment, "window": conn.window.context()}
         env = self.spec.environments[conn.environment]
-        self.base_url = conn.base_url or env.base_url.render(self._ctx_base)
+        # An inbound-only spec has no base URL: nothing is fetched, posted payloads are only evaluated.
+        self.base_url = conn.base_url or (env.base_url.render(self._ctx_base) if env.base_url is not None else "")
         rl = env.rate_limit or self.spec.rate_limit
         scope = (rl or {}).get("scope")
         scope_value = (self.spec.id + ":" + (secrets.fingerprint("|".join(sorted(conn.credentials.values())))
@@ -472,7 +473,14 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
             return v, None, run.fatal
         async with sem:
             try:
-                return v, await destination.deliver(v.invoice, key), None
+                delivery = await destination.deliver(v.invoice, key)
+                # Recorded as soon as it is known: a crash later in this page must not make the next run
+                # re-send (and re-spend rate limit on) what was already delivered.
+                if hasattr(destination, "flush"):
+                    destination.flush()
+                store.mark_delivered([(source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference)],
+                                     destination.name)
+                return v, delivery, None
             except DestinationError as exc:
                 if exc.fatal:
                     run.fatal = exc
@@ -496,10 +504,6 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
         else:
             v.verdict = IMPORTED
             v.message = f"imported as case {delivery.case_reference or delivery.case_id}"
-    if hasattr(destination, "flush"):
-        destination.flush()
-    if done:
-        store.mark_delivered(done, destination.name)
     if failed:
         store.mark_failed(failed)
 
@@ -589,8 +593,11 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers."""
     from runner import destinations
 
+    from runner.http import reset_limiters
+
     started = time.time()
-    conns = [c for c in (connections or cfg.connections) if c.enabled]
+    reset_limiters()  # limiters hold asyncio primitives bound to one event loop: one set per run
+    conns = [c for c in (connections or cfg.connections) if c.enabled and c.spec.pull]  # inbound: `runner serve`
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)

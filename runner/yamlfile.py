@@ -76,11 +76,14 @@ def _build(node: yaml.Node, path: tuple, doc: Document, ctor: _Constructor) -> A
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, path + (i,), doc, ctor) for i, item in enumerate(node.value)]
-    value = ctor.construct_object(node, deep=True)
     # YAML 1.1 reads unquoted dates as date objects; the runner wants the text the person wrote.
-    if type(value).__name__ in ("date", "datetime"):
+    if node.tag == "tag:yaml.org,2002:timestamp":
         return node.value
-    return value
+    try:
+        return ctor.construct_object(node, deep=True)
+    except Exception as exc:  # e.g. a custom tag (!!python/object) the safe loader refuses
+        raise ConfigError(Problem(f"cannot read this value: {exc}", doc.file, node.start_mark.line + 1,
+                                  node.start_mark.column + 1, fix="write plain YAML values (no tags)")) from None
 
 
 def loads(text: str, file: str = "<input>") -> Document:

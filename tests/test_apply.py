@@ -1,0 +1,138 @@
+"""plan and apply against the built-in sandbox: every verdict, exactly-once, and plan creating nothing."""
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+
+from runner import config, pipeline, sandbox
+from runner.state import Store
+
+from conftest import run_cli
+
+
+def _run(cfg_path, mode, details=True):
+    cfg = config.load(cfg_path)
+    store = Store(cfg.state_path)
+    try:
+        return cfg, asyncio.run(pipeline.sync(cfg, mode=mode, store=store, details=details))
+    finally:
+        store.close()
+
+
+def _cases(cfg):
+    return sandbox.get_simulator("debitura", cfg.state_path.parent / "sandbox").cases()
+
+
+def _by_kind(cfg):
+    """The sandbox's own labels, so expectations come from the data set, not from the runner."""
+    from runner.sandbox.stripe import build_dataset, today_anchor
+
+    kinds = {}
+    for inv in build_dataset(today_anchor())["test"]["invoices"]:
+        kinds[inv["id"]] = inv["_sandbox_kind"]
+    return kinds
+
+
+def test_apply_gives_every_invoice_one_verdict_with_the_right_reason(sandbox_config):
+    cfg, result = _run(sandbox_config, "apply")
+    (conn,) = result.connections
+    assert conn.status == "ok", conn.error
+    kinds = _by_kind(cfg)
+    verdicts = {v.invoice_id: v for v in conn.verdicts}
+    assert set(verdicts) == set(kinds), "every invoice the provider returned has exactly one verdict"
+    expected = {"open": ("imported", None), "open_address_on_customer": ("imported", None),
+                "open_partial": ("skipped", "not_unpaid"), "paid": ("skipped", "not_unpaid"),
+                "void": ("skipped", "not_unpaid"), "draft": ("skipped", "not_unpaid"),
+                "uncollectible": ("skipped", "not_unpaid"), "open_incomplete_address": ("skipped", "incomplete_address"),
+                "open_old": ("skipped", "outside_date_window")}
+    for inv_id, kind in kinds.items():
+        v = verdicts[inv_id]
+        assert (v.verdict, v.reason) == expected[kind], (inv_id, kind, v)
+    partial = [v for i, v in verdicts.items() if kinds[i] == "open_partial"]
+    assert all("partially paid" in v.message for v in partial)
+    incomplete = [v for i, v in verdicts.items() if kinds[i] == "open_incomplete_address"]
+    assert sorted(tuple(v.detail["missing"]) for v in incomplete) == sorted(
+        [("postal_code",), ("city",), ("street", "city", "postal_code", "country")])
+    # one case per imported invoice, with the invoice number as creditorReference
+    cases = _cases(cfg)
+    imported = [v for v in verdicts.values() if v.verdict == "imported"]
+    assert sorted(c["creditorReference"] for c in cases) == sorted(v.number for v in imported)
+    # the verdicts are recorded in the state store, one row per invoice
+    store = Store(cfg.state_path)
+    rows = store.db.execute("SELECT COUNT(*), COUNT(DISTINCT invoice_id) FROM verdicts WHERE run_id=?",
+                            (result.run_id,)).fetchone()
+    store.close()
+    assert rows == (len(kinds), len(kinds))
+
+
+def test_second_apply_creates_nothing_and_reports_duplicates(sandbox_config):
+    cfg, first = _run(sandbox_config, "apply")
+    n = first.connections[0].imported
+    assert n > 0
+    before = len(_cases(cfg))
+    _, second = _run(sandbox_config, "apply")
+    conn = second.connections[0]
+    assert conn.imported == 0
+    assert conn.skipped()["duplicate"] == n
+    assert len(_cases(cfg)) == before
+    assert "already imported" in conn.why_zero()
+    dup = next(v for v in conn.verdicts if v.reason == "duplicate")
+    assert dup.detail["case_reference"]
+
+
+def test_plan_creates_nothing_and_predicts_apply(sandbox_config):
+    cfg, planned = _run(sandbox_config, "plan")
+    assert _cases(cfg) == []
+    store = Store(cfg.state_path)
+    assert store.db.execute("SELECT COUNT(*) FROM ledger").fetchone() == (0,)
+    store.close()
+    _, applied = _run(sandbox_config, "apply")
+    assert planned.connections[0].counts == applied.connections[0].counts
+
+
+def test_currency_exponents_reach_the_case(sandbox_config):
+    cfg, result = _run(sandbox_config, "apply")
+    from runner.sandbox.stripe import build_dataset, today_anchor
+
+    raw = {i["id"]: i for i in build_dataset(today_anchor())["test"]["invoices"]}
+    cases = {c["creditorReference"]: c for c in _cases(cfg)}
+    seen = set()
+    for v in result.connections[0].verdicts:
+        if v.verdict != "imported":
+            continue
+        inv = raw[v.invoice_id]
+        exp = {"jpy": 0, "kwd": 3}.get(inv["currency"], 2)
+        want = Decimal(inv["amount_remaining"]).scaleb(-exp)
+        assert v.invoice["amount"] == want
+        assert Decimal(str(cases[v.number]["amountToRecover"] if "amountToRecover" in cases[v.number]
+                           else cases[v.number]["grossAmount"])) == want
+        seen.add(inv["currency"])
+    assert {"jpy", "kwd"} <= seen
+
+
+def test_server_filters_send_status_and_window_to_the_provider(tmp_path, sandbox_env):
+    from conftest import SANDBOX_CONFIG, write_config
+
+    path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="true"))
+    cfg, result = _run(path, "plan")
+    conn = result.connections[0]
+    # the provider filtered: nothing paid/void/draft or old came back, only open invoices in the window
+    assert "outside_date_window" not in conn.skipped()
+    assert all(v.detail.get("status") in (None, "open, partially paid") for v in conn.verdicts if v.reason == "not_unpaid")
+    sim = sandbox.get_simulator("stripe", cfg.state_path.parent / "sandbox")
+    first = sim.request_log[0][1]
+    assert "status=open" in first
+    assert "created%5Bgte%5D=" in first or "created[gte]=" in first
+
+
+def test_cli_apply_twice_and_json_output(sandbox_config, sandbox_env):
+    first = run_cli("apply", str(sandbox_config), "--output", "json", "--details", env=sandbox_env)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    conn = data["connections"][0]
+    assert conn["imported"] > 0 and conn["skipped"]["not_unpaid"] > 0
+    assert {i["verdict"] for i in conn["invoices"]} == {"imported", "skipped"}
+    second = run_cli("apply", str(sandbox_config), env=sandbox_env)
+    assert second.returncode == 0
+    assert "imported 0" in second.stdout and "duplicate" in second.stdout

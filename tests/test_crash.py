@@ -1,0 +1,195 @@
+"""Exactly-once through crashes: SIGKILL `runner apply` at random points, rerun, count the cases.
+
+Real processes and real sockets: `runner sandbox serve` (a subprocess) serves the Stripe simulator with a few
+hundred extra eligible invoices (the `synthetic_invoices` knob) and the Debitura simulator persisting its cases
+in SQLite; `python -m runner apply` runs against them through the config's `base_url`s and is killed with
+SIGKILL after a random delay, at least 50 times. Then it is rerun until it completes, and the simulator's cases
+are checked: one case per eligible invoice, none missing, none twice.
+
+Reproduce (the seed is printed in the summary line):
+    RUNNER_CRASH_SEED=<seed> RUNNER_CRASH_KILLS=50 pytest -q -s tests/test_crash.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, wait_for_port
+
+KILLS = int(os.environ.get("RUNNER_CRASH_KILLS", "50"))
+SYNTHETIC = int(os.environ.get("RUNNER_CRASH_INVOICES", "300"))
+SEED = int(os.environ.get("RUNNER_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
+
+CONFIG = """
+state: state/state.db
+destination:
+  type: debitura
+  environment: sandbox
+  base_url: {base}/debitura
+  api_key: "${{DEBITURA_API_KEY}}"
+connections:
+  - name: crash-stripe
+    integration: stripe
+    environment: sandbox
+    base_url: {base}/stripe
+    credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
+    window: {{last: 90d}}
+"""
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str, headers: dict | None = None) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`runner sandbox serve` in a subprocess, with the Debitura cases persisted under tmp_path/sim."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "sandbox", "serve", "--port", str(port),
+                             "--data-dir", str(tmp_path / "sim")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}", tmp_path / "sim" / "debitura-production.sqlite"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _eligible_numbers(n: int) -> set[str]:
+    """What a correct run imports: the open, unpaid, complete, in-window invoices of the simulator's data."""
+    from runner.sandbox.stripe import StripeSimulator
+
+    sim = StripeSimulator(synthetic=n)
+    return {i["number"] for i in sim.data["test"]["invoices"]
+            if i["_sandbox_kind"] in ("open", "open_address_on_customer")}
+
+
+def _ledger(state_db: Path) -> Counter:
+    if not state_db.exists():
+        return Counter()
+    db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
+    try:
+        return Counter(dict(db.execute("SELECT status, COUNT(*) FROM ledger GROUP BY status").fetchall()))
+    except sqlite3.OperationalError:  # killed before the schema was created
+        return Counter()
+    finally:
+        db.close()
+
+
+def _cases(sim_db: Path) -> list[tuple[str, int]]:
+    if not sim_db.exists():
+        return []
+    db = sqlite3.connect(f"file:{sim_db}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT creditor_reference, COUNT(*) FROM cases GROUP BY creditor_reference").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tmp_path):
+    base, sim_db = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG.format(base=base))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STRIPE_API_KEY": STRIPE_KEY, "DEBITURA_API_KEY": DEBITURA_KEY}
+    env.pop("RUNNER_SECRET_KEY", None)
+    state_db = tmp_path / "state" / "state.db"
+    expected = _eligible_numbers(SYNTHETIC)
+    rng = random.Random(SEED)
+    started = time.monotonic()
+
+    kills = mid_delivery = completed_early = 0
+    progress_kills = 0  # kills after which Debitura had more cases than before the run
+    outcomes = Counter()
+    while kills < KILLS:
+        before = sum(n for _, n in _cases(sim_db))
+        proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The crash point: a random moment of the run, from interpreter start-up through config loading,
+        # the first requests, page fetches and case deliveries (start-up takes ~0.6 s).
+        delay = rng.uniform(0.05, 1.5)
+        try:
+            rc = proc.wait(timeout=delay)
+            completed_early += 1
+            outcomes[f"exit {rc}"] += 1
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        ledger = _ledger(state_db)
+        if ledger.get("pending"):
+            mid_delivery += 1
+        if sum(n for _, n in _cases(sim_db)) > before:
+            progress_kills += 1
+        assert time.monotonic() - started < 150, "the crash loop is far slower than expected"
+
+    # Rerun to completion (no kills): each rerun must finish by itself.
+    reruns = 0
+    while True:
+        reruns += 1
+        done = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode in (0, 1), done.stderr[-2000:]
+        summary = json.loads(done.stdout)
+        if done.returncode == 0:
+            break
+        assert reruns < 5, f"apply keeps failing after the crashes: {done.stdout[-2000:]}"
+    # One more run must find nothing left to do: everything delivered, recorded as duplicates.
+    final = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr[-2000:]
+    totals = json.loads(final.stdout)["totals"]
+    assert totals["imported"] == 0 and totals["failed"] == 0, totals
+    assert totals["skipped"].get("duplicate") == len(expected), totals
+
+    # The destination's own record: one case per eligible invoice, none missing, none twice.
+    rows = _cases(sim_db)
+    got = Counter({ref: n for ref, n in rows})
+    duplicated = sorted(ref for ref, n in got.items() if n > 1)
+    missing = sorted(expected - set(got))
+    unexpected = sorted(set(got) - expected)
+    listed = _get(base + "/debitura/cases?PageSize=1", {"XApiKey": DEBITURA_KEY})["page"]["totalResults"]
+    ledger = _ledger(state_db)
+    state = _get(base + "/_sandbox/state")["simulators"]
+    print(f"\nCRASH SUMMARY seed={SEED} kills={kills} kills_mid_delivery={mid_delivery} "
+          f"kills_after_progress={progress_kills} runs_finished_before_kill={completed_early} reruns={reruns} "
+          f"eligible={len(expected)} cases={sum(got.values())} lost={len(missing)} duplicated={len(duplicated)} "
+          f"unexpected={len(unexpected)} debitura_requests={state['debitura']['requests']} "
+          f"ledger={dict(ledger)} seconds={time.monotonic() - started:.1f}")
+    assert not missing, f"invoices never delivered: {missing[:20]}"
+    assert not duplicated, f"invoices delivered twice: {duplicated[:20]}"
+    assert not unexpected, f"cases for invoices that are not eligible: {unexpected[:20]}"
+    assert listed == len(expected)
+    assert ledger == Counter({"delivered": len(expected)})
+    assert kills >= KILLS
+    # The kills must really have hit deliveries, or this test proves nothing about exactly-once.
+    assert mid_delivery >= min(10, KILLS // 5), f"only {mid_delivery} kills landed during a delivery"
