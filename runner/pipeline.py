@@ -609,7 +609,10 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
             try:
                 await dest.check()
             except DestinationError as exc:
-                run.fatal = exc
+                # A refused key or an unreachable destination stops every delivery; anything else is only
+                # reported, and each delivery then succeeds or fails on its own.
+                if exc.fatal or exc.status is None or exc.status >= 500:
+                    run.fatal = exc
                 dest_error = exc.render()
         sem = asyncio.Semaphore(max(1, getattr(cfg.destination, "concurrency", 8)))
         results = await asyncio.gather(*(

@@ -72,8 +72,8 @@ def explain(invoice: dict) -> Outcome:
         if path == ADDRESS + ("country",) and err.validator == "pattern":
             missing.append("country")
             texts.append(f"{where} {err.instance!r} is not an ISO 3166-1 alpha-2 country code")
-        elif err.validator == "pattern" and path and path[-1] == "currency":
-            texts.append(f"currency {err.instance!r} is not an ISO 4217 code")
+        elif err.validator in ("pattern", "enum") and path == ("currency",):
+            texts.append(f"currency {err.instance!r} is not an ISO 4217 currency code")
         elif err.validator == "exclusiveMinimum":
             texts.append(f"{where} must be more than 0 (it is {err.instance})")
         elif err.validator == "type":
@@ -82,6 +82,7 @@ def explain(invoice: dict) -> Outcome:
             texts.append(f"{where} {err.instance!r} must be one of {', '.join(map(str, err.validator_value))}")
         else:
             texts.append(f"{where}: {err.message}")
+    texts = list(dict.fromkeys(texts))
     if missing:
         return Outcome(ok=False, reason="incomplete_address", missing=list(dict.fromkeys(missing)), errors=texts)
     return Outcome(ok=False, reason="invalid", errors=texts or ["the invoice does not match the canonical schema"])

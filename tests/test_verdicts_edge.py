@@ -1,0 +1,129 @@
+"""The verdicts the sandbox data set does not produce by itself: failed (and retried), invalid, not_yet_due."""
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import date, timedelta
+
+import httpx
+
+from runner import config, pipeline, sandbox
+from runner.sandbox.core import SandboxServer
+from runner.state import Store
+
+
+def _apply(path):
+    cfg = config.load(path)
+    store = Store(cfg.state_path)
+    try:
+        return cfg, asyncio.run(pipeline.sync(cfg, mode="apply", store=store, details=True))
+    finally:
+        store.close()
+
+
+def test_a_refused_case_fails_and_is_retried_by_the_next_run(sandbox_config):
+    cfg = config.load(sandbox_config)
+    sim = sandbox.get_simulator("debitura", cfg.state_path.parent / "sandbox")
+    real = sim.handle
+    armed = {"on": True, "target": None}
+
+    async def refusing(request: httpx.Request):
+        if request.method == "POST" and armed["on"]:
+            body = json.loads(request.content)
+            if armed["target"] in (None, body["creditorReference"]):
+                armed["target"] = body["creditorReference"]
+                return httpx.Response(400, json={
+                    "title": "One or more validation errors occurred.", "status": 400,
+                    "errors": {"Debtor.Name": ["The Name field is required."]}})
+        return await real(request)
+
+    sim.handle = refusing
+    _, first = _apply(sandbox_config)
+    conn = first.connections[0]
+    failed = [v for v in conn.verdicts if v.verdict == "failed"]
+    assert [v.number for v in failed] == [armed["target"]]
+    assert failed[0].reason == "delivery_failed"
+    assert "Debtor.Name: The Name field is required." in failed[0].message
+    assert not first.ok
+    n_imported = conn.imported
+
+    armed["on"] = False
+    _, second = _apply(sandbox_config)
+    conn2 = second.connections[0]
+    assert [v.number for v in conn2.verdicts if v.verdict == "imported"] == [armed["target"]]
+    assert conn2.skipped()["duplicate"] == n_imported
+    assert sorted(c["creditorReference"] for c in sim.cases()) == sorted(
+        {v.number for v in conn.verdicts + conn2.verdicts if v.verdict == "imported"})
+
+
+class Api:
+    def __init__(self, records):
+        self.records = records
+
+    async def handle(self, request):
+        return httpx.Response(200, json={"items": self.records})
+
+
+SPEC = """
+id: tiny
+name: Tiny
+auth: {type: none}
+environments: {local: {base_url: "http://127.0.0.1:1"}}
+invoices:
+  request: {path: /invoices}
+  records: items
+  unpaid: "status == 'unpaid'"
+  map:
+    external_id: id
+    number: "no"
+    issue_date: to_date(issued)
+    due_date: to_date(due)
+    currency: upper(cur)
+    amount: to_decimal(total)
+    debtor:
+      type: kind
+      name: name
+      address: {street: street, postal_code: zip, city: city, country: country_code(country), state: state}
+"""
+
+
+def test_invalid_and_not_yet_due(tmp_path):
+    today = date.today()
+    good = {"status": "unpaid", "issued": (today - timedelta(days=30)).isoformat(),
+            "due": (today - timedelta(days=1)).isoformat(), "cur": "eur", "total": "10.00", "kind": "Company",
+            "name": "Acme GmbH", "street": "Hauptstr. 1", "zip": "10115", "city": "Berlin", "country": "Deutschland"}
+    records = [
+        {**good, "id": "1", "no": "OK-1"},
+        {**good, "id": "2", "no": "NEG-2", "total": "-5"},
+        {**good, "id": "3", "no": "CUR-3", "cur": "xyz"},
+        {**good, "id": "4", "no": "US-4", "country": "USA"},  # no state for a US debtor
+        {**good, "id": "5", "no": "TYPE-5", "kind": "Person"},
+        {**good, "id": "6", "no": "DUE-6", "due": (today + timedelta(days=14)).isoformat()},
+        {**good, "id": "7", "no": "LAND-7", "country": "Narnia"},
+        {**good, "no": "NOID-8"},
+        {**good, "id": "9", "no": "DATE-9", "issued": "31/12/2025"},
+    ]
+    srv = SandboxServer({"api": Api(records)})
+    base = srv.start()
+    try:
+        (tmp_path / "integrations.d").mkdir()
+        (tmp_path / "integrations.d" / "tiny.yaml").write_text(SPEC)
+        (tmp_path / "config.yaml").write_text(f"""
+destination: {{type: jsonl, path: out.jsonl}}
+connections:
+  - {{name: tiny, integration: tiny, base_url: "{base}/api", window: {{last: 1y}}}}
+""")
+        _, result = _apply(tmp_path / "config.yaml")
+    finally:
+        srv.stop()
+    v = {x.number: x for x in result.connections[0].verdicts}
+    assert (v["OK-1"].verdict, v["OK-1"].reason) == ("imported", None)
+    assert v["NEG-2"].reason == "invalid" and "amount must be more than 0" in v["NEG-2"].message
+    assert v["CUR-3"].reason == "invalid" and "'XYZ' is not an ISO 4217 currency code" in v["CUR-3"].message
+    assert v["US-4"].reason == "incomplete_address" and v["US-4"].detail["missing"] == ["state"]
+    assert v["TYPE-5"].reason == "invalid" and "debtor.type 'Person'" in v["TYPE-5"].message
+    assert v["DUE-6"].reason == "not_yet_due" and v["DUE-6"].detail["due_date"] > today.isoformat()
+    assert v["LAND-7"].reason == "incomplete_address" and v["LAND-7"].detail["missing"] == ["country"]
+    assert v["NOID-8"].reason == "invalid" and "no id" in v["NOID-8"].message
+    assert v["DATE-9"].reason == "invalid"
+    assert result.connections[0].seen == len(records)
