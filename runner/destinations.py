@@ -82,7 +82,7 @@ class DebituraDestination:
 
     def __init__(self, cfg: DestinationConfig, clients: Clients):
         self.cfg = cfg
-        base = cfg.base_url or DEBITURA_URLS[cfg.environment]
+        base = self.base = cfg.base_url or DEBITURA_URLS[cfg.environment]
         key = cfg.api_key or ""
         self.http = Http(clients, base, headers={"XApiKey": key, "Accept": "application/json"},
                          policy=Policy(attempts=6, backoff_s=0.5, max_backoff_s=60),
@@ -91,7 +91,8 @@ class DebituraDestination:
         self.label = self.http.label
 
     def describe(self) -> str:
-        return f"Debitura Customer API, {self.cfg.environment} ({self.http.base_url})" + (
+        where = "built-in simulator" if self.base.startswith("sandbox://") else self.base
+        return f"Debitura Customer API, {self.cfg.environment} ({where})" + (
             ", test cases (isTest)" if self.cfg.is_test else "")
 
     def prepare(self, pending_keys: set[str]) -> None:

@@ -72,6 +72,7 @@ class ConnectionResult:
     requests: int = 0
     seen: int = 0
     seconds: float = 0.0
+    statuses: Counter = field(default_factory=Counter)  # not_unpaid invoices by their status ("paid": 3)
 
     @property
     def imported(self) -> int:
@@ -107,6 +108,7 @@ class ConnectionResult:
                 "error": self.error, "fix": self.fix, "window": self.window, "seen": self.seen,
                 "imported": self.imported, "skipped": self.skipped(), "failed": self.failed,
                 "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
+                "not_unpaid_by_status": dict(self.statuses),
                 "samples": {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}}
 
 
@@ -176,6 +178,15 @@ class Source:
                                  f"{self.saved.get('last_error') or 'its authorization was revoked or expired'}",
                                  fix=f"runner connect {self.conn.name}")
         self.auth = auth_mod.make(self.conn, self._ctx_base, self.store, self.clients)
+        if hasattr(self.auth, "prepare"):  # e.g. OAuth: what the token response taught us (an API domain)
+            learned = await self.auth.prepare()
+            if learned and not self.conn.base_url:
+                self._ctx_base["connection"].update(learned)
+                base = self.spec.environments[self.conn.environment].base_url.render(self._ctx_base)
+                if base != self.base_url:
+                    self.base_url = base
+                    self.http = Http(self.clients, base, policy=self.http.policy, limiter=self.http.limiter,
+                                     label=self.http.label)
         await self._identify()
 
     async def send(self, method: str, path: str, *, params=None, headers=None, json=None, ok=()) -> Any:
@@ -561,6 +572,8 @@ def _count(result: ConnectionResult, verdicts: list[Verdict], details: bool) -> 
         result.seen += 1
         key = v.verdict if v.verdict != SKIPPED else f"skipped:{v.reason}"
         result.counts[key] += 1
+        if v.reason == "not_unpaid":
+            result.statuses[str(v.detail.get("status") or "unknown")] += 1
         sample_key = v.reason or v.verdict
         samples = result.samples.setdefault(sample_key, [])
         if len(samples) < 5:

@@ -49,10 +49,14 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
             t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
             t.add_column("reason")
             t.add_column("count", justify="right")
-            t.add_column("example")
+            t.add_column("details")
             for reason, n in sorted(sk.items(), key=lambda x: -x[1]):
                 ex = (c.samples.get(reason) or [None])[0]
-                t.add_row(reason, str(n), redact(f"{ex.number or ex.invoice_id}: {ex.message}") if ex else "")
+                if reason == "not_unpaid" and c.statuses:
+                    text = ", ".join(f"{k} {v}" for k, v in c.statuses.most_common())
+                else:
+                    text = f"{ex.number or ex.invoice_id}: {ex.message}" if ex else ""
+                t.add_row(reason, str(n), redact(text))
             if c.failed:
                 ex = (c.samples.get("delivery_failed") or c.samples.get("destination_unavailable") or [None])[0]
                 t.add_row(Text("failed", style="red"), str(c.failed),
