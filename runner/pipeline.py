@@ -219,6 +219,9 @@ class Source:
             if acc.get("name") is not None:
                 v = acc["name"].search(view)
                 self.account_name = None if v is None else str(v)
+            elif "choose" in acc:  # the chosen entry's name
+                chosen = str(self.options.get(acc["choose"].get("option")))
+                self.account_name = next((a["name"] for a in self.accounts if a["id"] == chosen), None)
         else:
             if acc.get("id") is not None:
                 self.account_id = acc["id"].render(self.context()) or None

@@ -407,6 +407,28 @@ def build_dataset(anchor: datetime) -> dict[str, Any]:
             "live": {"invoices": l_inv, "customers": l_cus}}
 
 
+def synthetic_invoices(anchor_ts: int, n: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``n`` extra open, unpaid, eligible test-mode invoices (numbers ``SYN-00001``...), for load and crash tests.
+
+    Spread over the 12 customers with complete addresses, created 15-74 days before the anchor and due 14 days
+    after creation (so always overdue); ids are distinct from the base data set's.
+    """
+    complete = [c for c in _TEST_CUSTOMERS[:12]]
+    currencies = {"mueller": "eur", "nordlys": "dkk", "acme": "usd", "janedoe": "usd", "thames": "gbp",
+                  "dupont": "eur", "tanaka": "jpy", "alsalam": "kwd", "jensen": "dkk", "martin": "eur",
+                  "weber": "eur", "pacific": "usd"}
+    spec = [("open", complete[i % 12][0], currencies[complete[i % 12][0]], 1000 + (i * 7919) % 900000, 0,
+             15 + (i * 13) % 60, "open", "send_invoice", 14, "copy") for i in range(n)]
+    invoices, customers = _build(anchor_ts, complete, spec, False, "SYN")
+    for inv in invoices:
+        inv["id"] = _stable_id("in_", f"test:synthetic:{inv['number']}", 16)
+        inv["lines"]["url"] = f"/v1/invoices/{inv['id']}/lines"
+        for line in inv["lines"]["data"]:
+            line["invoice"] = inv["id"]
+        inv["_sandbox_kind"] = "open"
+    return invoices, customers
+
+
 def today_anchor() -> datetime:
     now = datetime.now(timezone.utc)
     return now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -460,10 +482,13 @@ def _base_name(key: str) -> str:
 class StripeSimulator(Simulator):
     name = "stripe"
 
-    def __init__(self, anchor: datetime | None = None, data_dir: Any = None):
+    def __init__(self, anchor: datetime | None = None, data_dir: Any = None, synthetic: int = 0):
         super().__init__()
         self.anchor = anchor or today_anchor()
         self.data = build_dataset(self.anchor)
+        self.synthetic = 0
+        if synthetic:
+            self.set_synthetic(synthetic)
         self.keys: dict[str, StripeKey] = default_keys()
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
@@ -483,12 +508,35 @@ class StripeSimulator(Simulator):
     def state(self) -> dict[str, Any]:
         st = super().state()
         st["invoices"] = {m: len(self.data[m]["invoices"]) for m in ("test", "live")}
+        st["synthetic_invoices"] = self.synthetic
         return st
+
+    def set_synthetic(self, n: int) -> None:
+        """Serve ``n`` extra eligible test-mode invoices (see :func:`synthetic_invoices`) besides the base set."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 100_000:
+            raise ValueError("synthetic_invoices must be an integer from 0 to 100000")
+        self.data = build_dataset(self.anchor)
+        self.synthetic = n
+        if n:
+            invs, custs = synthetic_invoices(self.data["anchor"], n)
+            test = self.data["test"]
+            for cid, c in custs.items():
+                test["customers"].setdefault(cid, c)
+            test["invoices"] = sorted(test["invoices"] + invs, key=lambda inv: (inv["created"], inv["id"]),
+                                      reverse=True)
+
+    def set_faults(self, values) -> None:
+        """Besides the common knobs, ``synthetic_invoices: N`` (over ``POST /_sandbox/faults/stripe`` too)."""
+        values = dict(values)
+        if "synthetic_invoices" in values:
+            self.set_synthetic(values.pop("synthetic_invoices"))
+        super().set_faults(values)
 
     def reset(self) -> None:
         super().reset()
         self.keys = default_keys()
         self.data = build_dataset(self.anchor)
+        self.synthetic = 0
 
     def on_faults_changed(self) -> None:
         self._buckets.clear()
