@@ -1,0 +1,927 @@
+"""Diagnostics: the seed's troubleshooting page, run by the runner itself (doctor, explain, status, bundle).
+
+Everything here is generic over the spec language: the checks use the engine (`pipeline.Source`: auth,
+account identification and pinning, pages, evaluate, lookup), the spec's `check` request and the
+environment credential rules, the state store and the destination's own check. No integration is named.
+
+Doctor only reads: it never creates a case and never writes a ledger row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+from runner import pipeline
+from runner.config import Config, Connection
+from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
+                           UnsafeRequest)
+from runner.redact import redact, redact_obj
+
+OK, WARNING, FAILED, SKIPPED = "ok", "warning", "failed", "skipped"
+
+# The checks, in the order they are printed. (id, title)
+CONNECTION_CHECKS = [
+    ("credentials", "credentials present and resolvable"),
+    ("environment", "credentials fit the connection's environment"),
+    ("auth", "credentials accepted (key valid, OAuth connection active)"),
+    ("permission", "allowed to read invoices and customers"),
+    ("account", "connected account (company / organization)"),
+    ("window", "date window covers the unpaid invoices"),
+    ("addresses", "debtor addresses complete"),
+    ("invoice_data", "invoice data valid"),
+    ("status_filter", "paid, partially paid, void and draft invoices"),
+    ("duplicates", "invoices imported before (duplicates)"),
+    ("last_sync", "last successful sync and last error"),
+]
+DESTINATION_CHECKS = [
+    ("credentials", "destination API key present and resolvable"),
+    ("key", "destination API key valid"),
+    ("environment", "destination key belongs to the configured environment"),
+    ("reachable", "destination reachable"),
+]
+# The other Debitura environment of each configured one: (name, base URL or None for the standard one).
+OTHER_DESTINATION_ENV = {"production": ("test", None), "test": ("production", None),
+                         "sandbox": ("test", "sandbox://debitura-test")}
+MAX_LISTED = 8
+
+
+@dataclass
+class Check:
+    scope: str  # a connection name, or "destination"
+    id: str
+    title: str
+    status: str = OK
+    message: str = ""
+    fix: str | None = None
+    detail: dict = field(default_factory=dict)
+
+    def set(self, status: str, message: str, fix: str | None = None, **detail) -> "Check":
+        self.status, self.message, self.fix = status, message, fix
+        self.detail.update(detail)
+        return self
+
+    def as_dict(self) -> dict:
+        d = {"scope": self.scope, "check": self.id, "title": self.title, "status": self.status,
+             "message": self.message}
+        if self.fix:
+            d["fix"] = self.fix
+        if self.detail:
+            d["detail"] = self.detail
+        return d
+
+
+@dataclass
+class DoctorReport:
+    config: str
+    checks: list[Check]
+    summaries: dict = field(default_factory=dict)  # connection -> one line ("would import N ...")
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.status == FAILED for c in self.checks)
+
+    def get(self, scope: str, check_id: str) -> Check:
+        for c in self.checks:
+            if c.scope == scope and c.id == check_id:
+                return c
+        raise KeyError((scope, check_id))
+
+    def counts(self) -> dict:
+        return dict(Counter(c.status for c in self.checks))
+
+    def as_dict(self) -> dict:
+        return redact_obj({"config": self.config, "ok": self.ok, "counts": self.counts(),
+                           "seconds": round(self.seconds, 3), "summaries": self.summaries,
+                           "checks": [c.as_dict() for c in self.checks]})
+
+
+def _when(ts: float | None) -> str | None:
+    if not ts:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _day(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d") if ts else None
+
+
+def _listing(items: list[str], limit: int = MAX_LISTED) -> str:
+    shown = "; ".join(items[:limit])
+    return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _clients(cfg: Config):
+    from runner import http
+
+    if hasattr(http, "reset_limiters"):
+        http.reset_limiters()  # limiters hold asyncio primitives bound to one event loop
+    return http.Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
+
+
+# --- doctor: one connection -------------------------------------------------------------------------------
+
+def _split_problems(conn: Connection):
+    """Config problems kept on the connection (lenient load): environment-rule mismatches vs the rest."""
+    env = conn.spec.environments.get(conn.environment)
+    rule_messages = {r.message for r in env.credentials.values()} if env else set()
+    env_problems = [p for p in conn.problems if p.message in rule_messages]
+    other = [p for p in conn.problems if p.message not in rule_messages]
+    return env_problems, other
+
+
+def _problem_text(problems) -> tuple[str, str | None]:
+    msg = "; ".join(f"{p.message} ({p.location()})" for p in problems)
+    fixes = [p.fix for p in problems if p.fix]
+    return msg, "; ".join(dict.fromkeys(fixes)) or None
+
+
+def _reconnect_fix(conn: Connection, exc: RunnerError | None = None) -> str:
+    return (exc.fix if exc is not None and exc.fix else None) or f"runner connect {conn.name}"
+
+
+def _auth_failure(check_auth: Check, check_perm: Check, conn: Connection, exc: AuthError) -> None:
+    sname = conn.spec.name
+    if isinstance(exc, NeedsReconnect):
+        check_auth.set(FAILED, f"the {sname} connection is not active: {exc.message}",
+                       f"reconnect it: `{_reconnect_fix(conn, exc)}`", status_code=exc.status)
+        check_perm.set(SKIPPED, "not checked: the connection is not active")
+    elif exc.status == 403:
+        check_auth.set(OK, f"{sname} accepted the credentials")
+        check_perm.set(FAILED, f"{sname} accepted the credentials but refused to let them read what the sync needs: "
+                               f"{_plain(exc, 403)}",
+                       f"give the credential read access to invoices and customers in {sname} (or create a "
+                                  f"new one that has it), update the secret "
+                                  f"{', '.join(conn.credential_refs.values()) or ''} and run `runner doctor` again",
+                       status_code=403)
+    else:
+        if conn.spec.auth.type == "oauth2":
+            check_auth.set(FAILED, f"{sname} refused the connection's authorization: {_plain(exc, exc.status)}",
+                           f"reconnect it: `{_reconnect_fix(conn, exc)}`", status_code=exc.status)
+        else:
+            refs = ", ".join(conn.credential_refs.values())
+            check_auth.set(FAILED, f"{_plain(exc, exc.status or 401)}; the key is invalid, revoked or rotated",
+                           f"create a new key in {sname} (read access to invoices and customers), put it "
+                                      f"where {refs} points, and run `runner doctor` again", status_code=exc.status)
+        check_perm.set(SKIPPED, "not checked: the credentials were refused")
+
+
+def _plain(exc: RunnerError, status) -> str:
+    """The error's own message, with the HTTP status named once."""
+    msg = exc.message
+    return msg if f"HTTP {status}" in msg or not status else f"{msg} (HTTP {status})"
+
+
+def _position(source: pipeline.Source, rec: Any) -> str | None:
+    """'before' | 'in' | 'after' the connection's window, or None when the date cannot be read."""
+    try:
+        prepared = source.stream.prepare(rec)
+        rule = source.stream.date
+        if rule is not None:
+            value, fmt = rule.value.search(prepared), rule.format
+        else:
+            value, fmt = source.stream.mapping.apply(prepared).get("issue_date"), "date"
+        w = source.conn.window
+        moment, day = pipeline._date_of(value, fmt, w.zone)
+    except Exception:
+        return None
+    if moment is not None:
+        return "before" if moment < w.start else "after" if moment > w.end else "in"
+    if day is not None:
+        return "before" if day < w.start_date else "after" if day > w.end_date else "in"
+    return None
+
+
+def _record_date(source: pipeline.Source, rec: Any) -> date | None:
+    try:
+        prepared = source.stream.prepare(rec)
+        rule = source.stream.date
+        if rule is not None:
+            value, fmt = rule.value.search(prepared), rule.format
+        else:
+            value, fmt = source.stream.mapping.apply(prepared).get("issue_date"), "date"
+        moment, day = pipeline._date_of(value, fmt, source.conn.window.zone)
+    except Exception:
+        return None
+    return moment.astimezone(source.conn.window.zone).date() if moment is not None else day
+
+
+@dataclass
+class Scan:
+    seen: int = 0
+    truncated: bool = False
+    eligible: list = field(default_factory=list)  # verdicts
+    before: list = field(default_factory=list)  # (verdict, date)
+    after: list = field(default_factory=list)
+    incomplete: list = field(default_factory=list)
+    invalid: list = field(default_factory=list)
+    not_yet_due: list = field(default_factory=list)
+    not_unpaid_in: Counter = field(default_factory=Counter)  # status -> count, inside the window
+    not_unpaid_examples: dict = field(default_factory=dict)  # status -> invoice numbers
+    duplicates: list = field(default_factory=list)  # (verdict, ledger row)
+    retry: list = field(default_factory=list)  # (verdict, ledger row) pending / failed
+
+
+async def _scan(source: pipeline.Source, store, max_records: int) -> Scan:
+    """Read every invoice the account has (server filters off) and classify each, as a sync would."""
+    scan = Scan()
+    async for records in source.pages():
+        for rec in records:
+            scan.seen += 1
+            v = source.evaluate(rec)
+            if v.verdict == pipeline.ELIGIBLE:
+                scan.eligible.append(v)
+            elif v.reason == "not_unpaid":
+                if _position(source, rec) in ("in", None):
+                    status = (v.detail or {}).get("status") or "not unpaid"
+                    scan.not_unpaid_in[status] += 1
+                    scan.not_unpaid_examples.setdefault(status, []).append(v.number or v.invoice_id)
+            elif v.reason == "outside_date_window":
+                pos = _position(source, rec)
+                (scan.after if pos == "after" else scan.before).append((v, _record_date(source, rec)))
+            elif v.reason == "incomplete_address":
+                scan.incomplete.append(v)
+            elif v.reason == "not_yet_due":
+                scan.not_yet_due.append(v)
+            else:
+                scan.invalid.append(v)
+        if scan.seen >= max_records:
+            scan.truncated = True
+            break
+    if store is not None and scan.eligible:
+        rows = store.ledger_lookup(source.account_key, [v.invoice_id for v in scan.eligible])
+        for v in scan.eligible:
+            row = rows.get(v.invoice_id)
+            if row is not None and row.status == "delivered":
+                scan.duplicates.append((v, row))
+            elif row is not None:
+                scan.retry.append((v, row))
+    return scan
+
+
+def _window_line(conn: Connection, earliest: date | None, latest_needed: bool) -> str:
+    w = conn.window
+    parts = []
+    if earliest is not None:
+        parts.append(f"from: \"{earliest.isoformat()}\"")
+    else:
+        parts.append(f"from: \"{w.start_date.isoformat()}\"")
+    if not latest_needed and "to" in w.source and "to now" not in w.source:
+        parts.append(f"to: \"{w.end_date.isoformat()}\"")
+    if w.tz not in ("UTC",):
+        parts.append(f"timezone: {w.tz}")
+    return "window: {" + ", ".join(parts) + "}"
+
+
+def _data_checks(checks: dict, conn: Connection, source: pipeline.Source, scan: Scan, cfg: Config) -> str:
+    sname = conn.spec.name
+    w = conn.window
+    where = ""
+    if cfg is not None:
+        p = cfg.doc.problem(("connections", conn.index, "window"), "")
+        where = f" ({p.location()})"
+    # window
+    if scan.before or scan.after:
+        n_b, n_a = len(scan.before), len(scan.after)
+        dates_b = [d for _, d in scan.before if d is not None]
+        earliest = min(dates_b) if dates_b else None
+        bits = []
+        if n_b:
+            bits.append(f"{n_b} before it (the oldest dated {earliest})" if earliest else f"{n_b} before it")
+        if n_a:
+            bits.append(f"{n_a} after it")
+        examples = [f"{v.number or v.invoice_id} ({d})" for v, d in (scan.before + scan.after)]
+        line = _window_line(conn, earliest, bool(n_a))
+        fix = (f"if you want them imported, change the connection's window{where} to:\n    {line}\n"
+               f"then run `runner plan {cfg.file if cfg else 'CONFIG'}` to see what would be imported")
+        checks["window"].set(WARNING, f"{n_b + n_a} unpaid invoice(s) lie outside the date window {w.start_date} → "
+                                      f"{w.end_date} ({w.source}): {', '.join(bits)}; they are not imported: "
+                                      f"{_listing(examples)}", fix,
+                             before=n_b, after=n_a, config_line=line)
+    else:
+        checks["window"].set(OK, f"no unpaid invoice lies outside the window {w.start_date} → {w.end_date} "
+                                 f"({w.source})", before=0, after=0)
+    # addresses
+    if scan.incomplete:
+        names = []
+        for v in scan.incomplete:
+            missing = ", ".join(
+                {"postal_code": "postal code"}.get(m, m) for m in (v.detail or {}).get("missing", []))
+            debtor = (v.detail or {}).get("debtor") or "(no name)"
+            names.append(f"'{debtor}' ({v.number or v.invoice_id}: no {missing})")
+        checks["addresses"].set(
+            FAILED, f"{len(scan.incomplete)} unpaid invoice(s) in the window are skipped because the debtor's address "
+                    f"is incomplete: {_listing(names)}",
+            f"complete each customer's billing address (street, city, postal code, country) in {sname}, then run "
+            f"`runner apply {cfg.file if cfg else 'CONFIG'}`",
+            invoices=[{"invoice": v.number or v.invoice_id, "debtor": (v.detail or {}).get("debtor"),
+                       "missing": (v.detail or {}).get("missing", [])} for v in scan.incomplete])
+    else:
+        checks["addresses"].set(OK, "every unpaid invoice in the window has a complete debtor address")
+    # other invalid data
+    if scan.invalid:
+        items = [f"{v.number or v.invoice_id}: {v.message}" for v in scan.invalid]
+        checks["invoice_data"].set(FAILED, f"{len(scan.invalid)} unpaid invoice(s) in the window have data the "
+                                           f"runner cannot send: {_listing(items, 4)}",
+                                   f"correct these invoices in {sname} (or the spec's mapping), then run "
+                                   f"`runner explain INVOICE` on one to see every stage")
+    else:
+        checks["invoice_data"].set(OK, "every unpaid invoice in the window maps to a valid invoice")
+    # status filter
+    if scan.not_unpaid_in:
+        total = sum(scan.not_unpaid_in.values())
+        parts = [f"{n} {s} (e.g. {', '.join(map(str, scan.not_unpaid_examples[s][:3]))})"
+                 for s, n in scan.not_unpaid_in.most_common()]
+        checks["status_filter"].set(
+            WARNING, f"{total} invoice(s) in the window are not imported because they are not unpaid: "
+                     f"{'; '.join(parts)}. Only invoices with nothing paid become cases (partially paid ones too "
+                     f"are left out)",
+            f"nothing to fix if they are settled. If one should be collected, check its status in {sname}; "
+            f"`runner explain INVOICE` shows what the runner sees",
+            statuses=dict(scan.not_unpaid_in))
+    else:
+        checks["status_filter"].set(OK, "no paid, partially paid, void or draft invoice in the window")
+    # duplicates
+    if scan.duplicates:
+        ex = [f"{v.number or v.invoice_id} → case {row.case_reference or row.case_id} ({_day(row.updated)})"
+              for v, row in scan.duplicates]
+        checks["duplicates"].set(WARNING, f"{len(scan.duplicates)} unpaid invoice(s) in the window were imported "
+                                          f"before and are never sent twice: {_listing(ex, 5)}",
+                                 "nothing to fix: each invoice becomes one case; `runner explain INVOICE` shows when "
+                                 "and as which case", count=len(scan.duplicates))
+    else:
+        checks["duplicates"].set(OK, "none of the unpaid invoices in the window was imported before")
+    new = len(scan.eligible) - len(scan.duplicates)
+    summary = (f"{scan.seen} invoice(s) read{' (stopped early: --max-records)' if scan.truncated else ''}; "
+               f"{new} unpaid invoice(s) in the window are ready to import")
+    if scan.retry:
+        summary += f" ({len(scan.retry)} of them are retries of an unfinished delivery)"
+    if scan.not_yet_due:
+        summary += f"; {len(scan.not_yet_due)} not yet due"
+    return summary
+
+
+async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_records: int,
+                             report: DoctorReport) -> None:
+    checks = {cid: Check(conn.name, cid, title) for cid, title in CONNECTION_CHECKS}
+    report.checks.extend(checks.values())
+    sname = conn.spec.name
+    _last_sync(checks["last_sync"], conn, store)
+    env_problems, other_problems = _split_problems(conn)
+    rest = [c for c in checks.values() if c.id not in ("credentials", "environment", "last_sync")]
+    if other_problems:
+        msg, fix = _problem_text(other_problems)
+        checks["credentials"].set(FAILED, msg, fix)
+        checks["environment"].set(SKIPPED, "not checked: a credential is missing")
+        for c in rest:
+            c.set(SKIPPED, "not checked: a credential is missing")
+        return
+    names = ", ".join(f"{k} (from {v})" for k, v in conn.credential_refs.items())
+    checks["credentials"].set(OK, f"resolved: {names}" if names else
+                              ("none needed here; the authorization is held by the runner's state store"
+                               if conn.spec.auth.type == "oauth2" else "none needed"))
+    if env_problems:
+        msg, fix = _problem_text(env_problems)
+        checks["environment"].set(FAILED, f"{msg}; the connection's environment is '{conn.environment}'",
+                                  fix or f"use a {conn.environment} credential, or set `environment:` to match it")
+    else:
+        rules = conn.spec.environments[conn.environment].credentials
+        checks["environment"].set(OK, f"the credentials fit the '{conn.environment}' environment" if rules else
+                                  f"environment '{conn.environment}' (no credential pattern to compare)")
+    source = pipeline.Source(conn, clients, store)
+    # auth, account
+    try:
+        await source.open()
+    except AccountMismatch as exc:
+        checks["auth"].set(OK, f"{sname} accepted the credentials")
+        checks["permission"].set(OK, "the account could be read")
+        checks["account"].set(FAILED, exc.message, exc.fix, accounts=source.accounts)
+        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
+              "not checked: the connected account is not the one the config names")
+        return
+    except AuthError as exc:
+        _auth_failure(checks["auth"], checks["permission"], conn, exc)
+        checks["account"].set(SKIPPED, "not checked: the credentials were not accepted")
+        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
+              "not checked: the credentials were not accepted")
+        return
+    except (RunnerError, UnsafeRequest) as exc:
+        checks["auth"].set(FAILED, f"could not reach {sname}: {exc.message}", exc.fix)
+        _skip(checks, ("permission", "account", "window", "addresses", "invoice_data", "status_filter", "duplicates"),
+              f"not checked: {sname} could not be reached")
+        return
+    # the spec's cheap probe (needs the same permission as the sync)
+    try:
+        if conn.spec.check is not None:
+            await source.send_spec(conn.spec.check, source.context())
+        checks["auth"].set(OK, f"{sname} accepted the credentials" + (
+            " (OAuth connection active, access token valid)" if conn.spec.auth.type == "oauth2" else ""))
+        checks["permission"].set(OK, "allowed to read invoices" if conn.spec.check is not None else
+                                 "no permission probe in the spec; the invoice scan below reads with it")
+    except AuthError as exc:
+        _auth_failure(checks["auth"], checks["permission"], conn, exc)
+        if checks["auth"].status == FAILED:
+            checks["account"].set(SKIPPED, "not checked: the credentials were not accepted")
+            _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
+                  "not checked: the credentials were not accepted")
+            return
+    except (RunnerError, UnsafeRequest) as exc:
+        checks["auth"].set(FAILED, f"could not reach {sname}: {exc.message}", exc.fix)
+        _skip(checks, ("permission", "account", "window", "addresses", "invoice_data", "status_filter", "duplicates"),
+              f"not checked: {sname} could not be reached")
+        return
+    _account_check(checks["account"], conn, source, store)
+    if checks["permission"].status == FAILED or checks["environment"].status == FAILED:
+        why = ("the credentials may not read invoices" if checks["permission"].status == FAILED
+               else "the credentials belong to another environment")
+        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"), f"not checked: {why}")
+        return
+    # the invoices: read everything (server filters off) so what lies outside the window can be counted
+    scan_source = pipeline.Source(dataclasses.replace(conn, server_filters=False), clients, store)
+    scan_source.auth, scan_source.accounts = source.auth, source.accounts
+    scan_source.account_id, scan_source.account_name = source.account_id, source.account_name
+    scan_source.options.update(source.options)
+    try:
+        scan = await _scan(scan_source, store, max_records)
+    except AuthError as exc:
+        _auth_failure(checks["auth"], checks["permission"], conn, exc)
+        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
+              "not checked: reading the invoices was refused")
+        return
+    except (RunnerError, UnsafeRequest) as exc:
+        for cid in ("window", "addresses", "invoice_data", "status_filter", "duplicates"):
+            checks[cid].set(FAILED, f"reading the invoices failed: {exc.message}", exc.fix)
+        return
+    report.summaries[conn.name] = _data_checks(checks, conn, scan_source, scan, cfg)
+
+
+def _skip(checks: dict, ids, why: str) -> None:
+    for cid in ids:
+        if checks[cid].status == OK and not checks[cid].message:
+            checks[cid].set(SKIPPED, why)
+
+
+def _account_check(check: Check, conn: Connection, source: pipeline.Source, store) -> None:
+    shown = source.account_name or source.account_id
+    pinned = []
+    if conn.expect:
+        pinned.append("expect: " + ", ".join(f"{k}={v}" for k, v in conn.expect.items()))
+    opt = (conn.spec.account.get("choose") or {}).get("option")
+    if opt and conn.options.get(opt):
+        pinned.append(f"options.{opt}={conn.options[opt]}")
+    text = f"connected to {conn.spec.name} account {shown!r}"
+    if source.account_name and source.account_id and source.account_id != source.account_name:
+        text += f" (id {source.account_id})"
+    if len(source.accounts) > 1:
+        text += f"; the authorization can see {len(source.accounts)} accounts: " + "; ".join(
+            f"{a['id']} ({a['name']})" for a in source.accounts)
+    text += f"; matches the config ({'; '.join(pinned)})" if pinned else ""
+    saved = store.connection(conn.name) if store is not None else {}
+    before = saved.get("account_id")
+    if before and source.account_id and before != source.account_id and saved.get("last_success"):
+        check.set(WARNING, text + f"; the last successful sync ({_when(saved.get('last_success'))}) was from account "
+                                  f"{saved.get('account_name') or before!r}",
+                  "if this is the wrong account, pin the right one in the config (`expect:` or the account option) and "
+                  f"reconnect with `runner connect {conn.name}`", account_id=source.account_id,
+                  account_name=source.account_name)
+        return
+    check.set(OK, text, account_id=source.account_id, account_name=source.account_name)
+
+
+def _last_sync(check: Check, conn: Connection, store) -> None:
+    if store is None:
+        check.set(SKIPPED, "no state store")
+        return
+    row = store.connection(conn.name)
+    last_ok, last_err, err_at = row.get("last_success"), row.get("last_error"), row.get("last_error_at")
+    info = {"last_success": _when(last_ok), "last_error": last_err, "last_error_at": _when(err_at)}
+    if row.get("status") == "needs_reconnect":
+        check.set(FAILED, f"the connection needs to be reconnected: {last_err or 'its authorization was revoked'}",
+                  f"runner connect {conn.name}", **info)
+    elif err_at and (not last_ok or err_at > last_ok):
+        check.set(WARNING, f"the last sync failed at {_when(err_at)}: {last_err}" +
+                  (f"; the last successful one was {_when(last_ok)}" if last_ok else "; it has never synced successfully"),
+                  "the checks above show whether the cause is still there", **info)
+    elif last_ok:
+        check.set(OK, f"last successful sync {_when(last_ok)}" + (f"; last error {_when(err_at)}: {last_err}"
+                                                                   if last_err else ""), **info)
+    else:
+        check.set(OK, f"has not synced yet; run `runner apply` to import", **info)
+
+
+# --- doctor: destination ----------------------------------------------------------------------------------
+
+async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> None:
+    from runner import destinations
+
+    d = cfg.destination
+    checks = {cid: Check("destination", cid, title) for cid, title in DESTINATION_CHECKS}
+    report.checks.extend(checks.values())
+    if d.type != "debitura":
+        for cid in ("credentials", "key", "environment"):
+            checks[cid].set(OK, "not needed for a file destination")
+        folder = d.path.parent if d.path else None
+        import os
+
+        if folder is not None and (folder.is_dir() and os.access(folder, os.W_OK) or not folder.exists()):
+            checks["reachable"].set(OK, f"writes to {d.path}")
+        else:
+            checks["reachable"].set(FAILED, f"cannot write to {d.path}", "choose a writable path")
+        return
+    if d.problems:
+        msg, fix = _problem_text(d.problems)
+        checks["credentials"].set(FAILED, msg, fix)
+        for cid in ("key", "environment", "reachable"):
+            checks[cid].set(SKIPPED, "not checked: the API key is missing")
+        return
+    checks["credentials"].set(OK, "the API key resolved")
+    dest = destinations.make(d, clients)
+    try:
+        profile = await dest.check()
+    except DestinationError as exc:
+        if exc.status in (401, 403):
+            other = await _other_environment(d, clients) if exc.status == 401 else None
+            says_env = "environment" in (exc.message or "").lower()
+            if other or says_env:
+                where = other or "another environment"
+                checks["key"].set(OK, f"the key is valid, in Debitura's {where} environment")
+                checks["environment"].set(
+                    FAILED, f"the destination is set to environment '{d.environment}', but the API key belongs to "
+                            f"{'the ' + other if other else 'another'} environment: {exc.message}",
+                    f"use a key generated for {d.environment} (production keys come from app.debitura.com, test keys "
+                    f"from testapp.debitura.com), or set `destination.environment: {other or '...'}` in the config")
+            else:
+                checks["key"].set(FAILED, exc.message, exc.fix, status_code=exc.status)
+                checks["environment"].set(SKIPPED, "not checked: the key is not accepted anywhere")
+            checks["reachable"].set(OK, f"{dest.describe()} answered")
+        else:
+            checks["key"].set(SKIPPED, "not checked: Debitura could not be reached")
+            checks["environment"].set(SKIPPED, "not checked: Debitura could not be reached")
+            checks["reachable"].set(FAILED, exc.message, exc.fix or "check the network and Debitura's status page")
+        return
+    finally:
+        await dest.close() if hasattr(dest, "close") else None
+    who = (profile or {}).get("companyName") if isinstance(profile, dict) else None
+    checks["key"].set(OK, "Debitura accepted the API key" + (f" (creditor {who})" if who else ""))
+    checks["environment"].set(OK, f"the key belongs to the '{d.environment}' environment")
+    checks["reachable"].set(OK, f"{dest.describe()} answered")
+
+
+async def _other_environment(d, clients) -> str | None:
+    """The other environment the key works in, if any (read-only GET /me there)."""
+    from runner import destinations
+
+    if d.base_url and d.environment != "sandbox":
+        return None  # a custom URL: no standard twin to ask
+    if d.base_url:
+        return None
+    other = OTHER_DESTINATION_ENV.get(d.environment)
+    if other is None:
+        return None
+    name, url = other
+    probe = destinations.make(dataclasses.replace(d, environment=name, base_url=url), clients)
+    try:
+        await probe.check()
+        return name
+    except RunnerError:
+        return None
+    finally:
+        await probe.close() if hasattr(probe, "close") else None
+
+
+async def doctor(cfg: Config, store, connections: list[Connection] | None = None,
+                 max_records: int = 5000) -> DoctorReport:
+    """Run every check for the chosen connections and the destination. Reads only; creates nothing."""
+    import asyncio
+
+    started = time.monotonic()
+    report = DoctorReport(config=str(cfg.file), checks=[])
+    clients = _clients(cfg)
+    try:
+        conns = connections or [c for c in cfg.connections if c.enabled]
+        parts = [DoctorReport(config=str(cfg.file), checks=[]) for _ in conns]
+        dest_part = DoctorReport(config=str(cfg.file), checks=[])
+        await asyncio.gather(*(_connection_checks(c, cfg, clients, store, max_records, p) for c, p in zip(conns, parts)),
+                             _destination_checks(cfg, clients, dest_part))
+        for p in parts + [dest_part]:
+            report.checks.extend(p.checks)
+            report.summaries.update(p.summaries)
+    finally:
+        await clients.aclose()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+# --- explain ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Explanation:
+    key: str
+    connection: str
+    integration: str
+    found: bool = False
+    invoice_id: str | None = None
+    number: str | None = None
+    verdict: str | None = None  # imported | skipped | eligible | failed | None (not found / error)
+    reason: str | None = None
+    summary: str = ""
+    fix: str | None = None
+    stages: list = field(default_factory=list)  # {"stage", "result": ok|skipped|failed|not reached, "text"}
+    ledger: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return redact_obj(dataclasses.asdict(self))
+
+
+def _stage(stages: list, name: str, result: str, text: str) -> None:
+    stages.append({"stage": name, "result": result, "text": text})
+
+
+def _missing_words(missing: list[str]) -> str:
+    words = [{"postal_code": "postal code"}.get(m, m) for m in missing]
+    if set(missing) >= {"street", "city", "postal_code", "country"}:
+        return "no address"
+    return "no " + (" and no ".join(words) if len(words) <= 2 else ", no ".join(words))
+
+
+async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) -> Explanation:
+    sname = conn.spec.name
+    ex = Explanation(key=key, connection=conn.name, integration=conn.integration)
+    source = pipeline.Source(conn, clients, store)
+    try:
+        if conn.problems:
+            raise RunnerError("; ".join(p.message for p in conn.problems),
+                              fix="; ".join(dict.fromkeys(p.fix for p in conn.problems if p.fix)) or None)
+        await source.open()
+        rec = await source.lookup(key)
+    except NeedsReconnect as exc:
+        ex.error = f"could not look up {key} in {sname}: the connection is not active: {exc.message}"
+        ex.fix = f"reconnect it: `{_reconnect_fix(conn, exc)}`, then run `runner explain {key}` again"
+        _stage(ex.stages, "fetch", FAILED, ex.error)
+        return ex
+    except AuthError as exc:
+        if exc.status == 403:
+            ex.error = (f"could not look up {key} in {sname}: the credentials may not read invoices: "
+                        f"{_plain(exc, 403)}")
+            ex.fix = exc.fix or f"give the credential read access to invoices and customers in {sname}"
+        else:
+            ex.error = (f"could not look up {key} in {sname}: the credentials were refused: {_plain(exc, exc.status)}; "
+                        f"the key is invalid, revoked or rotated")
+            ex.fix = exc.fix or (f"reconnect: `runner connect {conn.name}`" if conn.spec.auth.type == "oauth2" else
+                                 f"create a new key in {sname} and update the secret it is read from")
+        _stage(ex.stages, "fetch", FAILED, ex.error)
+        return ex
+    except AccountMismatch as exc:
+        ex.error = f"could not look up {key}: {exc.message}"
+        ex.fix = exc.fix
+        _stage(ex.stages, "fetch", FAILED, ex.error)
+        return ex
+    except (RunnerError, UnsafeRequest) as exc:
+        ex.error = f"could not look up {key} in {sname}: {exc.message}"
+        ex.fix = exc.fix
+        _stage(ex.stages, "fetch", FAILED, ex.error)
+        return ex
+    acct = source.account_name or source.account_id
+    if rec is None:
+        _stage(ex.stages, "fetch", FAILED, f"{sname} (account {acct}) has no invoice with id or number {key}")
+        ex.summary = f"{key} was not found in {sname} (account {acct!r}) by id or by number"
+        ex.fix = ("check the number as shown in the accounting system, and that this connection is the right "
+                  "account" + (f" (it is connected to {acct!r})" if acct else ""))
+        return ex
+    ex.found = True
+    _stage(ex.stages, "fetch", OK, f"found in {sname} (account {acct})")
+    v = source.evaluate(rec)
+    ex.invoice_id, ex.number = v.invoice_id, v.number
+    label = v.number or v.invoice_id
+    # Every stage on its own, so a person sees all that is wrong at once; the verdict is the engine's.
+    prepared = source.stream.prepare(rec)
+    try:
+        inv = source.stream.mapping.apply(prepared)
+    except Exception as exc:  # noqa: BLE001 - a hostile value: shown as the mapping stage's failure
+        inv = None
+        _stage(ex.stages, "mapping", FAILED, f"could not map the record: {exc}")
+    unpaid = pipeline._truthy(source.stream.unpaid.search(prepared))
+    status_text = source.stream.status_text.search(prepared) if source.stream.status_text else None
+    _stage(ex.stages, "status filter", OK if unpaid else SKIPPED,
+           f"unpaid ({status_text})" if unpaid and status_text else "unpaid" if unpaid else
+           f"status is {status_text or 'not unpaid'}: only unpaid invoices are imported")
+    pos = _position(source, rec)
+    w = conn.window
+    day = _record_date(source, rec)
+    _stage(ex.stages, "date window", OK if pos == "in" else SKIPPED if pos else FAILED,
+           f"dated {day}, inside the window {w.start_date} → {w.end_date} ({w.source})" if pos == "in" else
+           f"dated {day}, {pos} the window {w.start_date} → {w.end_date} ({w.source})" if pos else
+           "its date cannot be read")
+    if inv is not None:
+        inv.setdefault("source", {"connection": conn.name, "integration": conn.spec.id, "account_id": source.account_id})
+        debtor = inv.get("debtor")
+        if isinstance(debtor, dict) and "type" not in debtor:
+            debtor["type"] = conn.debtor_type
+        from runner import validation
+
+        outcome = validation.check(inv)
+        _stage(ex.stages, "validation", OK if outcome.ok else SKIPPED,
+               "debtor address complete and invoice data valid" if outcome.ok else outcome.message())
+        due = inv.get("due_date")
+        if isinstance(due, str):
+            overdue = due <= source.today.isoformat()
+            _stage(ex.stages, "due date", OK if overdue else SKIPPED,
+                   f"due {due}, overdue" if overdue else f"due {due}: not yet due")
+    # dedupe + ledger
+    rows = store.ledger_lookup(source.account_key, [v.invoice_id]) if store is not None else {}
+    row = rows.get(v.invoice_id)
+    if store is not None:
+        ex.ledger = [{"status": r.status, "case_id": r.case_id, "case_reference": r.case_reference,
+                      "first_seen": _when(r.first_seen), "updated": _when(r.updated), "error": r.error}
+                     for r in store.ledger_find(conn.name, v.invoice_id)] or (
+            [{"status": row.status, "case_id": row.case_id, "case_reference": row.case_reference,
+              "first_seen": _when(row.first_seen), "updated": _when(row.updated), "error": row.error}] if row else [])
+        ex.history = [{"run_id": h["run_id"], "at": _when(h["at"]), "verdict": h["verdict"], "reason": h["reason"],
+                       "message": (h.get("detail") or {}).get("message")}
+                      for h in store.verdict_history(source.account_key, v.invoice_id)]
+    if row is not None and row.status == "delivered":
+        _stage(ex.stages, "dedupe", OK, f"imported on {_day(row.updated)} as case {row.case_reference or row.case_id}")
+    elif row is not None:
+        _stage(ex.stages, "dedupe", OK, f"a delivery was started ({row.status})" +
+               (f": {row.error}" if row.error else ""))
+    else:
+        _stage(ex.stages, "dedupe", OK, "not imported before")
+    ex.verdict, ex.reason = v.verdict, v.reason
+    d = v.detail or {}
+    apply_cmd = f"runner apply {cfg.file}"
+    if row is not None and row.status == "delivered":
+        ex.verdict = pipeline.IMPORTED
+        ex.summary = f"{label} was imported on {_day(row.updated)} as case {row.case_reference or row.case_id}"
+        if v.verdict != pipeline.ELIGIBLE:
+            ex.summary += f" (today it would be skipped: {v.message})"
+    elif v.reason == "not_unpaid":
+        ex.summary = (f"{label} was not imported because its status in {sname} is "
+                      f"{d.get('status') or 'not unpaid'}: only unpaid invoices (nothing paid yet) become cases")
+        ex.fix = (f"nothing to do if it is settled; if it really is unpaid, correct its status in {sname} and run "
+                  f"`{apply_cmd}`")
+    elif v.reason == "outside_date_window":
+        line = _window_line(conn, day if pos == "before" else None, pos == "after")
+        ex.summary = (f"{label} was not imported because it is dated {day}, outside the date window "
+                      f"{w.start_date} → {w.end_date} ({w.source}) of '{conn.name}'")
+        ex.fix = f"widen the connection's window, e.g. `{line}`, and run `{apply_cmd}`"
+    elif v.reason == "incomplete_address":
+        who = d.get("debtor") or "(no name)"
+        ex.summary = (f"{label} was not imported because the customer '{who}' has "
+                      f"{_missing_words(d.get('missing') or [])}")
+        ex.fix = f"add it in {sname} (street, city, postal code and country) and run `{apply_cmd}`"
+    elif v.reason == "invalid":
+        ex.summary = f"{label} was not imported because its data is invalid: {v.message}"
+        ex.fix = f"correct the invoice in {sname} and run `{apply_cmd}`"
+    elif v.reason == "not_yet_due":
+        ex.summary = f"{label} has not been imported because it is not due yet ({d.get('due_date')})"
+        ex.fix = "nothing to do: the first `runner apply` after its due date imports it"
+    elif v.verdict == pipeline.ELIGIBLE:
+        problem = await _destination_problem(cfg, clients)
+        last = ex.history[0] if ex.history else None
+        if problem is not None:
+            _stage(ex.stages, "destination", FAILED, problem.message)
+            ex.verdict = pipeline.FAILED
+            ex.summary = f"{label} is eligible but has not been imported because {problem.message}"
+            ex.fix = problem.fix
+        elif row is not None and row.status == "failed":
+            ex.verdict = pipeline.FAILED
+            ex.summary = f"{label} is eligible; its last delivery failed: {row.error}"
+            ex.fix = f"the next `{apply_cmd}` retries it"
+        elif last and last["verdict"] == pipeline.FAILED:
+            ex.verdict = pipeline.FAILED
+            ex.summary = f"{label} is eligible; the last run failed to deliver it: {last['message']}"
+            ex.fix = f"the next `{apply_cmd}` retries it"
+        else:
+            _stage(ex.stages, "destination", OK, "the destination accepts the API key")
+            ex.summary = f"{label} has not been imported yet; it is eligible and the next `{apply_cmd}` imports it"
+    else:
+        ex.summary = f"{label}: {v.verdict} ({v.reason}): {v.message}"
+    return ex
+
+
+async def _destination_problem(cfg: Config, clients) -> Check | None:
+    part = DoctorReport(config=str(cfg.file), checks=[])
+    await _destination_checks(cfg, clients, part)
+    for c in part.checks:
+        if c.status == FAILED:
+            return c
+    return None
+
+
+async def explain(cfg: Config, store, key: str, connections: list[Connection] | None = None) -> list[Explanation]:
+    """Explain one invoice: the first connection that has it, else what every connection said."""
+    clients = _clients(cfg)
+    out: list[Explanation] = []
+    try:
+        for conn in connections or [c for c in cfg.connections if c.enabled]:
+            ex = await _explain_one(conn, key, cfg, clients, store)
+            if ex.found:
+                return [ex]
+            if not ex.error and store is not None:  # not at the provider: perhaps the ledger knows it
+                rows = store.ledger_find(conn.name, key)
+                if rows:
+                    r = rows[0]
+                    ex.ledger = [{"status": r.status, "case_id": r.case_id, "case_reference": r.case_reference,
+                                  "first_seen": _when(r.first_seen), "updated": _when(r.updated), "error": r.error}]
+                    ex.summary += (f"; the ledger has it as {r.status}" +
+                                   (f" (case {r.case_reference or r.case_id}, {_day(r.updated)})"
+                                    if r.status == "delivered" else ""))
+            elif store is not None:
+                ex.ledger = [{"status": r.status, "case_id": r.case_id, "case_reference": r.case_reference,
+                              "updated": _when(r.updated)} for r in store.ledger_find(conn.name, key)]
+            out.append(ex)
+    finally:
+        await clients.aclose()
+    return out
+
+
+# --- status and support bundle ----------------------------------------------------------------------------
+
+def _last_run_for(store, name: str, limit: int = 50) -> tuple[dict | None, dict | None]:
+    for run in store.last_runs(limit):
+        summary = run.get("summary") or {}
+        for c in summary.get("connections") or []:
+            if c.get("name") == name:
+                return run, c
+    return None, None
+
+
+def status(cfg: Config, store) -> dict:
+    conns = []
+    for conn in cfg.connections:
+        row = store.connection(conn.name)
+        run, c = _last_run_for(store, conn.name)
+        entry = {"name": conn.name, "integration": conn.integration, "integration_name": conn.spec.name,
+                 "environment": conn.environment, "enabled": conn.enabled,
+                 "state": row.get("status") or "active",
+                 "account": {"id": row.get("account_id"), "name": row.get("account_name")},
+                 "last_success": _when(row.get("last_success")), "last_error": row.get("last_error"),
+                 "last_error_at": _when(row.get("last_error_at")), "last_run": None,
+                 "changes": [{**ch, "at": _when(ch["at"])} for ch in store.changes(conn.name, 5)]}
+        if run is not None:
+            entry["last_run"] = {"id": run["id"], "command": run["command"], "status": run["status"],
+                                 "started": _when(run["started"]), "seen": c.get("seen"),
+                                 "imported": c.get("imported"), "skipped": c.get("skipped"),
+                                 "failed": c.get("failed"), "why_zero": c.get("why_zero"),
+                                 "connection_status": c.get("status"), "error": c.get("error")}
+        if row.get("status") == "needs_reconnect":
+            entry["fix"] = f"runner connect {conn.name}"
+        conns.append(entry)
+    return redact_obj({"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns})
+
+
+def _config_summary(cfg: Config) -> dict:
+    d = cfg.destination
+    return {"file": str(cfg.file),
+            "destination": {"type": d.type, "environment": d.environment, "base_url": d.base_url,
+                            "is_test": d.is_test, "problems": [p.message for p in d.problems]},
+            "connections": [{"name": c.name, "integration": c.integration, "integration_name": c.spec.name,
+                             "environment": c.environment, "base_url": c.base_url, "enabled": c.enabled,
+                             "window": c.window.as_dict(), "server_filters": c.server_filters,
+                             "credentials_from": [f"{k} from {v}" for k, v in c.credential_refs.items()], "expect": c.expect,
+                             "options": c.options, "problems": [p.message for p in c.problems]}
+                            for c in cfg.connections]}
+
+
+def support_bundle(cfg: Config, store, doctor_report: DoctorReport | None = None, samples: int = 3) -> dict:
+    """What the seed's escalation section asks for, and nothing secret."""
+    from runner import __version__ as version
+
+    st = status(cfg, store)
+    conns = []
+    for entry in st["connections"]:
+        run, c = _last_run_for(store, entry["name"])
+        not_imported = []
+        if run is not None:
+            by_reason: dict = {}
+            for v in store.run_verdicts(run["id"], entry["name"], not_imported=True, limit=5000):
+                lst = by_reason.setdefault(v["reason"] or v["verdict"], [])
+                if len(lst) < samples:
+                    lst.append({"invoice_id": v["invoice_id"], "number": v["number"], "verdict": v["verdict"],
+                                "reason": v["reason"], "message": (v.get("detail") or {}).get("message")})
+            for lst in by_reason.values():
+                not_imported.extend(lst)
+        errors = [e for e in (entry.get("last_error"), (entry.get("last_run") or {}).get("error")) if e]
+        conns.append({"connection": entry["name"], "integration": entry["integration_name"],
+                      "environment": entry["environment"], "account": entry["account"], "state": entry["state"],
+                      "last_worked": entry["last_success"], "last_run": entry["last_run"],
+                      "sample_invoices_not_imported": not_imported,
+                      "errors": list(dict.fromkeys(errors)), "recent_changes": entry["changes"]})
+    runs = [{"id": r["id"], "command": r["command"], "status": r["status"], "started": _when(r["started"]),
+             "totals": (r.get("summary") or {}).get("totals"),
+             "destination_error": (r.get("summary") or {}).get("destination_error")} for r in store.last_runs(10)]
+    bundle = {"generated": _when(time.time()), "runner_version": version, "config": _config_summary(cfg),
+              "connections": conns, "recent_runs": runs}
+    if doctor_report is not None:
+        bundle["doctor"] = doctor_report.as_dict()
+    return redact_obj(bundle)
+
+
+def render_text(obj) -> str:
+    return redact(obj) if isinstance(obj, str) else obj
