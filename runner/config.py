@@ -265,6 +265,8 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
                                     f"use one of: {', '.join(spec.environments)}"))
         return None
     window_raw = raw.get("window") or defaults.get("window")
+    if window_raw is None and not spec.pull:  # inbound: what a Zap posts is not limited by date unless asked
+        window_raw = {"from": "1970-01-01"}
     if window_raw is None:
         problems.append(doc.problem(p, "no date window for this connection",
                                     "add `window: {last: 90d}` to the connection (or under defaults:)", key=True))

@@ -18,6 +18,7 @@ _SHAPES = re.compile(
     r"(?:(?:sk|rk)_(?:live|test)_[A-Za-z0-9_]{4,})"
     r"|(?:Bearer\s+)[A-Za-z0-9._~+/=-]{8,}"
     r"|(?:Zoho-oauthtoken\s+)[A-Za-z0-9._-]{8,}"
+    r"|(?:rnr_(?:prod|test)_[0-9a-f]{8}_)[0-9a-f]{8,}"  # `runner serve` API keys: the key id stays readable
     r"|(?:\"?(?:access_token|refresh_token|client_secret|api_key|id_token)\"?\s*[:=]\s*\"?)[^\s\",&}]{4,}"
 )
 
@@ -41,6 +42,8 @@ def _shape(m: re.Match) -> str:
             return prefix + MASK
     if s[:3] in ("sk_", "rk_"):
         return s[:8] + MASK
+    if s.startswith("rnr_"):
+        return s[:18] + MASK
     key_end = max(s.find(":"), s.find("="))
     return s[: key_end + 1] + (' "' if '"' in s[key_end:key_end + 3] else " ") + MASK if key_end > 0 else MASK
 

@@ -353,7 +353,11 @@ def parse(doc: Document) -> Spec:
     if auth.oauth2:
         for key in ("authorize_url", "token_url", "revoke_url", "header"):
             if key in auth.oauth2:
-                c.template(auth.oauth2[key], ("auth", "oauth2", key), REQUEST_NAMES | {"redirect"})
+                c.template(auth.oauth2[key], ("auth", "oauth2", key), REQUEST_NAMES | {"redirect", "base_url"})
+    for name, env in envs.items():  # environment overrides of oauth2 URLs are templates too
+        for key in ("authorize_url", "token_url", "revoke_url", "header"):
+            if key in env.oauth2:
+                c.template(env.oauth2[key], ("environments", name, "oauth2", key), REQUEST_NAMES | {"redirect", "base_url"})
     check = c.request(data["check"]["request"], ("check", "request"), REQUEST_NAMES) if data.get("check") else None
     account = dict(data.get("account") or {})
     if "request" in account:

@@ -32,8 +32,22 @@ def _debitura_test(data_dir: pathlib.Path | None = None) -> Any:
     return DebituraSimulator("test", data_dir=data_dir)
 
 
+def _quickbooks(data_dir: pathlib.Path | None = None) -> Any:
+    from .quickbooks import QuickBooksSimulator
+
+    return QuickBooksSimulator(data_dir=data_dir)
+
+
+def _zoho(data_dir: pathlib.Path | None = None) -> Any:
+    from .zoho import ZohoSimulator
+
+    return ZohoSimulator(data_dir=data_dir)
+
+
 SIMULATORS: dict[str, Callable[..., Any]] = {
     "stripe": _stripe,
+    "quickbooks": _quickbooks,
+    "zoho": _zoho,
     "debitura": _debitura,
     "debitura-test": _debitura_test,
 }

@@ -1,0 +1,499 @@
+"""`runner serve`: the HTTP API that push integrations call (a Zap posting invoices, polling for cases).
+
+One server serves one inbound connection of the config, in that connection's environment (test or
+production). Every request carries an API key (`runner keys create`) in the header the spec names; a key of
+the other environment is refused with a 401 that says so, an unknown or revoked key with a plain 401, and
+both are recorded on the connection for `runner doctor`.
+
+Posted invoices go through the very same steps as fetched ones: `pipeline.Source.evaluate` (mapping → unpaid →
+date window → canonical schema → not yet due) and `pipeline._deliver_page` (ledger `pending` committed before
+the destination is called, `delivered` after, derived idempotency keys). Everything is committed before the
+answer is sent, so a server killed right after answering has kept every invoice it accepted; a retried
+request (same Idempotency-Key header, or the same invoice again) never creates a second case.
+
+Endpoints (all JSON; all but /healthz need the key):
+  GET  /healthz                   liveness
+  GET  /v1/me                     the auth test: the connection, environment and account the key belongs to
+  POST /v1/invoices               one invoice, a list, or {"invoices": [...]} (the spec's `inbound.records`)
+  GET  /v1/triggers/cases         polling trigger: cases created, newest first, each with a stable `id`
+  GET  /v1/triggers/skipped       polling trigger: invoices skipped and why, newest first, stable `id`
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from loguru import logger
+
+from runner import apikeys, config as config_mod, destinations, pipeline, validation
+from runner.config import Config, Connection
+from runner.errors import ConfigError, DestinationError, Problem, RunnerError
+from runner.http import Clients
+from runner.pipeline import ELIGIBLE, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
+from runner.redact import redact, redact_obj
+from runner.state import Store
+
+MAX_BODY = 5 * 1024 * 1024
+DEFAULT_KEY_HEADER = "XApiKey"
+TRIGGER_LIMIT = 100
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbound_requests (
+    connection TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (connection, idempotency_key)
+);
+"""
+
+
+def ensure(store: Store) -> None:
+    apikeys.ensure(store)
+    store.db.executescript(SCHEMA)
+
+
+# --- which connection ------------------------------------------------------------------------------------
+
+def inbound_connections(cfg: Config) -> list[Connection]:
+    return [c for c in cfg.connections if not c.spec.pull and c.spec.inbound]
+
+
+def select(cfg: Config, name: str | None = None) -> Connection:
+    """The connection `runner serve` serves: the one named, else the config's only inbound connection."""
+    conns = inbound_connections(cfg)
+    if name:
+        conn = cfg.connection(name)
+        if conn not in conns:
+            raise ConfigError(Problem(
+                f"'{name}' is a {conn.spec.name} connection, which the runner fetches from; only inbound "
+                f"connections (integrations with an `inbound:` section) can be served",
+                fix=f"serve one of: {', '.join(c.name for c in conns)}" if conns else
+                "add a connection whose integration is inbound (see `runner integrations`)"))
+        return conn
+    if not conns:
+        raise ConfigError(Problem(f"{cfg.file} has no inbound connection to serve",
+                                  fix="add a connection whose integration receives invoices (see `runner "
+                                      "integrations`), with `environment: production` or `environment: test`"))
+    if len(conns) > 1:
+        raise ConfigError(Problem(f"{cfg.file} has {len(conns)} inbound connections; one server serves one",
+                                  fix="choose with --connection: " + ", ".join(c.name for c in conns)))
+    return conns[0]
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the server --------------------------------------------------------------------------------------------
+
+class InboundServer:
+    def __init__(self, cfg: Config, conn: Connection):
+        self.cfg = cfg
+        self.conn = conn
+        self.spec = conn.spec
+        self.environment = conn.environment
+        self.key_header = self.spec.inbound.get("key_header") or DEFAULT_KEY_HEADER
+        self.records_expr = self.spec.inbound["records"]
+        self.mapped_from = {".".join(path): expr.source for path, expr in self.spec.invoices.mapping.fields}
+        self.store: Store | None = None
+        self.clients: Clients | None = None
+        self.destination = None
+        self.destination_ok = False
+        self.account_key: str | None = None
+        self.account_id: str | None = None
+        self.account_name: str | None = None
+        self.lock: asyncio.Lock | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.lock = asyncio.Lock()  # one import at a time: retries and duplicates are decided one after another
+        self.store = Store(self.cfg.state_path)
+        ensure(self.store)
+        self.clients = Clients(sandbox_dir=self.cfg.state_path.parent / "sandbox")
+        dest_cfg = self.cfg.destination
+        if self.spec.environments[self.environment].test_cases:
+            dest_cfg = dataclasses.replace(dest_cfg, is_test=True)
+        self.destination = destinations.make(dest_cfg, self.clients)
+        source = await self._source()
+        self.account_key, self.account_id, self.account_name = source.account_key, source.account_id, source.account_name
+        self.store.update_connection(self.conn.name, integration=self.conn.integration, account_id=self.account_id,
+                                     account_name=self.account_name,
+                                     data={"inbound_serving": {"environment": self.environment, "since": time.time(),
+                                                               "pid": os.getpid()}})
+
+    async def shutdown(self) -> None:
+        if self.destination is not None:
+            await self.destination.close()
+        if self.clients is not None:
+            await self.clients.aclose()
+        if self.store is not None:
+            self.store.close()
+
+    def _window(self):
+        """Re-resolved per request: `last: 90d` slides with the clock of a server that runs for weeks."""
+        data = self.cfg.doc.data
+        raw = (data["connections"][self.conn.index].get("window") or (data.get("defaults") or {}).get("window")
+               or {"from": "1970-01-01"})
+        return config_mod.resolve_window(raw)
+
+    async def _source(self) -> Source:
+        source = Source(dataclasses.replace(self.conn, window=self._window()), self.clients, self.store)
+        await source.open()
+        return source
+
+    # responses -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _json(status: int, body: Any, headers: dict | None = None):
+        from starlette.responses import Response
+
+        return Response(orjson.dumps(redact_obj(body), default=str), status_code=status,
+                        media_type="application/json", headers=headers)
+
+    # keys ------------------------------------------------------------------------------------------------------
+    def authenticate(self, request, endpoint: str):
+        """(key, None) when the key is good for this server's environment, else (None, a 401 response)."""
+        presented = request.headers.get(self.key_header)
+        if not presented:
+            return None, self._refuse("missing_key", f"no API key: send the key from `runner keys create` in the "
+                                                     f"{self.key_header} header", endpoint)
+        check = apikeys.verify(self.store, presented)
+        if check.status != "ok":
+            return None, self._refuse(f"{check.status}_key", "invalid API key", endpoint,
+                                      key_id=check.key.id if check.key else None)
+        key = check.key
+        if key.environment != self.environment:
+            msg = (f"this is a {key.environment} API key, but this is the {self.environment} server: use a "
+                   f"{self.environment} key here (runner keys create --environment {self.environment}), or send "
+                   f"{key.environment} invoices to the {key.environment} server")
+            return None, self._refuse("wrong_environment", msg, endpoint, key_id=key.id,
+                                      key_environment=key.environment)
+        apikeys.touch(self.store, key.id)
+        self.store.update_connection(self.conn.name, data={"inbound_last_call": {
+            "at": time.time(), "key_id": key.id, "endpoint": endpoint, "environment": self.environment}})
+        return key, None
+
+    def _refuse(self, reason: str, message: str, endpoint: str, key_id: str | None = None,
+                key_environment: str | None = None):
+        saved = self.store.connection(self.conn.name).get("data") or {}
+        self.store.update_connection(self.conn.name, data={
+            "inbound_refused_count": int(saved.get("inbound_refused_count") or 0) + 1,
+            "inbound_last_refused": {"at": time.time(), "reason": reason, "message": message, "endpoint": endpoint,
+                                     "key_id": key_id, "key_environment": key_environment,
+                                     "environment": self.environment}})
+        logger.warning("refused a request to {}: {}", endpoint, message)
+        return self._json(401, {"error": "unauthorized", "message": message})
+
+    # endpoints -------------------------------------------------------------------------------------------------
+    async def healthz(self, request):
+        return self._json(200, {"ok": True})
+
+    async def me(self, request):
+        key, refused = self.authenticate(request, "me")
+        if refused is not None:
+            return refused
+        return self._json(200, {"id": self.account_key, "connection": self.conn.name, "integration": self.spec.id,
+                                "environment": self.environment, "account_id": self.account_id,
+                                "account_name": self.account_name,
+                                "key": {"id": key.id, "label": key.label, "environment": key.environment},
+                                "destination": self.destination.describe()})
+
+    async def invoices(self, request):
+        key, refused = self.authenticate(request, "invoices")
+        if refused is not None:
+            return refused
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return self._json(413, {"error": "too_large", "message": f"the payload is over {MAX_BODY // 1024 // 1024} MB: "
+                                                                     f"send the invoices in smaller batches"})
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and not (0 < len(idem) <= 255):
+            return self._unprocessable("invalid_idempotency_key", "the Idempotency-Key header must be 1 to 255 "
+                                       "characters", [{"field": "Idempotency-Key", "message": "1 to 255 characters"}])
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            hint = ""
+            if "form" in request.headers.get("content-type", ""):
+                hint = " (it was sent as a form: set the request's payload type to JSON)"
+            msg = f"the request body is not valid JSON{hint}: {exc}"
+            return self._unprocessable("invalid_json", msg, [{"field": "body", "message": msg}])
+        body_hash = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        async with self.lock:
+            if idem:
+                prior = self.store.db.execute(
+                    "SELECT body_hash, status, response FROM inbound_requests WHERE connection=? AND idempotency_key=?",
+                    (self.conn.name, idem)).fetchone()
+                if prior is not None:
+                    if prior[0] != body_hash:
+                        return self._json(409, {"error": "idempotency_conflict", "message":
+                                                "this Idempotency-Key was already used with a different payload; "
+                                                "use a new key for a new request"})
+                    return self._json(prior[1], json.loads(prior[2]), headers={"Idempotent-Replayed": "true"})
+            records, problem = self._records(body)
+            if problem is not None:
+                return problem
+            try:
+                status, answer = await self._import(records)
+            except RunnerError as exc:
+                return self._json(500, {"error": "failed", "message": exc.message, "fix": exc.fix})
+            if idem and status == 200:
+                with self.store.tx():
+                    self.store.db.execute(
+                        "INSERT OR REPLACE INTO inbound_requests (connection, idempotency_key, body_hash, status, "
+                        "response, at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (self.conn.name, idem, body_hash, status, orjson.dumps(answer, default=str).decode(),
+                         time.time()))
+        return self._json(status, answer)
+
+    def _unprocessable(self, code: str, message: str, errors: list[dict]):
+        return self._json(422, {"error": code, "message": message, "errors": errors})
+
+    def _records(self, body: Any):
+        try:
+            records = self.records_expr.search(body)
+        except Exception as exc:  # a JMESPath type error on a hostile payload
+            records = exc
+        if isinstance(records, dict):
+            records = [records]
+        if not isinstance(records, list):
+            msg = ("the payload must be one invoice (a JSON object), a list of invoices, or a batch; "
+                   f"the spec reads the invoices at '{self.records_expr.source}'")
+            return None, self._unprocessable("invalid_payload", msg, [{"field": "body", "message": msg}])
+        if not records:
+            msg = "the payload holds no invoices"
+            return None, self._unprocessable("invalid_payload", msg, [{"field": "body", "message": msg}])
+        bad = [{"invoice": i, "field": "invoice", "message": f"invoice {i} is a {type(r).__name__}, not a JSON object"}
+               for i, r in enumerate(records) if not isinstance(r, dict)]
+        if bad:
+            return None, self._unprocessable("invalid_payload", f"{len(bad)} of the {len(records)} invoices are not "
+                                                                "JSON objects; nothing was imported", bad)
+        return records, None
+
+    def _field_errors(self, index: int, v: Verdict, record: Any, source: Source) -> list[dict]:
+        """Every bad field of one invoice, named as in the canonical invoice, with the expression that fed it.
+
+        The engine stops at an invoice's first problem (no id, an unreadable date); a Zap's author needs them
+        all at once, so the mapped invoice is checked against the canonical schema here as well."""
+        texts = list((v.detail or {}).get("errors") or [])
+        if not texts:
+            try:
+                inv = source.stream.mapping.apply(source.stream.prepare(dict(record)))
+                inv["source"] = {"connection": self.conn.name, "integration": self.spec.id,
+                                 "account_id": source.account_id or self.conn.name}
+                if isinstance(inv.get("debtor"), dict):
+                    inv["debtor"].setdefault("type", self.conn.debtor_type)
+                for key in ("external_id", "number"):
+                    if isinstance(inv.get(key), (int, float)):
+                        inv[key] = str(inv[key])
+                texts = validation.explain(inv).errors if not validation.check(inv).ok else []
+            except Exception:  # the mapping itself failed: the verdict's message says how
+                texts = []
+        fields = [t.split(" ", 1)[0].rstrip(":") for t in texts]
+        if v.invoice_id == "<no id>" and "external_id" not in fields:
+            texts.insert(0, "external_id is missing")
+            fields.insert(0, "external_id")
+        if not texts:
+            texts, fields = [v.message], ["issue_date" if v.message.startswith("its date cannot be read") else "invoice"]
+        out = []
+        for field, text in zip(fields, texts):
+            item = {"invoice": index, "invoice_id": None if v.invoice_id == "<no id>" else v.invoice_id,
+                    "field": field, "message": text}
+            if field in self.mapped_from:
+                item["mapped_from"] = self.mapped_from[field]
+            out.append(item)
+        return out
+
+    async def _import(self, records: list) -> tuple[int, dict]:
+        started = time.time()
+        source = await self._source()
+        conn = source.conn
+        verdicts = [source.evaluate(r) for r in records]
+        result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
+                                  window=conn.window.as_dict(), window_text=conn.window.describe(),
+                                  account_id=source.account_id, account_name=source.account_name)
+        store = self.store
+        run_id = store.begin_run("serve", str(self.cfg.file))
+        bad = [(i, v) for i, v in enumerate(verdicts) if v.verdict == SKIPPED and v.reason == "invalid"]
+        run = pipeline._RunState()
+        if bad:  # nothing is accepted from a malformed payload: the Zap run fails and names every bad field
+            errors = [e for i, v in bad for e in self._field_errors(i, v, records[i], source)]
+            recorded = [v for _, v in bad]
+            pipeline._count(result, recorded, False)
+            result.status, result.error = "failed", f"{len(bad)} invoice(s) in the payload are malformed"
+            message = (f"{len(bad)} of the {len(records)} invoices in the payload cannot be read: "
+                       + "; ".join(f"invoice {e['invoice']}: {e['message']}" for e in errors)
+                       + "; nothing was imported")
+            answer = {"error": "invalid_invoices", "message": message, "errors": errors}
+            status = 422
+        else:
+            recorded = verdicts
+            eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
+            if eligible and not self.destination_ok:
+                try:
+                    await self.destination.check()
+                    self.destination_ok = True
+                except DestinationError as exc:
+                    run.fatal = exc
+            if eligible:
+                sem = asyncio.Semaphore(max(1, getattr(self.cfg.destination, "concurrency", 8)))
+                await pipeline._deliver_page(source, result, eligible, store, self.destination, run, sem)
+            if run.fatal is not None:
+                self.destination_ok = False
+            pipeline._count(result, verdicts, False)
+            status = 200 if not result.failed else (503 if run.fatal is not None else 502)
+            if status != 200:
+                result.status = "partial"
+                result.error = run.fatal.message if run.fatal is not None else f"{result.failed} invoice(s) failed"
+            answer = {"ok": status == 200, "connection": conn.name, "environment": self.environment,
+                      "received": len(verdicts), "imported": result.imported, "skipped": result.skipped(),
+                      "failed": result.failed, "invoices": [self._item(v) for v in verdicts]}
+            if run.fatal is not None:
+                answer["error"] = run.fatal.message
+                answer["fix"] = run.fatal.fix
+        # Committed before the answer leaves: the verdicts, the run, the connection's health.
+        store.record_verdicts(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason,
+                                        pipeline._detail_json(v)) for v in recorded])
+        result.seen = len(recorded)
+        result.seconds = time.time() - started
+        summary = RunResult(run_id=run_id, mode="serve", destination=self.destination.describe(), connections=[result],
+                            started=started, finished=time.time(),
+                            destination_error=run.fatal.render() if run.fatal is not None else None)
+        store.finish_run(run_id, "ok" if status == 200 else ("failed" if status == 422 else "partial"),
+                         summary.as_dict())
+        health: dict = {"last_run_id": run_id}
+        if status == 200:
+            health["last_success"] = time.time()
+        else:
+            health["last_error"] = answer.get("error") if status != 422 else answer["message"]
+            health["last_error_at"] = time.time()
+        store.update_connection(conn.name, **health)
+        answer["run_id"] = run_id
+        return status, answer
+
+    @staticmethod
+    def _item(v: Verdict) -> dict:
+        item = {"invoice_id": v.invoice_id, "number": v.number, "verdict": v.verdict, "reason": v.reason,
+                "message": v.message}
+        detail = v.detail or {}
+        for k in ("case_id", "case_reference", "missing", "fix"):
+            if detail.get(k) is not None:
+                item[k] = detail[k]
+        return item
+
+    # polling triggers ------------------------------------------------------------------------------------------
+    def _limit(self, request) -> int:
+        try:
+            return max(1, min(int(request.query_params.get("limit", TRIGGER_LIMIT)), 500))
+        except ValueError:
+            return TRIGGER_LIMIT
+
+    async def trigger_cases(self, request):
+        key, refused = self.authenticate(request, "triggers/cases")
+        if refused is not None:
+            return refused
+        rows = self.store.db.execute(
+            "SELECT connection, invoice_id, number, case_id, case_reference, idempotency_key, updated FROM ledger "
+            "WHERE account_key=? AND status='delivered' ORDER BY updated DESC, rowid DESC LIMIT ?",
+            (self.account_key, self._limit(request))).fetchall()
+        return self._json(200, [{"id": f"case-{r[3] or r[5]}", "case_id": r[3], "case_reference": r[4],
+                                 "invoice_id": r[1], "invoice_number": r[2], "connection": r[0],
+                                 "environment": self.environment, "created_at": _iso(r[6])} for r in rows])
+
+    async def trigger_skipped(self, request):
+        key, refused = self.authenticate(request, "triggers/skipped")
+        if refused is not None:
+            return refused
+        # One item per invoice and reason (its latest verdict), so a retried payload is not news twice.
+        rows = self.store.db.execute(
+            "SELECT connection, invoice_id, number, reason, detail, at, MAX(rowid) AS r FROM verdicts "
+            "WHERE account_key=? AND verdict='skipped' AND reason IS NOT 'duplicate' "
+            "GROUP BY invoice_id, reason ORDER BY r DESC LIMIT ?",
+            (self.account_key, self._limit(request))).fetchall()
+        items = []
+        for conn, invoice_id, number, reason, detail, at, _ in rows:
+            d = json.loads(detail) if detail else {}
+            item = {"id": f"{conn}:{invoice_id}:{reason}", "invoice_id": invoice_id, "invoice_number": number,
+                    "connection": conn, "environment": self.environment, "reason": reason,
+                    "reason_text": REASONS.get(reason, reason), "message": d.get("message"), "skipped_at": _iso(at)}
+            if d.get("missing"):
+                item["missing"] = d["missing"]
+            items.append(item)
+        return self._json(200, items)
+
+
+def create_app(cfg: Config, conn: Connection):
+    """The Starlette app for one inbound connection."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    server = InboundServer(cfg, conn)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await server.startup()
+        try:
+            yield
+        finally:
+            await server.shutdown()
+
+    routes = [Route("/healthz", server.healthz, methods=["GET"]),
+              Route("/v1/me", server.me, methods=["GET"]),
+              Route("/v1/invoices", server.invoices, methods=["POST"]),
+              Route("/v1/triggers/cases", server.trigger_cases, methods=["GET"]),
+              Route("/v1/triggers/skipped", server.trigger_skipped, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+# --- doctor --------------------------------------------------------------------------------------------------
+
+def doctor_checks(cfg: Config, store: Store) -> list[dict]:
+    """The seed's checks for inbound connections, from what the server recorded: a usable key for the
+    environment, no key of the other environment being refused, and the last time a Zap called."""
+    ensure(store)
+    keys = apikeys.list_keys(store)
+    out = []
+    for conn in inbound_connections(cfg):
+        env = conn.environment
+        data = store.connection(conn.name).get("data") or {}
+        active = [k for k in keys if k.active and k.environment == env]
+        out.append({"connection": conn.name, "check": "api_key", "ok": bool(active),
+                    "message": (f"{len(active)} active {env} API key(s): " + ", ".join(k.id for k in active))
+                    if active else f"no active {env} API key: a Zap cannot call this server",
+                    "fix": None if active else f"runner keys create {cfg.file} --environment {env}"})
+        refused = data.get("inbound_last_refused")
+        last = data.get("inbound_last_call")
+        recent_refusal = refused and (not last or refused.get("at", 0) > last.get("at", 0))
+        if recent_refusal and refused.get("reason") == "wrong_environment":
+            out.append({"connection": conn.name, "check": "environment", "ok": False,
+                        "message": f"the last call ({_iso(refused['at'])}) used a {refused.get('key_environment')} "
+                                   f"key against this {env} server",
+                        "fix": f"put a {env} key in the Zap (runner keys create {cfg.file} --environment {env}), or "
+                               f"point the Zap at the {refused.get('key_environment')} server"})
+        elif recent_refusal:
+            out.append({"connection": conn.name, "check": "environment", "ok": False,
+                        "message": f"the last call ({_iso(refused['at'])}) was refused: {refused.get('reason')}"
+                                   + (f" (key {refused['key_id']})" if refused.get("key_id") else ""),
+                        "fix": f"put an active {env} key in the Zap: `runner keys list {cfg.file}` shows them"})
+        else:
+            out.append({"connection": conn.name, "check": "environment", "ok": True,
+                        "message": f"no refused calls since the last accepted one ({env})", "fix": None})
+        out.append({"connection": conn.name, "check": "last_call", "ok": bool(last),
+                    "message": (f"a Zap last called {_iso(last['at'])} ({last.get('endpoint')}, key {last.get('key_id')})"
+                                if last else "no Zap has called this connection yet"),
+                    "fix": None if last else "run `runner serve` and test the connection in the Zap editor; polling "
+                                             "triggers are called every 1 to 15 minutes depending on the plan"})
+    return out

@@ -1,0 +1,284 @@
+"""OAuth 2.0 for connections whose spec says `auth: {type: oauth2}`. authlib does every protocol step.
+
+Where tokens live: the state store (`tokens` table), never the config. What the authorization taught us
+about the connection (a company id from the redirect, an API domain from the token response) lives in the
+connection's `data` and reaches templates as `connection.<field>`.
+
+Rules this module keeps:
+- An access token is refreshed before it expires (`refresh_margin_s`), and once on a 401.
+- A refresh response is committed to the store *before* its access token is used, so a rotated refresh
+  token survives a crash at any point (the old one is dead on the provider's side by then).
+- Two runs of one connection never refresh at the same time: an exclusive lock file per connection beside
+  the state store, and the token is re-read after the lock is taken (the other run may have refreshed).
+- A refresh answered with a "grant is gone" error (`reconnect_errors`, default invalid_grant) marks the
+  connection `needs_reconnect` and raises NeedsReconnect with the exact command to fix it. No retries.
+- A connection may carry a bootstrap `refresh_token` in its credentials (from a provider's token
+  playground or self-client page); it is used when the store has no token made from it, and from then on
+  the store's (rotated) token is used.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from runner import redact, secrets
+from runner.errors import AuthError, NeedsReconnect, ProviderError
+from runner.templates import Template
+
+DEFAULT_HEADER = "Bearer {{ token.access_token }}"
+DEFAULT_MARGIN_S = 300
+CRASH_ENV = "RUNNER_TEST_CRASH_AFTER_TOKEN_SAVE"  # tests only: SIGKILL right after a refreshed token is saved
+
+
+def settings(spec, environment: str) -> dict:
+    """The spec's oauth2 block with the environment's overrides applied."""
+    base = dict(spec.auth.oauth2 or {})
+    env = spec.environments.get(environment)
+    if env is not None and env.oauth2:
+        base.update(env.oauth2)
+    return base
+
+
+def template_context(conn, context: dict) -> dict:
+    """Names oauth2 templates may use: the request context plus `base_url` (the connection's API address)."""
+    ctx = dict(context)
+    if "base_url" not in ctx:
+        env = conn.spec.environments[conn.environment]
+        try:
+            ctx["base_url"] = conn.base_url or env.base_url.render(ctx)
+        except Exception:
+            ctx["base_url"] = conn.base_url or ""
+    return ctx
+
+
+def render(cfg: dict, key: str, ctx: dict) -> str:
+    return Template(str(cfg[key])).render(ctx)
+
+
+def oauth_client(clients, url: str, cfg: dict, client_id: str, client_secret: str, **kw):
+    """An authlib AsyncOAuth2Client whose requests go where `clients` sends `url` (network or a simulator)."""
+    import warnings
+
+    with warnings.catch_warnings():  # authlib announces a future httpx2 module; nothing for users to act on
+        warnings.simplefilter("ignore")
+        from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+    http, real_url = clients.resolve(url)
+    client = AsyncOAuth2Client(client_id=client_id, client_secret=client_secret,
+                               token_endpoint_auth_method=cfg.get("token_auth_method", "client_secret_basic"),
+                               transport=http._transport, timeout=30.0, **kw)
+    return client, real_url
+
+
+def learned_fields(cfg: dict, token: dict, redirect: dict | None = None) -> dict:
+    """Connection data to keep from a token response (`token_fields`) and a redirect (`redirect_fields`)."""
+    out = {}
+    for name, field in (cfg.get("token_fields") or {}).items():
+        if token.get(field) not in (None, ""):
+            out[name] = token[field]
+    for name, param in (cfg.get("redirect_fields") or {}).items():
+        if redirect and redirect.get(param) not in (None, ""):
+            out[name] = redirect[param]
+    return out
+
+
+def stored_token(token: dict, *, bootstrap: str | None) -> dict:
+    """What goes into the store: the token response plus when it expires and where it came from."""
+    tok = {k: v for k, v in dict(token).items()}
+    now = time.time()
+    if "expires_at" not in tok and tok.get("expires_in") is not None:
+        tok["expires_at"] = now + float(tok["expires_in"])
+    tok["obtained_at"] = now
+    tok["bootstrap"] = bootstrap
+    for k in ("access_token", "refresh_token"):
+        redact.register(tok.get(k))
+    return tok
+
+
+class _FileLock:
+    """An exclusive fcntl lock on a file (blocking; taken in a worker thread so the event loop runs on)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        self._f = f
+
+    def release(self) -> None:
+        if self._f is not None:
+            import fcntl
+
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
+def lock_path(store, name: str) -> Path:
+    p = getattr(store, "path", None)
+    if p is None or str(p) == ":memory:":
+        return Path(tempfile.gettempdir()) / f"runner-oauth-{os.getuid()}-{name}.lock"
+    return Path(str(p) + f".oauth-{name}.lock")
+
+
+class OAuthSession:
+    """The `Auth` of an oauth2 connection: headers with a valid access token; refresh on expiry and 401."""
+
+    def __init__(self, conn, context: dict, store, clients):
+        self.conn = conn
+        self.name = conn.name
+        self.spec = conn.spec
+        self.ctx = context  # the Source's live context: learned connection data is written into it
+        self.store = store
+        self.clients = clients
+        self.cfg = settings(conn.spec, conn.environment)
+        self.header = Template(self.cfg.get("header", DEFAULT_HEADER))
+        self.reconnect_errors = set(self.cfg.get("reconnect_errors") or ["invalid_grant"])
+        self.token: dict | None = None
+        self.learned: dict = {}
+        self._gen = 0
+        self._lock = asyncio.Lock()
+        cred = conn.credentials.get("refresh_token")
+        self._bootstrap_fp = secrets.fingerprint(cred) if cred else None
+
+    # --- the Auth protocol -------------------------------------------------------------------------
+    async def headers(self) -> dict[str, str]:
+        if self.token is None:
+            self.token = self._usable_stored()
+        if self.token is None or not self._fresh(self.token):
+            gen = self._gen
+            async with self._lock:
+                if self._gen == gen:
+                    await self._refresh(force=False)
+        return {"Authorization": self.header.render({**self.ctx, "token": self.token})}
+
+    async def unauthorized(self) -> bool:
+        gen = self._gen
+        async with self._lock:
+            if self._gen == gen:  # nobody refreshed since that request was sent: refresh once
+                logger.info("{}: the access token was refused (401); renewing it once", self.name)
+                await self._refresh(force=True)
+        return True
+
+    async def prepare(self) -> dict:
+        """Make sure a usable token exists; return connection data learned while doing so (may be empty)."""
+        await self.headers()
+        return dict(self.learned)
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _usable_stored(self) -> dict | None:
+        if self.store is None:
+            return None
+        tok = self.store.get_token(self.name)
+        if tok is None:
+            return None
+        if self._bootstrap_fp and tok.get("bootstrap") != self._bootstrap_fp and tok.get("connected") is None:
+            return None  # the config now gives another bootstrap token: start from it
+        for k in ("access_token", "refresh_token"):
+            redact.register(tok.get(k))
+        return tok
+
+    def _margin(self, tok: dict) -> float:
+        margin = float(self.cfg.get("refresh_margin_s", DEFAULT_MARGIN_S))
+        if tok.get("expires_in"):
+            margin = min(margin, float(tok["expires_in"]) / 2)
+        return margin
+
+    def _fresh(self, tok: dict) -> bool:
+        if not tok.get("access_token"):
+            return False
+        exp = tok.get("expires_at")
+        return exp is None or float(exp) - self._margin(tok) > time.time()
+
+    def _refresh_token(self, stored: dict | None) -> tuple[str, str | None]:
+        cred = self.conn.credentials.get("refresh_token")
+        if cred and (stored is None or (stored.get("bootstrap") != self._bootstrap_fp and stored.get("connected") is None)):
+            return cred, self._bootstrap_fp
+        if stored and stored.get("refresh_token"):
+            return stored["refresh_token"], stored.get("bootstrap")
+        raise NeedsReconnect(f"'{self.name}' has not been connected to {self.spec.name} yet (no authorization is "
+                             f"stored for it)", fix=f"runner connect {self.name}")
+
+    async def _refresh(self, force: bool) -> None:
+        lock = _FileLock(lock_path(self.store, self.name))
+        await asyncio.to_thread(lock.acquire)
+        try:
+            stored = self._usable_stored()
+            mine = (self.token or {}).get("access_token")
+            if stored is not None and self._fresh(stored) and (not force or stored.get("access_token") != mine):
+                self.token = stored  # another run (or an earlier step) refreshed while we waited
+                self._gen += 1
+                return
+            refresh_token, bootstrap = self._refresh_token(stored)
+            redact.register(refresh_token)
+            ctx = template_context(self.conn, self.ctx)
+            url = render(self.cfg, "token_url", ctx)
+            client_id = self.conn.credentials.get("client_id", "")
+            client, real_url = oauth_client(self.clients, url, self.cfg, client_id,
+                                            self.conn.credentials.get("client_secret", ""))
+            from authlib.integrations.base_client.errors import OAuthError
+
+            try:
+                new = await client.refresh_token(real_url, refresh_token=refresh_token)
+            except OAuthError as exc:
+                self._refused(exc.error, exc.description)
+            except ValueError as exc:  # not JSON
+                raise ProviderError(f"{self.spec.name}'s token endpoint sent an answer that is not a token ({exc})",
+                                    fix="try again later; if it persists, the provider may be having an outage")
+            except Exception as exc:  # network trouble, 5xx
+                raise ProviderError(f"could not renew the {self.spec.name} authorization for '{self.name}': "
+                                    f"{type(exc).__name__}: {exc}", fix="check the network and try again")
+            token = dict(new)
+            if not token.get("refresh_token"):
+                token["refresh_token"] = refresh_token  # providers that do not rotate send none back
+            if stored and stored.get("connected") is not None and bootstrap == stored.get("bootstrap"):
+                token["connected"] = stored["connected"]
+            token = stored_token(token, bootstrap=bootstrap)
+            # Committed before anything uses the new access token: a rotated refresh token is never lost.
+            if self.store is not None:
+                self.store.save_token(self.name, token)
+            if os.environ.get(CRASH_ENV) == self.name:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            learned = learned_fields(self.cfg, token)
+            if learned:
+                changed = {k: v for k, v in learned.items() if self.ctx.get("connection", {}).get(k) != v}
+                if changed and self.store is not None:
+                    self.store.update_connection(self.name, data=changed)
+                self.ctx.setdefault("connection", {}).update(learned)
+                self.learned.update(changed)
+            self.token = token
+            self._gen += 1
+            logger.info("{}: renewed the {} access token{}", self.name, self.spec.name,
+                        " (the refresh token rotated; the new one is saved)"
+                        if token["refresh_token"] != refresh_token else "")
+        finally:
+            lock.release()
+
+    def _refused(self, error: str | None, description: str | None) -> None:
+        detail = f"{error}" + (f": {description}" if description else "")
+        if error in self.reconnect_errors:
+            msg = (f"{self.spec.name} refused to renew the authorization of '{self.name}' ({detail}): it was revoked, "
+                   f"it expired, or the user's password changed. Nothing is imported from this connection until "
+                   f"someone reconnects it")
+            if self.store is not None:
+                self.store.update_connection(self.name, status="needs_reconnect", last_error=redact.redact(msg),
+                                             last_error_at=time.time())
+            raise NeedsReconnect(msg, fix=f"runner connect {self.name}")
+        if error in ("invalid_client", "unauthorized_client"):
+            raise AuthError(f"{self.spec.name} does not accept this app's client id/secret ({detail})",
+                            fix=f"check credentials client_id and client_secret of '{self.name}'", status=401)
+        raise AuthError(f"{self.spec.name} refused to renew the authorization of '{self.name}' ({detail})",
+                        fix=f"try again; if it persists, run `runner connect {self.name}`")
