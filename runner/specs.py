@@ -177,6 +177,7 @@ class Environment:
     oauth2: dict
     rate_limit: dict | None
     description: str = ""
+    test_cases: bool = False  # cases from this environment are test cases at the destination
 
 
 @dataclass
@@ -208,6 +209,11 @@ class Spec:
     @property
     def default_environment(self) -> str:
         return next(iter(self.environments))
+
+    @property
+    def pull(self) -> bool:
+        """False for an inbound-only spec: its invoices are posted to `runner serve`, never fetched."""
+        return self.invoices.request is not None
 
 
 class _Compiler:
@@ -317,8 +323,9 @@ class _Compiler:
         if raw.get("date"):
             date = DateRule(value=self.expression(raw["date"]["value"], path + ("date", "value")),
                             format=raw["date"].get("format", "date"))
-        return Stream(request=self.request(raw["request"], path + ("request",), REQUEST_NAMES),
-                      records=self.expression(raw["records"], path + ("records",)),
+        return Stream(request=(self.request(raw["request"], path + ("request",), REQUEST_NAMES)
+                               if raw.get("request") else None),  # None: inbound-only, nothing is fetched
+                      records=self.expression(raw.get("records"), path + ("records",)),
                       paginate=self.paginate(raw.get("paginate"), path + ("paginate",)),
                       mapping=self.mapping(raw["map"], path + ("map",)),
                       unpaid=self.expression(raw["unpaid"], path + ("unpaid",)),
@@ -342,10 +349,11 @@ def parse(doc: Document) -> Spec:
     for name, env in data["environments"].items():
         p = ("environments", name)
         envs[name] = Environment(
-            name=name, base_url=c.template(env["base_url"], p + ("base_url",), {"connection", "options", "token"}),
+            name=name, base_url=(c.template(env["base_url"], p + ("base_url",), {"connection", "options", "token"})
+                                 if "base_url" in env else None),
             credentials={k: CredentialRule(**v) for k, v in (env.get("credentials") or {}).items()},
             oauth2=env.get("oauth2") or {}, rate_limit=env.get("rate_limit"),
-            description=env.get("description", ""))
+            description=env.get("description", ""), test_cases=bool(env.get("test_cases", False)))
     a = data["auth"]
     auth = Auth(type=a["type"], credentials=list(a.get("credentials") or []),
                 headers={k: c.template(v, ("auth", "headers", k), REQUEST_NAMES) for k, v in (a.get("headers") or {}).items()},
