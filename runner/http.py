@@ -36,7 +36,7 @@ class Policy:
     def from_spec(cls, raw: dict | None, expression=None) -> "Policy":
         raw = raw or {}
         return cls(attempts=raw.get("attempts", 5), backoff_s=raw.get("backoff_s", 0.5),
-                   max_backoff_s=raw.get("max_backoff_s", 30.0),
+                   max_backoff_s=raw.get("max_backoff_s", 30.0), timeout_s=raw.get("timeout_s", 30.0),
                    retry_after_body=expression.search if expression is not None else None)
 
 
