@@ -195,9 +195,9 @@ class OAuthServer:
                 if not verifier or create_s256_code_challenge(verifier) != c["challenge"]:
                     return self._invalid_grant("PKCE verification failed")
             rt = self.token_prefix + generate_token(40)
-            self.add_grant(rt, client_id, c["user"], c["scope"], grant_extra(c["user"]))
+            self.add_grant(rt, client_id, c["user"], c["scope"])
             self._enforce_limit(c["user"])
-            return json_response(200, self._issue(self.grants[rt]))
+            return json_response(200, {**self._issue(self.grants[rt]), **grant_extra(c["user"])})
         if gt == "refresh_token":
             g = self.grants.get(form.get("refresh_token", ""))
             if g is None or not g.active or g.client_id != client_id:
@@ -211,8 +211,8 @@ class OAuthServer:
                     if a.grant == g.refresh_token:
                         a.grant = new
                 g = self.grants[new]
-                return json_response(200, self._issue(g, with_refresh=True))
-            return json_response(200, self._issue(g, with_refresh=False))
+                return json_response(200, {**self._issue(g, with_refresh=True), **grant_extra(g.user)})
+            return json_response(200, {**self._issue(g, with_refresh=False), **grant_extra(g.user)})
         return self._error(oauth_errors.UnsupportedGrantTypeError(), 400)
 
     def revoke(self, request: httpx.Request) -> httpx.Response:
