@@ -96,11 +96,19 @@ class ConnectionResult:
                     f"{self.window_text}; widen `window:` if you expected some")
         sk = self.skipped()
         if self.failed:
-            return f"{self.failed} eligible invoice(s) failed to deliver; see the errors above"
+            ex = next((s for k in ("delivery_failed", "destination_unavailable") for s in self.samples.get(k, [])), None)
+            return (f"{self.failed} eligible invoice(s) failed to deliver"
+                    + (f": {ex.number or ex.invoice_id}: {ex.message}" if ex else "; see the errors above"))
         if sk and set(sk) == {"duplicate"}:
             return "every eligible invoice was already imported before (duplicates); nothing new to send"
         parts = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in sorted(sk.items(), key=lambda x: -x[1]))
-        return f"every invoice seen was skipped: {parts}"
+        if sk and set(sk) <= {"not_unpaid", "outside_date_window"}:
+            return (f"nothing unpaid in the window {self.window_text}: {parts}"
+                    + ("; widen `window:` to include the older unpaid ones" if "outside_date_window" in sk else ""))
+        top = max(sk, key=sk.get) if sk else None
+        ex = (self.samples.get(top) or [None])[0] if top else None
+        return f"every invoice seen was skipped: {parts}" + (
+            f" (e.g. {ex.number or ex.invoice_id}: {ex.message})" if ex is not None and ex.message else "")
 
     def as_dict(self) -> dict:
         return {"name": self.name, "integration": self.integration, "environment": self.environment,

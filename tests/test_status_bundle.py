@@ -1,0 +1,168 @@
+"""`runner status`, `runner support-bundle`, and zero results that always say why."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from runner import config as config_mod
+from runner import pipeline, sandbox
+from runner.sandbox import debitura as dsim
+from runner.sandbox import stripe as ssim
+from runner.state import Store
+from tests.test_doctor import Env, assert_no_secret
+
+
+def test_status_before_and_after_runs(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch, kinds={"open_incomplete_address"})
+    code, out = e.cli("status", str(e.path), "-o", "json")
+    assert code == 0
+    [c] = json.loads(out)["connections"]
+    assert c["last_success"] is None and c["last_run"] is None and c["integration_name"] == "Stripe"
+    code, text = e.cli("status", str(e.path))
+    assert "last successful sync: never" in text and "no run recorded yet" in text
+    e.apply()
+    code, out = e.cli("status", str(e.path), "-o", "json")
+    [c] = json.loads(out)["connections"]
+    assert c["last_success"] and c["last_error"] is None
+    assert c["last_run"]["imported"] == 13 and c["last_run"]["skipped"] == {"incomplete_address": 3}
+    assert c["account"]["id"] == "acme-stripe"
+    # a failing run: the last error is shown, the last success kept
+    e.stripe.revoke(ssim.TEST_SECRET_KEY)
+    code, _ = e.cli("apply", str(e.path))
+    assert code == 1
+    code, text = e.cli("status", str(e.path))
+    assert "last successful sync: 2" in text and "last error (" in text and "HTTP 401" in text
+    assert "0 imported: nothing was imported because the connection failed" in text
+    assert_no_secret(e.outputs)
+
+
+def test_status_shows_credential_change_and_reconnect_state(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch)
+    e.apply()
+    monkeypatch.setenv("STRIPE_API_KEY", ssim.TEST_RESTRICTED_KEY)  # the key was rotated
+    e.apply()
+    code, out = e.cli("status", str(e.path), "-o", "json")
+    [c] = json.loads(out)["connections"]
+    assert [ch["what"] for ch in c["changes"]] == ["credential_fingerprint"]
+    cfg = config_mod.load(e.path)
+    store = Store(cfg.state_path)
+    store.update_connection("acme-stripe", status="needs_reconnect", last_error="the grant was revoked",
+                            last_error_at=9e9)
+    store.close()
+    code, text = e.cli("status", str(e.path))
+    assert "state: needs_reconnect → runner connect acme-stripe" in text
+    code, out = e.cli("doctor", str(e.path), "-o", "json")
+    last = next(c for c in json.loads(out)["checks"] if c["check"] == "last_sync")
+    assert last["status"] == "failed" and last["fix"] == "runner connect acme-stripe"
+    assert_no_secret(e.outputs)
+
+
+def test_support_bundle_has_what_support_asks_for_and_no_secret(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch, kinds={"open_incomplete_address", "paid", "open_partial", "open_old"})
+    e.apply()
+    monkeypatch.setenv("STRIPE_API_KEY", ssim.TEST_RESTRICTED_KEY)
+    e.apply()
+    e.stripe.revoke(ssim.TEST_RESTRICTED_KEY)
+    code, _ = e.cli("apply", str(e.path))
+    assert code == 1
+    out_file = tmp_path / "bundle.json"
+    code, text = e.cli("support-bundle", str(e.path), "--out", str(out_file))
+    assert code == 0 and "redacted" in text
+    raw = out_file.read_text()
+    e.outputs.append(raw)
+    b = json.loads(raw)
+    [c] = b["connections"]
+    assert c["integration"] == "Stripe" and c["last_worked"]
+    # the last run that saw invoices failed; samples come from the last run of this connection
+    assert any("HTTP 401" in err for err in c["errors"])
+    assert [ch["what"] for ch in c["recent_changes"]] == ["credential_fingerprint"]
+    assert b["doctor"]["checks"] and any(ch["check"] == "auth" and ch["status"] == "failed"
+                                         for ch in b["doctor"]["checks"])
+    assert len(b["recent_runs"]) == 3
+    assert "credentials_from" in b["config"]["connections"][0]
+    assert_no_secret(e.outputs)
+
+
+def test_support_bundle_samples_invoices_not_imported(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch, kinds={"open_incomplete_address", "paid", "open_partial"})
+    monkeypatch.chdir(tmp_path)
+    e.path.write_text(e.path.read_text().replace("server_filters: true", "server_filters: false"))
+    e.apply()
+    code, text = e.cli("support-bundle", str(e.path), "--offline")
+    assert code == 0
+    [path] = list(tmp_path.glob("runner-support-*.json"))
+    b = json.loads(path.read_text())
+    e.outputs.append(path.read_text())
+    assert "doctor" not in b
+    samples = b["connections"][0]["sample_invoices_not_imported"]
+    reasons = {s["reason"] for s in samples}
+    assert reasons == {"incomplete_address", "not_unpaid"}
+    assert all(s["invoice_id"] and s["message"] for s in samples)
+    assert len([s for s in samples if s["reason"] == "not_unpaid"]) == 3  # a few per reason, not all
+    assert_no_secret(e.outputs)
+
+
+# --- zero results are never silent -------------------------------------------------------------------------
+
+def _sync(e: Env, mode: str = "apply"):
+    cfg = config_mod.load(e.path)
+    store = Store(cfg.state_path)
+    try:
+        return asyncio.run(pipeline.sync(cfg, mode=mode, store=store))
+    finally:
+        store.close()
+
+
+def test_zero_because_nothing_unpaid_in_the_window(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch)
+    e.path.write_text(e.path.read_text().replace("window: {last: 90d}", 'window: {from: "2020-01-01", to: "2020-02-01"}'))
+    res = _sync(e, "plan")
+    [c] = res.connections
+    assert c.imported == 0 and c.seen == 0
+    assert "nothing unpaid was created in" in c.why_zero()
+    code, text = e.cli("plan", str(e.path))
+    assert "0 would import: the provider returned no invoices" in text
+
+
+def test_zero_because_only_paid_and_old_ones(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch, kinds={"paid", "open_old"})
+    e.stripe.data["test"]["invoices"] = [i for i in e.stripe.data["test"]["invoices"]
+                                         if i["_sandbox_kind"] in ("paid", "open_old")]
+    e.path.write_text(e.path.read_text().replace("server_filters: true", "server_filters: false"))
+    [c] = _sync(e, "plan").connections
+    assert c.why_zero().startswith("nothing unpaid in the window")
+    assert "3 not unpaid" in c.why_zero() and "3 outside the date window" in c.why_zero()
+
+
+def test_zero_because_everything_was_imported_before(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch)
+    _sync(e)
+    res = _sync(e)
+    [c] = res.connections
+    assert c.imported == 0 and "already imported before (duplicates)" in c.why_zero()
+    # the stored run summary says it too (status and the bundle read it from there)
+    code, out = e.cli("status", str(e.path), "-o", "json")
+    assert "duplicates" in json.loads(out)["connections"][0]["last_run"]["why_zero"]
+
+
+def test_zero_because_everything_was_skipped_for_a_reason(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch)
+    e.stripe.data["test"]["invoices"] = [i for i in e.all_invoices if i["_sandbox_kind"] == "open_incomplete_address"]
+    [c] = _sync(e).connections
+    why = c.why_zero()
+    assert why.startswith("every invoice seen was skipped: 3 incomplete debtor address")
+    assert "the debtor's address is missing" in why  # an example names the missing field
+
+
+def test_zero_because_of_an_error(tmp_path, monkeypatch):
+    e = Env(tmp_path, monkeypatch, debitura_key=dsim.REVOKED_KEY)
+    res = _sync(e)
+    [c] = res.connections
+    assert c.imported == 0
+    assert "refused the API key" in c.why_zero()
+    (tmp_path / "b").mkdir()
+    e2 = Env(tmp_path / "b", monkeypatch)
+    e2.stripe.revoke(ssim.TEST_SECRET_KEY)
+    [c2] = _sync(e2).connections
+    assert c2.why_zero().startswith("nothing was imported because the connection failed") and "401" in c2.why_zero()
+    assert sandbox.get_simulator("debitura", e.data_dir).cases() == []
