@@ -39,6 +39,8 @@ class Document:
     def problem(self, path: Iterable, message: str, fix: str | None = None, *, key: bool = False) -> Problem:
         path = tuple(path)
         line, col = self.mark(path, key=key)
+        if line is None:  # the whole document (e.g. an empty file): point at its start
+            line, col = 1, 1
         return Problem(message=message, file=self.file, line=line, column=col, fix=fix,
                        where=dotted(path) or None)
 
@@ -99,8 +101,15 @@ def loads(text: str, file: str = "<input>") -> Document:
         raise ConfigError(Problem(f"this is not valid YAML: {what}", file, line, col,
                                   fix="check the indentation and quoting on this line and the one above "
                                       "(a value containing ': ' or starting with '{', '*' or '&' needs quotes)"))
-    except yaml.YAMLError as exc:  # pragma: no cover - defensive, every pyyaml error is marked
-        raise ConfigError(Problem(f"this is not valid YAML: {exc}", file))
+    except yaml.reader.ReaderError as exc:  # a control character or invalid UTF-8: not a MarkedYAMLError
+        before = text[:exc.position] if isinstance(exc.position, int) else ""
+        line, col = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        raise ConfigError(Problem(f"this is not valid YAML: the character {char} is not allowed in a YAML file",
+                                  file, line, col, fix="delete the invisible character at this place (it often "
+                                                       "comes from copying text from a web page or a PDF)")) from None
+    except yaml.YAMLError as exc:  # defensive: report the file at least
+        raise ConfigError(Problem(f"this is not valid YAML: {exc}", file, 1, 1))
     if node is None:
         doc.data = None
         return doc

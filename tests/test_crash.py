@@ -25,7 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, wait_for_port
+try:
+    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, wait_for_port
+except ImportError:  # tests/ without __init__.py
+    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, wait_for_port
 
 KILLS = int(os.environ.get("RUNNER_CRASH_KILLS", "50"))
 SYNTHETIC = int(os.environ.get("RUNNER_CRASH_INVOICES", "500"))

@@ -23,7 +23,10 @@ from runner.sandbox.debitura import DebituraSimulator
 from runner.sandbox.stripe import StripeSimulator, build_dataset, today_anchor
 from runner.state import Store
 
-from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY
+try:
+    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY
+except ImportError:  # tests/ without __init__.py
+    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY
 
 INJECTED: Counter = Counter()
 
