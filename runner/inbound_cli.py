@@ -104,6 +104,9 @@ def keys_create(config_file, environment, label, output):
     finally:
         store.close()
     served = [c.name for c in inbound.inbound_connections(cfg) if c.environment == environment]
+    if not served:
+        click.echo(f"note: {cfg.file} has no inbound connection in the {environment} environment yet, so no server "
+                   f"will accept this key until you add one", err=True)
     # The key itself is printed as is, on purpose and only here; nothing else ever shows it.
     if output == "json":
         click.echo(__import__("json").dumps({"key": key, **info.as_dict()}))
@@ -114,9 +117,6 @@ def keys_create(config_file, environment, label, output):
     click.echo("")
     click.echo("This is the only time the key is shown; the runner keeps only its hash. Put it in the Zap's "
                "XApiKey header.")
-    if not served:
-        click.echo(f"note: {cfg.file} has no inbound connection in the {environment} environment yet, so no server "
-                   f"will accept this key until you add one", err=True)
 
 
 @keys.command("list")

@@ -1,0 +1,110 @@
+"""API keys (`runner keys`), inbound-only specs in the spec language, and configs mixing pull and inbound."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner import apikeys, config, specs
+from runner.errors import ConfigError
+from runner.state import Store
+from runner.yamlfile import loads as load_text
+
+try:
+    from conftest import DEBITURA_KEY, STRIPE_KEY, run_cli
+except ModuleNotFoundError:  # tests/ as a package
+    from tests.conftest import DEBITURA_KEY, STRIPE_KEY, run_cli
+
+CONFIG = """
+state: state/state.db
+destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
+connections:
+  - {name: zaps, integration: zapier, environment: production}
+"""
+
+
+def test_keys_are_stored_only_as_hashes_and_carry_their_environment(tmp_path):
+    store = Store(tmp_path / "state.db")
+    try:
+        prod, info = apikeys.create(store, "production", "billing zap")
+        test, _ = apikeys.create(store, "test")
+        assert prod.startswith(f"rnr_prod_{info.id}_") and test.startswith("rnr_test_")
+        assert apikeys.verify(store, prod).status == "ok" and apikeys.verify(store, prod).key.environment == "production"
+        assert apikeys.verify(store, test).key.environment == "test"
+        # a right id with a wrong secret, a malformed key, nothing at all: unknown
+        forged = prod[:-1] + ("0" if prod[-1] != "0" else "1")
+        assert [apikeys.verify(store, k).status for k in (forged, "x", "", None)] == ["unknown"] * 4
+        # the environment that counts is the stored one, not the tag in the text
+        retagged = prod.replace("rnr_prod_", "rnr_test_")
+        assert apikeys.verify(store, retagged).status == "unknown"
+        assert apikeys.revoke(store, info.id).revoked is not None
+        assert apikeys.verify(store, prod).status == "revoked"
+        assert apikeys.revoke(store, "deadbeef") is None
+    finally:
+        store.close()
+    raw = (tmp_path / "state.db").read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("state.db-*") if p.is_file())
+    secret_part = prod.rsplit("_", 1)[1].encode()
+    assert secret_part not in raw and test.rsplit("_", 1)[1].encode() not in raw
+
+
+def test_keys_cli_shows_a_key_once_and_never_again(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    # No secret is set: managing keys needs only the state store.
+    out = run_cli("keys", "create", str(cfg), "--environment", "test", "--label", "crm zap", "-o", "json",
+                  env={"DEBITURA_API_KEY": ""})
+    assert out.returncode == 0, out.stderr
+    created = json.loads(out.stdout)
+    assert created["environment"] == "test" and created["key"].startswith("rnr_test_")
+    assert "no inbound connection in the test environment" in out.stderr
+    listed = run_cli("keys", "list", str(cfg))
+    assert listed.returncode == 0 and created["id"] in listed.stdout and "crm zap" in listed.stdout
+    assert created["key"] not in listed.stdout and created["key"].rsplit("_", 1)[1] not in listed.stdout
+    assert run_cli("keys", "revoke", str(cfg), created["id"]).returncode == 0
+    assert created["id"] not in run_cli("keys", "list", str(cfg)).stdout
+    assert "revoked" in run_cli("keys", "list", str(cfg), "--all").stdout
+    missing = run_cli("keys", "revoke", str(cfg), "nope1234")
+    assert missing.returncode == 2 and "no API key with id" in missing.stderr
+    bad = run_cli("keys", "create", str(cfg), "--environment", "staging")
+    assert bad.returncode == 2
+
+
+PULL_WITHOUT_REQUEST = """
+id: broken
+name: Broken
+auth: {type: none}
+environments: {production: {}}
+invoices:
+  map: {external_id: id}
+  unpaid: "`true`"
+"""
+
+
+def test_only_inbound_specs_may_leave_out_the_request_and_base_url():
+    with pytest.raises(ConfigError) as exc:
+        specs.parse(load_text(PULL_WITHOUT_REQUEST, "<broken>"))
+    text = exc.value.render()
+    assert "request" in text and "base_url" in text
+    ok = specs.parse(load_text(PULL_WITHOUT_REQUEST + "inbound: {records: '@'}\n", "<broken>"))
+    assert not ok.pull and ok.inbound["records"].source == "@"
+    assert specs.load_spec("stripe").pull and not specs.load_spec("zapier").pull
+    assert specs.load_spec("zapier").environments["test"].test_cases
+    assert not specs.load_spec("zapier").environments["production"].test_cases
+
+
+def test_apply_leaves_inbound_connections_to_the_server(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG + """  - name: acme-stripe
+    integration: stripe
+    environment: sandbox
+    credentials: {api_key: "${STRIPE_API_KEY}"}
+    window: {last: 90d}
+""")
+    env = {"DEBITURA_API_KEY": DEBITURA_KEY, "STRIPE_API_KEY": STRIPE_KEY}
+    out = run_cli("apply", str(cfg), "-o", "json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert [c["name"] for c in json.loads(out.stdout)["connections"]] == ["acme-stripe"]
+    loaded = config.load(cfg, environ=env)
+    zaps = loaded.connection("zaps")
+    assert zaps.window.source == "from 1970-01-01 to now"  # no window needed for what a Zap posts
