@@ -197,6 +197,7 @@ class JsonlDestination:
     """Appends one JSON object per case. Idempotent across crashes: keys already in the file are not rewritten."""
 
     name = "jsonl"
+    concurrent = False  # a local file: deliveries run one after another, without a task each
 
     def __init__(self, cfg: DestinationConfig, clients: Clients | None = None):
         self.cfg = cfg

@@ -402,7 +402,9 @@ class Source:
         except (ValueError, TypeError, OverflowError):
             return None, value
         if moment is not None:
-            return w.contains(moment), moment.astimezone(w.zone).strftime("%Y-%m-%d %H:%M %Z")
+            if w.contains(moment):  # the common case: the date is only shown when it is outside the window
+                return True, None
+            return False, moment.astimezone(w.zone).strftime("%Y-%m-%d %H:%M %Z")
         if day is not None:
             return w.contains_date(day), day.isoformat()
         return None, value
@@ -490,18 +492,35 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     if hasattr(destination, "prepare") and any(ledger.get(v.invoice_id) for v, _ in to_send):
         destination.prepare({k for v, k in to_send if ledger.get(v.invoice_id)})
 
+    # Deliveries are recorded as soon as they are known (a crash later in this page must not make the next run
+    # re-send, and re-spend rate limit on, what was already delivered), in one transaction per event-loop turn:
+    # every delivery that finished in the same turn shares the commit, which runs before the loop waits again.
+    batch: list[tuple] = []
+    commit_error: list[BaseException] = []
+
+    def commit() -> None:
+        if not batch:
+            return
+        rows = batch[:]
+        batch.clear()
+        try:
+            if hasattr(destination, "flush"):
+                destination.flush()
+            store.mark_delivered(rows, destination.name)
+        except BaseException as exc:  # raised after the gather below, as it would have been in place
+            commit_error.append(exc)
+
+    loop = asyncio.get_running_loop()
+
     async def one(v: Verdict, key: str):
         if run.fatal is not None:
             return v, None, run.fatal
         async with sem:
             try:
                 delivery = await destination.deliver(v.invoice, key)
-                # Recorded as soon as it is known: a crash later in this page must not make the next run
-                # re-send (and re-spend rate limit on) what was already delivered.
-                if hasattr(destination, "flush"):
-                    destination.flush()
-                store.mark_delivered([(source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference)],
-                                     destination.name)
+                if not batch:
+                    loop.call_soon(commit)
+                batch.append((source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference))
                 return v, delivery, None
             except DestinationError as exc:
                 if exc.fatal:
@@ -511,7 +530,14 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
                 return v, None, exc
 
     done, failed = [], []
-    for v, delivery, err in await asyncio.gather(*(one(v, k) for v, k in to_send)):
+    if getattr(destination, "concurrent", True):
+        outcomes = await asyncio.gather(*(one(v, k) for v, k in to_send))
+    else:  # a local sink (a file): no task per invoice, same steps in the same order
+        outcomes = [await one(v, k) for v, k in to_send]
+    commit()
+    if commit_error:
+        raise commit_error[0]
+    for v, delivery, err in outcomes:
         if err is not None:
             v.verdict, v.reason, v.message = FAILED, "delivery_failed", err.message
             if err.fix:

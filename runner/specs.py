@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner import functions, schemas
+from runner import fastpath, functions, schemas
 from runner.errors import ConfigError, Problem
 from runner.templates import Template, TemplateError
 from runner.yamlfile import Document, load as load_yaml, schema_problems
@@ -31,7 +31,9 @@ class Expression:
         self._parsed = functions.compile(source)
         _check_functions(self._parsed.parsed)
         parsed, options = self._parsed, functions.OPTIONS
-        self.search = lambda data: parsed.search(data, options=options)
+        # Compiled to Python closures once (runner/fastpath.py); jmespath for anything it does not cover.
+        self.search = fastpath.wrap(fastpath.compile(parsed.parsed, options.custom_functions),
+                                    lambda data: parsed.search(data, options=options))
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"

@@ -1,0 +1,46 @@
+"""Build a throw-away workspace for one benchmark scenario: secrets, config and an integration override.
+
+The override is integrations.d/stripe.yaml itself (same requests, mapping, filters, validation), loaded
+and written back with one extra environment, `bench`, whose base URL is the peers' fake server. Whether
+that environment declares a rate limit is the scenario's choice: the throughput targets (1-3, 5) run
+unthrottled like the peers; the latency-bound target (4) keeps the test environment's declared limit.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "integrations.d" / "stripe.yaml"
+
+
+def make(work: Path, url: str, *, connections: int = 1, rate_limit: dict | None = None,
+         window=("2022-01-01T00:00:00Z", "2024-01-01T00:00:00Z"), partition: dict | None = None,
+         fresh: bool = True) -> Path:
+    """Write work/{config.yaml, integrations.d/stripe.yaml, secrets/}; returns the config path."""
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    (work / "integrations.d").mkdir(parents=True, exist_ok=True)
+    (work / "secrets").mkdir(exist_ok=True)
+    spec = yaml.safe_load(SPEC.read_text())
+    test = spec["environments"]["test"]
+    env = {"description": "the peers' fake Stripe server (benchmark)", "base_url": url,
+           "credentials": test.get("credentials", {})}
+    if rate_limit:
+        env["rate_limit"] = rate_limit
+    spec["environments"] = {"bench": env, **spec["environments"]}
+    if partition is not None:
+        spec["invoices"]["partition"] = partition
+    (work / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    for i in range(connections):
+        (work / "secrets" / f"stripe_{i}").write_text(f"sk_test_bench{i}")
+    conns = "".join(
+        f"  - name: bench-{i}\n    integration: stripe\n    environment: bench\n"
+        f"    credentials: {{api_key: \"${{file:secrets/stripe_{i}}}\"}}\n"
+        f"    window: {{from: \"{window[0]}\", to: \"{window[1]}\"}}\n" for i in range(connections))
+    cfg = work / "config.yaml"
+    cfg.write_text("version: 1\nstate: state/state.db\ndestination: {type: jsonl, path: out/cases.jsonl}\n"
+                   "integrations_dir: integrations.d\nconnections:\n" + conns)
+    return cfg
