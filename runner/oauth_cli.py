@@ -110,7 +110,7 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
         stored = store.get_token(conn.name)
         status = store.connection(conn.name).get("status")
         if stored and not force and status != "needs_reconnect":
-            # Reuse a grant that still works: a new one costs a refresh token (Zoho keeps only 20 per user).
+            # Reuse a grant that still works: a new one costs a refresh token (some providers keep only a few per user).
             from runner.pipeline import Source
 
             source = Source(conn, clients, store)

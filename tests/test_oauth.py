@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.oauth_helpers import (ROOT, Sandbox, by_name, load, play_browser, qbo_connection, run_sync, runner_cmd,
+from oauth_helpers import (ROOT, Sandbox, by_name, load, play_browser, qbo_connection, run_sync, runner_cmd,
                                  write_config, zoho_connection)
 from runner.sandbox import quickbooks as qb
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.sandbox import quickbooks as qb
-from tests.oauth_helpers import Sandbox, by_name, qbo_connection, run_sync, write_config
+from oauth_helpers import Sandbox, by_name, qbo_connection, run_sync, write_config
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def _verdicts(res):
 def test_invoices_verdicts_and_company(sb, tmp_path):
     from runner import pipeline
     from runner.state import Store
-    from tests.oauth_helpers import load
+    from oauth_helpers import load
     import asyncio
 
     cfg = load(write_config(tmp_path, qbo_connection(sb)))
