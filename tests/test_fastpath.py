@@ -1,0 +1,128 @@
+"""runner/fastpath.py must give exactly jmespath's answers: property-tested with hypothesis.
+
+Expressions are generated from a small grammar over the node types the compiler handles (and some it
+leaves to jmespath), data from JSON-like values; each pair is evaluated by the compiled closure (through
+specs.Expression, as the engine does) and by jmespath's TreeInterpreter with the same functions.
+"""
+from __future__ import annotations
+
+import json
+
+import jmespath
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner import fastpath, functions
+from runner.specs import Expression
+
+KEYS = ["a", "b", "c", "id", "status", "created"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 2, allow_nan=False),
+                    st.sampled_from(["", " ", "open", "x", "US", "Denmark", "usd", "1700000000"]))
+data = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                     st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
+                    max_leaves=12)
+
+
+def _lit(v) -> str:
+    return "`" + json.dumps(v) + "`"
+
+
+field = st.sampled_from(KEYS)
+literal = st.one_of(scalars.map(_lit), st.sampled_from(["'open'", "''", "`[]`", "`{}`", "`0`", "`1`"]))
+
+
+def _expr(children):
+    c = children
+    return st.one_of(
+        st.tuples(c, field).map(lambda t: f"{t[0]}.{t[1]}"),
+        st.tuples(c, st.integers(-2, 2)).map(lambda t: f"{t[0]}[{t[1]}]"),
+        st.tuples(c, c).map(lambda t: f"({t[0]} && {t[1]})"),
+        st.tuples(c, c).map(lambda t: f"({t[0]} || {t[1]})"),
+        c.map(lambda x: f"!{x}"),
+        st.tuples(c, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), c).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(c, c).map(lambda t: f"[{t[0]}, {t[1]}]"),
+        st.tuples(c, c).map(lambda t: "{x: " + t[0] + ", y: " + t[1] + "}"),
+        st.tuples(c, field).map(lambda t: f"{t[0]}[*].{t[1]}"),
+        st.tuples(c, field).map(lambda t: f"{t[0]}.*.{t[1]}"),
+        c.map(lambda x: f"{x}[]"),
+        st.tuples(c, field, c).map(lambda t: f"{t[0]}[?{t[1]} == {t[2]}]"),
+        st.tuples(c, c).map(lambda t: f"{t[0]} | {t[1]}"),
+        c.map(lambda x: f"{x}[1:]"),
+        st.tuples(st.sampled_from(["upper", "lower", "trim", "country_code", "to_decimal", "unix_to_date",
+                                   "non_empty", "length", "to_string", "type", "not_null"]), c)
+          .map(lambda t: f"{t[0]}({t[1]})"),
+        st.lists(c, min_size=1, max_size=3).map(lambda xs: f"coalesce({', '.join(xs)})"),
+        st.lists(c, min_size=0, max_size=3).map(lambda xs: "concat_ws(', '" + "".join(", " + x for x in xs) + ")"),
+        st.tuples(c, c).map(lambda t: f"minor_to_major({t[0]}, {t[1]})"),
+        st.tuples(c, c).map(lambda t: f"upper({t[0]}, {t[1]})"),  # arity error: jmespath must raise it
+    )
+
+
+leaf = st.one_of(field, literal, st.just("@"))
+expressions = st.recursive(leaf, _expr, max_leaves=6)
+
+
+def _outcome(fn, value):
+    try:
+        return "ok", fn(value)
+    except Exception as exc:  # the compiled path must raise what jmespath raises
+        return "error", type(exc).__name__
+
+
+def _same(a, b) -> bool:
+    return repr(a) == repr(b)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(expressions, data)
+def test_compiled_equals_jmespath(source, value):
+    try:
+        parsed = functions.compile(source)
+    except jmespath.exceptions.JMESPathError:
+        return  # not an expression (the grammar can produce a few); nothing to compare
+    slow = _outcome(lambda v: parsed.search(v, options=functions.OPTIONS), value)
+    fast_fn = fastpath.compile(parsed.parsed, functions.OPTIONS.custom_functions)
+    if fast_fn is not None:
+        wrapped = fastpath.wrap(fast_fn, lambda v: parsed.search(v, options=functions.OPTIONS))
+        assert _same(_outcome(wrapped, value), slow), source
+    try:
+        expr = Expression(source)
+    except ValueError:
+        return  # an unknown function: the spec compiler rejects it before any record is seen
+    assert _same(_outcome(expr.search, value), slow), source
+
+
+SPEC_EXPRESSIONS = [
+    "id", "number", "unix_to_date(coalesce(effective_at, created))", "upper(currency)",
+    "minor_to_major(amount_remaining, currency, `{\"ISK\": 2}`)", "coalesce(customer.id, customer)",
+    "coalesce(customer.metadata.debtor_type, length(customer_tax_ids || `[]`) > `0` && 'Company' || null)",
+    "_address.line1 && concat_ws(', ', _address.line1, _address.line2)", "country_code(_address.country)",
+    "status == 'open' && amount_paid == `0` && amount_remaining > `0`", "data[-1].id", "has_more",
+    "status == 'open' && amount_paid > `0` && 'open, partially paid' || status",
+]
+
+
+@pytest.mark.parametrize("source", SPEC_EXPRESSIONS)
+def test_spec_expressions_are_compiled(source):
+    """The expressions of the real specs run on the fast path (not silently on the slow one)."""
+    parsed = functions.compile(source)
+    assert fastpath.compile(parsed.parsed, functions.OPTIONS.custom_functions) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(SPEC_EXPRESSIONS), st.dictionaries(
+    st.sampled_from(["id", "number", "created", "effective_at", "currency", "amount_remaining", "amount_paid",
+                     "status", "customer", "customer_tax_ids", "_address", "data", "has_more"]),
+    st.one_of(data, st.sampled_from(["usd", "ISK", "open", 1700000000, 0, 1999]),
+              st.fixed_dictionaries({"line1": scalars, "line2": scalars, "country": scalars})), max_size=8))
+def test_spec_expressions_equal_jmespath(source, record):
+    parsed = functions.compile(source)
+    slow = _outcome(lambda v: parsed.search(v, options=functions.OPTIONS), record)
+    assert _same(_outcome(Expression(source).search, record), slow), source
+
+
+def test_errors_come_from_jmespath():
+    """A wrong argument type raises jmespath's own error type, not the compiler's."""
+    with pytest.raises(jmespath.exceptions.JMESPathTypeError):
+        Expression("upper(a)").search({"a": 5})
