@@ -593,6 +593,14 @@ async def _other_environment(d, clients) -> str | None:
         await probe.close() if hasattr(probe, "close") else None
 
 
+async def _inbound_checks(conn: Connection, cfg: Config, store, report: DoctorReport) -> None:
+    """An inbound connection (`runner serve`): its keys, refused calls and last call, as the server recorded them."""
+    from runner import inbound
+
+    for c in inbound.doctor_checks(cfg, store, [conn]):
+        report.checks.append(Check(conn.name, c["check"], c["title"]).set(c["status"], c["message"], c["fix"]))
+
+
 async def doctor(cfg: Config, store, connections: list[Connection] | None = None,
                  max_records: int = 5000) -> DoctorReport:
     """Run every check for the chosen connections and the destination. Reads only; creates nothing."""
@@ -605,7 +613,8 @@ async def doctor(cfg: Config, store, connections: list[Connection] | None = None
         conns = connections or [c for c in cfg.connections if c.enabled]
         parts = [DoctorReport(config=str(cfg.file), checks=[]) for _ in conns]
         dest_part = DoctorReport(config=str(cfg.file), checks=[])
-        await asyncio.gather(*(_connection_checks(c, cfg, clients, store, max_records, p) for c, p in zip(conns, parts)),
+        await asyncio.gather(*((_connection_checks(c, cfg, clients, store, max_records, p) if c.spec.pull
+                                else _inbound_checks(c, cfg, store, p)) for c, p in zip(conns, parts)),
                              _destination_checks(cfg, clients, dest_part))
         for p in parts + [dest_part]:
             report.checks.extend(p.checks)

@@ -460,40 +460,55 @@ def create_app(cfg: Config, conn: Connection):
 
 # --- doctor --------------------------------------------------------------------------------------------------
 
-def doctor_checks(cfg: Config, store: Store) -> list[dict]:
+def doctor_checks(cfg: Config, store: Store | None, connections: list[Connection] | None = None) -> list[dict]:
     """The seed's checks for inbound connections, from what the server recorded: a usable key for the
-    environment, no key of the other environment being refused, and the last time a Zap called."""
+    environment, no key of the other environment (or a revoked one) refused since the last good call, and the
+    last time a Zap called. Each: {connection, check, title, status: ok|warning|failed, ok, message, fix}."""
+    out = []
+
+    def add(conn, check, title, status, message, fix=None):
+        out.append({"connection": conn.name, "check": check, "title": title, "status": status,
+                    "ok": status == "ok", "message": message, "fix": fix})
+
+    conns = [c for c in (connections or inbound_connections(cfg)) if not c.spec.pull]
+    if store is None:
+        for conn in conns:
+            add(conn, "api_key", "an active API key for the environment", "skipped", "no state store")
+        return out
     ensure(store)
     keys = apikeys.list_keys(store)
-    out = []
-    for conn in inbound_connections(cfg):
+    for conn in conns:
         env = conn.environment
         data = store.connection(conn.name).get("data") or {}
         active = [k for k in keys if k.active and k.environment == env]
-        out.append({"connection": conn.name, "check": "api_key", "ok": bool(active),
-                    "message": (f"{len(active)} active {env} API key(s): " + ", ".join(k.id for k in active))
-                    if active else f"no active {env} API key: a Zap cannot call this server",
-                    "fix": None if active else f"runner keys create {cfg.file} --environment {env}"})
+        add(conn, "api_key", f"an active {env} API key", "ok" if active else "failed",
+            (f"{len(active)} active {env} API key(s): " + ", ".join(k.id for k in active)) if active
+            else f"no active {env} API key: no Zap can call this connection's server",
+            None if active else f"runner keys create {cfg.file} --environment {env}, and put the key in the Zap")
         refused = data.get("inbound_last_refused")
         last = data.get("inbound_last_call")
-        recent_refusal = refused and (not last or refused.get("at", 0) > last.get("at", 0))
-        if recent_refusal and refused.get("reason") == "wrong_environment":
-            out.append({"connection": conn.name, "check": "environment", "ok": False,
-                        "message": f"the last call ({_iso(refused['at'])}) used a {refused.get('key_environment')} "
-                                   f"key against this {env} server",
-                        "fix": f"put a {env} key in the Zap (runner keys create {cfg.file} --environment {env}), or "
-                               f"point the Zap at the {refused.get('key_environment')} server"})
-        elif recent_refusal:
-            out.append({"connection": conn.name, "check": "environment", "ok": False,
-                        "message": f"the last call ({_iso(refused['at'])}) was refused: {refused.get('reason')}"
-                                   + (f" (key {refused['key_id']})" if refused.get("key_id") else ""),
-                        "fix": f"put an active {env} key in the Zap: `runner keys list {cfg.file}` shows them"})
+        recent = refused and (not last or refused.get("at", 0) > last.get("at", 0))
+        title = "Zaps use a key of the right environment"
+        if recent and refused.get("reason") == "wrong_environment":
+            add(conn, "key_environment", title, "failed",
+                f"the last call ({_iso(refused['at'])}) used a {refused.get('key_environment')} key against this "
+                f"{env} server, and was refused",
+                f"put a {env} key in the Zap (runner keys create {cfg.file} --environment {env}), or point the Zap "
+                f"at the {refused.get('key_environment')} server")
+        elif recent:
+            add(conn, "key_environment", title, "failed",
+                f"the last call ({_iso(refused['at'])}) was refused: " + {
+                    "missing_key": "it sent no API key", "unknown_key": "its API key is not one of this runner's",
+                    "revoked_key": f"its API key {refused.get('key_id')} was revoked"}.get(refused.get("reason"),
+                                                                                       refused.get("reason", "")),
+                f"put an active {env} key in the Zap's XApiKey header: `runner keys list {cfg.file}` shows them")
         else:
-            out.append({"connection": conn.name, "check": "environment", "ok": True,
-                        "message": f"no refused calls since the last accepted one ({env})", "fix": None})
-        out.append({"connection": conn.name, "check": "last_call", "ok": bool(last),
-                    "message": (f"a Zap last called {_iso(last['at'])} ({last.get('endpoint')}, key {last.get('key_id')})"
-                                if last else "no Zap has called this connection yet"),
-                    "fix": None if last else "run `runner serve` and test the connection in the Zap editor; polling "
-                                             "triggers are called every 1 to 15 minutes depending on the plan"})
+            add(conn, "key_environment", title, "ok", f"no call refused since the last accepted one ({env})")
+        if last:
+            add(conn, "last_call", "the last time a Zap called", "ok",
+                f"a Zap last called {_iso(last['at'])} ({last.get('endpoint')}, key {last.get('key_id')}); polling "
+                f"triggers are called every 1 to 15 minutes, depending on the plan")
+        else:
+            add(conn, "last_call", "the last time a Zap called", "warning", "no Zap has called this connection yet",
+                f"start `runner serve {cfg.file}` and test the connection in the Zap editor")
     return out

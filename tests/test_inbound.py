@@ -193,7 +193,7 @@ def test_keys_of_the_other_environment_and_revoked_keys_are_refused_distinctly(t
     finally:
         store.close()
     assert checks["api_key"]["ok"] and checks["last_call"]["ok"]
-    assert not checks["environment"]["ok"]
+    assert not checks["key_environment"]["ok"] and "sent no API key" in checks["key_environment"]["message"]
 
     srv.post(test_key, invoice(1))  # the most recent refusal: a test key on the production server
     store = Store(loaded.state_path)
@@ -202,8 +202,8 @@ def test_keys_of_the_other_environment_and_revoked_keys_are_refused_distinctly(t
         assert store.connection("zaps")["data"]["inbound_last_refused"]["reason"] == "wrong_environment"
     finally:
         store.close()
-    assert "test key against this production server" in checks["environment"]["message"]
-    assert "--environment production" in checks["environment"]["fix"]
+    assert "test key against this production server" in checks["key_environment"]["message"]
+    assert "--environment production" in checks["key_environment"]["fix"]
 
 
 def test_malformed_payloads_get_422_naming_every_bad_field_and_nothing_is_imported(tmp_path, serve):

@@ -108,3 +108,18 @@ def test_apply_leaves_inbound_connections_to_the_server(tmp_path):
     loaded = config.load(cfg, environ=env)
     zaps = loaded.connection("zaps")
     assert zaps.window.source == "from 1970-01-01 to now"  # no window needed for what a Zap posts
+
+
+def test_doctor_runs_the_inbound_checks_for_an_inbound_connection(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    env = {"DEBITURA_API_KEY": DEBITURA_KEY}
+    out = run_cli("doctor", str(cfg), "-o", "json", env=env)
+    checks = {c["check"]: c for c in json.loads(out.stdout)["checks"] if c["scope"] == "zaps"}
+    assert out.returncode == 1 and checks["api_key"]["status"] == "failed"
+    assert "--environment production" in checks["api_key"]["fix"]
+    assert checks["last_call"]["status"] == "warning"
+    assert run_cli("keys", "create", str(cfg), "-e", "production", env=env).returncode == 0
+    out = run_cli("doctor", str(cfg), "-o", "json", env=env)
+    checks = {c["check"]: c for c in json.loads(out.stdout)["checks"] if c["scope"] == "zaps"}
+    assert checks["api_key"]["status"] == "ok" and out.returncode == 0, out.stdout
