@@ -318,3 +318,137 @@ def test_doctor_api_is_read_only_and_generic(tmp_path, monkeypatch):
                                                                ("acme-stripe", "status_filter")}
     assert not rep.ok
     assert_no_secret([json.dumps(rep.as_dict())])
+
+
+# --- OAuth2 connections: revoked grants, wrong company / organization ---------------------------------------
+
+OAUTH_CONFIG = """
+state: state/state.db
+destination: {{type: debitura, environment: sandbox, api_key: "${{DEBITURA_API_KEY}}"}}
+defaults: {{window: {{last: 90d}}}}
+connections:
+  - name: acme-qbo
+    integration: quickbooks_online
+    environment: sandbox
+    credentials: {{client_id: "${{QBO_CLIENT_ID}}", client_secret: "${{QBO_CLIENT_SECRET}}",
+                  refresh_token: "${{QBO_REFRESH_TOKEN}}"}}
+    options: {{realm_id: "{realm}"}}
+    expect: {{account_id: "{realm}", account_name: "{company}"}}
+  - name: acme-zoho
+    integration: zoho_books
+    environment: sandbox
+    credentials: {{client_id: "${{ZOHO_CLIENT_ID}}", client_secret: "${{ZOHO_CLIENT_SECRET}}",
+                  refresh_token: "${{ZOHO_REFRESH_TOKEN}}"}}
+    {zoho_options}
+"""
+
+
+class OAuthEnv(Env):
+    def __init__(self, tmp_path: Path, monkeypatch, *, company=None, zoho_options='options: {organization_id: "60001"}'):
+        from runner.sandbox import quickbooks as qb
+        from runner.sandbox import zoho as zs
+
+        self.path = tmp_path / "config.yaml"
+        self.path.write_text(OAUTH_CONFIG.format(realm=qb.REALM_US, company=company or qb.COMPANY[qb.REALM_US][0],
+                                                 zoho_options=zoho_options))
+        for k, v in {"QBO_CLIENT_ID": qb.CLIENT_ID, "QBO_CLIENT_SECRET": qb.CLIENT_SECRET,
+                     "QBO_REFRESH_TOKEN": qb.BOOTSTRAP_REFRESH_TOKEN, "ZOHO_CLIENT_ID": zs.CLIENT_ID,
+                     "ZOHO_CLIENT_SECRET": zs.CLIENT_SECRET, "ZOHO_REFRESH_TOKEN": zs.BOOTSTRAP_REFRESH_TOKEN,
+                     "DEBITURA_API_KEY": dsim.PRODUCTION_KEY}.items():
+            monkeypatch.setenv(k, v)
+        self.data_dir = tmp_path / "state" / "sandbox"
+        self.qbo = sandbox.get_simulator("quickbooks", self.data_dir)
+        self.zoho = sandbox.get_simulator("zoho", self.data_dir)
+        self.secrets = SECRETS + [qb.CLIENT_SECRET, qb.BOOTSTRAP_REFRESH_TOKEN, zs.CLIENT_SECRET,
+                                  zs.BOOTSTRAP_REFRESH_TOKEN]
+        self.runner = CliRunner()
+        self.outputs = []
+
+    def doctor(self, *conns) -> tuple[int, dict]:
+        args = [a for c in conns for a in ("--connection", c)]
+        code, out = self.cli("doctor", str(self.path), "--output", "json", *args)
+        return code, json.loads(out)
+
+    def explain_in(self, conn: str, key: str) -> tuple[int, str]:
+        return self.cli("explain", str(self.path), key, "--connection", conn)
+
+    def no_secret(self) -> None:
+        blob = "\n".join(self.outputs)
+        for s in self.secrets:
+            assert s not in blob
+        for tok in self.qbo.oauth.access:  # access tokens issued during the test
+            assert tok not in blob
+
+
+def test_oauth_connections_active_and_accounts_match(tmp_path, monkeypatch):
+    e = OAuthEnv(tmp_path, monkeypatch)
+    code, rep = e.doctor("acme-qbo", "acme-zoho")
+    for name in ("acme-qbo", "acme-zoho"):
+        assert check(rep, name, "auth")["status"] == "ok"
+        assert "refresh works" in check(rep, name, "auth")["message"]
+        assert check(rep, name, "account")["status"] == "ok"
+    assert "Sandbox Company_US_1" in check(rep, "acme-qbo", "account")["message"]
+    assert "Sam's Shop LLC" in check(rep, "acme-zoho", "account")["message"]
+    e.no_secret()
+
+
+def test_revoked_quickbooks_grant(tmp_path, monkeypatch):
+    e = OAuthEnv(tmp_path, monkeypatch)
+    e.qbo.oauth.revoke_user("alice")
+    code, rep = e.doctor("acme-qbo")
+    assert code == 1
+    assert flagged(rep) == {("acme-qbo", "auth"): "failed"}
+    c = check(rep, "acme-qbo", "auth")
+    assert "revoked" in c["message"] and "runner connect acme-qbo" in c["fix"]
+    code, text = e.explain_in("acme-qbo", "1001")
+    assert code == 1 and "not active" in text and "runner connect acme-qbo" in text
+    code, text = e.cli("status", str(e.path))
+    assert "needs_reconnect → runner connect acme-qbo" in text
+    e.no_secret()
+
+
+def test_wrong_quickbooks_company(tmp_path, monkeypatch):
+    from runner.sandbox import quickbooks as qb
+
+    e = OAuthEnv(tmp_path, monkeypatch, company=qb.COMPANY[qb.REALM_DK][0])
+    code, rep = e.doctor("acme-qbo")
+    assert code == 1
+    assert flagged(rep) == {("acme-qbo", "account"): "failed"}
+    c = check(rep, "acme-qbo", "account")
+    assert "Sandbox Company_US_1" in c["message"] and "Nordlys Consulting ApS" in c["message"]
+    code, text = e.explain_in("acme-qbo", "1001")
+    assert "Sandbox Company_US_1" in text and "Nordlys Consulting ApS" in text
+    e.no_secret()
+
+
+def test_revoked_zoho_grant(tmp_path, monkeypatch):
+    e = OAuthEnv(tmp_path, monkeypatch)
+    e.zoho.oauth.revoke_user("sam")
+    code, rep = e.doctor("acme-zoho")
+    assert code == 1
+    assert flagged(rep) == {("acme-zoho", "auth"): "failed"}
+    assert "runner connect acme-zoho" in check(rep, "acme-zoho", "auth")["fix"]
+    code, text = e.explain_in("acme-zoho", "INV-000001")
+    assert code == 1 and "runner connect acme-zoho" in text
+    e.no_secret()
+
+
+def test_wrong_zoho_organization(tmp_path, monkeypatch):
+    e = OAuthEnv(tmp_path, monkeypatch, zoho_options='options: {organization_id: "20002"}')
+    code, rep = e.doctor("acme-zoho")
+    assert code == 1
+    assert flagged(rep) == {("acme-zoho", "account"): "failed"}
+    c = check(rep, "acme-zoho", "account")
+    assert "20002" in c["message"] and "60001 (Sam's Shop LLC)" in c["message"]
+    code, text = e.explain_in("acme-zoho", "INV-000001")
+    assert "20002" in text and "cannot see" in text
+    e.no_secret()
+
+
+def test_zoho_organization_not_pinned_lists_the_choices(tmp_path, monkeypatch):
+    e = OAuthEnv(tmp_path, monkeypatch, zoho_options="")
+    code, rep = e.doctor("acme-zoho")
+    assert flagged(rep) == {("acme-zoho", "account"): "failed"}
+    c = check(rep, "acme-zoho", "account")
+    assert "Sam's Side Hustle" in c["message"] and 'options: {organization_id: "60001"}' in c["fix"]
+    e.no_secret()

@@ -53,7 +53,9 @@ def test_status_shows_credential_change_and_reconnect_state(tmp_path, monkeypatc
     assert "state: needs_reconnect → runner connect acme-stripe" in text
     code, out = e.cli("doctor", str(e.path), "-o", "json")
     last = next(c for c in json.loads(out)["checks"] if c["check"] == "last_sync")
-    assert last["status"] == "failed" and last["fix"] == "runner connect acme-stripe"
+    assert last["status"] == "warning" and last["fix"] == "runner connect acme-stripe"
+    auth = next(c for c in json.loads(out)["checks"] if c["check"] == "auth")
+    assert auth["status"] == "failed" and "runner connect acme-stripe" in auth["fix"]
     assert_no_secret(e.outputs)
 
 
