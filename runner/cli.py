@@ -264,7 +264,7 @@ def sandbox():
 @click.option("--port", default=8765, show_default=True, type=int)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Persist simulator state (cases) here.")
 def sandbox_serve(host, port, data_dir):
-    """Serve every simulator over HTTP under /<name> (e.g. http://127.0.0.1:8765/stripe)."""
+    """Serve every simulator over HTTP under /<name> (e.g. http://127.0.0.1:8765/debitura)."""
     from pathlib import Path
 
     from runner.sandbox import server

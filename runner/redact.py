@@ -17,7 +17,7 @@ MASK = "****"
 _SHAPES = re.compile(
     r"(?:(?:sk|rk)_(?:live|test)_[A-Za-z0-9_]{4,})"
     r"|(?:Bearer\s+)[A-Za-z0-9._~+/=-]{8,}"
-    r"|(?:Zoho-oauthtoken\s+)[A-Za-z0-9._-]{8,}"
+    r"|(?:[A-Za-z]+-oauthtoken\s+)[A-Za-z0-9._-]{8,}"
     r"|(?:rnr_(?:prod|test)_[0-9a-f]{8}_)[0-9a-f]{8,}"  # `runner serve` API keys: the key id stays readable
     r"|(?:\"?(?:access_token|refresh_token|client_secret|api_key|id_token)\"?\s*[:=]\s*\"?)[^\s\",&}]{4,}"
 )
@@ -37,9 +37,8 @@ def register(value: str | None) -> None:
 
 def _shape(m: re.Match) -> str:
     s = m.group(0)
-    for prefix in ("Bearer ", "Zoho-oauthtoken "):
-        if s.startswith(prefix):
-            return prefix + MASK
+    if s.startswith("Bearer ") or "-oauthtoken " in s:
+        return s.split(" ", 1)[0] + " " + MASK
     if s[:3] in ("sk_", "rk_"):
         return s[:8] + MASK
     if s.startswith("rnr_"):

@@ -35,7 +35,7 @@ def _utc(value):
 
 
 def _sql_quote(value) -> str:
-    """Quote a value for a provider's query language (QuickBooks-style SQL): 'O''Brien'."""
+    """Quote a value for a provider's query language (SQL-like query languages): 'O''Brien'."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
