@@ -28,7 +28,7 @@ from typing import Any
 from loguru import logger
 
 from runner import redact, secrets
-from runner.errors import AuthError, NeedsReconnect, ProviderError
+from runner.errors import AuthError, NeedsReconnect, ProviderError, RunnerError
 from runner.templates import Template
 
 DEFAULT_HEADER = "Bearer {{ token.access_token }}"
@@ -174,6 +174,16 @@ class OAuthSession:
     async def prepare(self) -> dict:
         """Make sure a usable token exists; return connection data learned while doing so (may be empty)."""
         await self.headers()
+        conn_data = self.ctx.setdefault("connection", {})
+        for field, what in (self.cfg.get("required_fields") or {}).items():
+            if conn_data.get(field) in (None, ""):
+                given = self.ctx.get("options", {}).get(field)
+                if given in (None, ""):
+                    raise RunnerError(f"'{self.name}' does not know {what} ({field}): it is learned when connecting",
+                                         fix=f"runner connect {self.name}   (or set options: {{{field}: ...}} in the "
+                                             f"connection, if you know it)")
+                conn_data[field] = str(given)
+                self.learned[field] = str(given)
         return dict(self.learned)
 
     # --- internals ---------------------------------------------------------------------------------

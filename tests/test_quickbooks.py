@@ -89,3 +89,12 @@ def test_query_language_simulator():
     assert qb.run_query("select * from Invoice where Balance > '5'", {"Invoice": rows}) == {}
     with pytest.raises(qb.QueryError):
         qb.run_query("select * from Invoice where Balance > 0 or Id = '1'", {"Invoice": rows})
+
+
+def test_unknown_company_is_an_error_with_the_fix(sb, tmp_path):
+    """A bootstrap refresh token without the realm id: the runner cannot know the company, and says so."""
+    conn = qbo_connection(sb).replace('    options: {realm_id: "9130357766961111"}', "")
+    res = by_name(run_sync(write_config(tmp_path, conn), mode="apply"), "acme-qbo")
+    assert res.status == "failed" and "realm_id" in res.error
+    assert res.fix.startswith("runner connect acme-qbo")
+    assert not any("/v3/company" in p for _, p in sb.qbo.request_log)

@@ -245,6 +245,10 @@ class ZohoSimulator(Simulator):
             rows = [r for r in rows if r["status"] in ("sent", "overdue", "viewed", "partially_paid", "unpaid")]
         elif status:
             rows = [r for r in rows if r["status"] == status]
+        if q.get("invoice_number"):
+            rows = [r for r in rows if r["invoice_number"] == q["invoice_number"]]
+        if q.get("customer_id"):
+            rows = [r for r in rows if r["customer_id"] == q["customer_id"]]
         if q.get("date_start"):
             rows = [r for r in rows if r["date"] >= q["date_start"]]
         if q.get("date_end"):
