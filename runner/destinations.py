@@ -176,6 +176,13 @@ def _mentions_duplicate(data) -> bool:
 
 
 def _describe_errors(data, resp) -> str:
+    """Parse both error shapes Debitura documents (redacted: an answer may echo what it was sent)."""
+    from runner.redact import redact
+
+    return redact(_describe_errors_raw(data, resp))
+
+
+def _describe_errors_raw(data, resp) -> str:
     """Parse both error shapes Debitura documents: ASP.NET field dictionaries and ApiErrorResponseDto."""
     if isinstance(data, dict):
         parts = []

@@ -114,7 +114,9 @@ def parse_json(content: bytes, content_type: str, what: str, status: int | None 
     try:
         return orjson.loads(content)
     except orjson.JSONDecodeError as exc:
-        head = content[:200].decode("utf-8", "replace").strip()
+        from runner.redact import redact
+
+        head = redact(content[:200].decode("utf-8", "replace").strip())
         if "html" in content_type or head.lower().startswith(("<!doctype", "<html")):
             msg = f"{what} was an HTML page, not JSON (HTTP {status}): the provider or a proxy in between returned an error page"
         elif not content:
@@ -129,7 +131,17 @@ _ERROR_PATHS = ("error.message", "error_description", "message", "Fault.Error[0]
 
 
 def error_message(resp: Response) -> str:
-    """The provider's own words for an error, from whichever common envelope it uses."""
+    """The provider's own words for an error, from whichever common envelope it uses.
+
+    Redacted here, where provider text enters the runner: an API that echoes the key it was sent must not
+    put that key into errors, verdicts, the state store or a support bundle.
+    """
+    from runner.redact import redact
+
+    return redact(_error_message(resp))
+
+
+def _error_message(resp: Response) -> str:
     try:
         body = orjson.loads(resp.content)
     except Exception:
