@@ -452,3 +452,65 @@ def test_zoho_organization_not_pinned_lists_the_choices(tmp_path, monkeypatch):
     c = check(rep, "acme-zoho", "account")
     assert "Sam's Side Hustle" in c["message"] and 'options: {organization_id: "60001"}' in c["fix"]
     e.no_secret()
+
+
+# --- Zapier (inbound: the Zap calls `runner serve`) --------------------------------------------------------
+
+ZAP_CONFIG = """
+state: state/state.db
+destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
+connections:
+  - {name: zaps, integration: zapier, environment: production, window: {last: 180d}}
+"""
+
+
+def _zap_invoice(n: int, **extra) -> dict:
+    from datetime import date, timedelta
+
+    today = date.today()
+    inv = {"id": f"INV-{n}", "number": f"Z-{n:03d}", "issue_date": (today - timedelta(days=60)).isoformat(),
+           "due_date": (today - timedelta(days=30)).isoformat(), "currency": "EUR", "amount_due": f"{100 + n}.50",
+           "customer": {"name": f"Customer {n} GmbH", "email": f"ap{n}@example.de",
+                        "address": {"street": f"Hauptstr. {n}", "city": "Berlin", "postal_code": "10115",
+                                    "country": "Germany"}}}
+    inv.update(extra)
+    return inv
+
+
+def test_zap_with_a_test_key_against_production(tmp_path, monkeypatch):
+    """Seed, Zapier cause 2: the wrong environment. The call is refused, doctor names it, explain too."""
+    from starlette.testclient import TestClient
+
+    from runner import apikeys, inbound
+    from runner.state import Store
+
+    path = tmp_path / "config.yaml"
+    path.write_text(ZAP_CONFIG)
+    monkeypatch.setenv("DEBITURA_API_KEY", dsim.PRODUCTION_KEY)
+    cfg = config_mod.load(path)
+    store = Store(cfg.state_path)
+    prod_key = apikeys.create(store, "production", "zap")[0]
+    test_key = apikeys.create(store, "test", "zap being built")[0]
+    store.close()
+    with TestClient(inbound.create_app(cfg, cfg.connection("zaps"))) as client:
+        ok = client.post("/v1/invoices", json=_zap_invoice(1), headers={"XApiKey": prod_key})
+        assert ok.status_code == 200, ok.text
+        missing = _zap_invoice(3)
+        del missing["customer"]["address"]["postal_code"]
+        assert client.post("/v1/invoices", json=missing, headers={"XApiKey": prod_key}).status_code == 200
+        refused = client.post("/v1/invoices", json=_zap_invoice(2), headers={"XApiKey": test_key})
+        assert refused.status_code == 401
+    e = Env.__new__(Env)
+    e.path, e.runner, e.outputs = path, CliRunner(), []
+    code, rep = e.doctor()
+    assert code == 1
+    assert flagged(rep) == {("zaps", "key_environment"): "failed"}
+    assert "test key against this" in check(rep, "zaps", "key_environment")["message"]
+    code, text = e.explain("Z-002")
+    assert code == 1 and "has not arrived" in text and "test key against this" in text
+    code, text = e.explain("Z-001")
+    assert code == 0 and "Z-001 was imported on " in text and "as case " in text
+    code, text = e.explain("INV-3")
+    assert "Z-003 was not imported because the customer 'Customer 3 GmbH' has no postal code" in text
+    assert_no_secret(e.outputs)
+    assert prod_key not in "\n".join(e.outputs) and test_key not in "\n".join(e.outputs)
