@@ -25,8 +25,7 @@ class Sandbox:
         self.server = SandboxServer({"quickbooks": self.qbo, "zoho": self.zoho})
 
     def __enter__(self):
-        self.server.start()
-        self.zoho.public_base = self.server.url("zoho")
+        self.server.start()  # the Zoho simulator builds its data-centre URLs from the Host it is called at
         return self
 
     def __exit__(self, *a):

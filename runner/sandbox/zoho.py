@@ -13,8 +13,9 @@ Each data centre's hosts appear as the first path segment, so every call shows w
     GET  /www.zohoapis.<tld>/books/v3/contacts/{id}?organization_id=
 
 A token only works at its own data centre's accounts server and API domain. The token response's
-``api_domain`` and the redirect's ``accounts-server`` are built from ``public_base`` (default
-``sandbox://zoho``; a test serving this on a socket sets it to the server's URL for this mount).
+``api_domain`` and the redirect's ``accounts-server`` are built from ``public_base``: when it is None (the
+default) it is where the request came in: ``sandbox://zoho`` in-process, ``http://<Host>/zoho`` on a
+SandboxServer / ``runner sandbox serve`` (mounted as ``zoho``).
 
 Errors as Zoho sends them: a bad, revoked or foreign refresh token -> HTTP 200 ``{"error": "invalid_code"}``;
 a bad or expired access token -> HTTP 401 ``{"code": 57, "message": ...}``; a Books error -> ``{"code": n,
@@ -106,11 +107,12 @@ def _invoices(org: str, currency: str, contacts: dict, today: date) -> list[dict
 class ZohoSimulator(Simulator):
     name = "zoho"
 
-    def __init__(self, data_dir: Any = None, today: date | None = None, public_base: str = "sandbox://zoho"):
+    def __init__(self, data_dir: Any = None, today: date | None = None, public_base: str | None = None):
         super().__init__()
         self._data_dir = data_dir
         self.today = today or datetime.now(timezone.utc).date()
         self.public_base = public_base
+        self._host: str | None = None
         # One authorization "cloud": tokens are per data centre, checked against the host they are used at.
         self.oauth = OAuthServer(clients={CLIENT_ID: CLIENT_SECRET}, rotate=False, token_prefix="1000.",
                                  invalid_grant_error="invalid_code", invalid_grant_status=200, refresh_token_limit=20)
@@ -132,11 +134,19 @@ class ZohoSimulator(Simulator):
         self.calls_by_host: dict[str, int] = {}
         self.contact_fetches: dict[str, int] = {}
 
+    def _public(self) -> str:
+        if self.public_base:
+            return self.public_base
+        host = self._host or ""
+        if not host or host.endswith(".sandbox.invalid"):
+            return f"sandbox://{self.name}"
+        return f"http://{host}/{self.name}"
+
     def api_domain(self, tld: str) -> str:
-        return f"{self.public_base}/www.zohoapis.{tld}"
+        return f"{self._public()}/www.zohoapis.{tld}"
 
     def accounts_server(self, tld: str) -> str:
-        return f"{self.public_base}/accounts.zoho.{tld}"
+        return f"{self._public()}/accounts.zoho.{tld}"
 
     def state(self) -> dict:
         return {**super().state(), "oauth": self.oauth.state(), "calls_by_host": dict(self.calls_by_host)}
@@ -161,6 +171,7 @@ class ZohoSimulator(Simulator):
 
     # --- routing ---------------------------------------------------------------------------------
     async def dispatch(self, request: httpx.Request) -> httpx.Response:
+        self._host = request.headers.get("host") or request.url.netloc.decode()
         host, _, rest = request.url.path.lstrip("/").partition("/")
         rest = "/" + rest
         self.calls_by_host[host] = self.calls_by_host.get(host, 0) + 1
