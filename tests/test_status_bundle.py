@@ -168,3 +168,28 @@ def test_zero_because_of_an_error(tmp_path, monkeypatch):
     [c2] = _sync(e2).connections
     assert c2.why_zero().startswith("nothing was imported because the connection failed") and "401" in c2.why_zero()
     assert sandbox.get_simulator("debitura", e.data_dir).cases() == []
+
+
+def test_switched_organization_shows_in_doctor_status_and_bundle(tmp_path, monkeypatch):
+    """Seed escalation: 'switched accounts or organizations'. The runner sees it and says so."""
+    from tests.test_doctor import OAuthEnv
+
+    e = OAuthEnv(tmp_path, monkeypatch)
+    code, _ = e.cli("apply", str(e.path), "--connection", "acme-zoho")
+    assert code == 0
+    e.path.write_text(e.path.read_text().replace('organization_id: "60001"', 'organization_id: "60002"'))
+    code, out = e.cli("doctor", str(e.path), "--connection", "acme-zoho", "-o", "json")
+    acct = next(c for c in json.loads(out)["checks"] if c["check"] == "account")
+    assert acct["status"] == "warning"
+    assert "Sam's Side Hustle" in acct["message"] and "Sam's Shop LLC" in acct["message"]
+    code, _ = e.cli("apply", str(e.path), "--connection", "acme-zoho")
+    code, out = e.cli("status", str(e.path), "-o", "json")
+    zoho = next(c for c in json.loads(out)["connections"] if c["name"] == "acme-zoho")
+    assert {(ch["what"], ch["old"], ch["new"]) for ch in zoho["changes"]} >= {("account_id", "60001", "60002")}
+    bundle = tmp_path / "b.json"
+    e.cli("support-bundle", str(e.path), "--out", str(bundle), "--offline")
+    b = json.loads(bundle.read_text())
+    e.outputs.append(bundle.read_text())
+    z = next(c for c in b["connections"] if c["connection"] == "acme-zoho")
+    assert any(ch["what"] == "account_name" and ch["new"] == "Sam's Side Hustle" for ch in z["recent_changes"])
+    e.no_secret()
