@@ -327,9 +327,9 @@ def target_6(args, tmp: Path):
     from runner.sandbox.core import SandboxServer
     from runner.sandbox.debitura import PRODUCTION_KEY, DebituraSimulator
 
-    n = 1425  # the fake server's data set with ~1,000 eligible (open, complete address) invoices
+    n = 1500  # the fake server's data set with ~1,000 eligible (open, complete address) invoices
     sim = DebituraSimulator("production", data_dir=tmp / "t6sim")
-    sim.faults.update(latency_s=0.1)
+    sim.set_faults({"latency_s": 0.1})
     dsrv = SandboxServer({"debitura": sim})
     durl = dsrv.start()
     try:
@@ -345,13 +345,12 @@ def target_6(args, tmp: Path):
             cfg.write_text(text)
             m = run_runner(work, server, fresh=True)
             created = m["counts"].get("imported", 0)
-            stats = getattr(sim, "stats", None)
             budget = created / (2000 / 60.0)
             eff = budget / m["wall"] if m["wall"] else 0
             throttled = _debitura_429s(sim)
             row(6, f"delivery: {created:,} cases to the Debitura simulator (100 ms, 2,000/min)", [m["wall"]],
                 records=created, rss=[m["rss"]], requests=None,
-                ratio=f"{eff:.0%} of the budget ({budget:.1f}s); {throttled} x 429; "
+                ratio=f"{eff:.0%} of the budget ({budget:.1f}s); {throttled} retried POSTs; "
                       f"{_debitura_cases(sim)} cases stored",
                 goal=">=85%, no duplicate, no 429 storm",
                 met=eff >= 0.85 and created == wl["records"] and _debitura_cases(sim) == created and throttled <= 5)
@@ -359,31 +358,14 @@ def target_6(args, tmp: Path):
         dsrv.stop()
 
 
-def _debitura_cases(sim) -> int | str:
-    try:
-        with sim.store.connect() as conn:  # noqa
-            return conn.execute("SELECT count(*) FROM cases").fetchone()[0]
-    except Exception:
-        pass
-    for attr in ("cases",):
-        v = getattr(sim, attr, None)
-        if v is not None:
-            try:
-                return len(v)
-            except TypeError:
-                pass
-    return "?"
+def _debitura_cases(sim) -> int:
+    return len(sim.cases())
 
 
-def _debitura_429s(sim) -> int | str:
-    for attr in ("throttled", "rate_limited"):
-        v = getattr(sim, attr, None)
-        if isinstance(v, int):
-            return v
-    acc = getattr(sim, "accounting", None) or getattr(sim, "stats", None)
-    if isinstance(acc, dict):
-        return acc.get("429", acc.get(429, "?"))
-    return "?"
+def _debitura_429s(sim) -> int:
+    """POST /cases sent beyond one per stored case: the retries (429s) the runner needed."""
+    posts = sum(1 for m, p in sim.request_log if m == "POST" and p.split("?")[0].endswith("/cases"))
+    return posts - len(sim.cases())
 
 
 def target_7(args, tmp: Path):
@@ -419,7 +401,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--t4-runs", type=int, default=1)
-    ap.add_argument("--t4-rps", type=float, default=22.0, help="the spec's declared limit for target 4")
+    ap.add_argument("--t4-rps", type=float, default=24.0,
+                    help="the limit the bench environment declares for target 4 (Stripe test mode: 25/s; "
+                         "integrations.d/stripe.yaml's test environment declares 22)")
     ap.add_argument("--million", action="store_true", help="also target 3 at N=1,000,000 (slow)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers", default="baseline_orjson,dlt_jsonl,airbyte")

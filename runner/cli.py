@@ -9,7 +9,6 @@ Exit codes (also in the README):
 """
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
 import sys
@@ -80,6 +79,8 @@ def load_config(path: str, *, strict: bool = True):
 
 
 def run(coro):
+    import asyncio  # only commands that talk to an API pay for it (start-up time of `validate`)
+
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:

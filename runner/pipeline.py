@@ -7,6 +7,7 @@ No code here knows any particular integration: everything specific comes from th
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -286,7 +287,68 @@ class Source:
             params.update(self.stream.server_filters.get(kind, {}))
         return params
 
+    def partitions(self) -> list[dict | None]:
+        """The sub-windows (template `window` values) the spec's `partition` asks for; [None] for one fetch.
+
+        Boundaries are whole seconds and each sub-window ends one second before the next starts, so
+        inclusive bounds (created[gte] / created[lte]) never return an invoice twice."""
+        part = self.stream.partition
+        if not part or not self.conn.server_filters or "window" not in self.stream.server_filters:
+            return [None]
+        env = self.spec.environments.get(self.conn.environment)
+        rl = (env.rate_limit if env is not None else None) or self.spec.rate_limit or {}
+        w = self.conn.window
+        first, last = math.ceil(w.start.timestamp()), int(w.end.timestamp())
+        span = last - first
+        n = min(part.get("parts") or rl.get("concurrency") or 4, max(1, span // part.get("min_seconds", 3600)))
+        if n <= 1:
+            return [None]
+        zone = w.zone
+        cuts = [first + span * i // n for i in range(n + 1)]
+        out = []
+        for i in range(n):
+            start = w.start if i == 0 else datetime.fromtimestamp(cuts[i], zone)
+            end = w.end if i == n - 1 else datetime.fromtimestamp(cuts[i + 1] - 1, zone)
+            out.append({"start": start, "end": end, "start_date": start.astimezone(zone).date().isoformat(),
+                        "end_date": end.astimezone(zone).date().isoformat(), "timezone": w.tz})
+        return out
+
     async def pages(self) -> AsyncIterator[list]:
+        windows = self.partitions()
+        if len(windows) == 1:
+            async for records in self._pages_in(None):
+                yield records
+            return
+        # Sub-windows fetched at once (the limiter keeps them within the rate limit); pages are handed over
+        # through a small queue, so memory stays flat while processing overlaps the next requests.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(windows))
+        done = object()
+
+        async def produce(window: dict) -> None:
+            try:
+                async for records in self._pages_in(window):
+                    await queue.put(records)
+                await queue.put(done)
+            except Exception as exc:
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(produce(w)) for w in windows]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is done:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pages_in(self, window: dict | None) -> AsyncIterator[list]:
         pag = pagination.paginator(self.stream.paginate)
         step = pag.first()
         extra = self._server_params()
@@ -296,7 +358,7 @@ class Source:
             if count > self.stream.paginate.max_pages:
                 raise ProviderError(f"stopped after {count - 1} pages (max_pages in the spec)",
                                     fix="raise paginate.max_pages in the spec if the account really has this many")
-            ctx = self.context(page=step.page)
+            ctx = self.context(page=step.page) if window is None else self.context(page=step.page, window=window)
             resp = await self.send_spec(self.stream.request, ctx, {**extra, **step.params}, url=step.url)
             body = resp.json(f"{self.spec.name}'s invoice list")
             records = self.stream.records.search(body)

@@ -149,6 +149,7 @@ class Stream:
     details: list[Detail]
     max_page_size: int | None
     let: list[tuple[str, Expression]] = field(default_factory=list)
+    partition: dict | None = None  # {by: window, parts, min_seconds}: fetch sub-windows concurrently
 
     def prepare(self, record: Any) -> Any:
         """Compute the spec's `let` values into the record (names start with _, so they never clash)."""
@@ -333,7 +334,7 @@ class _Compiler:
                       unpaid=self.expression(raw["unpaid"], path + ("unpaid",)),
                       status_text=self.expression(raw.get("status_text"), path + ("status_text",)),
                       date=date, server_filters=server_filters, details=details,
-                      max_page_size=raw.get("max_page_size"),
+                      max_page_size=raw.get("max_page_size"), partition=raw.get("partition"),
                       let=[(k, e) for k, v in (raw.get("let") or {}).items()
                            if (e := self.expression(v, path + ("let", k))) is not None])
 
