@@ -20,7 +20,8 @@ DEBITURA_URLS = {
     "test": "https://testcustomer-api.debitura.com",
     "sandbox": "sandbox://debitura",
 }
-DEBITURA_RATE = {"requests_per_minute": 2000}
+# Per API key: 2,000 a minute, 20,000 an hour, 100,000 a day (docs.debitura.com, rate limiting).
+DEBITURA_RATE = {"requests_per_minute": 2000, "requests_per_hour": 20000, "requests_per_day": 100000}
 
 
 @dataclass

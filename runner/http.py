@@ -7,6 +7,7 @@ same account, and a guard that no request ever leaves the declared base URL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import random
 import time
@@ -43,7 +44,8 @@ class Policy:
 class Limiter:
     """A token bucket plus a concurrency cap, shared by every connection with the same scope."""
 
-    def __init__(self, per_second: float | None, concurrency: int | None):
+    def __init__(self, per_second: float | None, concurrency: int | None,
+                 windows: list[tuple[int, float]] | None = None):
         self.rate = per_second
         self.capacity = max(1.0, per_second or 1.0)
         # Start with one token, not a full bucket: a burst at start-up is what trips a provider's limiter.
@@ -52,9 +54,20 @@ class Limiter:
         self.lock = asyncio.Lock()
         self.slots = asyncio.Semaphore(concurrency) if concurrency else None
         self.paused_until = 0.0
+        # Quotas over longer windows (e.g. 20,000 an hour besides 2,000 a minute): an exact sliding log each.
+        self.windows = [(int(n), float(s), collections.deque()) for n, s in (windows or [])]
+
+    def _window_wait(self, now: float) -> float:
+        wait = 0.0
+        for limit, seconds, log in self.windows:
+            while log and log[0] <= now - seconds:
+                log.popleft()
+            if len(log) >= limit:
+                wait = max(wait, log[0] + seconds - now)
+        return wait
 
     async def acquire(self) -> None:
-        if self.rate is None and not self.paused_until:
+        if self.rate is None and not self.paused_until and not self.windows:
             return
         async with self.lock:
             while True:
@@ -62,14 +75,20 @@ class Limiter:
                 if now < self.paused_until:
                     await asyncio.sleep(self.paused_until - now)
                     continue
-                if self.rate is None:
-                    return
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= 1.0:
+                wait = self._window_wait(now)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                if self.rate is not None:
+                    self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                    self.stamp = now
+                    if self.tokens < 1.0:
+                        await asyncio.sleep((1.0 - self.tokens) / self.rate)
+                        continue
                     self.tokens -= 1.0
-                    return
-                await asyncio.sleep((1.0 - self.tokens) / self.rate)
+                for _, _, log in self.windows:
+                    log.append(now)
+                return
 
     def pause(self, seconds: float) -> None:
         """A 429 told us to wait: every request sharing this budget waits, not only the one refused."""
@@ -79,15 +98,19 @@ class Limiter:
 _limiters: dict[tuple, Limiter] = {}
 
 
+WINDOWS = {"requests_per_hour": 3600.0, "requests_per_day": 86400.0}
+
+
 def limiter_for(scope: str, rate_limit: dict | None) -> Limiter:
     rate_limit = rate_limit or {}
     rps = rate_limit.get("requests_per_second")
     if rps is None and rate_limit.get("requests_per_minute"):
         rps = rate_limit["requests_per_minute"] / 60.0
-    key = (scope, rps, rate_limit.get("concurrency"))
+    windows = tuple((rate_limit[k], s) for k, s in WINDOWS.items() if rate_limit.get(k))
+    key = (scope, rps, rate_limit.get("concurrency"), windows)
     lim = _limiters.get(key)
     if lim is None:
-        lim = _limiters[key] = Limiter(rps, rate_limit.get("concurrency"))
+        lim = _limiters[key] = Limiter(rps, rate_limit.get("concurrency"), list(windows))
     return lim
 
 

@@ -451,3 +451,66 @@ def test_connections_sharing_an_account_share_its_rate_limit_without_a_429_storm
     limited = stripe.statuses.count(429)
     print(f"\nRATE LIMIT requests={len(stripe.statuses)} 429s={limited}")
     assert limited <= 1, f"{limited} requests were refused with 429: the declared limit is not respected"
+
+
+# Documented limits (reference/API-FACTS.md): Stripe 100/s live and 25/s test, and 25/s per endpoint;
+# QuickBooks 500/min and 10 concurrent per company; Zoho Books about 100/min per organization;
+# Debitura 2,000/min, 20,000/hour, 100,000/day per key.
+FACTS = {"stripe": {"per_second": 25.0}, "quickbooks_online": {"per_second": 500 / 60, "concurrency": 10},
+         "zoho_books": {"per_second": 100 / 60}}
+
+
+def _per_second(rl: dict) -> float | None:
+    if rl.get("requests_per_second"):
+        return float(rl["requests_per_second"])
+    if rl.get("requests_per_minute"):
+        return rl["requests_per_minute"] / 60.0
+    return None
+
+
+@pytest.mark.parametrize("spec_id", sorted(FACTS))
+def test_declared_rate_limits_respect_the_documented_limits(spec_id):
+    from runner import specs
+
+    try:
+        spec = specs.load_spec(spec_id)
+    except KeyError:
+        pytest.skip(f"no {spec_id} spec yet")
+    fact = FACTS[spec_id]
+    checked = 0
+    for name, env in spec.environments.items():
+        if name == "sandbox" or (env.base_url is not None and "sandbox://" in env.base_url.source):
+            continue  # the built-in simulators: not the provider's servers
+        rl = env.rate_limit or spec.rate_limit or {}
+        rps = _per_second(rl)
+        assert rps is not None, f"{spec_id}/{name} declares no rate limit"
+        assert rps <= fact["per_second"], f"{spec_id}/{name}: {rps}/s is over the documented {fact['per_second']:.2f}/s"
+        if "concurrency" in fact:
+            assert rl.get("concurrency") and rl["concurrency"] <= fact["concurrency"], f"{spec_id}/{name} concurrency"
+        checked += 1
+    assert checked
+
+
+def test_debitura_limits_cover_minute_hour_and_day():
+    from runner.destinations import DEBITURA_RATE
+
+    assert DEBITURA_RATE["requests_per_minute"] <= 2000
+    assert DEBITURA_RATE["requests_per_hour"] <= 20000 and DEBITURA_RATE["requests_per_day"] <= 100000
+    lim = http.limiter_for("debitura:test", DEBITURA_RATE)
+    assert [w[:2] for w in lim.windows] == [(20000, 3600.0), (100000, 86400.0)]
+
+
+def test_quota_windows_are_never_exceeded():
+    """A quota over a window (like Debitura's hourly one), scaled down: 5 requests per 0.4 s."""
+    lim = http.Limiter(None, None, [(5, 0.4)])
+    stamps = []
+
+    async def go():
+        for _ in range(12):
+            await lim.acquire()
+            stamps.append(time.monotonic())
+
+    asyncio.run(go())
+    assert stamps[-1] - stamps[0] >= 0.8  # 5 + 5 + 2: two full windows must pass
+    for i, t in enumerate(stamps):
+        assert sum(1 for u in stamps[i:] if u < t + 0.4) <= 5
