@@ -237,6 +237,13 @@ class JsonlDestination:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("ab")
+            # A crash in the middle of a write leaves a torn last line: end it, or the next record would be
+            # glued to it and lost to every reader.
+            if self._fh.tell() > 0:
+                with self.path.open("rb") as fh:
+                    fh.seek(-1, 2)
+                    if fh.read(1) != b"\n":
+                        self._fh.write(b"\n")
         self._fh.write(dumps({"idempotency_key": key, "invoice": invoice, "case": case_body(invoice, self.cfg)}) + b"\n")
         return Delivery(case_id=key, case_reference=None)
 

@@ -211,3 +211,60 @@ def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tm
     assert kills >= KILLS
     # The kills must really have hit deliveries, or this test proves nothing about exactly-once.
     assert mid_delivery >= min(5, KILLS // 10), f"only {mid_delivery} kills landed between a case and its ledger row"
+
+
+JSONL_CONFIG = """
+state: state/state.db
+destination: {type: jsonl, path: out/cases.jsonl}
+connections:
+  - name: jsonl-stripe
+    integration: stripe
+    environment: sandbox
+    credentials: {api_key: "${STRIPE_API_KEY}"}
+    window: {last: 90d}
+"""
+
+
+def test_jsonl_sink_survives_a_torn_last_line(tmp_path, monkeypatch):
+    """A crash in the middle of a write leaves half a line; the rerun must neither glue the next record to it
+    nor lose or repeat the invoice whose line was torn."""
+    import asyncio
+
+    from runner import config, pipeline
+    from runner.state import Store
+
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(JSONL_CONFIG)
+
+    def apply():
+        cfg = config.load(cfg_path)
+        store = Store(cfg.state_path)
+        try:
+            return asyncio.run(pipeline.sync(cfg, mode="apply", store=store)), store.db.execute(
+                "SELECT invoice_id, idempotency_key FROM ledger").fetchall()
+        finally:
+            store.close()
+
+    result, rows = apply()
+    out = tmp_path / "out" / "cases.jsonl"
+    lines = out.read_bytes().splitlines()
+    assert result.ok and len(lines) == len(rows) > 2
+    # Simulate the crash: the last record was being written (torn) and its ledger row is still pending.
+    torn_key = json.loads(lines[-1])["idempotency_key"]
+    out.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[-1][: len(lines[-1]) // 2])
+    db = sqlite3.connect(tmp_path / "state" / "state.db")
+    db.execute("UPDATE ledger SET status='pending' WHERE idempotency_key=?", (torn_key,))
+    db.commit()
+    db.close()
+    result, _ = apply()
+    assert result.ok and result.totals()["imported"] == 1
+    keys = Counter()
+    torn = 0
+    for line in out.read_bytes().splitlines():
+        try:
+            keys[json.loads(line)["idempotency_key"]] += 1
+        except ValueError:
+            torn += 1
+    assert torn == 1, "only the torn fragment may be unreadable"
+    assert keys == Counter({k: 1 for _, k in rows}), "every invoice exactly once in the file"
