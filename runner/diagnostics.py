@@ -178,35 +178,11 @@ def _plain(exc: RunnerError, status) -> str:
 
 def _position(source: pipeline.Source, rec: Any) -> str | None:
     """'before' | 'in' | 'after' the connection's window, or None when the date cannot be read."""
-    try:
-        prepared = source.stream.prepare(rec)
-        rule = source.stream.date
-        if rule is not None:
-            value, fmt = rule.value.search(prepared), rule.format
-        else:
-            value, fmt = source.stream.mapping.apply(prepared).get("issue_date"), "date"
-        w = source.conn.window
-        moment, day = pipeline._date_of(value, fmt, w.zone)
-    except Exception:
-        return None
-    if moment is not None:
-        return "before" if moment < w.start else "after" if moment > w.end else "in"
-    if day is not None:
-        return "before" if day < w.start_date else "after" if day > w.end_date else "in"
-    return None
+    return source.window_position(rec)
 
 
 def _record_date(source: pipeline.Source, rec: Any) -> date | None:
-    try:
-        prepared = source.stream.prepare(rec)
-        rule = source.stream.date
-        if rule is not None:
-            value, fmt = rule.value.search(prepared), rule.format
-        else:
-            value, fmt = source.stream.mapping.apply(prepared).get("issue_date"), "date"
-        moment, day = pipeline._date_of(value, fmt, source.conn.window.zone)
-    except Exception:
-        return None
+    moment, day, _ = source.record_date(source.stream.prepare(rec))
     return moment.astimezone(source.conn.window.zone).date() if moment is not None else day
 
 

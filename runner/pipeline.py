@@ -454,15 +454,34 @@ class Source:
                            f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
         return Verdict(ext, number, ELIGIBLE, invoice=inv)
 
-    def _in_window(self, rec, inv) -> tuple[bool | None, Any]:
+    def record_date(self, rec: Any, inv: dict | None = None) -> tuple[datetime | None, date | None, Any]:
+        """The date the window applies to: (moment, None) for timestamps, (None, day) for dates, and the raw
+        value; (None, None, value) when it cannot be read."""
         rule = self.stream.date
-        value = rule.value.search(rec) if rule else inv.get("issue_date")
-        fmt = rule.format if rule else "date"
-        w = self.conn.window
+        if rule is not None:
+            value, fmt = rule.value.search(rec), rule.format
+        else:
+            if inv is None:
+                inv = self.stream.mapping.apply(self.stream.prepare(rec))
+            value, fmt = inv.get("issue_date"), "date"
         try:
-            moment, day = _date_of(value, fmt, w.zone)
+            return (*_date_of(value, fmt, self.conn.window.zone), value)
         except (ValueError, TypeError, OverflowError):
-            return None, value
+            return None, None, value
+
+    def window_position(self, rec: Any) -> str | None:
+        """'before' | 'in' | 'after' the connection's window, or None when the date cannot be read."""
+        moment, day, _ = self.record_date(self.stream.prepare(rec))
+        w = self.conn.window
+        if moment is not None:
+            return "before" if moment < w.start else "after" if moment > w.end else "in"
+        if day is not None:
+            return "before" if day < w.start_date else "after" if day > w.end_date else "in"
+        return None
+
+    def _in_window(self, rec, inv) -> tuple[bool | None, Any]:
+        w = self.conn.window
+        moment, day, value = self.record_date(rec, inv)
         if moment is not None:
             if w.contains(moment):  # the common case: the date is only shown when it is outside the window
                 return True, None
