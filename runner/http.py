@@ -233,7 +233,8 @@ class Http:
         """Join a path to the base URL; an absolute URL must stay on the base URL's host and path."""
         if "://" in path_or_url:
             s = urlsplit(path_or_url)
-            if (s.scheme, s.netloc) != self._origin or not s.path.startswith(self._prefix):
+            inside = not self._prefix or s.path == self._prefix or s.path.startswith(self._prefix + "/")
+            if (s.scheme, s.netloc) != self._origin or not inside:
                 raise UnsafeRequest(
                     f"{self.label} sent a link to {s.scheme}://{s.netloc}{s.path}, outside its declared address "
                     f"{self.base_url}; the runner does not follow it",

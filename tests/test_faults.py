@@ -406,7 +406,7 @@ def test_page_larger_than_declared_is_refused(tmp_path, monkeypatch, served):
     assert deb.cases() == []
 
 
-@pytest.mark.parametrize("where", ["other_host", "same_host_other_path"])
+@pytest.mark.parametrize("where", ["other_host", "same_host_other_path", "same_host_sibling_path"])
 def test_next_page_link_outside_the_base_url_is_never_followed(tmp_path, monkeypatch, served, where):
     _spec(tmp_path, "linkstripe", **{
         'paginate: {type: cursor, param: starting_after, value: "data[-1].id", more: has_more}':
@@ -415,7 +415,8 @@ def test_next_page_link_outside_the_base_url_is_never_followed(tmp_path, monkeyp
     e = served(stripe=evil, debitura=Counting())
     stripe, deb = HostileStripe("next_url"), TimedDebitura()
     s = served(stripe=stripe, debitura=deb)
-    stripe.kw = {"next": (e.url("stripe") if where == "other_host" else s.url("debitura")) + "/v1/invoices?page=2"}
+    stripe.kw = {"next": {"other_host": e.url("stripe"), "same_host_other_path": s.url("debitura"),
+                          "same_host_sibling_path": s.url("stripe-evil")}[where] + "/v1/invoices?page=2"}
     _, conn, _ = _apply(_config(tmp_path, monkeypatch, s.url("stripe"), s.url("debitura"), integration="linkstripe"))
     assert conn.status == "failed" and "outside its declared address" in conn.error and "does not follow" in conn.error
     assert evil.requests == 0 and all(p != "/v1/invoices" for _, _, p in deb.times)
