@@ -85,6 +85,14 @@ def cli(workdir: Path, *args, stripe=STRIPE_KEY, debitura=DEBITURA_KEY, **env):
     return r
 
 
+def cli_all(workdir: Path, commands: list[tuple], **kw) -> list:
+    """Independent commands (none of them `apply`, which takes the store's lock) run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda args: cli(workdir, *args, **kw), commands))
+
+
 def _store_token(workdir: Path) -> None:
     """A stored OAuth token, as `runner connect` leaves it, with RUNNER_SECRET_KEY set."""
     os.environ["RUNNER_SECRET_KEY"] = PASSPHRASE
@@ -101,18 +109,14 @@ def _store_token(workdir: Path) -> None:
 
 def test_every_command_keeps_secrets_out_of_all_output(workdir):
     _store_token(workdir)
-    assert cli(workdir, "validate", "config.yaml").returncode == 0
     for out in ("text", "json"):
-        assert cli(workdir, "plan", "config.yaml", "-o", out, "-vv").returncode == 0
         assert cli(workdir, "apply", "config.yaml", "-o", out, "-vv", "--details").returncode == 0
-        cli(workdir, "doctor", "config.yaml", "-o", out, "-vv")
-        cli(workdir, "status", "config.yaml", "-o", out)
-        cli(workdir, "explain", "config.yaml", "SBX-0020", "-o", out, "-vv")
-    cli(workdir, "integrations", "stripe", "-o", "json")
-    cli(workdir, "integrations")
-    cli(workdir, "--help")
     bundle = workdir / "bundle.zip"
-    cli(workdir, "support-bundle", "config.yaml", "--out", str(bundle))
+    results = cli_all(workdir, [("validate", "config.yaml"), ("integrations", "stripe", "-o", "json"),
+                                ("integrations",), ("--help",), ("support-bundle", "config.yaml", "--out", str(bundle))]
+                      + [(cmd, "config.yaml", *extra, "-o", out) for out in ("text", "json") for cmd, extra in (
+                          ("plan", ("-vv",)), ("doctor", ("-vv",)), ("status", ()), ("explain", ("SBX-0020",)))])
+    assert results[0].returncode == 0 and all(r.returncode == 0 for r in results[5:] if "plan" in r.args)
     assert bundle.exists()
     if zipfile.is_zipfile(bundle):
         with zipfile.ZipFile(bundle) as z:
@@ -128,7 +132,8 @@ def test_refused_keys_and_error_paths_keep_secrets_out(workdir):
         assert r.returncode == 1 and "401" in (r.stdout + r.stderr)
         r = cli(workdir, "apply", "config.yaml", "-o", out, "-vv", debitura=WRONG_DEBITURA)
         assert r.returncode == 1 and "401" in (r.stdout + r.stderr)
-        cli(workdir, "doctor", "config.yaml", "-o", out, "-vv", stripe=WRONG_STRIPE, debitura=WRONG_DEBITURA)
+    cli_all(workdir, [("doctor", "config.yaml", "-o", out, "-vv") for out in ("text", "json")],
+            stripe=WRONG_STRIPE, debitura=WRONG_DEBITURA)
     # a key of the wrong mode for the environment: the error names the rule, not the key
     r = cli(workdir, "validate", "config.yaml", stripe="sk_live_" + WRONG_STRIPE[8:])
     assert r.returncode == 2
@@ -158,13 +163,15 @@ def test_secrets_echoed_back_by_a_provider_are_redacted_everywhere(workdir):
         assert text.count(base) == 2
         (workdir / "config.yaml").write_text(text)
         for out in ("text", "json"):
-            for cmd in ("plan", "apply", "doctor"):
-                r = cli(workdir, cmd, "config.yaml", "-o", out, "-vv")
-                assert r.returncode != 0 and "401" in r.stdout + r.stderr, (cmd, r.stdout, r.stderr)
-        cli(workdir, "explain", "config.yaml", "SBX-0020", "-vv")
-        cli(workdir, "status", "config.yaml", "-o", "json")
+            r = cli(workdir, "apply", "config.yaml", "-o", out, "-vv")
+            assert r.returncode != 0 and "401" in r.stdout + r.stderr, (r.stdout, r.stderr)
         bundle = workdir / "echo-bundle.zip"
-        cli(workdir, "support-bundle", "config.yaml", "--out", str(bundle))
+        results = cli_all(workdir, [(cmd, "config.yaml", "-o", out, "-vv") for cmd in ("plan", "doctor")
+                                    for out in ("text", "json")] + [
+            ("explain", "config.yaml", "SBX-0020", "-vv"), ("status", "config.yaml", "-o", "json"),
+            ("support-bundle", "config.yaml", "--out", str(bundle))])
+        for r in results[:4]:
+            assert r.returncode != 0 and "401" in r.stdout + r.stderr, (r.args, r.stdout, r.stderr)
         if zipfile.is_zipfile(bundle):
             with zipfile.ZipFile(bundle) as z:
                 for name in z.namelist():
@@ -181,9 +188,9 @@ def test_a_literal_secret_in_the_config_is_refused_without_being_repeated(workdi
     assert WRONG_STRIPE in text
     (workdir / "config.yaml").write_text(text)
     for out in ("text", "json"):
-        for cmd in (("validate", "plan", "apply", "doctor") if out == "text" else ("validate", "apply")):
-            r = cli(workdir, cmd, "config.yaml", "-o", out)
-            assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        cmds = ("validate", "plan", "apply", "doctor") if out == "text" else ("validate", "apply")
+        for r in cli_all(workdir, [(cmd, "config.yaml", "-o", out) for cmd in cmds]):
+            assert r.returncode == 2, (r.args, r.stdout, r.stderr)
             assert "literal secret" in r.stdout + r.stderr
 
 
