@@ -176,6 +176,7 @@ class Source:
                          limiter=limiter_for(scope_value, rl), label=self.spec.name)
         self.auth = None
         self.today = datetime.now(conn.window.zone).date()
+        self.today_iso = self.today.isoformat()
 
     # --- context and requests --------------------------------------------------------------------------
     def context(self, **extra) -> dict:
@@ -448,7 +449,7 @@ class Source:
             if isinstance(debtor, dict):
                 detail["debtor"] = debtor.get("name")
             return Verdict(ext, number, SKIPPED, outcome.reason, outcome.message(), detail, inv)
-        if inv["due_date"] > self.today.isoformat():
+        if inv["due_date"] > self.today_iso:
             return Verdict(ext, number, SKIPPED, "not_yet_due",
                            f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
                            f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)

@@ -113,20 +113,28 @@ class Mapping:
 
     fields: list[tuple[tuple, Expression]]
 
+    def __post_init__(self) -> None:
+        # (parent keys, leaf key, search): unpacked once, this loop runs for every field of every invoice
+        self._plan = [(path[:-1], path[-1], expr.search) for path, expr in self.fields]
+
     def apply(self, record: Any) -> dict:
+        """Missing, null and blank values are left out, so the schema names them as missing."""
         out: dict = {}
-        for path, expr in self.fields:
-            value = expr.search(record)
-            if isinstance(value, str):
+        for parents, leaf, search in self._plan:
+            value = search(record)
+            if value is None:
+                continue
+            kind = type(value)
+            if kind is str:
                 value = value.strip()
                 if not value:
                     continue
-            elif value is None or value == {} or value == []:
+            elif (kind is dict or kind is list) and not value:
                 continue
             node = out
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = value
+            for key in parents:
+                node = node.get(key) or node.setdefault(key, {})
+            node[leaf] = value
         return out
 
 

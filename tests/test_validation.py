@@ -1,0 +1,65 @@
+"""The invoice validator's fast paths say exactly what the plain jsonschema validator says."""
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+
+from hypothesis import given, settings, strategies as st
+
+from runner import schemas, validation
+
+VALID = {"external_id": "in_1", "number": "A-1", "issue_date": "2026-01-01", "due_date": "2026-01-31",
+         "currency": "USD", "amount": Decimal("12.50"),
+         "debtor": {"type": "Company", "name": "Acme", "email": "a@example.com",
+                    "address": {"street": "1 Main St", "city": "Austin", "postal_code": "78701", "country": "US",
+                                "state": "TX"}},
+         "source": {"connection": "c", "integration": "i", "account_id": "a"}}
+
+PATHS = [("external_id",), ("number",), ("issue_date",), ("due_date",), ("currency",), ("amount",),
+         ("debtor", "type"), ("debtor", "name"), ("debtor", "address"), ("debtor", "address", "street"),
+         ("debtor", "address", "city"), ("debtor", "address", "postal_code"), ("debtor", "address", "country"),
+         ("debtor", "address", "state"), ("source",)]
+VALUES = st.sampled_from([None, "", "x", "usd", "XYZ", "EUR", "JPY", "DK", "Denmark", "2026-13-45", 0, -1,
+                          Decimal("0"), 3.5, [], {}, True, "Private", "Person"])
+
+
+def _mutate(changes):
+    inv = copy.deepcopy(VALID)
+    for path, value, drop in changes:
+        node = inv
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if drop:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    return inv
+
+
+def _reference(inv):
+    errs = schemas.validator("invoice").iter_errors(inv)
+    return sorted((tuple(map(str, e.absolute_path)), e.validator, e.message) for e in errs)
+
+
+def _fast(inv):
+    return sorted((tuple(map(str, p)), e.validator, e.message) for p, e in validation._errors(inv))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PATHS), VALUES, st.booleans()), max_size=4))
+def test_fast_paths_agree_with_jsonschema(changes):
+    inv = _mutate(changes)
+    reference = _reference(inv)
+    assert validation.check(inv).ok == (reference == [])
+    if reference:
+        assert _fast(inv) == reference
+
+
+def test_unknown_currency_fails_even_though_the_hot_path_checks_it_with_a_set():
+    inv = copy.deepcopy(VALID)
+    inv["currency"] = "XYZ"
+    out = validation.check(inv)
+    assert not out.ok and out.reason == "invalid"
+    assert "'XYZ' is not an ISO 4217 currency code" in out.message()
