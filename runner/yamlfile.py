@@ -55,6 +55,10 @@ def dotted(path: Iterable) -> str:
     return out
 
 
+# libyaml's parser when pyyaml was built with it (several times faster; marks are the same).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class _Constructor(yaml.constructor.SafeConstructor):
     pass
 
@@ -91,7 +95,7 @@ def _build(node: yaml.Node, path: tuple, doc: Document, ctor: _Constructor) -> A
 def loads(text: str, file: str = "<input>") -> Document:
     doc = Document(data=None, file=file)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
