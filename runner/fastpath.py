@@ -330,6 +330,30 @@ def _function(node: dict, fns) -> Callable[[Any], Any]:
 
         return call1
 
+    by_index = dict(checks)
+    if n in (2, 3) and set(by_index) <= set(range(n)):
+        # The common arities without building a list per call (this runs for most mapped fields).
+        a0, a1 = args[0], args[1]
+        k0, k1 = by_index.get(0), by_index.get(1)
+        if n == 2:
+            def call2(v):
+                x, y = a0(v), a1(v)
+                if (k0 is not None and type(x).__name__ not in k0) or (k1 is not None and type(y).__name__ not in k1):
+                    raise _TypeMismatch(name)
+                return fn(fns, x, y)
+
+            return call2
+        a2, k2 = args[2], by_index.get(2)
+
+        def call3(v):
+            x, y, z = a0(v), a1(v), a2(v)
+            if ((k0 is not None and type(x).__name__ not in k0) or (k1 is not None and type(y).__name__ not in k1)
+                    or (k2 is not None and type(z).__name__ not in k2)):
+                raise _TypeMismatch(name)
+            return fn(fns, x, y, z)
+
+        return call3
+
     def call(v):
         values = [a(v) for a in args]
         for i, allowed in checks:
