@@ -520,6 +520,7 @@ class RunResult:
     started: float
     finished: float
     destination_error: str | None = None
+    inbound: list[str] = field(default_factory=list)  # connections that receive pushes (`runner serve`)
 
     @property
     def ok(self) -> bool:
@@ -536,7 +537,7 @@ class RunResult:
     def as_dict(self) -> dict:
         return {"mode": self.mode, "run_id": self.run_id, "destination": self.destination, "ok": self.ok,
                 "destination_error": self.destination_error, "totals": self.totals(),
-                "seconds": round(self.finished - self.started, 3),
+                "seconds": round(self.finished - self.started, 3), "inbound_connections": self.inbound,
                 "connections": [c.as_dict() for c in self.connections]}
 
 
@@ -729,7 +730,9 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
 
     started = time.time()
     reset_limiters()  # limiters hold asyncio primitives bound to one event loop: one set per run
-    conns = [c for c in (connections or cfg.connections) if c.enabled and c.spec.pull]  # inbound: `runner serve`
+    chosen = [c for c in (connections or cfg.connections) if c.enabled]
+    conns = [c for c in chosen if c.spec.pull]
+    inbound = [c.name for c in chosen if not c.spec.pull]  # they receive invoices through `runner serve`
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)
@@ -756,7 +759,7 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     if run.fatal is not None and dest_error is None:
         dest_error = run.fatal.render()
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),
-                       started=started, finished=time.time(), destination_error=dest_error)
+                       started=started, finished=time.time(), destination_error=dest_error, inbound=inbound)
     if run_id is not None:
         store.finish_run(run_id, "ok" if result.ok else "partial", result.as_dict())
     return result

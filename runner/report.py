@@ -74,6 +74,11 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
                 t.add_row(v.invoice_id, v.number or "", Text(v.verdict, style=style or ""), v.reason or "",
                           redact(v.message))
             out.print(t)
+    for name in result.inbound:
+        out.print()
+        out.print(Text(f"● {name} (inbound)", style="bold"))
+        out.print(f"  receives pushed invoices through `runner serve`; plan and apply do not fetch it "
+                  f"(see `runner status` for what arrived)")
     tot = result.totals()
     sk = ", ".join(f"{n} {r}" for r, n in sorted(tot["skipped"].items(), key=lambda x: -x[1]))
     out.print()

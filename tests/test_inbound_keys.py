@@ -105,6 +105,9 @@ def test_apply_leaves_inbound_connections_to_the_server(tmp_path):
     out = run_cli("apply", str(cfg), "-o", "json", env=env)
     assert out.returncode == 0, out.stderr
     assert [c["name"] for c in json.loads(out.stdout)["connections"]] == ["acme-stripe"]
+    assert json.loads(out.stdout)["inbound_connections"] == ["zaps"]
+    text = run_cli("plan", str(cfg), env=env)
+    assert "zaps (inbound)" in text.stdout and "runner serve" in text.stdout
     loaded = config.load(cfg, environ=env)
     zaps = loaded.connection("zaps")
     assert zaps.window.source == "from 1970-01-01 to now"  # no window needed for what a Zap posts
