@@ -11,6 +11,8 @@ from datetime import date, datetime, timezone
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from runner.errors import RunnerError
+
 
 def _unix(value) -> int:
     if isinstance(value, datetime):
@@ -46,8 +48,27 @@ def environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-class TemplateError(Exception):
+class TemplateError(RunnerError):
     """A template failed to compile or render; the message is meant for the person who wrote it."""
+
+    def __init__(self, message: str, *, fix: str | None = None):
+        super().__init__(message, fix=fix or "fix the template in the integration spec (`runner validate` "
+                                              "checks every template)")
+
+
+def _refuse_hostile(source: str, tree) -> None:
+    """What the sandbox would refuse at render time, refused when the spec loads (so `validate` finds it):
+    private or dunder attributes (the classic sandbox escapes) and file access (include/import/extends)."""
+    from jinja2 import nodes
+
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Include, nodes.Import, nodes.FromImport,
+                               nodes.Extends)):
+        if isinstance(node, (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+            raise TemplateError(f"template {source!r} may not include, import or extend other files")
+        name = node.attr if isinstance(node, nodes.Getattr) else (
+            node.arg.value if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str) else "")
+        if name.startswith("_"):
+            raise TemplateError(f"template {source!r} reads the private attribute {name!r}, which templates may not")
 
 
 class Template:
@@ -61,7 +82,9 @@ class Template:
             self._tpl = None
             return
         try:
-            self._tpl = environment().from_string(source)
+            env = environment()
+            _refuse_hostile(source, env.parse(source))
+            self._tpl = env.from_string(source)
         except TemplateSyntaxError as exc:
             raise TemplateError(f"template {source!r} does not compile: {exc.message} (line {exc.lineno})") from None
 

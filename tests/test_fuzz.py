@@ -67,7 +67,11 @@ def _summary():
 
 def _write(name: str, text: str) -> Path:
     RUN[name] += 1
-    p = WORK / f"{name}-{RUN[name]}.yaml"
+    if name == "spec":  # a spec's file name must match its id
+        (WORK / f"spec-{RUN[name]}").mkdir()
+        p = WORK / f"spec-{RUN[name]}" / "stripe.yaml"
+    else:
+        p = WORK / f"{name}-{RUN[name]}.yaml"
     p.write_text(text, encoding="utf-8")
     return p
 
@@ -398,3 +402,41 @@ def test_unreadable_dates_are_invalid_with_the_value_shown(created):
     v = _src().evaluate(_invoice(created=created))
     assert (v.verdict, v.reason) == ("skipped", "invalid"), v
     assert v.message
+
+
+@pytest.mark.parametrize("source", [s for s in HOSTILE_JINJA if "__" in s or "_Template" in s or "include" in s
+                                    or "import" in s or "extends" in s])
+def test_hostile_templates_are_refused_when_the_spec_loads_with_a_location(source):
+    RUN["template"] += 1
+    data = yaml.safe_load(GOOD_SPEC)
+    data["invoices"]["request"]["params"]["limit"] = source
+    path = _write("spec", yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    with pytest.raises(ConfigError) as info:
+        specs.parse(load_yaml(path))
+    (p,) = info.value.problems
+    assert p.line is not None and p.where == "invoices.request.params.limit"
+    assert any(w in p.message for w in ("private attribute", "may not include", "does not compile")), p.message
+
+
+def test_a_template_refused_at_render_time_fails_the_connection_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import asyncio
+
+    from runner.state import Store
+
+    spec_dir = tmp_path / "integrations.d"
+    spec_dir.mkdir()
+    data = yaml.safe_load(GOOD_SPEC)
+    data["id"] = "mutating"
+    data["invoices"]["request"]["params"]["limit"] = "{{ options.update({'a': 1}) }}"
+    (spec_dir / "mutating.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(GOOD_CONFIG.replace("integration: stripe", "integration: mutating"))
+    cfg = config.load(cfg_path, environ=ENV)
+    store = Store(cfg.state_path)
+    try:
+        result = asyncio.run(pipeline.sync(cfg, mode="plan", store=store))
+    finally:
+        store.close()
+    (conn,) = result.connections
+    assert conn.status == "failed" and "tried something not allowed" in conn.error and conn.fix
+    assert "Traceback" not in capsys.readouterr().err
