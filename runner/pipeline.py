@@ -668,8 +668,11 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
     except (RunnerError, UnsafeRequest) as exc:
         result.status, result.error, result.fix = "failed", exc.message, exc.fix
     except Exception as exc:  # never lose what was done because of an unexpected error: record it and go on
-        logger.exception("unexpected error in connection {}", conn.name)
-        result.status, result.error = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
+        # The summary carries the message; the traceback is for a developer (-vv), never for the person reading.
+        logger.opt(exception=exc).debug("unexpected error in connection {}", conn.name)
+        from runner.redact import redact
+
+        result.status, result.error = "failed", redact(f"unexpected error: {type(exc).__name__}: {exc}")
     result.requests = source.http.requests
     result.seconds = time.monotonic() - started
     if result.status == "ok" and result.seen and source.account_id:
