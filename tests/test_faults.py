@@ -112,6 +112,7 @@ class TimedDebitura(DebituraSimulator):
         super().__init__("production")
         self.times: list[tuple[float, str, str]] = []
         self.fail_refs = set(fail_refs)
+        self.statuses: list[int] = []
 
     async def handle(self, request):
         self.times.append((time.monotonic(), request.method, request.url.path))
@@ -121,7 +122,9 @@ class TimedDebitura(DebituraSimulator):
                 INJECTED["destination_503"] += 1
                 self.faults.record(request.method, request.url.path)
                 return self.fault_response(503)
-        return await super().handle(request)
+        resp = await super().handle(request)
+        self.statuses.append(resp.status_code)
+        return resp
 
 
 class Counting(Simulator):
@@ -515,3 +518,69 @@ def test_quota_windows_are_never_exceeded():
     assert stamps[-1] - stamps[0] >= 0.8  # 5 + 5 + 2: two full windows must pass
     for i, t in enumerate(stamps):
         assert sum(1 for u in stamps[i:] if u < t + 0.4) <= 5
+
+
+# --- the destination's answers that exactly-once depends on ------------------------------------------------
+
+class LosingDebitura(TimedDebitura):
+    """Creates the case, then loses the answer (a 503 instead of the 200), once per invoice."""
+
+    def __init__(self):
+        super().__init__()
+        self.lost: set[str] = set()
+
+    async def handle(self, request):
+        resp = await super().handle(request)
+        if request.method == "POST" and resp.status_code == 200:
+            ref = json.loads(request.content)["creditorReference"]
+            if ref not in self.lost:
+                self.lost.add(ref)
+                INJECTED["destination_answer_lost_after_create"] += 1
+                return self.fault_response(503)
+        return resp
+
+
+def test_a_lost_answer_after_the_case_was_created_is_replayed_not_duplicated(tmp_path, monkeypatch, served,
+                                                                              fast_backoff):
+    stripe, deb = HostileStripe(), LosingDebitura()
+    s = served(stripe=stripe, debitura=deb)
+    result, conn, ledger = _apply(_config(tmp_path, monkeypatch, s.url("stripe"), s.url("debitura")))
+    eligible = _eligible(stripe)
+    assert result.ok and conn.imported == len(eligible) and deb.lost == eligible
+    assert _refs(deb) == Counter({n: 1 for n in eligible}), "the retry (same key, same body) was replayed"
+    posts = [p for _, m, p in deb.times if m == "POST"]
+    assert len(posts) == 2 * len(eligible)
+
+
+def test_a_case_that_exists_under_the_same_key_or_reference_is_found_not_created_again(tmp_path, monkeypatch,
+                                                                                       served):
+    from runner.destinations import idempotency_key
+
+    stripe, deb = HostileStripe(), TimedDebitura()
+    s = served(stripe=stripe, debitura=deb)
+    cfg = _config(tmp_path, monkeypatch, s.url("stripe"), s.url("debitura"))
+    opens = [i for i in stripe.data["test"]["invoices"] if i["_sandbox_kind"] == "open"]
+    same_key, same_ref = opens[0], opens[1]
+    body = {"currencyCode": "EUR", "amountToRecover": 1.0, "date": "2026-01-01T00:00:00Z",
+            "dueDate": "2026-01-15T00:00:00Z", "debtor": {"type": "Company", "name": "X", "address": "Y 1",
+                                                         "zipCode": "1000", "city": "Z", "countryAlpha2": "DK"}}
+    with httpx.Client(base_url=s.url("debitura"), headers={"XApiKey": DEBITURA_KEY}) as c:
+        # An earlier attempt under the runner's key, with a different body (the invoice changed since):
+        # Debitura answers IdempotencyConflict to the runner's request.
+        key = idempotency_key(f"stripe:{'faulty'}", same_key["id"])
+        assert c.post("/cases", json={**body, "creditorReference": same_key["number"]},
+                      headers={"Idempotency-Key": key}).status_code == 200
+        # A case made by hand with the same creditorReference: Debitura answers DuplicateReference.
+        assert c.post("/cases", json={**body, "creditorReference": same_ref["number"]}).status_code == 200
+    INJECTED["idempotency_conflict"] += 1
+    INJECTED["duplicate_reference"] += 1
+    result, conn, ledger = _apply(cfg)
+    assert result.ok, [v.message for v in conn.verdicts if v.verdict == "failed"]
+    assert deb.statuses.count(422) == 1 and deb.statuses.count(400) == 1  # IdempotencyConflict, DuplicateReference
+    by_number = {v.number: v for v in conn.verdicts}
+    for inv in (same_key, same_ref):
+        v = by_number[inv["number"]]
+        assert (v.verdict, v.reason) == ("skipped", "duplicate") and "already has this case" in v.message, v
+    eligible = _eligible(stripe)
+    assert _refs(deb) == Counter({n: 1 for n in eligible})
+    assert ledger == Counter({"delivered": len(eligible)})

@@ -270,6 +270,16 @@ class SandboxServer:
         handler = _make_handler(self)
         self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
         self._httpd.daemon_threads = True
+        plain_handle_error = self._httpd.handle_error
+
+        def handle_error(request: Any, client_address: Any) -> None:
+            import sys
+
+            # A client that gave up (a timeout test, a killed runner) is not an error worth a stack trace.
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                plain_handle_error(request, client_address)
+
+        self._httpd.handle_error = handle_error  # type: ignore[method-assign]
         self.port = self._httpd.server_address[1]
         self._http_thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                              name="sandbox-http", daemon=True)
