@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 import click
@@ -42,6 +43,26 @@ class Group(click.Group):
         if importlib.util.find_spec(module) is None:
             return None
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        """Errors are told to a person, never as a traceback (which could also carry secrets)."""
+        from runner.errors import RunnerError
+
+        try:
+            return super().invoke(ctx)
+        except RunnerError as exc:
+            fail(exc)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            from runner.redact import redact
+
+            click.echo(redact(f"error: unexpected {type(exc).__name__}: {exc}\n"
+                              "    fix: this is a bug in the runner; run again with -vv and report the output "
+                              "(it is redacted) with `runner support-bundle`"), err=True)
+            if os.environ.get("RUNNER_DEBUG"):
+                raise
+            sys.exit(EXIT_FAILED)
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -102,7 +123,9 @@ def select(cfg, names: tuple[str, ...]):
 def open_store(cfg, *, lock: bool = False):
     from runner.state import Store
 
-    store = Store(cfg.state_path)
+    from runner.destinations import ledger_id
+
+    store = Store(cfg.state_path, destination=ledger_id(cfg.destination))
     if lock and not store.lock():
         click.echo(f"error: another `runner apply` is using {cfg.state_path}; wait for it to finish", err=True)
         sys.exit(EXIT_LOCKED)

@@ -31,6 +31,15 @@ class Delivery:
     existing: bool = False  # the destination already had this case (replayed or found by reference)
 
 
+def ledger_id(cfg: DestinationConfig) -> str:
+    """Which destination a ledger row is about: a case in Debitura's test environment, or one written to a
+    file, does not make the invoice a duplicate for production."""
+    if cfg.type == "jsonl":
+        return f"jsonl:{cfg.path}"
+    base = cfg.base_url or DEBITURA_URLS[cfg.environment]
+    return f"debitura:{cfg.environment}:{base}" + (":isTest" if cfg.is_test else "")
+
+
 def idempotency_key(account_key: str, invoice_id: str) -> str:
     """Derived, so every retry and every rerun of the same invoice sends the same key."""
     return "runner-" + hashlib.sha256(f"{account_key}\x1f{invoice_id}".encode()).hexdigest()[:40]

@@ -117,7 +117,9 @@ class InboundServer:
     # lifecycle ---------------------------------------------------------------------------------------------
     async def startup(self) -> None:
         self.lock = asyncio.Lock()  # one import at a time: retries and duplicates are decided one after another
-        self.store = Store(self.cfg.state_path)
+        from runner.destinations import ledger_id
+
+        self.store = Store(self.cfg.state_path, destination=ledger_id(self.cfg.destination))
         ensure(self.store)
         self.clients = Clients(sandbox_dir=self.cfg.state_path.parent / "sandbox")
         dest_cfg = self.cfg.destination

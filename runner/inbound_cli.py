@@ -79,7 +79,9 @@ def _store(config_file):
         cfg = config.load(config_file, strict=False, resolve=False)
     except ConfigError as exc:
         fail(exc)
-    return cfg, Store(cfg.state_path)
+    from runner.destinations import ledger_id
+
+    return cfg, Store(cfg.state_path, destination=ledger_id(cfg.destination))
 
 
 def _when(ts):

@@ -739,6 +739,8 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)
+    if store is not None:
+        store.destination = destinations.ledger_id(cfg.destination)
     run_id = None
     dest_error = None
     try:

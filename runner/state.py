@@ -25,11 +25,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     idempotency_key TEXT NOT NULL,
     case_id TEXT,
     case_reference TEXT,
-    destination TEXT,
+    destination TEXT NOT NULL,       -- where the case was sent (type, environment/URL or file, test flag)
     error TEXT,
     first_seen REAL NOT NULL,
     updated REAL NOT NULL,
-    PRIMARY KEY (account_key, invoice_id)
+    PRIMARY KEY (destination, account_key, invoice_id)
 );
 CREATE INDEX IF NOT EXISTS ledger_number ON ledger (connection, number);
 CREATE TABLE IF NOT EXISTS runs (
@@ -99,8 +99,11 @@ class LedgerRow:
 
 
 class Store:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
+        # The ledger is per destination: an invoice sent to a jsonl file or to Debitura's test environment
+        # has not been sent to production. Runs set this from the config (destinations.ledger_id).
+        self.destination = destination
         if str(self.path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -174,17 +177,17 @@ class Store:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
-                 "case_reference, error, first_seen, updated FROM ledger WHERE account_key=? AND invoice_id IN (%s)"
-                 % ",".join("?" * len(chunk)))
-            for row in self.db.execute(q, (account_key, *chunk)):
+                 "case_reference, error, first_seen, updated FROM ledger WHERE destination=? AND account_key=? "
+                 "AND invoice_id IN (%s)" % ",".join("?" * len(chunk)))
+            for row in self.db.execute(q, (self.destination, account_key, *chunk)):
                 out[row[1]] = LedgerRow(*row)
         return out
 
     def ledger_find(self, connection: str | None, key: str) -> list[LedgerRow]:
         """Find ledger rows by invoice id or number (for explain)."""
         q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, case_reference, "
-             "error, first_seen, updated FROM ledger WHERE (invoice_id=? OR number=?)")
-        args: list = [key, key]
+             "error, first_seen, updated FROM ledger WHERE destination=? AND (invoice_id=? OR number=?)")
+        args: list = [self.destination, key, key]
         if connection:
             q += " AND connection=?"
             args.append(connection)
@@ -195,28 +198,28 @@ class Store:
         now = time.time()
         with self.tx():
             self.db.executemany(
-                "INSERT INTO ledger (account_key, invoice_id, connection, number, status, idempotency_key, "
-                "first_seen, updated) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?) "
-                "ON CONFLICT (account_key, invoice_id) DO UPDATE SET status='pending', updated=excluded.updated, "
-                "number=excluded.number WHERE ledger.status != 'delivered'",
-                [(a, i, c, n, k, now, now) for a, i, c, n, k in rows])
+                "INSERT INTO ledger (destination, account_key, invoice_id, connection, number, status, "
+                "idempotency_key, first_seen, updated) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
+                "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET status='pending', "
+                "updated=excluded.updated, number=excluded.number WHERE ledger.status != 'delivered'",
+                [(self.destination, a, i, c, n, k, now, now) for a, i, c, n, k in rows])
 
-    def mark_delivered(self, rows: list[tuple], destination: str) -> None:
+    def mark_delivered(self, rows: list[tuple], destination: str | None = None) -> None:
         """rows: (account_key, invoice_id, case_id, case_reference)."""
         now = time.time()
         with self.tx():
             self.db.executemany(
-                "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, destination=?, error=NULL, "
-                "updated=? WHERE account_key=? AND invoice_id=?",
-                [(cid, cref, destination, now, a, i) for a, i, cid, cref in rows])
+                "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, error=NULL, "
+                "updated=? WHERE destination=? AND account_key=? AND invoice_id=?",
+                [(cid, cref, now, self.destination, a, i) for a, i, cid, cref in rows])
 
     def mark_failed(self, rows: list[tuple]) -> None:
         """rows: (account_key, invoice_id, error). The invoice is retried by the next run."""
         now = time.time()
         with self.tx():
             self.db.executemany(
-                "UPDATE ledger SET status='failed', error=?, updated=? WHERE account_key=? AND invoice_id=? "
-                "AND status != 'delivered'", [(e, now, a, i) for a, i, e in rows])
+                "UPDATE ledger SET status='failed', error=?, updated=? WHERE destination=? AND account_key=? "
+                "AND invoice_id=? AND status != 'delivered'", [(e, now, self.destination, a, i) for a, i, e in rows])
 
     # --- verdicts --------------------------------------------------------------------------------------
     def record_verdicts(self, run_id: int, rows: list[tuple]) -> None:

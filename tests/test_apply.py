@@ -136,3 +136,21 @@ def test_cli_apply_twice_and_json_output(sandbox_config, sandbox_env):
     second = run_cli("apply", str(sandbox_config), env=sandbox_env)
     assert second.returncode == 0
     assert "imported 0" in second.stdout and "duplicate" in second.stdout
+
+
+def test_the_ledger_is_per_destination(tmp_path, sandbox_env):
+    """Cases written to a file (or to Debitura's test environment) do not make invoices duplicates for production."""
+    from conftest import SANDBOX_CONFIG, write_config
+
+    text = SANDBOX_CONFIG.format(server_filters="false")
+    jsonl = text.replace('  type: debitura\n  environment: sandbox\n  api_key: "${DEBITURA_API_KEY}"',
+                         "  type: jsonl\n  path: out/cases.jsonl")
+    assert jsonl != text
+    _, to_file = _run(write_config(tmp_path, jsonl), "apply")
+    n = to_file.connections[0].imported
+    assert n > 0
+    cfg, to_debitura = _run(write_config(tmp_path, text), "apply")
+    assert to_debitura.connections[0].imported == n
+    assert len(_cases(cfg)) == n
+    _, again = _run(write_config(tmp_path, jsonl), "apply")
+    assert again.connections[0].imported == 0 and again.connections[0].skipped()["duplicate"] == n

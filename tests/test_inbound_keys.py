@@ -126,3 +126,22 @@ def test_doctor_runs_the_inbound_checks_for_an_inbound_connection(tmp_path):
     out = run_cli("doctor", str(cfg), "-o", "json", env=env)
     checks = {c["check"]: c for c in json.loads(out.stdout)["checks"] if c["scope"] == "zaps"}
     assert checks["api_key"]["status"] == "ok" and out.returncode == 0, out.stdout
+
+
+def test_empty_batch_is_refused_as_empty_not_as_a_bad_invoice(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from runner import apikeys, inbound
+    from runner.state import Store
+
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    monkeypatch.setenv("DEBITURA_API_KEY", DEBITURA_KEY)
+    cfg = config.load(path)
+    store = Store(cfg.state_path)
+    key = apikeys.create(store, "production", "zap")[0]
+    store.close()
+    with TestClient(inbound.create_app(cfg, cfg.connection("zaps"))) as client:
+        r = client.post("/v1/invoices", json={"invoices": []}, headers={"XApiKey": key})
+    assert r.status_code == 422
+    assert r.json()["message"] == "the payload holds no invoices"
