@@ -184,7 +184,7 @@ def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ
     problems: list[Problem] = []
     # Literal secrets first: they are the most dangerous mistake in a file that lives in git.
     for p, value in _walk_strings(data):
-        if secrets.parse_ref(value) is None and secrets.looks_secret(value):
+        if secrets.parse_ref(value) is None and secrets.looks_secret(value, p):
             problems.append(doc.problem(p, "this looks like a literal secret (an API key or token) written in the config",
                                         "remove it from the file (and rotate it if it was committed), put it in an "
                                         "environment variable and write \"${MY_API_KEY}\" instead"))

@@ -114,7 +114,10 @@ class DebituraDestination:
             resp = await self.http.request("GET", "/me")
         except ProviderError as exc:
             raise self._fatal(exc) from None
-        return resp.json("Debitura's /me answer")
+        try:
+            return resp.json("Debitura's /me answer")
+        except ProviderError as exc:  # a proxy's HTML page or an empty answer: no delivery can succeed
+            raise DestinationError(exc.message, fix=exc.fix, status=exc.status, fatal=True) from None
 
     def _fatal(self, exc: ProviderError) -> DestinationError:
         if exc.status == 401:
@@ -138,13 +141,26 @@ class DebituraDestination:
             raise DestinationError(exc.message, fix=exc.fix, status=exc.status) from None
         data = _safe_json(resp.content)
         if resp.status == 200 or resp.status == 201:
-            return Delivery(case_id=str(data.get("id")) if isinstance(data, dict) else None,
-                            case_reference=data.get("reference") if isinstance(data, dict) else None)
+            if isinstance(data, dict) and data.get("id"):
+                return Delivery(case_id=str(data["id"]), case_reference=data.get("reference"))
+            # Accepted, but the answer does not say which case: find it rather than record a case "None".
+            existing = await self.find(invoice["number"])
+            if existing is not None and existing.get("id"):
+                return Delivery(case_id=str(existing["id"]), case_reference=existing.get("reference"))
+            raise DestinationError("Debitura accepted the case but its answer names no case id; the invoice stays "
+                                   "pending and is sent again (with the same idempotency key) by the next run",
+                                   status=resp.status)
         kinds = _business_types(data)
         if "IdempotencyConflict" in kinds or "DuplicateReference" in kinds or _mentions_duplicate(data):
             existing = await self.find(invoice["number"])
-            if existing is not None:
+            if existing is not None and _same_invoice(existing, invoice):
                 return Delivery(case_id=existing.get("id"), case_reference=existing.get("reference"), existing=True)
+            if existing is not None:
+                raise DestinationError(
+                    f"Debitura already has a case with creditor reference {invoice['number']!r} for another invoice "
+                    f"(case {existing.get('reference') or existing.get('id')}); this invoice was not imported",
+                    status=resp.status, fix="two source accounts use the same invoice number: give one of them a "
+                                            "prefix in the accounting system, or import it by hand")
         raise DestinationError(f"Debitura refused the case (HTTP {resp.status}): {_describe_errors(data, resp)}",
                                status=resp.status, details={"response": data},
                                fix="fix the invoice or debtor data named above in the accounting system; "
@@ -165,6 +181,16 @@ class DebituraDestination:
 
     async def close(self) -> None:
         pass
+
+
+def _same_invoice(case: dict, invoice: dict) -> bool:
+    """Is the case Debitura already has under this creditor reference this very invoice? Invoice numbers are
+    only unique within one source account, so a second account's "1001" must not be taken for the first's."""
+    desc = case.get("claimDescription")
+    if isinstance(desc, str) and desc:
+        return f"{invoice['source']['integration']} {invoice['external_id']})" in desc
+    name = (case.get("debtor") or {}).get("name") if isinstance(case.get("debtor"), dict) else None
+    return not name or name.strip().casefold() == invoice["debtor"]["name"].strip().casefold()
 
 
 def _safe_json(content: bytes):

@@ -48,12 +48,16 @@ class CursorPaging:
         return Step(page={"cursor": None, "number": 1})
 
     def next(self, body, records, content) -> Step | None:
-        if self.spec.more is not None and not self.spec.more.search(body):
+        more = self.spec.more is not None
+        if more and not self.spec.more.search(body):
             return None
-        if not records:
-            return None
-        cursor = self.spec.value.search(body)
+        cursor = self.spec.value.search(body) if records else None
         if cursor in (None, ""):
+            if more:  # "there is more" without a way to ask for it: stopping quietly would lose invoices
+                raise ProviderError(
+                    f"the provider says there are more invoices ({self.spec.more.source}) but the page gives no "
+                    f"cursor at '{self.spec.value.source}'; what was fetched before is kept",
+                    fix="check `paginate.value` in the integration spec against the provider's answer")
             return None
         if cursor in self.seen:
             raise _endless(f"the cursor {cursor!r}")

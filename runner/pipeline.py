@@ -167,12 +167,7 @@ class Source:
             from runner.templates import Template
 
             scope_value = self.spec.id + ":" + Template(scope).render(self._ctx_base)
-        retry_expr = None
-        if self.spec.retry.get("retry_after_body"):
-            from runner.specs import Expression
-
-            retry_expr = Expression(self.spec.retry["retry_after_body"])
-        self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, retry_expr),
+        self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, self.spec.retry_after),
                          limiter=limiter_for(scope_value, rl), label=self.spec.name)
         self.auth = None
         self.today = datetime.now(conn.window.zone).date()
@@ -237,14 +232,15 @@ class Source:
                 self.account_id = acc["id"].render(self.context()) or None
             if acc.get("name") is not None:
                 self.account_name = acc["name"].render(self.context()) or None
-        if self.conn.account_id:
-            self.account_id = self.conn.account_id
-        self.account_id = self.account_id or self.conn.name
+        # `expect:` pins what the provider says it is connected to, so compare before a configured
+        # `account_id:` (a ledger name of the user's choosing) replaces it.
+        reported = self.account_id or self.conn.name
+        self.account_id = self.conn.account_id or reported
         exp = self.conn.expect
-        if exp.get("account_id") and exp["account_id"] != self.account_id or (
+        if exp.get("account_id") and exp["account_id"] != reported or (
                 exp.get("account_name") and exp["account_name"] != self.account_name):
             want = " / ".join(x for x in (exp.get("account_id"), exp.get("account_name")) if x)
-            got = " / ".join(x for x in (self.account_id, self.account_name) if x)
+            got = " / ".join(x for x in (reported, self.account_name) if x)
             raise AccountMismatch(
                 f"'{self.conn.name}' is connected to {self.spec.name} account {got!r}, but the config expects {want!r}; "
                 f"nothing was imported from it",
@@ -645,9 +641,10 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
     started = time.monotonic()
     result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
                               window=conn.window.as_dict(), window_text=conn.window.describe())
-    source = Source(conn, clients, store)
+    source = None
     sem = sem or asyncio.Semaphore(8)
     try:
+        source = Source(conn, clients, store)
         await source.open()
         result.account_id, result.account_name = source.account_id, source.account_name
         async for records in source.pages():
@@ -673,7 +670,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         from runner.redact import redact
 
         result.status, result.error = "failed", redact(f"unexpected error: {type(exc).__name__}: {exc}")
-    result.requests = source.http.requests
+    result.requests = source.http.requests if source is not None else 0
     result.seconds = time.monotonic() - started
     if result.status == "ok" and result.seen and source.account_id:
         result.account_id = source.account_id
@@ -708,9 +705,9 @@ def _count(result: ConnectionResult, verdicts: list[Verdict], details: bool) -> 
 
 def _record_health(store, conn: Connection, source: Source, result: ConnectionResult, run_id) -> None:
     fields: dict = {"integration": conn.integration, "last_run_id": run_id}
-    if source.account_id:
+    if source is not None and source.account_id:
         fields["account_id"] = source.account_id
-    if source.account_name:
+    if source is not None and source.account_name:
         fields["account_name"] = source.account_name
     if conn.credentials:
         fields["credential_fingerprint"] = secrets.fingerprint("|".join(sorted(conn.credentials.values())))
@@ -766,5 +763,7 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),
                        started=started, finished=time.time(), destination_error=dest_error, inbound=inbound)
     if run_id is not None:
-        store.finish_run(run_id, "ok" if result.ok else "partial", result.as_dict())
+        working = [c for c in result.connections if c.status == "ok"]
+        status = "ok" if result.ok else "partial" if working and not result.destination_error else "failed"
+        store.finish_run(run_id, status, result.as_dict())
     return result

@@ -24,9 +24,12 @@ SECRET_SHAPES = re.compile(
     r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWTs (access tokens)
     r"|(?:AB|RT)\d{2,}[A-Za-z0-9]{20,}"  # OAuth refresh tokens
     r"|1000\.[0-9a-f]{20,}\.[0-9a-f]{20,}"  # OAuth tokens with a numeric prefix
-    r"|[A-Za-z0-9+/_\-]{32,}={0,2}"  # long opaque random strings
     r")$"
 )
+# A long opaque string is a secret where a secret belongs (credentials, api_key), or when it is random-looking
+# (upper case, lower case and digits); a long readable name such as a tag is not.
+OPAQUE = re.compile(r"^[A-Za-z0-9+/_\-]{32,}={0,2}$")
+SECRET_KEYS = re.compile(r"(key|secret|token|password|credential)", re.I)
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,17 @@ def parse_ref(value: object) -> SecretRef | None:
     return SecretRef(kind=m.group(1) or "env", name=m.group(2).strip(), raw=value)
 
 
-def looks_secret(value: object) -> bool:
-    return isinstance(value, str) and bool(SECRET_SHAPES.match(value.strip())) and not value.startswith(("http", "/", "."))
+def looks_secret(value: object, path: tuple = ()) -> bool:
+    if not isinstance(value, str) or value.startswith(("http", "/", ".")):
+        return False
+    text = value.strip()
+    if SECRET_SHAPES.match(text):
+        return True
+    if not OPAQUE.match(text):
+        return False
+    in_secret_field = any(isinstance(p, str) and SECRET_KEYS.search(p) for p in path)
+    random_looking = any(c.isupper() for c in text) and any(c.islower() for c in text) and any(c.isdigit() for c in text)
+    return in_secret_field or random_looking
 
 
 def resolve(ref: SecretRef, base_dir: Path, environ=os.environ) -> str | None:

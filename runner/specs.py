@@ -216,6 +216,7 @@ class Spec:
     inbound: dict
     options: dict
     raw: dict = field(repr=False, default_factory=dict)
+    retry_after: Expression | None = None  # retry.retry_after_body, compiled
 
     @property
     def default_environment(self) -> str:
@@ -401,6 +402,11 @@ def parse(doc: Document) -> Spec:
     if "records" in inbound:
         inbound["records"] = c.expression(inbound["records"], ("inbound", "records"))
     stream = c.stream(data["invoices"], ("invoices",))
+    retry_after = c.expression((data.get("retry") or {}).get("retry_after_body"), ("retry", "retry_after_body"))
+    for where, rl in [(("rate_limit",), data.get("rate_limit"))] + [
+            (("environments", n, "rate_limit"), e.get("rate_limit")) for n, e in data["environments"].items()]:
+        if rl and rl.get("scope"):
+            c.template(rl["scope"], where + ("scope",), REQUEST_NAMES)
     stem = Path(doc.file).stem
     if stem != data["id"] and not doc.file.startswith("<"):
         c.problems.append(doc.problem(("id",), f"the spec id '{data['id']}' does not match its file name '{stem}.yaml'",
@@ -410,7 +416,7 @@ def parse(doc: Document) -> Spec:
     return Spec(id=data["id"], name=data["name"], description=data.get("description", ""), file=doc.file,
                 auth=auth, environments=envs, rate_limit=data.get("rate_limit") or {}, retry=data.get("retry") or {},
                 check=check, account=account, invoices=stream, lookup=lookup, inbound=inbound,
-                options=data.get("options") or {}, raw=data)
+                options=data.get("options") or {}, raw=data, retry_after=retry_after)
 
 
 def spec_dirs(extra: Path | None = None) -> list[Path]:

@@ -134,3 +134,23 @@ connections:
     lines = [json.loads(l) for l in (tmp_path / "out" / "cases.jsonl").read_text().splitlines()]
     assert sorted(l["invoice"]["external_id"] for l in lines) == [f"inv-{i:03d}" for i in range(N)]
     assert lines[0]["case"]["debtor"]["countryAlpha2"] == "DE"
+
+
+def test_more_pages_without_a_cursor_is_an_error_not_a_silent_stop(tmp_path, server):
+    api, base = server
+    (tmp_path / "integrations.d").mkdir()
+    (tmp_path / "integrations.d" / "generic.yaml").write_text(SPEC.format(
+        path="/cursor", params="", records="items",
+        paginate="{type: cursor, param: after, value: 'items[-1].idd', more: has_more}"))
+    (tmp_path / "config.yaml").write_text(f"""
+destination: {{type: jsonl, path: out/cases.jsonl}}
+connections:
+  - {{name: gen, integration: generic, base_url: "{base}/api", window: {{from: "2000-01-01"}}}}
+""")
+    cfg = config.load(tmp_path / "config.yaml")
+    store = Store(cfg.state_path)
+    result = asyncio.run(pipeline.sync(cfg, mode="apply", store=store))
+    store.close()
+    (conn,) = result.connections
+    assert conn.status == "failed" and "gives no cursor at 'items[-1].idd'" in conn.error
+    assert conn.imported == SIZE  # the first page is kept

@@ -98,3 +98,10 @@ def test_unknown_company_is_an_error_with_the_fix(sb, tmp_path):
     assert res.status == "failed" and "realm_id" in res.error
     assert res.fix.startswith("runner connect acme-qbo")
     assert not any("/v3/company" in p for _, p in sb.qbo.request_log)
+
+
+def test_pin_is_checked_against_the_company_not_a_configured_ledger_name(sb, tmp_path):
+    conn = qbo_connection(sb, extra=f'\n    account_id: books-us\n    expect: {{account_id: "{qb.REALM_US}"}}')
+    res = by_name(run_sync(write_config(tmp_path, conn)), "acme-qbo")
+    assert res.status == "ok" and res.seen == 9
+    assert res.account_id == "books-us"

@@ -125,3 +125,20 @@ def test_other_mistakes(tmp_path, sandbox_env, change, needle):
     r = _validate(write_config(tmp_path, GOOD.replace(*change)), sandbox_env)
     assert r.returncode == 2, r.stdout
     assert needle in r.stderr
+
+
+def test_long_readable_names_are_not_mistaken_for_secrets(tmp_path, sandbox_env):
+    text = GOOD.replace('  api_key: "${DEBITURA_API_KEY}"', '  api_key: "${DEBITURA_API_KEY}"\n  tag: stripe-import-production-2026-batch')
+    r = _validate(write_config(tmp_path, text), sandbox_env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_retry_after_expression_is_found_by_validate(tmp_path, sandbox_env):
+    spec_dir = tmp_path / "integrations.d"
+    spec_dir.mkdir()
+    text = (ROOT / "integrations.d" / "stripe.yaml").read_text().replace(
+        "retry: {attempts: 6,", 'retry: {retry_after_body: "error.wait(", attempts: 6,')
+    assert "retry_after_body" in text
+    (spec_dir / "stripe.yaml").write_text(text)
+    r = _validate(write_config(tmp_path, GOOD), sandbox_env)
+    assert r.returncode == 2 and "retry.retry_after_body" in r.stderr

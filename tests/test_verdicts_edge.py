@@ -127,3 +127,49 @@ connections:
     assert v["NOID-8"].reason == "invalid" and "no id" in v["NOID-8"].message
     assert v["DATE-9"].reason == "invalid"
     assert result.connections[0].seen == len(records)
+
+
+def test_same_invoice_number_in_two_accounts_is_not_taken_for_a_duplicate(tmp_path, sandbox_env):
+    today = date.today()
+    base_inv = {"status": "unpaid", "no": "1001", "issued": (today - timedelta(days=30)).isoformat(),
+                "due": (today - timedelta(days=1)).isoformat(), "cur": "eur", "total": "10.00", "kind": "Company",
+                "street": "Hauptstr. 1", "zip": "10115", "city": "Berlin", "country": "DE"}
+    srv = SandboxServer({"a": Api([{**base_inv, "id": "a-1", "name": "Alpha GmbH"}]),
+                         "b": Api([{**base_inv, "id": "b-1", "name": "Beta GmbH"}])})
+    base = srv.start()
+    try:
+        (tmp_path / "integrations.d").mkdir()
+        (tmp_path / "integrations.d" / "tiny.yaml").write_text(SPEC)
+        (tmp_path / "config.yaml").write_text(f"""
+state: state/state.db
+destination: {{type: debitura, environment: sandbox, api_key: "${{DEBITURA_API_KEY}}"}}
+connections:
+  - {{name: books-a, integration: tiny, base_url: "{base}/a", window: {{last: 1y}}}}
+  - {{name: books-b, integration: tiny, base_url: "{base}/b", window: {{last: 1y}}}}
+""")
+        cfg, result = _apply(tmp_path / "config.yaml")
+    finally:
+        srv.stop()
+    verdicts = [v for c in result.connections for v in c.verdicts]
+    assert sorted(v.verdict for v in verdicts) == ["failed", "imported"]
+    failed = next(v for v in verdicts if v.verdict == "failed")
+    assert "already has a case with creditor reference '1001' for another invoice" in failed.message
+    assert len(sandbox.get_simulator("debitura", cfg.state_path.parent / "sandbox").cases()) == 1
+
+
+def test_an_html_answer_from_the_destination_stops_the_run_cleanly(sandbox_config):
+    cfg = config.load(sandbox_config)
+    sim = sandbox.get_simulator("debitura", cfg.state_path.parent / "sandbox")
+
+    async def proxy_page(request):
+        return httpx.Response(200, text="<html><body>Sign in to the Wi-Fi</body></html>",
+                              headers={"content-type": "text/html"})
+
+    sim.handle = proxy_page
+    _, result = _apply(sandbox_config)
+    assert not result.ok and "HTML page" in result.destination_error
+    assert result.connections[0].imported == 0
+    store = Store(cfg.state_path)
+    (status,) = store.db.execute("SELECT status FROM runs WHERE id=?", (result.run_id,)).fetchone()
+    store.close()
+    assert status == "failed"
