@@ -153,7 +153,10 @@ class DebituraDestination:
         kinds = _business_types(data)
         if "IdempotencyConflict" in kinds or "DuplicateReference" in kinds or _mentions_duplicate(data):
             existing = await self.find(invoice["number"])
-            if existing is not None and _same_invoice(existing, invoice):
+            # Our own idempotency key (derived from this account and invoice) proves the case is this invoice's;
+            # a reference alone does not: another account may use the same invoice number.
+            ours = "IdempotencyConflict" in kinds
+            if existing is not None and (ours or _same_invoice(existing, invoice)):
                 return Delivery(case_id=existing.get("id"), case_reference=existing.get("reference"), existing=True)
             if existing is not None:
                 raise DestinationError(

@@ -121,6 +121,12 @@ class ConnectionResult:
                 "samples": {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}}
 
 
+def credential_fingerprint(conn: Connection) -> str | None:
+    """One short, non-reversible name for a connection's credentials: a rotated key shows up as a change,
+    and connections with the same credentials share one rate limit."""
+    return secrets.fingerprint("|".join(sorted(conn.credentials.values()))) if conn.credentials else None
+
+
 def _truthy(v: Any) -> bool:
     return v not in (None, False, "", [], {}, 0)
 
@@ -159,10 +165,9 @@ class Source:
         env = self.spec.environments[conn.environment]
         # An inbound-only spec has no base URL: nothing is fetched, posted payloads are only evaluated.
         self.base_url = conn.base_url or (env.base_url.render(self._ctx_base) if env.base_url is not None else "")
-        rl = env.rate_limit or self.spec.rate_limit
-        scope = (rl or {}).get("scope")
-        scope_value = (self.spec.id + ":" + (secrets.fingerprint("|".join(sorted(conn.credentials.values())))
-                                             if conn.credentials else conn.name))
+        rl = self.rate_limit = env.rate_limit or self.spec.rate_limit or {}
+        scope = rl.get("scope")
+        scope_value = self.spec.id + ":" + (credential_fingerprint(conn) or conn.name)
         if scope:
             from runner.templates import Template
 
@@ -292,8 +297,7 @@ class Source:
         part = self.stream.partition
         if not part or not self.conn.server_filters or "window" not in self.stream.server_filters:
             return [None]
-        env = self.spec.environments.get(self.conn.environment)
-        rl = (env.rate_limit if env is not None else None) or self.spec.rate_limit or {}
+        rl = self.rate_limit
         w = self.conn.window
         first, last = math.ceil(w.start.timestamp()), int(w.end.timestamp())
         span = last - first
@@ -710,7 +714,7 @@ def _record_health(store, conn: Connection, source: Source, result: ConnectionRe
     if source is not None and source.account_name:
         fields["account_name"] = source.account_name
     if conn.credentials:
-        fields["credential_fingerprint"] = secrets.fingerprint("|".join(sorted(conn.credentials.values())))
+        fields["credential_fingerprint"] = credential_fingerprint(conn)
     if result.status == "ok":
         fields["last_success"] = time.time()
     else:

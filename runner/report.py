@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from runner.pipeline import REASONS, RunResult
+from runner.pipeline import RunResult
 from runner.redact import redact, redact_obj
 
 
@@ -86,6 +86,3 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
     line += f", failed {tot['failed']} · {result.finished - result.started:.1f}s"
     out.print(Text(redact(line), style="bold"))
 
-
-def reason_help() -> str:
-    return "\n".join(f"  {k:<20} {v}" for k, v in REASONS.items())

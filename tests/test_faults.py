@@ -570,8 +570,10 @@ def test_a_case_that_exists_under_the_same_key_or_reference_is_found_not_created
         key = idempotency_key(f"stripe:{'faulty'}", same_key["id"])
         assert c.post("/cases", json={**body, "creditorReference": same_key["number"]},
                       headers={"Idempotency-Key": key}).status_code == 200
-        # A case made by hand with the same creditorReference: Debitura answers DuplicateReference.
-        assert c.post("/cases", json={**body, "creditorReference": same_ref["number"]}).status_code == 200
+        # A case made by hand for the same invoice (same reference and debtor): Debitura answers DuplicateReference.
+        by_hand = {**body, "creditorReference": same_ref["number"],
+                   "debtor": {**body["debtor"], "name": same_ref["customer_name"]}}
+        assert c.post("/cases", json=by_hand).status_code == 200
     INJECTED["idempotency_conflict"] += 1
     INJECTED["duplicate_reference"] += 1
     result, conn, ledger = _apply(cfg)
