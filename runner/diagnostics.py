@@ -160,14 +160,36 @@ def _auth_failure(check_auth: Check, check_perm: Check, conn: Connection, exc: A
                        status_code=403)
     else:
         if conn.spec.auth.type == "oauth2":
+            fix = _reconnect_fix(conn, exc)
+            # A bare command reads "reconnect it: `runner connect x`"; a sentence (the app's client id/secret,
+            # a data centre to set) is shown as it is.
+            shown = f"reconnect it: `{fix}`" if fix.strip() == f"runner connect {conn.name}" else fix
             check_auth.set(FAILED, f"{sname} refused the connection's authorization: {_plain(exc, exc.status)}",
-                           f"reconnect it: `{_reconnect_fix(conn, exc)}`", status_code=exc.status)
+                           shown, status_code=exc.status)
         else:
             refs = ", ".join(conn.credential_refs.values())
             check_auth.set(FAILED, f"{_plain(exc, exc.status or 401)}; the key is invalid, revoked or rotated",
                            f"create a new key in {sname} (read access to invoices and customers), put it "
                                       f"where {refs} points, and run `runner doctor` again", status_code=exc.status)
         check_perm.set(SKIPPED, "not checked: the credentials were refused")
+
+
+def _transport_failure(exc: RunnerError) -> bool:
+    """The provider was not reached or answered with a server error: a network/outage problem."""
+    return (isinstance(exc, ProviderError) and not isinstance(exc, (AuthError, UnsafeRequest))
+            and (exc.status is None or exc.status >= 500) and "reach" in exc.message)
+
+
+def _open_failure(checks: dict, sname: str, exc: RunnerError) -> None:
+    """Opening the connection failed for another reason than refused credentials."""
+    if _transport_failure(exc):
+        checks["auth"].set(FAILED, f"could not reach {sname}: {exc.message}", exc.fix)
+        why = f"{sname} could not be reached"
+    else:  # an unknown company id, a missing secret key, a broken answer: not a network problem
+        checks["auth"].set(FAILED, f"the {sname} connection could not be opened: {exc.message}", exc.fix)
+        why = "the connection could not be opened"
+    _skip(checks, ("permission", "account", "window", "addresses", "invoice_data", "status_filter", "duplicates"),
+          f"not checked: {why}")
 
 
 def _plain(exc: RunnerError, status) -> str:
@@ -388,9 +410,7 @@ async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_
               "not checked: the credentials were not accepted")
         return
     except (RunnerError, UnsafeRequest) as exc:
-        checks["auth"].set(FAILED, f"could not reach {sname}: {exc.message}", exc.fix)
-        _skip(checks, ("permission", "account", "window", "addresses", "invoice_data", "status_filter", "duplicates"),
-              f"not checked: {sname} could not be reached")
+        _open_failure(checks, sname, exc)
         return
     # the spec's cheap probe (needs the same permission as the sync)
     try:
@@ -414,9 +434,7 @@ async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_
                   "not checked: the credentials were not accepted")
             return
     except (RunnerError, UnsafeRequest) as exc:
-        checks["auth"].set(FAILED, f"could not reach {sname}: {exc.message}", exc.fix)
-        _skip(checks, ("permission", "account", "window", "addresses", "invoice_data", "status_filter", "duplicates"),
-              f"not checked: {sname} could not be reached")
+        _open_failure(checks, sname, exc)
         return
     _account_check(checks["account"], conn, source, store)
     if checks["permission"].status == FAILED or checks["environment"].status == FAILED:
@@ -566,10 +584,8 @@ async def _other_environment(d, clients) -> str | None:
     """The other environment the key works in, if any (read-only GET /me there)."""
     from runner import destinations
 
-    if d.base_url and d.environment != "sandbox":
-        return None  # a custom URL: no standard twin to ask
     if d.base_url:
-        return None
+        return None  # a custom URL: no standard twin to ask
     other = OTHER_DESTINATION_ENV.get(d.environment)
     if other is None:
         return None

@@ -247,7 +247,13 @@ class InboundServer:
             try:
                 status, answer = await self._import(records)
             except RunnerError as exc:
-                return self._json(500, {"error": "failed", "message": exc.message, "fix": exc.fix})
+                return self._json(500, {"error": "failed", "message": redact(exc.message),
+                                        "fix": redact(exc.fix) if exc.fix else None})
+            except Exception as exc:  # noqa: BLE001 - a bug must answer JSON, never a plain-text traceback
+                logger.opt(exception=exc).debug("unexpected error while importing a payload")
+                return self._json(500, {"error": "internal_error",
+                                        "message": redact(f"unexpected error: {type(exc).__name__}: {exc}"),
+                                        "fix": "try again; if it persists, run `runner serve -vv` to see where, and report it"})
             if idem and status == 200:
                 with self.store.tx():
                     self.store.db.execute(
@@ -325,6 +331,25 @@ class InboundServer:
                                   account_id=source.account_id, account_name=source.account_name)
         store = self.store
         run_id = store.begin_run("serve", str(self.cfg.file))
+        try:
+            return await self._import_run(records, source, conn, verdicts, result, started, run_id)
+        except BaseException as exc:
+            # Never leave the run row 'running': record why it failed (redacted), then let the caller answer.
+            why = exc.message if isinstance(exc, RunnerError) else f"unexpected error: {type(exc).__name__}: {exc}"
+            why = redact(why)
+            try:
+                store.finish_run(run_id, "failed", {"run_id": run_id, "mode": "serve", "started": started,
+                                                    "finished": time.time(), "error": why,
+                                                    "connections": [{"name": conn.name, "status": "failed",
+                                                                     "error": why}]})
+                store.update_connection(conn.name, last_run_id=run_id, last_error=why, last_error_at=time.time())
+            except Exception as inner:  # noqa: BLE001 - the original error is the one to report
+                logger.opt(exception=inner).debug("could not record the failed run {}", run_id)
+            raise
+
+    async def _import_run(self, records: list, source: Source, conn: Connection, verdicts: list, result,
+                          started: float, run_id: int) -> tuple[int, dict]:
+        store = self.store
         bad = [(i, v) for i, v in enumerate(verdicts) if v.verdict == SKIPPED and v.reason == "invalid"]
         run = pipeline._RunState()
         if bad:  # nothing is accepted from a malformed payload: the Zap run fails and names every bad field

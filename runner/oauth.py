@@ -19,6 +19,8 @@ Rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import json
 import os
 import tempfile
 import time
@@ -132,6 +134,33 @@ def lock_path(store, name: str) -> Path:
     return Path(str(p) + f".oauth-{name}.lock")
 
 
+def _options_fp(conn) -> str:
+    return secrets.fingerprint(json.dumps(dict(conn.options), sort_keys=True, default=str))
+
+
+def reconnect_cleared(conn, store) -> bool:
+    """True when a connection marked `needs_reconnect` now has something new to try: the bootstrap
+    `credentials.refresh_token` differs from the one it had when the grant was refused.
+
+    A run may then try to renew the authorization instead of stopping at the mark; a renewal that succeeds
+    clears the mark (OAuthSession._refresh)."""
+    if store is None:
+        return False
+    saved = store.connection(conn.name)
+    if saved.get("status") != "needs_reconnect":
+        return False
+    cred = conn.credentials.get("refresh_token")
+    if not cred:
+        return False
+    data = saved.get("data") or {}
+    if "refused_bootstrap" in data:
+        marked = data["refused_bootstrap"]
+    else:  # marked by an older runner, or by a run that found no token at all: compare with the stored token
+        tok = store.get_token(conn.name)
+        marked = tok.get("bootstrap") if tok else None
+    return secrets.fingerprint(cred) != marked
+
+
 class OAuthSession:
     """The `Auth` of an oauth2 connection: headers with a valid access token; refresh on expiry and 401."""
 
@@ -151,6 +180,13 @@ class OAuthSession:
         self._lock = asyncio.Lock()
         cred = conn.credentials.get("refresh_token")
         self._bootstrap_fp = secrets.fingerprint(cred) if cred else None
+        # A needs_reconnect mark and a new bootstrap token in the config: the new token wins over a stored
+        # (connected) one, whose grant was refused.
+        self._bootstrap_wins = reconnect_cleared(conn, store)
+        # The access token the current task last sent (per asyncio task): a 401 for an older token than the
+        # session holds now is a straggler, already answered by the refresh another request made.
+        self._sent: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"oauth-sent-{self.name}",
+                                                                               default=None)
 
     # --- the Auth protocol -------------------------------------------------------------------------
     async def headers(self) -> dict[str, str]:
@@ -161,14 +197,20 @@ class OAuthSession:
             async with self._lock:
                 if self._gen == gen:
                     await self._refresh(force=False)
+        self._sent.set(self.token.get("access_token"))
         return {"Authorization": self.header.render({**self.ctx, "token": self.token})}
 
-    async def unauthorized(self) -> bool:
-        gen = self._gen
+    async def unauthorized(self, sent: str | None = None) -> bool:
+        """A request was answered 401: renew the access token once, unless it was renewed since that
+        request was sent. `sent` is the access token the refused request carried; without it, the one
+        headers() last gave to this asyncio task (send() asks headers() right before each request)."""
+        used = sent if sent is not None else self._sent.get()
         async with self._lock:
-            if self._gen == gen:  # nobody refreshed since that request was sent: refresh once
-                logger.info("{}: the access token was refused (401); renewing it once", self.name)
-                await self._refresh(force=True)
+            current = (self.token or {}).get("access_token")
+            if used is not None and current is not None and used != current:
+                return True  # a straggler: another request already renewed the token; retry with the new one
+            logger.info("{}: the access token was refused (401); renewing it once", self.name)
+            await self._refresh(force=True)
         return True
 
     async def prepare(self) -> dict:
@@ -193,7 +235,7 @@ class OAuthSession:
         tok = self.store.get_token(self.name)
         if tok is None:
             return None
-        if self._bootstrap_fp and tok.get("bootstrap") != self._bootstrap_fp and tok.get("connected") is None:
+        if self._from_bootstrap(tok):
             return None  # the config now gives another bootstrap token: start from it
         for k in ("access_token", "refresh_token"):
             redact.register(tok.get(k))
@@ -211,9 +253,16 @@ class OAuthSession:
         exp = tok.get("expires_at")
         return exp is None or float(exp) - self._margin(tok) > time.time()
 
+    def _from_bootstrap(self, stored: dict | None) -> bool:
+        """Whether the config's bootstrap refresh token is to be used instead of the stored token."""
+        if not self._bootstrap_fp:
+            return False
+        return stored is None or (stored.get("bootstrap") != self._bootstrap_fp
+                                  and (stored.get("connected") is None or self._bootstrap_wins))
+
     def _refresh_token(self, stored: dict | None) -> tuple[str, str | None]:
         cred = self.conn.credentials.get("refresh_token")
-        if cred and (stored is None or (stored.get("bootstrap") != self._bootstrap_fp and stored.get("connected") is None)):
+        if cred and self._from_bootstrap(stored):
             return cred, self._bootstrap_fp
         if stored and stored.get("refresh_token"):
             return stored["refresh_token"], stored.get("bootstrap")
@@ -242,13 +291,14 @@ class OAuthSession:
             try:
                 new = await client.refresh_token(real_url, refresh_token=refresh_token)
             except OAuthError as exc:
-                self._refused(exc.error, exc.description)
+                self._refused(exc.error, exc.description, url=url, ctx=ctx)
             except ValueError as exc:  # not JSON
                 raise ProviderError(f"{self.spec.name}'s token endpoint sent an answer that is not a token ({exc})",
                                     fix="try again later; if it persists, the provider may be having an outage")
             except Exception as exc:  # network trouble, 5xx
-                raise ProviderError(f"could not renew the {self.spec.name} authorization for '{self.name}': "
-                                    f"{type(exc).__name__}: {exc}", fix="check the network and try again")
+                raise ProviderError(f"could not reach {self.spec.name}'s token endpoint to renew the authorization "
+                                    f"for '{self.name}': {type(exc).__name__}: {exc}",
+                                    fix="check the network and try again")
             token = dict(new)
             if not token.get("refresh_token"):
                 token["refresh_token"] = refresh_token  # providers that do not rotate send none back
@@ -274,18 +324,50 @@ class OAuthSession:
             logger.info("{}: renewed the {} access token{}", self.name, self.spec.name,
                         " (the refresh token rotated; the new one is saved)"
                         if token["refresh_token"] != refresh_token else "")
+            if self.store is not None and self.store.connection(self.name).get("status") == "needs_reconnect":
+                # The authorization works again (a new bootstrap refresh token in the config): lift the mark.
+                self.store.update_connection(self.name, status="active", last_error=None, last_error_at=None)
+                self._bootstrap_wins = False
+                logger.info("{}: the new refresh token works; the connection is active again", self.name)
         finally:
             lock.release()
 
-    def _refused(self, error: str | None, description: str | None) -> None:
+    def _unlearned_server(self, ctx: dict) -> list[str]:
+        """Fields the token endpoint's address depends on that are learned when connecting (from the
+        redirect, e.g. the user's own accounts server / data centre) and that neither a connect taught us
+        nor the connection's options give."""
+        template = str(self.cfg.get("token_url", ""))
+        conn_data = ctx.get("connection") or {}
+        options = ctx.get("options") or {}
+        return [f for f in (self.cfg.get("redirect_fields") or {})
+                if f"connection.{f}" in template and conn_data.get(f) in (None, "") and options.get(f) in (None, "")]
+
+    def _refused(self, error: str | None, description: str | None, *, url: str = "", ctx: dict | None = None) -> None:
         detail = f"{error}" + (f": {description}" if description else "")
         if error in self.reconnect_errors:
+            unknown = self._unlearned_server(ctx or {})
+            if unknown:
+                # A refresh token made outside `runner connect` in another data centre is refused with the
+                # same error as a revoked one: the runner only knows which server it asked.
+                field = unknown[0]
+                opt = (self.spec.options or {}).get(field) or {}
+                about = " ".join(str(opt.get("description") or "").split())
+                msg = (f"{self.spec.name} refused the refresh token of '{self.name}' ({detail}) at {url}. The token "
+                       f"was not made by `runner connect`, so the runner does not know which {self.spec.name} data "
+                       f"centre (accounts server) it belongs to and asked the default one; a token made in another "
+                       f"data centre is refused exactly like this (it may also have been revoked)")
+                fix = (f"set options: {{{field}: ...}} on '{self.name}' to the accounts server the token was made at"
+                       + (f" ({about})" if about else "") + f", or run `runner connect {self.name}`, which finds it "
+                       f"by itself")
+                # Not marked needs_reconnect: a line in the config may be all it takes, so the next run tries again.
+                raise AuthError(msg, fix=fix, status=401)
             msg = (f"{self.spec.name} refused to renew the authorization of '{self.name}' ({detail}): it was revoked, "
                    f"it expired, or the user's password changed. Nothing is imported from this connection until "
                    f"someone reconnects it")
             if self.store is not None:
                 self.store.update_connection(self.name, status="needs_reconnect", last_error=redact.redact(msg),
-                                             last_error_at=time.time())
+                                             last_error_at=time.time(),
+                                             data={"refused_bootstrap": self._bootstrap_fp})
             raise NeedsReconnect(msg, fix=f"runner connect {self.name}")
         if error in ("invalid_client", "unauthorized_client"):
             raise AuthError(f"{self.spec.name} does not accept this app's client id/secret ({detail})",

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 import click
 
 from runner import oauth, redact, secrets
-from runner.errors import AccountMismatch, AuthError, RunnerError
+from runner.errors import AccountMismatch, AuthError, ProviderError, RunnerError
 
 PAGE = (b"<!doctype html><meta charset=utf-8><title>runner</title>"
         b"<p>The runner received the authorization. You can close this window and return to the terminal.</p>")
@@ -76,13 +76,25 @@ def _context(conn, store) -> dict:
             "environment": conn.environment, "window": conn.window.context()}
 
 
-async def _identify(conn, store, clients):
-    """Open the connection as a run would (token, account, organization choice, `expect:`)."""
-    from runner.pipeline import Source
+def _staging_store(conn, store, token: dict, learned: dict):
+    """An in-memory store holding only the new authorization, so it is tried before it replaces anything."""
+    from runner.state import Store
 
-    source = Source(conn, clients, store)
-    await source.open()
-    return source
+    tmp = Store(":memory:")
+    saved = store.connection(conn.name)
+    tmp.save_token(conn.name, token)
+    tmp.update_connection(conn.name, integration=conn.spec.id, status="active",
+                          data={**(saved.get("data") or {}), **learned})
+    return tmp
+
+
+def _loopback(port: int) -> "Loopback":
+    try:
+        return Loopback(port)
+    except OSError as exc:
+        raise RunnerError(f"the runner cannot listen on 127.0.0.1 port {port} for the browser's answer "
+                          f"({exc.strerror or exc}); nothing was changed",
+                          fix="choose another --port (or leave --port out to use a free one)") from None
 
 
 async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, port: int = 0, timeout: float = 300,
@@ -132,7 +144,7 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
             echo("note: " + " ".join((limit.get("message") or
                                       f"{spec.name} keeps at most {limit.get('count')} refresh tokens per user").split()))
         ctx = oauth.template_context(conn, _context(conn, store))
-        loop_server = Loopback(port)
+        loop_server = _loopback(port)
         try:
             authorize_url = oauth.render(cfg, "authorize_url", ctx)
             state = generate_token(30)
@@ -185,16 +197,64 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
                                              redirect_uri=loop_server.redirect_uri,
                                              **({"code_verifier": verifier} if verifier else {}))
         except OAuthError as exc:
-            raise AuthError(f"{spec.name} refused the authorization code ({exc.error}: {exc.description})",
-                            fix=f"run `runner connect {conn.name}` again")
+            raise AuthError(f"{spec.name} refused the authorization code ({exc.error}: {exc.description}); nothing "
+                            f"was changed", fix=f"run `runner connect {conn.name}` again")
+        except ValueError as exc:  # not JSON
+            raise ProviderError(f"{spec.name}'s token endpoint sent an answer that is not a token ({exc}); nothing "
+                                f"was changed", fix=f"try `runner connect {conn.name}` again later; if it persists, "
+                                                    f"the provider may be having an outage")
+        except Exception as exc:  # network trouble
+            raise ProviderError(f"could not reach {spec.name}'s token endpoint to finish connecting '{conn.name}': "
+                                f"{type(exc).__name__}: {exc}; nothing was changed",
+                                fix=f"check the network and run `runner connect {conn.name}` again")
         cred = conn.credentials.get("refresh_token")
         token = oauth.stored_token(dict(token), bootstrap=secrets.fingerprint(cred) if cred else None)
         token["connected"] = time.time()
         learned.update(oauth.learned_fields(cfg, token))
         old = stored
+        saved = store.connection(conn.name)
+        # Identify the account with the new authorization BEFORE it replaces the stored one: connecting the
+        # wrong company (against `expect:`, or one that cannot see the pinned organization) must not cost
+        # the grant that works.
+        staging = _staging_store(conn, store, token, learned)
+        from runner.pipeline import Source
+
+        source = Source(conn, clients, staging)
+        keep = True
+        mismatch = None
+        try:
+            await source.open()
+        except AccountMismatch as exc:
+            choose = spec.account.get("choose")
+            # Several organizations and none pinned: the authorization is right, a config line picks one.
+            keep = choose is not None and len(source.accounts) > 1 and not conn.options.get(choose.get("option"))
+            mismatch = exc
+        except BaseException:
+            staging.close()
+            echo(f"the new authorization for '{conn.name}' was not saved"
+                 + ("; the one stored before is unchanged" if old else ""))
+            raise
+        token = staging.get_token(conn.name) or token  # a refresh during identification may have rotated it
+        learned.update({k: v for k, v in (staging.connection(conn.name).get("data") or {}).items()
+                        if (saved.get("data") or {}).get(k) != v})
+        staging.close()
+        if not keep:
+            echo(f"the new authorization for '{conn.name}' was not saved"
+                 + ("; the one stored before is unchanged and still used:" if old else ":"))
+            raise mismatch
         store.save_token(conn.name, token)
-        store.update_connection(conn.name, integration=spec.id, data=learned, status="active", last_error=None)
-        if old and old.get("refresh_token") and old["refresh_token"] != token.get("refresh_token") and cfg.get("revoke_url"):
+        fields = {"integration": spec.id, "data": learned, "status": "active", "last_error": None,
+                  "last_error_at": None}
+        if mismatch is None:
+            if source.account_id:
+                fields["account_id"] = source.account_id
+            if source.account_name:
+                fields["account_name"] = source.account_name
+        store.update_connection(conn.name, **fields)
+        same_account = (mismatch is None and saved.get("account_id") is not None
+                        and str(saved.get("account_id")) == str(source.account_id))
+        if (same_account and old and old.get("refresh_token") and old["refresh_token"] != token.get("refresh_token")
+                and cfg.get("revoke_url")):
             try:  # give back the replaced grant (it would otherwise count against the provider's per-user limit)
                 rctx = oauth.template_context(conn, _context(conn, store))
                 rc, rurl = oauth.oauth_client(clients, oauth.render(cfg, "revoke_url", rctx), cfg,
@@ -202,11 +262,9 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
                 await rc.revoke_token(rurl, token=old["refresh_token"], token_type_hint="refresh_token")
             except Exception:
                 pass
-        try:
-            source = await _identify(conn, store, clients)
-        except AccountMismatch as exc:
+        if mismatch is not None:
             echo(f"the authorization for '{conn.name}' is saved, but the runner will not import from it yet:")
-            raise exc
+            raise mismatch
         shown = ", ".join(f"{k}={v}" for k, v in learned.items() if k not in ("name",))
         echo(f"connected '{conn.name}' to {spec.name} account {source.account_name or ''} ({source.account_id})"
              + (f" [{shown}]" if shown else ""))

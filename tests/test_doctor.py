@@ -454,6 +454,44 @@ def test_zoho_organization_not_pinned_lists_the_choices(tmp_path, monkeypatch):
     e.no_secret()
 
 
+
+def test_wrong_oauth_client_secret_shows_the_fix_as_a_sentence(tmp_path, monkeypatch):
+    e = OAuthEnv(tmp_path, monkeypatch)
+    monkeypatch.setenv("ZOHO_CLIENT_SECRET", "not-the-secret-of-this-app")
+    code, rep = e.doctor("acme-zoho")
+    assert code == 1
+    c = check(rep, "acme-zoho", "auth")
+    assert c["status"] == "failed" and "invalid_client" in c["message"]
+    # The client id/secret sentence as it is, not wrapped as a command to run.
+    assert c["fix"] == "check credentials client_id and client_secret of 'acme-zoho'"
+    e.no_secret()
+
+
+def test_an_unknown_company_id_is_not_called_a_network_problem(tmp_path, monkeypatch):
+    """Opening the connection fails before any request (no realm id learned, none set): doctor says the
+    connection could not be opened, with the error's own fix, not "could not reach QuickBooks"."""
+    e = OAuthEnv(tmp_path, monkeypatch)
+    e.path.write_text(e.path.read_text().replace('options: {realm_id: "9130357766961111"}', "options: {}"))
+    code, rep = e.doctor("acme-qbo")
+    assert code == 1
+    c = check(rep, "acme-qbo", "auth")
+    assert c["status"] == "failed"
+    assert c["message"].startswith("the QuickBooks Online connection could not be opened: ")
+    assert "could not reach" not in c["message"] and "realm_id" in c["message"]
+    assert "runner connect acme-qbo" in c["fix"]
+    assert check(rep, "acme-qbo", "account")["message"] == "not checked: the connection could not be opened"
+    e.no_secret()
+
+
+def test_an_unreachable_provider_is_called_unreachable():
+    from runner import diagnostics
+    from runner.errors import ProviderError, RunnerError
+
+    down = ProviderError("QuickBooks Online could not be reached after 5 attempts: ConnectError: refused")
+    assert diagnostics._transport_failure(down)
+    assert not diagnostics._transport_failure(RunnerError("RUNNER_SECRET_KEY is not set"))
+    assert not diagnostics._transport_failure(ProviderError("the answer is not JSON (HTTP 200)", status=200))
+
 # --- Zapier (inbound: the Zap calls `runner serve`) --------------------------------------------------------
 
 ZAP_CONFIG = """

@@ -145,3 +145,64 @@ def test_empty_batch_is_refused_as_empty_not_as_a_bad_invoice(tmp_path, monkeypa
         r = client.post("/v1/invoices", json={"invoices": []}, headers={"XApiKey": key})
     assert r.status_code == 422
     assert r.json()["message"] == "the payload holds no invoices"
+
+
+ZAP_CONFIG = """
+state: state/state.db
+destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
+connections:
+  - {name: zaps, integration: zapier, environment: production, window: {last: 180d}}
+"""
+
+
+def _zap_invoice() -> dict:
+    from datetime import date, timedelta
+
+    today = date.today()
+    return {"id": "INV-1", "number": "Z-001", "issue_date": (today - timedelta(days=60)).isoformat(),
+            "due_date": (today - timedelta(days=30)).isoformat(), "currency": "EUR", "amount_due": "100.50",
+            "customer": {"name": "Customer GmbH", "email": "ap@example.de",
+                         "address": {"street": "Hauptstr. 1", "city": "Berlin", "postal_code": "10115",
+                                     "country": "Germany"}}}
+
+
+@pytest.mark.parametrize("failure", ["runner_error", "bug"])
+def test_a_failure_while_importing_finishes_the_run_and_answers_json(tmp_path, monkeypatch, failure):
+    """An error after the run row was begun: the row is finished 'failed' (never left 'running'), the answer
+    is JSON (never Starlette's plain-text traceback page), and the secret in the error text is redacted."""
+    from starlette.testclient import TestClient
+
+    from runner import inbound, pipeline
+    from runner.errors import RunnerError
+    from runner.sandbox import debitura as dsim
+
+    path = tmp_path / "config.yaml"
+    path.write_text(ZAP_CONFIG)
+    monkeypatch.setenv("DEBITURA_API_KEY", dsim.PRODUCTION_KEY)
+    cfg = config.load(path)
+    store = Store(cfg.state_path)
+    key = apikeys.create(store, "production", "zap")[0]
+    store.close()
+
+    async def broken(*a, **kw):
+        text = f"delivery broke while using {dsim.PRODUCTION_KEY}"
+        raise RunnerError(text, fix="try again") if failure == "runner_error" else KeyError(text)
+
+    monkeypatch.setattr(pipeline, "_deliver_page", broken)
+    with TestClient(inbound.create_app(cfg, cfg.connection("zaps")), raise_server_exceptions=False) as client:
+        r = client.post("/v1/invoices", json=_zap_invoice(), headers={"XApiKey": key})
+    assert r.status_code == 500
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert "delivery broke" in body["message"] and dsim.PRODUCTION_KEY not in r.text
+    assert body["error"] == ("failed" if failure == "runner_error" else "internal_error")
+    store = Store(cfg.state_path)
+    try:
+        runs = store.last_runs()
+        assert [x["status"] for x in runs] == ["failed"]
+        assert runs[0]["finished"] is not None and "delivery broke" in runs[0]["summary"]["error"]
+        assert dsim.PRODUCTION_KEY not in json.dumps(runs[0]["summary"])
+        conn = store.connection("zaps")
+        assert "delivery broke" in conn["last_error"] and conn["last_error_at"]
+    finally:
+        store.close()

@@ -206,3 +206,162 @@ def test_two_runs_never_refresh_at_the_same_time(sb, tmp_path):
     assert h1 == h2
     assert sb.qbo.oauth.refreshes == 1
     assert sb.qbo.oauth.token_requests == 1
+
+
+def _connect(cfg_path, name, user, *, force=False, port=0):
+    import threading
+
+    from runner.oauth_cli import connect_flow
+    from runner.state import Store
+
+    cfg = load(cfg_path)
+    store = Store(cfg.state_path)
+    lines: list[str] = []
+
+    def browser(url):
+        threading.Thread(target=play_browser, args=(url, user), daemon=True).start()
+
+    try:
+        return asyncio.run(connect_flow(cfg.connection(name), store, open_browser=False, timeout=20, on_url=browser,
+                                        echo=lines.append, force=force, port=port)), lines
+    finally:
+        store.close()
+
+
+def test_connecting_the_wrong_company_keeps_the_working_grant(sb, tmp_path):
+    """`runner connect --force` as a user of another company than `expect:` names: the new authorization is
+    identified before it replaces anything, so the stored grant is neither overwritten nor revoked."""
+    from runner.errors import AccountMismatch
+
+    cfg = write_config(tmp_path, qbo_connection(sb, bootstrap=False, extra=f'\n    expect: {{account_id: "{qb.REALM_DK}"}}'))
+    result, _ = _connect(cfg, "acme-qbo", "bjorn")
+    assert result["account_id"] == qb.REALM_DK
+    store = _store(cfg)
+    before = store.get_token("acme-qbo")
+    assert store.connection("acme-qbo")["account_id"] == qb.REALM_DK
+    store.close()
+    with pytest.raises(AccountMismatch) as exc:
+        _connect(cfg, "acme-qbo", "alice", force=True)
+    assert "Sandbox Company_US_1" in exc.value.message or qb.REALM_US in exc.value.message
+    store = _store(cfg)
+    after = store.get_token("acme-qbo")
+    conn = store.connection("acme-qbo")
+    store.close()
+    assert after["refresh_token"] == before["refresh_token"]  # not replaced
+    assert conn["data"]["realm_id"] == qb.REALM_DK and conn["status"] == "active"
+    assert before["refresh_token"] in {g.refresh_token for g in sb.qbo.oauth.live_grants("bjorn")}  # not revoked
+    sb.qbo.oauth.expire_access_tokens()
+    res = by_name(run_sync(cfg), "acme-qbo")
+    assert res.status == "ok" and res.account_name == "Nordlys Consulting ApS"
+
+
+def test_reconnecting_clears_the_last_error_and_its_time(sb, tmp_path):
+    cfg = write_config(tmp_path, qbo_connection(sb, bootstrap=False))
+    _connect(cfg, "acme-qbo", "bjorn")
+    sb.qbo.oauth.revoke_user("bjorn")
+    sb.qbo.oauth.expire_access_tokens()
+    assert by_name(run_sync(cfg, mode="apply"), "acme-qbo").status == "needs_reconnect"
+    store = _store(cfg)
+    assert store.connection("acme-qbo")["last_error_at"]
+    store.close()
+    sb.qbo.users["bjorn2"] = {"realm": qb.REALM_DK}  # the user reconnects (a new login to the same company)
+    result, _ = _connect(cfg, "acme-qbo", "bjorn2")
+    store = _store(cfg)
+    conn = store.connection("acme-qbo")
+    store.close()
+    assert conn["status"] == "active" and conn["last_error"] is None and conn["last_error_at"] is None
+
+
+def test_a_port_in_use_is_a_runner_error_with_a_fix(sb, tmp_path):
+    import socket
+
+    from runner.errors import RunnerError
+
+    cfg = write_config(tmp_path, qbo_connection(sb, bootstrap=False))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RunnerError) as exc:
+            _connect(cfg, "acme-qbo", "bjorn", port=taken.getsockname()[1])
+    assert "--port" in exc.value.fix and "nothing was changed" in exc.value.message
+    assert sb.qbo.oauth.token_requests == 0
+
+
+def test_a_straggler_401_does_not_refresh_again(sb, tmp_path):
+    """Request 1 and 2 are sent with token A; 2's 401 renews it to B; 1's 401 arrives later: it was sent with
+    A, which is no longer current, so it is retried with B without a second refresh."""
+    from runner import oauth
+    from runner.http import Clients
+    from runner.state import Store
+
+    cfg = load(write_config(tmp_path, qbo_connection(sb)))
+    conn = cfg.connection("acme-qbo")
+
+    async def go():
+        clients = Clients()
+        store = Store(cfg.state_path)
+        s = oauth.OAuthSession(conn, {"connection": {"name": conn.name}, "options": dict(conn.options),
+                                      "secrets": dict(conn.credentials)}, store, clients)
+        try:
+            await s.headers()  # this task sends request 1 with token A
+            a = s.token["access_token"]
+
+            async def request_2():
+                await s.headers()
+                await s.unauthorized()
+
+            await asyncio.create_task(request_2())
+            assert s.token["access_token"] != a and sb.qbo.oauth.refreshes == 2
+            await s.unauthorized()  # request 1's late 401
+            assert sb.qbo.oauth.refreshes == 2
+            await s.unauthorized(sent=s.token["access_token"])  # the current token refused: renewed
+            assert sb.qbo.oauth.refreshes == 3
+        finally:
+            await clients.aclose()
+            store.close()
+
+    asyncio.run(go())
+
+
+def test_a_new_bootstrap_refresh_token_lifts_needs_reconnect(sb, tmp_path):
+    from runner import oauth
+    from runner.http import Clients
+    from runner.state import Store
+
+    cfg_path = write_config(tmp_path, qbo_connection(sb))
+    assert by_name(run_sync(cfg_path, mode="apply"), "acme-qbo").status == "ok"
+    sb.qbo.oauth.revoke_user("alice")
+    sb.qbo.oauth.expire_access_tokens()
+    res = by_name(run_sync(cfg_path, mode="apply"), "acme-qbo")
+    assert res.status == "needs_reconnect"
+    cfg = load(cfg_path)
+    store = Store(cfg.state_path)
+    assert not oauth.reconnect_cleared(cfg.connection("acme-qbo"), store)  # the same token: nothing to try
+    store.close()
+    # A new refresh token (e.g. from the provider's playground) goes into the connection's credentials.
+    new_rt = "AB11sandboxQBOsecondRefreshToken000alice"
+    sb.qbo.oauth.add_grant(new_rt, qb.CLIENT_ID, "alice", "com.intuit.quickbooks.accounting")
+    (tmp_path / "new_rt").write_text(new_rt)
+    text = cfg_path.read_text().replace(str(ROOT / "sandbox-secrets" / "quickbooks_refresh_token"),
+                                        str(tmp_path / "new_rt"))
+    cfg_path.write_text(text)
+    cfg = load(cfg_path)
+    conn = cfg.connection("acme-qbo")
+
+    async def renew():
+        clients = Clients()
+        store = Store(cfg.state_path)
+        try:
+            assert oauth.reconnect_cleared(conn, store)
+            s = oauth.OAuthSession(conn, {"connection": {"name": conn.name}, "options": dict(conn.options),
+                                          "secrets": dict(conn.credentials)}, store, clients)
+            await s.headers()
+            return store.connection("acme-qbo")
+        finally:
+            await clients.aclose()
+            store.close()
+
+    saved = asyncio.run(renew())
+    assert saved["status"] == "active" and saved["last_error"] is None and saved["last_error_at"] is None
+    res = by_name(run_sync(cfg_path, mode="apply"), "acme-qbo")
+    assert res.status == "ok", res.error

@@ -122,3 +122,50 @@ def test_simulator_deletes_the_oldest_of_21_refresh_tokens(sb):
         sb.zoho.oauth._enforce_limit("ines")
     live = {g.refresh_token for g in sb.zoho.oauth.live_grants("ines")}
     assert len(live) == 20 and "1000.t0" not in live and "1000.t20" in live
+
+
+def test_a_self_client_token_from_another_data_centre_is_named_as_such(sb, tmp_path):
+    """A refresh token made outside `runner connect` in the EU data centre, with no accounts server set: the
+    default (.com) accounts server refuses it with invalid_code, which is not "revoked": the runner says which
+    server it asked and how to name the right one, and does not block the next run."""
+    from oauth_helpers import ROOT, SECRETS
+    from runner.sandbox import zoho as zs
+    from runner.state import Store
+
+    spec = (ROOT / "integrations.d" / "zoho_books.yaml").read_text()
+    d = tmp_path / "specs"
+    d.mkdir()
+    # The spec's built-in default accounts server is the simulator's .com one (as accounts.zoho.com in production).
+    (d / "zoho_books.yaml").write_text(spec.replace("sandbox://zoho/accounts.zoho.com", sb.zoho_accounts))
+    rt = "1000.selfclient.ulla.eu00000000000000000000"
+    sb.zoho.oauth.add_grant(rt, zs.CLIENT_ID, "ulla", "ZohoBooks.fullaccess.all")
+    (tmp_path / "rt").write_text(rt)
+
+    def conn(options: str) -> str:
+        return f"""
+  - name: acme-zoho
+    integration: zoho_books
+    environment: sandbox
+    credentials:
+      client_id: "${{file:{SECRETS}/zoho_client_id}}"
+      client_secret: "${{file:{SECRETS}/zoho_client_secret}}"
+      refresh_token: "${{file:{tmp_path}/rt}}"
+    options: {{{options}}}
+"""
+
+    cfg = write_config(tmp_path, conn('organization_id: "20001"'), integrations_dir=str(d))
+    res = by_name(run_sync(cfg, mode="apply"), "acme-zoho")
+    assert res.status == "failed", res.error
+    assert "invalid_code" in res.error and "data centre" in res.error and sb.zoho_accounts in res.error
+    assert "revoked, it expired" not in res.error
+    assert "options: {accounts_server: ...}" in res.fix and "runner connect acme-zoho" in res.fix
+    assert rt not in res.error + res.fix
+    store = Store(load(cfg).state_path)
+    assert store.connection("acme-zoho")["status"] != "needs_reconnect"
+    store.close()
+    # Naming the EU accounts server is all it takes.
+    eu = sb.server.url("zoho") + "/accounts.zoho.eu"
+    cfg = write_config(tmp_path, conn(f'organization_id: "20001", accounts_server: "{eu}"'), integrations_dir=str(d))
+    res = by_name(run_sync(cfg, mode="apply"), "acme-zoho")
+    assert res.status == "ok", res.error
+    assert res.account_name == "Ulla's Nordic Trading ApS"
