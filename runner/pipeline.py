@@ -183,7 +183,7 @@ class Source:
         return {**self._ctx_base, **extra} if extra else self._ctx_base
 
     async def open(self) -> None:
-        if self.store is not None and self.saved.get("status") == "needs_reconnect":
+        if self.store is not None and self.saved.get("status") == "needs_reconnect" and not self._reconnect_cleared():
             raise NeedsReconnect(f"the connection '{self.conn.name}' needs to be reconnected: "
                                  f"{self.saved.get('last_error') or 'its authorization was revoked or expired'}",
                                  fix=f"runner connect {self.conn.name}")
@@ -198,6 +198,14 @@ class Source:
                     self.http = Http(self.clients, base, policy=self.http.policy, limiter=self.http.limiter,
                                      label=self.http.label)
         await self._identify()
+
+    def _reconnect_cleared(self) -> bool:
+        """A new bootstrap refresh token in the config is worth one try before insisting on `runner connect`."""
+        if self.spec.auth.type != "oauth2":
+            return False
+        from runner import oauth
+
+        return oauth.reconnect_cleared(self.conn, self.store)
 
     async def send(self, method: str, path: str, *, params=None, headers=None, json=None, ok=()) -> Any:
         hdrs = {**(await self.auth.headers()), **(headers or {})}

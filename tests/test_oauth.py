@@ -365,3 +365,19 @@ def test_a_new_bootstrap_refresh_token_lifts_needs_reconnect(sb, tmp_path):
     assert saved["status"] == "active" and saved["last_error"] is None and saved["last_error_at"] is None
     res = by_name(run_sync(cfg_path, mode="apply"), "acme-qbo")
     assert res.status == "ok", res.error
+
+
+def test_a_full_run_with_a_new_bootstrap_token_recovers_from_needs_reconnect(sb, tmp_path):
+    cfg_path = write_config(tmp_path, qbo_connection(sb))
+    assert by_name(run_sync(cfg_path, mode="apply"), "acme-qbo").status == "ok"
+    sb.qbo.oauth.revoke_user("alice")
+    sb.qbo.oauth.expire_access_tokens()
+    assert by_name(run_sync(cfg_path, mode="apply"), "acme-qbo").status == "needs_reconnect"
+    assert by_name(run_sync(cfg_path, mode="apply"), "acme-qbo").status == "needs_reconnect"  # stays stopped
+    new_rt = "AB11sandboxQBOthirdRefreshToken0000alice"
+    sb.qbo.oauth.add_grant(new_rt, qb.CLIENT_ID, "alice", "com.intuit.quickbooks.accounting")
+    (tmp_path / "new_rt").write_text(new_rt)
+    cfg_path.write_text(cfg_path.read_text().replace(str(ROOT / "sandbox-secrets" / "quickbooks_refresh_token"),
+                                                     str(tmp_path / "new_rt")))
+    res = by_name(run_sync(cfg_path, mode="apply"), "acme-qbo")
+    assert res.status == "ok", res.error
