@@ -72,26 +72,30 @@ def _refuse_hostile(source: str, tree) -> None:
 
 
 class Template:
-    __slots__ = ("source", "_tpl", "constant")
+    """Parsed (and checked) when the spec loads; compiled to Python on first use, since most templates of a
+    spec are never rendered by a given command (start-up time of `runner validate`)."""
+
+    __slots__ = ("source", "_tpl", "_tree", "_names", "constant")
 
     def __init__(self, source: str):
         self.source = source
         # Most values in a spec are plain strings; skip Jinja for them (hot path: every request).
         self.constant = "{{" not in source and "{%" not in source
+        self._tpl = self._tree = self._names = None
         if self.constant:
-            self._tpl = None
             return
         try:
-            env = environment()
-            _refuse_hostile(source, env.parse(source))
-            self._tpl = env.from_string(source)
+            self._tree = environment().parse(source)
         except TemplateSyntaxError as exc:
             raise TemplateError(f"template {source!r} does not compile: {exc.message} (line {exc.lineno})") from None
+        _refuse_hostile(source, self._tree)
 
     def render(self, context: dict) -> str:
         if self.constant:
             return self.source
         try:
+            if self._tpl is None:
+                self._tpl = environment().from_string(self._tree)
             return self._tpl.render(context)
         except UndefinedError as exc:
             raise TemplateError(f"template {self.source!r}: {exc.message}") from None
@@ -104,9 +108,11 @@ class Template:
         """Top-level names the template reads (to check them against what the context will hold)."""
         if self.constant:
             return set()
-        from jinja2 import meta
+        if self._names is None:
+            from jinja2 import meta
 
-        return meta.find_undeclared_variables(environment().parse(self.source))
+            self._names = meta.find_undeclared_variables(self._tree)
+        return self._names
 
     def __repr__(self) -> str:
         return f"Template({self.source!r})"
