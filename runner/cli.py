@@ -208,23 +208,24 @@ def _sync(config_file, mode, details, output, verbose, connections):
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
+def sync_options(f):
+    """The arguments plan and apply share."""
+    for option in reversed((click.argument("config_file", type=click.Path(dir_okay=False)),
+                            click.option("--details", is_flag=True, help="Show every invoice and its verdict."),
+                            output_option, verbose_option, connection_option)):
+        f = option(f)
+    return f
+
+
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--details", is_flag=True, help="Show every invoice and its verdict.")
-@output_option
-@verbose_option
-@connection_option
+@sync_options
 def plan(config_file, details, output, verbose, connections):
     """Dry run: per connection, how many invoices would be imported and how many skipped, and why. Creates nothing."""
     _sync(config_file, "plan", details, output, verbose, connections)
 
 
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--details", is_flag=True, help="Show every invoice and its verdict.")
-@output_option
-@verbose_option
-@connection_option
+@sync_options
 def apply(config_file, details, output, verbose, connections):
     """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice."""
     _sync(config_file, "apply", details, output, verbose, connections)
