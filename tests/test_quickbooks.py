@@ -105,3 +105,21 @@ def test_pin_is_checked_against_the_company_not_a_configured_ledger_name(sb, tmp
     res = by_name(run_sync(write_config(tmp_path, conn)), "acme-qbo")
     assert res.status == "ok" and res.seen == 9
     assert res.account_id == "books-us"
+
+
+def test_connections_to_the_same_company_share_its_rate_limit(sb, tmp_path):
+    from runner import config as config_mod, pipeline
+    from runner.http import Clients, reset_limiters
+
+    reset_limiters()
+    path = write_config(tmp_path, qbo_connection(sb, "books-1"), qbo_connection(sb, "books-2"),
+                        qbo_connection(sb, "books-other", extra=""))
+    text = path.read_text()
+    # the third connection names another company
+    i = text.rindex('realm_id: "9130357766961111"')
+    path.write_text(text[:i] + 'realm_id: "4620816365257778"' + text[i + len('realm_id: "9130357766961111"'):])
+    cfg = config_mod.load(path)
+    clients = Clients()
+    a, b, other = (pipeline.Source(cfg.connection(n), clients) for n in ("books-1", "books-2", "books-other"))
+    assert a.http.limiter is b.http.limiter  # QuickBooks limits per company (realm), not per connection
+    assert a.http.limiter is not other.http.limiter
