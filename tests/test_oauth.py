@@ -61,6 +61,7 @@ def test_connect_cli_end_to_end(sb, tmp_path):
     assert store.connection("acme-qbo")["data"]["realm_id"] == qb.REALM_DK
     # The secret values never reach the terminal.
     assert tok["access_token"] not in out and tok["refresh_token"] not in out
+    assert (ROOT / "sandbox-secrets" / "quickbooks_client_secret").read_text().strip() not in out
     store.close()
     # A run then reads the connected company's invoices.
     res = run_sync(cfg)
