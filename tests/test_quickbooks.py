@@ -2,10 +2,12 @@
 that is connected (read every run, pinned with `expect:`), over real sockets."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from runner.sandbox import quickbooks as qb
-from oauth_helpers import Sandbox, by_name, qbo_connection, run_sync, write_config
+from oauth_helpers import ROOT, Sandbox, by_name, qbo_connection, run_sync, write_config
 
 
 @pytest.fixture
@@ -123,3 +125,19 @@ def test_connections_to_the_same_company_share_its_rate_limit(sb, tmp_path):
     a, b, other = (pipeline.Source(cfg.connection(n), clients) for n in ("books-1", "books-2", "books-other"))
     assert a.http.limiter is b.http.limiter  # QuickBooks limits per company (realm), not per connection
     assert a.http.limiter is not other.http.limiter
+
+
+def test_single_currency_company_invoices_get_the_home_currency(sb, tmp_path):
+    rt = "AB11sandboxQBOrefreshTokenForBjorn00000"
+    sb.qbo.oauth.add_grant(rt, qb.CLIENT_ID, "bjorn", "com.intuit.quickbooks.accounting")
+    (tmp_path / "rt").write_text(rt)
+    conn = qbo_connection(sb).replace(str(ROOT / "sandbox-secrets" / "quickbooks_refresh_token"), str(tmp_path / "rt"))
+    conn = conn.replace('realm_id: "9130357766961111"', f'realm_id: "{qb.REALM_DK}"')
+    sb.qbo.request_log.clear()
+    path = write_config(tmp_path, conn)
+    res = by_name(run_sync(path, mode="apply"), "acme-qbo")
+    assert res.status == "ok", res.error and res.imported > 0
+    cases = [json.loads(line) for line in (tmp_path / "out" / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == res.imported
+    assert {c["invoice"]["currency"] for c in cases} == {"DKK"} == {c["case"]["currencyCode"] for c in cases}
+    assert sum("/preferences" in p for _, p in sb.qbo.request_log) == 1  # once per run, not per invoice

@@ -115,6 +115,8 @@ def _invoices(realm: str, today: date) -> list[dict]:
                          "SalesItemLineDetail": {"ItemRef": {"value": "1", "name": "Services"}}}],
                "MetaData": {"CreateTime": f"{txn.isoformat()}T09:00:00-08:00",
                             "LastUpdatedTime": f"{txn.isoformat()}T09:00:00-08:00"}}
+        if realm == REALM_DK:  # multicurrency off: QuickBooks leaves CurrencyRef out
+            del inv["CurrencyRef"]
         out.append(inv)
     return out
 
@@ -265,7 +267,7 @@ class QuickBooksSimulator(Simulator):
             return self.oauth.token(request, lambda user: {"x_refresh_token_expires_in": 8726400})
         if path == "/oauth2/v1/tokens/revoke" and request.method == "POST":
             return self.oauth.revoke(request)
-        m = re.match(r"^/v3/company/(\d+)/(query|companyinfo/\d+|invoice/[^/]+|customer/[^/]+)$", path)
+        m = re.match(r"^/v3/company/(\d+)/(query|preferences|companyinfo/\d+|invoice/[^/]+|customer/[^/]+)$", path)
         if not m or request.method not in ("GET", "POST"):
             return self._fault(404, "ValidationFault", "610", "Object Not Found", f"Unknown resource {path}")
         if self.expire_after is not None:
@@ -295,6 +297,11 @@ class QuickBooksSimulator(Simulator):
             except QueryError as exc:
                 return self._fault(400, "ValidationFault", "4000", "Error parsing query", str(exc))
             return json_response(200, {"QueryResponse": resp, "time": _now_iso()})
+        if rest == "preferences":
+            home = "DKK" if realm == REALM_DK else "USD"
+            return json_response(200, {"Preferences": {"CurrencyPrefs": {"MultiCurrencyEnabled": realm != REALM_DK,
+                                                                          "HomeCurrency": {"value": home}}},
+                                       "time": _now_iso()})
         kind, _, ident = rest.partition("/")
         if kind == "companyinfo":
             if ident != realm:
