@@ -428,13 +428,11 @@ class InboundServer:
         key, refused = self.authenticate(request, "triggers/cases")
         if refused is not None:
             return refused
-        rows = self.store.db.execute(
-            "SELECT connection, invoice_id, number, case_id, case_reference, idempotency_key, updated FROM ledger "
-            "WHERE account_key=? AND status='delivered' ORDER BY updated DESC, rowid DESC LIMIT ?",
-            (self.account_key, self._limit(request))).fetchall()
-        return self._json(200, [{"id": f"case-{r[3] or r[5]}", "case_id": r[3], "case_reference": r[4],
-                                 "invoice_id": r[1], "invoice_number": r[2], "connection": r[0],
-                                 "environment": self.environment, "created_at": _iso(r[6])} for r in rows])
+        rows = self.store.delivered(self.account_key, self._limit(request))
+        return self._json(200, [{"id": f"case-{r.case_id or r.idempotency_key}", "case_id": r.case_id,
+                                 "case_reference": r.case_reference, "invoice_id": r.invoice_id,
+                                 "invoice_number": r.number, "connection": r.connection,
+                                 "environment": self.environment, "created_at": _iso(r.updated)} for r in rows])
 
     async def trigger_skipped(self, request):
         key, refused = self.authenticate(request, "triggers/skipped")

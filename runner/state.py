@@ -193,6 +193,13 @@ class Store:
             args.append(connection)
         return [LedgerRow(*r) for r in self.db.execute(q, args)]
 
+    def delivered(self, account_key: str, limit: int) -> list[LedgerRow]:
+        """The newest delivered cases of one source account at this store's destination."""
+        return [LedgerRow(*r) for r in self.db.execute(
+            "SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, case_reference, "
+            "error, first_seen, updated FROM ledger WHERE destination=? AND account_key=? AND status='delivered' "
+            "ORDER BY updated DESC, rowid DESC LIMIT ?", (self.destination, account_key, limit))]
+
     def mark_pending(self, rows: list[tuple]) -> None:
         """rows: (account_key, invoice_id, connection, number, idempotency_key). Committed before delivery."""
         now = time.time()
