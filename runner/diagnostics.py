@@ -188,7 +188,7 @@ def _open_failure(checks: dict, sname: str, exc: RunnerError) -> None:
     else:  # an unknown company id, a missing secret key, a broken answer: not a network problem
         checks["auth"].set(FAILED, f"the {sname} connection could not be opened: {exc.message}", exc.fix)
         why = "the connection could not be opened"
-    _skip(checks, ("permission", "account", "window", "addresses", "invoice_data", "status_filter", "duplicates"),
+    _skip(checks, ("permission", "account") + _DATA_CHECKS,
           f"not checked: {why}")
 
 
@@ -400,14 +400,11 @@ async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_
         checks["auth"].set(OK, f"{sname} accepted the credentials")
         checks["permission"].set(OK, "the account could be read")
         checks["account"].set(FAILED, exc.message, exc.fix, accounts=source.accounts)
-        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
-              "not checked: the connected account is not the one the config names")
+        _skip(checks, _DATA_CHECKS, "not checked: the connected account is not the one the config names")
         return
     except AuthError as exc:
         _auth_failure(checks["auth"], checks["permission"], conn, exc)
-        checks["account"].set(SKIPPED, "not checked: the credentials were not accepted")
-        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
-              "not checked: the credentials were not accepted")
+        _skip(checks, ("account",) + _DATA_CHECKS, "not checked: the credentials were not accepted")
         return
     except (RunnerError, UnsafeRequest) as exc:
         _open_failure(checks, sname, exc)
@@ -429,9 +426,7 @@ async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_
     except AuthError as exc:
         _auth_failure(checks["auth"], checks["permission"], conn, exc)
         if checks["auth"].status == FAILED:
-            checks["account"].set(SKIPPED, "not checked: the credentials were not accepted")
-            _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
-                  "not checked: the credentials were not accepted")
+            _skip(checks, ("account",) + _DATA_CHECKS, "not checked: the credentials were not accepted")
             return
     except (RunnerError, UnsafeRequest) as exc:
         _open_failure(checks, sname, exc)
@@ -440,7 +435,7 @@ async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_
     if checks["permission"].status == FAILED or checks["environment"].status == FAILED:
         why = ("the credentials may not read invoices" if checks["permission"].status == FAILED
                else "the credentials belong to another environment")
-        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"), f"not checked: {why}")
+        _skip(checks, _DATA_CHECKS, f"not checked: {why}")
         return
     # the invoices: read everything (server filters off) so what lies outside the window can be counted
     scan_source = pipeline.Source(dataclasses.replace(conn, server_filters=False), clients, store)
@@ -453,19 +448,23 @@ async def _connection_checks(conn: Connection, cfg: Config, clients, store, max_
         scan = await _scan(scan_source, store, max_records)
     except AuthError as exc:
         _auth_failure(checks["auth"], checks["permission"], conn, exc)
-        _skip(checks, ("window", "addresses", "invoice_data", "status_filter", "duplicates"),
+        _skip(checks, _DATA_CHECKS,
               "not checked: reading the invoices was refused")
         return
     except (RunnerError, UnsafeRequest) as exc:
-        for cid in ("window", "addresses", "invoice_data", "status_filter", "duplicates"):
+        for cid in _DATA_CHECKS:
             checks[cid].set(FAILED, f"reading the invoices failed: {exc.message}", exc.fix)
         return
     except Exception as exc:  # noqa: BLE001 - a broken spec template, a bug: a failed check, not a traceback
-        for cid in ("window", "addresses", "invoice_data", "status_filter", "duplicates"):
+        for cid in _DATA_CHECKS:
             checks[cid].set(FAILED, f"reading the invoices failed: {type(exc).__name__}: {exc}",
                             f"run `runner plan {cfg.file if cfg else 'CONFIG'} -v` to see where")
         return
     report.summaries[conn.name] = _data_checks(checks, conn, scan_source, scan, cfg)
+
+
+# The checks that read invoices: skipped together when the connection cannot be read.
+_DATA_CHECKS = ("window", "addresses", "invoice_data", "status_filter", "duplicates")
 
 
 def _skip(checks: dict, ids, why: str) -> None:
