@@ -1,10 +1,12 @@
-"""Compile a parsed JMESPath expression to plain Python closures, once, when a spec loads.
+"""Compile a parsed JMESPath expression to Python source, once, when a spec loads.
 
 jmespath's TreeInterpreter walks the AST for every record (a visitor call per node, a dict lookup per
 node type, argument validation per function call). On the hot path that is most of a sync's CPU time.
 This module turns the common subset (fields, sub-expressions, indexes, literals, comparisons, and/or/not,
-pipes, multi-selects, projections and function calls whose arguments are plain values) into nested
-closures with the very same semantics as jmespath 1.x's TreeInterpreter.
+pipes, multi-selects, projections and function calls whose arguments are plain values) into straight-line
+Python statements with the very same semantics as jmespath 1.x's TreeInterpreter, and `exec`s them into a
+function. Generated from the AST only (names become string constants in a namespace, never source text),
+so a spec cannot inject code. `mapping_function` puts every field of a mapping into one such function.
 
 Exactness: anything outside the subset is not compiled (`compile` returns None and the caller keeps
 jmespath). A compiled function that raises for any reason is re-run by jmespath itself (see `wrap`), so
@@ -13,14 +15,17 @@ returns, and tests/test_fastpath.py property-tests that against jmespath with hy
 """
 from __future__ import annotations
 
+import builtins
+from collections import OrderedDict
+from decimal import Decimal
 from typing import Any, Callable
 
 from jmespath import visitor as _visitor
 
-_equals = _visitor._equals
-_is_comparable = _visitor._is_comparable
-_is_actual_number = _visitor._is_actual_number
-_ORDER = {"lt": lambda a, b: a < b, "gt": lambda a, b: a > b, "lte": lambda a, b: a <= b, "gte": lambda a, b: a >= b}
+_ORDER = {"lt": "<", "gt": ">", "lte": "<=", "gte": ">="}
+# jmespath checks argument types by type name; the same check by the type itself is cheaper.
+_PYTYPES = {"bool": bool, "list": list, "dict": dict, "NoneType": type(None), "str": str, "float": float,
+            "int": int, "OrderedDict": OrderedDict, "Decimal": Decimal}
 
 
 class Unsupported(Exception):
@@ -39,12 +44,204 @@ def _is_false(v) -> bool:
     return v == '' or v == [] or v == {} or v is None or v is False
 
 
+def _not(r) -> bool:
+    if _visitor._is_actual_number(r) and r == 0:
+        return False
+    return not r
+
+
+def _order(a, b, op):
+    if not (_visitor._is_comparable(a) and _visitor._is_comparable(b)):
+        return None
+    return op(a, b)
+
+
+_BASE_NS = {"_F": _is_false, "_eq": _visitor._equals, "_not": _not, "_comparable": _visitor._is_comparable,
+            "_Mismatch": _TypeMismatch}
+
+
+class _Gen:
+    """Emits statements; every node's value ends up in a fresh local variable."""
+
+    def __init__(self, fns):
+        self.fns = fns
+        self.ns: dict[str, Any] = dict(_BASE_NS, _fns=fns)
+        self.n = 0
+
+    def var(self) -> str:
+        self.n += 1
+        return f"_v{self.n}"
+
+    def const(self, value) -> str:
+        self.n += 1
+        name = f"_c{self.n}"
+        self.ns[name] = value
+        return name
+
+    # Each method appends lines (indented by `ind`) computing the node applied to variable `src`, and
+    # returns the variable that holds the result.
+    def node(self, node: dict, src: str, out: list[str], ind: str) -> str:
+        t = node["type"]
+        children = node.get("children") or []
+        if t == "field":
+            r = self.var()
+            key = self.const(node["value"])
+            out += [f"{ind}try:", f"{ind}    {r} = {src}.get({key})", f"{ind}except AttributeError:",
+                    f"{ind}    {r} = None"]
+            return r
+        if t in ("current", "identity"):
+            return src
+        if t == "literal":
+            return self.const(node["value"])
+        if t in ("subexpression", "index_expression", "pipe"):
+            for c in children:
+                src = self.node(c, src, out, ind)
+            return src
+        if t == "index":
+            r, idx = self.var(), self.const(node["value"])
+            out += [f"{ind}{r} = None", f"{ind}if isinstance({src}, list):", f"{ind}    try:",
+                    f"{ind}        {r} = {src}[{idx}]", f"{ind}    except IndexError:", f"{ind}        pass"]
+            return r
+        if t == "slice":
+            r, s = self.var(), self.const(slice(*children))
+            out.append(f"{ind}{r} = {src}[{s}] if isinstance({src}, list) else None")
+            return r
+        if t == "comparator":
+            op = node["value"]
+            a = self.node(children[0], src, out, ind)
+            b = self.node(children[1], src, out, ind)
+            r = self.var()
+            if op == "eq":
+                out.append(f"{ind}{r} = _eq({a}, {b})")
+            elif op == "ne":
+                out.append(f"{ind}{r} = not _eq({a}, {b})")
+            else:
+                out.append(f"{ind}{r} = ({a} {_ORDER[op]} {b}) if _comparable({a}) and _comparable({b}) else None")
+            return r
+        if t in ("and_expression", "or_expression"):
+            a = self.node(children[0], src, out, ind)
+            r = self.var()
+            out.append(f"{ind}if {'not ' if t == 'and_expression' else ''}_F({a}):")
+            inner: list[str] = []
+            b = self.node(children[1], src, inner, ind + "    ")
+            out += inner + [f"{ind}    {r} = {b}", f"{ind}else:", f"{ind}    {r} = {a}"]
+            return r
+        if t == "not_expression":
+            a = self.node(children[0], src, out, ind)
+            r = self.var()
+            out.append(f"{ind}{r} = _not({a})")
+            return r
+        if t in ("multi_select_list", "multi_select_dict"):
+            r = self.var()
+            out += [f"{ind}if {src} is None:", f"{ind}    {r} = None", f"{ind}else:"]
+            if t == "multi_select_list":
+                parts = [self.node(c, src, out, ind + "    ") for c in children]
+                out.append(f"{ind}    {r} = [{', '.join(parts)}]")
+            else:
+                items = []
+                for c in children:
+                    v = self.node(c["children"][0], src, out, ind + "    ")
+                    items.append(f"{self.const(c['value'])}: {v}")
+                out.append(f"{ind}    {r} = {{{', '.join(items)}}}")
+            return r
+        if t in ("projection", "value_projection", "flatten", "filter_projection"):
+            return self._loop(t, children, src, out, ind)
+        if t == "function_expression":
+            return self._function(node, src, out, ind)
+        raise Unsupported(t)
+
+    def _loop(self, t: str, children: list, src: str, out: list[str], ind: str) -> str:
+        base = self.node(children[0], src, out, ind)
+        r, e = self.var(), self.var()
+        if t == "value_projection":
+            out += [f"{ind}try:", f"{ind}    {r} = {base}.values()", f"{ind}except AttributeError:",
+                    f"{ind}    {r} = None", f"{ind}if {r} is not None:", f"{ind}    {e}s = {r}"]
+        else:
+            out += [f"{ind}{r} = None", f"{ind}if isinstance({base}, list):", f"{ind}    {e}s = {base}"]
+        body = ind + "        "
+        out += [f"{ind}    {r} = []", f"{ind}    for {e} in {e}s:"]
+        if t == "flatten":
+            out += [f"{body}if isinstance({e}, list):", f"{body}    {r}.extend({e})", f"{body}else:",
+                    f"{body}    {r}.append({e})"]
+            return r
+        if t == "filter_projection":
+            cond = self.node(children[2], e, out, body)
+            out.append(f"{body}if not _F({cond}):")
+            body += "    "
+        c = self.node(children[1], e, out, body)
+        out += [f"{body}if {c} is not None:", f"{body}    {r}.append({c})"]
+        return r
+
+    def _function(self, node: dict, src: str, out: list[str], ind: str) -> str:
+        name = node["value"]
+        spec = self.fns.FUNCTION_TABLE.get(name)
+        if spec is None:
+            raise Unsupported(f"unknown function {name}")
+        signature = spec["signature"]
+        n = len(node["children"])
+        # Arity, as the function library checks it (optional trailing and variadic arguments).
+        required = sum(1 for s in signature if not s.get("optional") and not s.get("variadic"))
+        variadic = bool(signature) and bool(signature[-1].get("variadic"))
+        if variadic:
+            required += 1
+        if n < required or (not variadic and n > len(signature)):
+            raise Unsupported("arity")  # jmespath raises its ArityError
+        checks: list[tuple[int, str]] = []
+        for i in range(min(n, len(signature))):
+            types = signature[i]["types"]
+            if not types:
+                continue
+            if any(t == "expref" for t in types):
+                raise Unsupported("expref")
+            allowed, subtypes = self.fns._get_allowed_pytypes(types)
+            if subtypes:
+                raise Unsupported("array subtypes")  # element checks: leave them to jmespath
+            checks.append((i, self.const(frozenset(_PYTYPES[a] for a in allowed if a in _PYTYPES))))
+        args = [self.node(c, src, out, ind) for c in node["children"]]
+        for i, allowed in checks:
+            out += [f"{ind}if type({args[i]}) not in {allowed}:", f"{ind}    raise _Mismatch({self.const(name)})"]
+        r, fn = self.var(), self.const(spec["function"])
+        out.append(f"{ind}{r} = {fn}(_fns{''.join(', ' + a for a in args)})")
+        return r
+
+    def build(self, lines: list[str], name: str) -> Callable:
+        code = "\n".join(lines)
+        exec(builtins.compile(code, f"<runner.fastpath {name}>", "exec"), self.ns)  # noqa: S102 - source built from the AST only
+        return self.ns[name]
+
+
 def compile(parsed: dict, functions) -> Callable[[Any], Any] | None:  # noqa: A001
     """A callable equivalent to evaluating the AST `parsed` with `functions`, or None if unsupported."""
+    gen = _Gen(functions)
+    body: list[str] = []
     try:
-        return _node(parsed, functions)
+        r = gen.node(parsed, "data", body, "    ")
     except Unsupported:
         return None
+    return gen.build(["def _search(data):", *body, f"    return {r}"], "_search")
+
+
+def mapping_function(fields: list[tuple[tuple, dict]], functions) -> Callable[[Any], dict] | None:
+    """One function for a whole mapping: (canonical path, AST) pairs in, the nested canonical dict out.
+    Missing, null and blank values are left out (strings stripped), exactly as specs.Mapping.apply does."""
+    gen = _Gen(functions)
+    lines = ["def _map(data):", "    out = {}"]
+    try:
+        for path, parsed in fields:
+            r = gen.node(parsed, "data", lines, "    ")
+            node, target = "out", []
+            for key in path[:-1]:  # parents are made only when a value is set under them
+                k = gen.const(key)
+                target.append(f"        _node = {node}.get({k}) or {node}.setdefault({k}, {{}})")
+                node = "_node"
+            store = [*target, f"        {node}[{gen.const(path[-1])}] = {r}"]
+            lines += [f"    if type({r}) is str:", f"        {r} = {r}.strip()",
+                      f"    if not ({r} is None or ({r} == '' and type({r}) is str) or "
+                      f"((type({r}) is dict or type({r}) is list) and not {r})):", *store]
+    except Unsupported:
+        return None
+    lines.append("    return out")
+    return gen.build(lines, "_map")
 
 
 def wrap(fast: Callable[[Any], Any] | None, slow: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -59,306 +256,3 @@ def wrap(fast: Callable[[Any], Any] | None, slow: Callable[[Any], Any]) -> Calla
             return slow(data)
 
     return search
-
-
-def _field_chain(node) -> list[str] | None:
-    """['a', 'b', 'c'] for a.b.c (fields only), else None."""
-    t = node["type"]
-    if t == "field":
-        return [node["value"]]
-    if t == "subexpression":
-        out = []
-        for child in node["children"]:
-            sub = _field_chain(child)
-            if sub is None:
-                return None
-            out += sub
-        return out
-    return None
-
-
-def _node(node: dict, fns) -> Callable[[Any], Any]:
-    t = node["type"]
-    children = node.get("children") or []
-
-    chain = _field_chain(node)
-    if chain is not None:
-        if len(chain) == 1:
-            key = chain[0]
-
-            def field(v):
-                try:
-                    return v.get(key)
-                except AttributeError:
-                    return None
-
-            return field
-        if len(chain) == 2:
-            k1, k2 = chain
-
-            def field2(v):
-                try:
-                    v = v.get(k1)
-                except AttributeError:
-                    return None
-                try:
-                    return v.get(k2)
-                except AttributeError:
-                    return None
-
-            return field2
-        keys = tuple(chain)
-
-        def fields(v):
-            for k in keys:
-                try:
-                    v = v.get(k)
-                except AttributeError:
-                    v = None
-            return v
-
-        return fields
-
-    if t in ("current", "identity"):
-        return lambda v: v
-    if t == "literal":
-        lit = node["value"]
-        return lambda v: lit
-    if t in ("subexpression", "index_expression", "pipe"):
-        parts = [_node(c, fns) for c in children]
-        if len(parts) == 2:
-            a, b = parts
-            return lambda v: b(a(v))
-
-        def chain_(v):
-            for p in parts:
-                v = p(v)
-            return v
-
-        return chain_
-    if t == "index":
-        idx = node["value"]
-
-        def index(v):
-            if not isinstance(v, list):
-                return None
-            try:
-                return v[idx]
-            except IndexError:
-                return None
-
-        return index
-    if t == "slice":
-        s = slice(*children)
-
-        def slice_(v):
-            if not isinstance(v, list):
-                return None
-            return v[s]
-
-        return slice_
-    if t == "comparator":
-        op = node["value"]
-        left, right = (_node(c, fns) for c in children)
-        if op == "eq":
-            return lambda v: _equals(left(v), right(v))
-        if op == "ne":
-            return lambda v: not _equals(left(v), right(v))
-        cmp = _ORDER[op]
-
-        def compare(v):
-            a, b = left(v), right(v)
-            if not (_is_comparable(a) and _is_comparable(b)):
-                return None
-            return cmp(a, b)
-
-        return compare
-    if t == "and_expression":
-        left, right = (_node(c, fns) for c in children)
-
-        def and_(v):
-            m = left(v)
-            if _is_false(m):
-                return m
-            return right(v)
-
-        return and_
-    if t == "or_expression":
-        left, right = (_node(c, fns) for c in children)
-
-        def or_(v):
-            m = left(v)
-            if _is_false(m):
-                m = right(v)
-            return m
-
-        return or_
-    if t == "not_expression":
-        inner = _node(children[0], fns)
-
-        def not_(v):
-            r = inner(v)
-            if _is_actual_number(r) and r == 0:
-                return False
-            return not r
-
-        return not_
-    if t == "multi_select_list":
-        parts = [_node(c, fns) for c in children]
-
-        def msl(v):
-            if v is None:
-                return None
-            return [p(v) for p in parts]
-
-        return msl
-    if t == "multi_select_dict":
-        pairs = [(c["value"], _node(c["children"][0], fns)) for c in children]
-
-        def msd(v):
-            if v is None:
-                return None
-            return {k: p(v) for k, p in pairs}
-
-        return msd
-    if t == "projection":
-        base, each = (_node(c, fns) for c in children)
-
-        def projection(v):
-            b = base(v)
-            if not isinstance(b, list):
-                return None
-            out = []
-            for e in b:
-                c = each(e)
-                if c is not None:
-                    out.append(c)
-            return out
-
-        return projection
-    if t == "value_projection":
-        base, each = (_node(c, fns) for c in children)
-
-        def value_projection(v):
-            b = base(v)
-            try:
-                b = b.values()
-            except AttributeError:
-                return None
-            out = []
-            for e in b:
-                c = each(e)
-                if c is not None:
-                    out.append(c)
-            return out
-
-        return value_projection
-    if t == "flatten":
-        base = _node(children[0], fns)
-
-        def flatten(v):
-            b = base(v)
-            if not isinstance(b, list):
-                return None
-            out = []
-            for e in b:
-                if isinstance(e, list):
-                    out.extend(e)
-                else:
-                    out.append(e)
-            return out
-
-        return flatten
-    if t == "filter_projection":
-        base, each, cond = (_node(c, fns) for c in children)
-
-        def filter_projection(v):
-            b = base(v)
-            if not isinstance(b, list):
-                return None
-            out = []
-            for e in b:
-                if not _is_false(cond(e)):
-                    c = each(e)
-                    if c is not None:
-                        out.append(c)
-            return out
-
-        return filter_projection
-    if t == "function_expression":
-        return _function(node, fns)
-    raise Unsupported(t)
-
-
-def _function(node: dict, fns) -> Callable[[Any], Any]:
-    name = node["value"]
-    spec = fns.FUNCTION_TABLE.get(name)
-    if spec is None:
-        raise Unsupported(f"unknown function {name}")
-    signature = spec["signature"]
-    args = [_node(c, fns) for c in node["children"]]
-    n = len(args)
-    # Arity, as the function library checks it (optional trailing and variadic arguments).
-    required = sum(1 for s in signature if not s.get("optional") and not s.get("variadic"))
-    variadic = bool(signature) and bool(signature[-1].get("variadic"))
-    if variadic:
-        required += 1
-    if n < required or (not variadic and n > len(signature)):
-        raise Unsupported("arity")  # jmespath raises its ArityError
-    checks = []
-    for i in range(min(n, len(signature))):
-        types = signature[i]["types"]
-        if not types:
-            continue
-        if any(t == "expref" for t in types):
-            raise Unsupported("expref")
-        allowed, subtypes = fns._get_allowed_pytypes(types)
-        if subtypes:
-            raise Unsupported("array subtypes")  # element checks: leave them to jmespath
-        checks.append((i, frozenset(allowed)))
-    fn = spec["function"]
-
-    if n == 1:
-        a0 = args[0]
-        allowed0 = checks[0][1] if checks else None
-
-        def call1(v):
-            x = a0(v)
-            if allowed0 is not None and type(x).__name__ not in allowed0:
-                raise _TypeMismatch(name)
-            return fn(fns, x)
-
-        return call1
-
-    by_index = dict(checks)
-    if n in (2, 3) and set(by_index) <= set(range(n)):
-        # The common arities without building a list per call (this runs for most mapped fields).
-        a0, a1 = args[0], args[1]
-        k0, k1 = by_index.get(0), by_index.get(1)
-        if n == 2:
-            def call2(v):
-                x, y = a0(v), a1(v)
-                if (k0 is not None and type(x).__name__ not in k0) or (k1 is not None and type(y).__name__ not in k1):
-                    raise _TypeMismatch(name)
-                return fn(fns, x, y)
-
-            return call2
-        a2, k2 = args[2], by_index.get(2)
-
-        def call3(v):
-            x, y, z = a0(v), a1(v), a2(v)
-            if ((k0 is not None and type(x).__name__ not in k0) or (k1 is not None and type(y).__name__ not in k1)
-                    or (k2 is not None and type(z).__name__ not in k2)):
-                raise _TypeMismatch(name)
-            return fn(fns, x, y, z)
-
-        return call3
-
-    def call(v):
-        values = [a(v) for a in args]
-        for i, allowed in checks:
-            if type(values[i]).__name__ not in allowed:
-                raise _TypeMismatch(name)
-        return fn(fns, *values)
-
-    return call

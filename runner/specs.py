@@ -24,14 +24,15 @@ LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
 class Expression:
     """A compiled JMESPath expression that remembers its source (for messages)."""
 
-    __slots__ = ("source", "_parsed", "search")
+    __slots__ = ("source", "_parsed", "search", "ast")
 
     def __init__(self, source: str):
         self.source = source
         self._parsed = functions.compile(source)
         _check_functions(self._parsed.parsed)
         parsed, options = self._parsed, functions.OPTIONS
-        # Compiled to Python closures once (runner/fastpath.py); jmespath for anything it does not cover.
+        self.ast = parsed.parsed
+        # Compiled to Python once (runner/fastpath.py); jmespath for anything it does not cover.
         self.search = fastpath.wrap(fastpath.compile(parsed.parsed, options.custom_functions),
                                     lambda data: parsed.search(data, options=options))
 
@@ -116,8 +117,13 @@ class Mapping:
     def __post_init__(self) -> None:
         # (parent keys, leaf key, search): unpacked once, this loop runs for every field of every invoice
         self._plan = [(path[:-1], path[-1], expr.search) for path, expr in self.fields]
+        # The whole mapping as one generated function (runner/fastpath.py); a record it cannot handle
+        # (a function raising on a hostile value, say) goes through the field-by-field path below.
+        self.apply = fastpath.wrap(
+            fastpath.mapping_function([(path, expr.ast) for path, expr in self.fields],
+                                      functions.OPTIONS.custom_functions), self.apply_each)
 
-    def apply(self, record: Any) -> dict:
+    def apply_each(self, record: Any) -> dict:
         """Missing, null and blank values are left out, so the schema names them as missing."""
         out: dict = {}
         for parents, leaf, search in self._plan:
