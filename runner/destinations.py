@@ -270,8 +270,23 @@ class JsonlDestination:
         return {"path": str(self.path)}
 
     async def deliver(self, invoice: dict, key: str) -> Delivery:
-        if self._written is not None and key in self._written:
-            return Delivery(case_id=key, case_reference=None, existing=True)
+        return self.write_many([(invoice, key)])[0]
+
+    def write_many(self, items: list[tuple[dict, str]]) -> list[Delivery]:
+        """A page of cases in one write; the engine flushes and records them in the ledger together."""
+        out, lines = [], []
+        written = self._written
+        for invoice, key in items:
+            if written is not None and key in written:
+                out.append(Delivery(case_id=key, case_reference=None, existing=True))
+                continue
+            lines.append(dumps({"idempotency_key": key, "invoice": invoice, "case": case_body(invoice, self.cfg)}))
+            out.append(Delivery(case_id=key, case_reference=None))
+        if lines:
+            self._open().write(b"\n".join(lines) + b"\n")
+        return out
+
+    def _open(self):
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("ab")
@@ -282,8 +297,7 @@ class JsonlDestination:
                     fh.seek(-1, 2)
                     if fh.read(1) != b"\n":
                         self._fh.write(b"\n")
-        self._fh.write(dumps({"idempotency_key": key, "invoice": invoice, "case": case_body(invoice, self.cfg)}) + b"\n")
-        return Delivery(case_id=key, case_reference=None)
+        return self._fh
 
     def flush(self) -> None:
         if self._fh is not None:

@@ -11,49 +11,21 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import datetime
 from typing import Any, AsyncIterator, Callable
 
 from loguru import logger
 
 from runner import auth as auth_mod
-from runner import pagination, secrets, validation
+from runner import pagination, secrets
 from runner.config import Config, Connection
+from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
+                             _truthy)
 from runner.destinations import idempotency_key
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
 from runner.http import Clients, Http, Policy, limiter_for
-
-IMPORTED, SKIPPED, FAILED, ELIGIBLE = "imported", "skipped", "failed", "eligible"
-REASONS = {
-    "not_unpaid": "not unpaid (paid, partially paid, void or draft)",
-    "outside_date_window": "outside the date window",
-    "incomplete_address": "incomplete debtor address",
-    "invalid": "invalid invoice data",
-    "not_yet_due": "not yet due",
-    "duplicate": "already imported (duplicate)",
-}
-
-
-@dataclass(slots=True)
-class Verdict:
-    invoice_id: str
-    number: str | None
-    verdict: str
-    reason: str | None = None
-    message: str = ""
-    detail: dict = field(default_factory=dict)
-    invoice: dict | None = None
-
-    def as_dict(self, with_invoice: bool = False) -> dict:
-        d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,
-             "message": self.message}
-        if self.detail:
-            d["detail"] = self.detail
-        if with_invoice and self.invoice is not None:
-            d["invoice"] = self.invoice
-        return d
-
+from runner.workers import Workers
 
 @dataclass
 class ConnectionResult:
@@ -127,22 +99,6 @@ def credential_fingerprint(conn: Connection) -> str | None:
     return secrets.fingerprint("|".join(sorted(conn.credentials.values()))) if conn.credentials else None
 
 
-def _truthy(v: Any) -> bool:
-    return v not in (None, False, "", [], {}, 0)
-
-
-def _date_of(value: Any, fmt: str, tz) -> tuple[datetime | None, date | None]:
-    if value is None or value == "":
-        return None, None
-    if fmt == "unix":
-        return datetime.fromtimestamp(int(float(value)), timezone.utc), None
-    text = str(value)
-    if fmt == "date" or len(text) == 10:
-        return None, date.fromisoformat(text[:10])
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return (moment if moment.tzinfo else moment.replace(tzinfo=tz)), None
-
-
 class Source:
     """One connection's provider side: authenticate, page through invoices, map and classify each record."""
 
@@ -177,6 +133,7 @@ class Source:
         self.auth = None
         self.today = datetime.now(conn.window.zone).date()
         self.today_iso = self.today.isoformat()
+        self._classifier: Classifier | None = None
 
     # --- context and requests --------------------------------------------------------------------------
     def context(self, **extra) -> dict:
@@ -412,92 +369,21 @@ class Source:
 
             await asyncio.gather(*(fetch(k, v) for k, v in todo.items()))
 
-    # --- classification --------------------------------------------------------------------------------
+    # --- classification (runner/classify.py) ---------------------------------------------------------
+    def classifier(self) -> Classifier:
+        c = self._classifier
+        if c is None or c.account_id != self.account_id:
+            c = self._classifier = Classifier(self.conn, self.account_id, self.today)
+        return c
+
     def evaluate(self, rec: Any) -> Verdict:
-        try:
-            return self._evaluate(rec)
-        except Exception as exc:  # a mapping function choking on a hostile value: a verdict, not a crash
-            rid = rec.get("id") if isinstance(rec, dict) else None
-            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
+        return self.classifier().evaluate(rec)
 
-    def _evaluate(self, rec: Any) -> Verdict:
-        rec = self.stream.prepare(rec)
-        inv = self.stream.mapping.apply(rec)
-        ext = inv.get("external_id")
-        number = inv.get("number")
-        if isinstance(number, (int, float)):
-            number = inv["number"] = str(number)
-        if ext is None:
-            return Verdict("<no id>", number, SKIPPED, "invalid",
-                           "the record has no id (the spec's external_id mapping found nothing)")
-        ext = inv["external_id"] = str(ext)
-        if not _truthy(self.stream.unpaid.search(rec)):
-            status = self.stream.status_text.search(rec) if self.stream.status_text else None
-            return Verdict(ext, number, SKIPPED, "not_unpaid",
-                           f"status is {status}: only unpaid invoices are imported" if status
-                           else "not unpaid: only unpaid invoices are imported", {"status": status})
-        ok, shown = self._in_window(rec, inv)
-        if ok is None:
-            return Verdict(ext, number, SKIPPED, "invalid", f"its date cannot be read ({shown!r})")
-        if not ok:
-            w = self.conn.window
-            return Verdict(ext, number, SKIPPED, "outside_date_window",
-                           f"dated {shown}, outside the window {w.start_date} → {w.end_date}",
-                           {"date": shown, "window": w.as_dict()})
-        inv["source"] = {"connection": self.conn.name, "integration": self.spec.id,
-                         "account_id": self.account_id or self.conn.name}
-        debtor = inv.get("debtor")
-        if isinstance(debtor, dict) and "type" not in debtor:
-            debtor["type"] = self.conn.debtor_type
-        outcome = validation.check(inv)
-        if not outcome.ok:
-            detail = {"errors": outcome.errors}
-            if outcome.missing:
-                detail["missing"] = outcome.missing
-            if isinstance(debtor, dict):
-                detail["debtor"] = debtor.get("name")
-            return Verdict(ext, number, SKIPPED, outcome.reason, outcome.message(), detail, inv)
-        if inv["due_date"] > self.today_iso:
-            return Verdict(ext, number, SKIPPED, "not_yet_due",
-                           f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
-                           f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
-        return Verdict(ext, number, ELIGIBLE, invoice=inv)
-
-    def record_date(self, rec: Any, inv: dict | None = None) -> tuple[datetime | None, date | None, Any]:
-        """The date the window applies to: (moment, None) for timestamps, (None, day) for dates, and the raw
-        value; (None, None, value) when it cannot be read."""
-        rule = self.stream.date
-        if rule is not None:
-            value, fmt = rule.value.search(rec), rule.format
-        else:
-            if inv is None:
-                inv = self.stream.mapping.apply(self.stream.prepare(rec))
-            value, fmt = inv.get("issue_date"), "date"
-        try:
-            return (*_date_of(value, fmt, self.conn.window.zone), value)
-        except (ValueError, TypeError, OverflowError):
-            return None, None, value
+    def record_date(self, rec: Any, inv: dict | None = None):
+        return self.classifier().record_date(rec, inv)
 
     def window_position(self, rec: Any) -> str | None:
-        """'before' | 'in' | 'after' the connection's window, or None when the date cannot be read."""
-        moment, day, _ = self.record_date(self.stream.prepare(rec))
-        w = self.conn.window
-        if moment is not None:
-            return "before" if moment < w.start else "after" if moment > w.end else "in"
-        if day is not None:
-            return "before" if day < w.start_date else "after" if day > w.end_date else "in"
-        return None
-
-    def _in_window(self, rec, inv) -> tuple[bool | None, Any]:
-        w = self.conn.window
-        moment, day, value = self.record_date(rec, inv)
-        if moment is not None:
-            if w.contains(moment):  # the common case: the date is only shown when it is outside the window
-                return True, None
-            return False, moment.astimezone(w.zone).strftime("%Y-%m-%d %H:%M %Z")
-        if day is not None:
-            return w.contains_date(day), day.isoformat()
-        return None, value
+        return self.classifier().window_position(rec)
 
     # --- one invoice -----------------------------------------------------------------------------------
     async def lookup(self, key: str) -> Any | None:
@@ -554,17 +440,46 @@ class _RunState:
         self.fatal: DestinationError | None = None
 
 
+def _duplicate(v: Verdict, row) -> Verdict:
+    when = time.strftime("%Y-%m-%d", time.localtime(row.updated))
+    v.verdict, v.reason = SKIPPED, "duplicate"
+    v.message = f"already imported on {when} as case {row.case_reference or row.case_id}"
+    v.detail = {"case_id": row.case_id, "case_reference": row.case_reference, "imported_on": when}
+    return v
+
+
+def _dedupe(source: Source, store, records: list) -> tuple[list[Verdict], list]:
+    """Look the page up in the ledger before classifying it (one query per page): an invoice already
+    imported gets its verdict from the ledger and is not mapped or checked again. Returns those verdicts
+    and the records still to classify."""
+    if store is None:
+        return [], records
+    classifier = source.classifier()
+    ids = [classifier.invoice_id(r) for r in records]
+    ledger = store.ledger_lookup(source.account_key, [i for i in ids if i is not None])
+    if not any(row.status == "delivered" for row in ledger.values()):
+        return [], records
+    known, rest = [], []
+    for rec, i in zip(records, ids):
+        row = ledger.get(i) if i is not None else None
+        if row is not None and row.status == "delivered":
+            known.append(_duplicate(Verdict(i, row.number, SKIPPED), row))
+        else:
+            rest.append(rec)
+    return known, rest
+
+
 async def _deliver_page(source: Source, result: ConnectionResult, eligible: list[Verdict], store, destination,
-                        run: _RunState, sem: asyncio.Semaphore) -> None:
+                        run: _RunState, sem: asyncio.Semaphore, deferred: list | None = None) -> None:
+    """Dedupe against the ledger and deliver. With `deferred`, a local sink's delivered rows are left there
+    for the caller to record (flushed first, so a crash can only make the next run check the file)."""
+    # Looked up again, not taken from _dedupe: the page before this one may have delivered the same invoice.
     ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
     to_send: list[tuple[Verdict, str]] = []
     for v in eligible:
         row = ledger.get(v.invoice_id)
         if row is not None and row.status == "delivered":
-            when = time.strftime("%Y-%m-%d", time.localtime(row.updated))
-            v.verdict, v.reason = SKIPPED, "duplicate"
-            v.message = f"already imported on {when} as case {row.case_reference or row.case_id}"
-            v.detail = {"case_id": row.case_id, "case_reference": row.case_reference, "imported_on": when}
+            _duplicate(v, row)
         else:
             to_send.append((v, row.idempotency_key if row else idempotency_key(source.account_key, v.invoice_id)))
     if destination is None:  # plan: say what would happen, touch nothing
@@ -620,11 +535,18 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
             except RunnerError as exc:
                 return v, None, exc
 
-    done, failed = [], []
-    if getattr(destination, "concurrent", True):
+    failed = []
+    if hasattr(destination, "write_many"):  # a local sink (a file): the page in one write, flushed, then recorded
+        deliveries = destination.write_many([(v.invoice, k) for v, k in to_send])
+        destination.flush()
+        outcomes = [(v, d, None) for (v, _), d in zip(to_send, deliveries)]
+        batch[:] = [(source.account_key, v.invoice_id, d.case_id, d.case_reference)
+                    for (v, _), d in zip(to_send, deliveries)]
+        if deferred is not None:  # recorded by the caller, in one transaction with the page's verdicts
+            deferred.extend(batch)
+            batch.clear()
+    else:
         outcomes = await asyncio.gather(*(one(v, k) for v, k in to_send))
-    else:  # a local sink (a file): no task per invoice, same steps in the same order
-        outcomes = [await one(v, k) for v, k in to_send]
     commit()
     if commit_error:
         raise commit_error[0]
@@ -635,7 +557,6 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
                 v.detail = {"fix": err.fix}
             failed.append((source.account_key, v.invoice_id, err.message))
             continue
-        done.append((source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference))
         v.detail = {"case_id": delivery.case_id, "case_reference": delivery.case_reference}
         if delivery.existing:
             v.verdict, v.reason = SKIPPED, "duplicate"
@@ -649,7 +570,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
 
 async def sync_connection(conn: Connection, *, clients: Clients, store, destination, run_id: int | None,
                           run: _RunState, details: bool = False, progress: Callable | None = None,
-                          sem: asyncio.Semaphore | None = None) -> ConnectionResult:
+                          sem: asyncio.Semaphore | None = None, workers: Workers | None = None) -> ConnectionResult:
     started = time.monotonic()
     result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
                               window=conn.window.as_dict(), window_text=conn.window.describe())
@@ -659,19 +580,48 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         source = Source(conn, clients, store)
         await source.open()
         result.account_id, result.account_name = source.account_id, source.account_name
-        async for records in source.pages():
-            verdicts = [source.evaluate(r) for r in records]
+
+        async def finish(known: list[Verdict], verdicts: list[Verdict]) -> None:
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
+            verdicts = known + verdicts if known else verdicts
+            delivered: list[tuple] = []
             if eligible:
-                await _deliver_page(source, result, eligible, store, destination, run, sem)
+                await _deliver_page(source, result, eligible, store, destination, run, sem, delivered)
             _count(result, verdicts, details)
-            if destination is not None and store is not None and run_id is not None:
-                store.record_verdicts(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict,
-                                                v.reason, _detail_json(v)) for v in verdicts])
+            if destination is not None and store is not None and (run_id is not None or delivered):
+                store.record_page(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict,
+                                            v.reason, _detail_json(v)) for v in verdicts] if run_id is not None
+                                  else [], delivered)
             if progress:
                 progress(conn.name, result)
             if run.fatal is not None:
                 raise run.fatal
+
+        # Page n is classified (by the worker, when there is one) while page n-1 is delivered and recorded
+        # and page n+1 is fetched; pages are finished in order.
+        async def finish_waiting() -> None:
+            nonlocal waiting
+            if waiting is not None:
+                (known, w), waiting = waiting, None
+                await finish(known, await w if isinstance(w, asyncio.Future) else w)
+
+        waiting = None
+        page = 0
+        pages = source.pages().__aiter__()
+        while True:
+            try:
+                records = await pages.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception:
+                await finish_waiting()  # a page fetched before the failure is still delivered and recorded
+                raise
+            page += 1
+            known, records = _dedupe(source, store, records)
+            classified = workers.classify(source, records, page) if workers else [source.evaluate(r) for r in records]
+            await finish_waiting()
+            waiting = known, classified
+        await finish_waiting()
     except NeedsReconnect as exc:
         result.status, result.error, result.fix = "needs_reconnect", exc.message, exc.fix or f"runner connect {conn.name}"
     except (RunnerError, UnsafeRequest) as exc:
@@ -746,6 +696,7 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     conns = [c for c in chosen if c.spec.pull]
     inbound = [c.name for c in chosen if not c.spec.pull]  # they receive invoices through `runner serve`
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
+    pool = Workers(conns)
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)
     if store is not None:
@@ -766,8 +717,10 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
         sem = asyncio.Semaphore(max(1, getattr(cfg.destination, "concurrency", 8)))
         results = await asyncio.gather(*(
             sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
-                            run_id=run_id, run=run, details=details, progress=progress, sem=sem) for c in conns))
+                            run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool)
+            for c in conns))
     finally:
+        pool.close()
         await dest.close()
         await clients.aclose()
     if run.fatal is not None and dest_error is None:

@@ -145,8 +145,10 @@ class Store:
             return True
         f = open(str(self.path) + ".lock", "a+")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX lock, not flock(): it is not inherited by a forked classification worker, so a run
+            # killed mid-way never leaves its lock held by a child (runner/workers.py).
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             f.close()
             return False
         self._lockfile = f
@@ -213,12 +215,15 @@ class Store:
 
     def mark_delivered(self, rows: list[tuple], destination: str | None = None) -> None:
         """rows: (account_key, invoice_id, case_id, case_reference)."""
-        now = time.time()
         with self.tx():
-            self.db.executemany(
-                "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, error=NULL, "
-                "updated=? WHERE destination=? AND account_key=? AND invoice_id=?",
-                [(cid, cref, now, self.destination, a, i) for a, i, cid, cref in rows])
+            self._delivered(rows)
+
+    def _delivered(self, rows: list[tuple]) -> None:
+        now = time.time()
+        self.db.executemany(
+            "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, error=NULL, "
+            "updated=? WHERE destination=? AND account_key=? AND invoice_id=?",
+            [(cid, cref, now, self.destination, a, i) for a, i, cid, cref in rows])
 
     def mark_failed(self, rows: list[tuple]) -> None:
         """rows: (account_key, invoice_id, error). The invoice is retried by the next run."""
@@ -231,11 +236,17 @@ class Store:
     # --- verdicts --------------------------------------------------------------------------------------
     def record_verdicts(self, run_id: int, rows: list[tuple]) -> None:
         """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json)."""
+        self.record_page(run_id, rows)
+
+    def record_page(self, run_id: int, verdicts: list[tuple], delivered: list[tuple] = ()) -> None:
+        """One page's verdicts, and the deliveries still to be marked (see mark_delivered), in one transaction."""
         now = time.time()
         with self.tx():
+            if delivered:
+                self._delivered(delivered)
             self.db.executemany(
                 "INSERT INTO verdicts (run_id, connection, account_key, invoice_id, number, verdict, reason, detail, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in rows])
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in verdicts])
 
     def verdict_history(self, account_key: str, invoice_id: str, limit: int = 20) -> list[dict]:
         rows = self.db.execute("SELECT run_id, verdict, reason, detail, at FROM verdicts WHERE account_key=? AND "

@@ -1,0 +1,186 @@
+"""Classification: one provider record in, one verdict out (map, unpaid rule, date window, schema, due date).
+
+Pure: no I/O, no state. Runs in the engine's process or, for large syncs, in a worker process
+(runner/workers.py), so everything a Classifier needs is plain data derived from the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+from runner import validation
+from runner.config import Connection
+
+IMPORTED, SKIPPED, FAILED, ELIGIBLE = "imported", "skipped", "failed", "eligible"
+REASONS = {
+    "not_unpaid": "not unpaid (paid, partially paid, void or draft)",
+    "outside_date_window": "outside the date window",
+    "incomplete_address": "incomplete debtor address",
+    "invalid": "invalid invoice data",
+    "not_yet_due": "not yet due",
+    "duplicate": "already imported (duplicate)",
+}
+
+
+@dataclass(slots=True)
+class Verdict:
+    invoice_id: str
+    number: str | None
+    verdict: str
+    reason: str | None = None
+    message: str = ""
+    detail: dict = field(default_factory=dict)
+    invoice: dict | None = None
+
+    def as_dict(self, with_invoice: bool = False) -> dict:
+        d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,
+             "message": self.message}
+        if self.detail:
+            d["detail"] = self.detail
+        if with_invoice and self.invoice is not None:
+            d["invoice"] = self.invoice
+        return d
+
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (None, False, "", [], {}, 0)
+
+
+def _date_of(value: Any, fmt: str, tz) -> tuple[datetime | None, date | None]:
+    if value is None or value == "":
+        return None, None
+    if fmt == "unix":
+        return datetime.fromtimestamp(int(float(value)), timezone.utc), None
+    text = str(value)
+    if fmt == "date" or len(text) == 10:
+        return None, date.fromisoformat(text[:10])
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=tz)), None
+
+
+def _fields(node) -> set[str]:
+    """Every field name an expression's AST reads."""
+    out: set[str] = set()
+    if isinstance(node, dict):
+        if node.get("type") == "field":
+            out.add(node.get("value"))
+        for child in node.get("children") or []:
+            out |= _fields(child)
+    return out
+
+
+class Classifier:
+    """The rules of one connection's spec and window, applied to records of one source account."""
+
+    def __init__(self, conn: Connection, account_id: str | None, today: date):
+        self.conn = conn
+        self.spec = conn.spec
+        self.stream = conn.spec.invoices
+        self.account_id = account_id
+        self.today_iso = today.isoformat()
+        self._source = {"connection": conn.name, "integration": self.spec.id, "account_id": account_id or conn.name}
+        self._id = next((e for path, e in self.stream.mapping.fields if path == ("external_id",)), None)
+        lets = {name for name, _ in self.stream.let}
+        self._id_needs_let = self._id is not None and bool(lets & _fields(self._id.ast))
+
+    def invoice_id(self, rec: Any) -> str | None:
+        """The id `evaluate` gives this record, without mapping the rest: to skip invoices already imported."""
+        if self._id is None or not isinstance(rec, dict):
+            return None
+        try:
+            value = self._id.search(self.stream.prepare(rec) if self._id_needs_let else rec)
+        except Exception:
+            return None
+        if type(value) is str:
+            value = value.strip()
+        if value is None or value == "" or (isinstance(value, (dict, list)) and not value):
+            return None
+        return str(value)
+
+    def evaluate(self, rec: Any) -> Verdict:
+        try:
+            return self._evaluate(rec)
+        except Exception as exc:  # a mapping function choking on a hostile value: a verdict, not a crash
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
+
+    def _evaluate(self, rec: Any) -> Verdict:
+        rec = self.stream.prepare(rec)
+        inv = self.stream.mapping.apply(rec)
+        ext = inv.get("external_id")
+        number = inv.get("number")
+        if isinstance(number, (int, float)):
+            number = inv["number"] = str(number)
+        if ext is None:
+            return Verdict("<no id>", number, SKIPPED, "invalid",
+                           "the record has no id (the spec's external_id mapping found nothing)")
+        ext = inv["external_id"] = str(ext)
+        if not _truthy(self.stream.unpaid.search(rec)):
+            status = self.stream.status_text.search(rec) if self.stream.status_text else None
+            return Verdict(ext, number, SKIPPED, "not_unpaid",
+                           f"status is {status}: only unpaid invoices are imported" if status
+                           else "not unpaid: only unpaid invoices are imported", {"status": status})
+        ok, shown = self._in_window(rec, inv)
+        if ok is None:
+            return Verdict(ext, number, SKIPPED, "invalid", f"its date cannot be read ({shown!r})")
+        if not ok:
+            w = self.conn.window
+            return Verdict(ext, number, SKIPPED, "outside_date_window",
+                           f"dated {shown}, outside the window {w.start_date} → {w.end_date}",
+                           {"date": shown, "window": w.as_dict()})
+        inv["source"] = self._source.copy()
+        debtor = inv.get("debtor")
+        if isinstance(debtor, dict) and "type" not in debtor:
+            debtor["type"] = self.conn.debtor_type
+        outcome = validation.check(inv)
+        if not outcome.ok:
+            detail = {"errors": outcome.errors}
+            if outcome.missing:
+                detail["missing"] = outcome.missing
+            if isinstance(debtor, dict):
+                detail["debtor"] = debtor.get("name")
+            return Verdict(ext, number, SKIPPED, outcome.reason, outcome.message(), detail, inv)
+        if inv["due_date"] > self.today_iso:
+            return Verdict(ext, number, SKIPPED, "not_yet_due",
+                           f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
+                           f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
+        return Verdict(ext, number, ELIGIBLE, invoice=inv)
+
+    def record_date(self, rec: Any, inv: dict | None = None) -> tuple[datetime | None, date | None, Any]:
+        """The date the window applies to: (moment, None) for timestamps, (None, day) for dates, and the raw
+        value; (None, None, value) when it cannot be read."""
+        rule = self.stream.date
+        if rule is not None:
+            value, fmt = rule.value.search(rec), rule.format
+        else:
+            if inv is None:
+                inv = self.stream.mapping.apply(self.stream.prepare(rec))
+            value, fmt = inv.get("issue_date"), "date"
+        try:
+            return (*_date_of(value, fmt, self.conn.window.zone), value)
+        except (ValueError, TypeError, OverflowError):
+            return None, None, value
+
+    def window_position(self, rec: Any) -> str | None:
+        """'before' | 'in' | 'after' the connection's window, or None when the date cannot be read."""
+        moment, day, _ = self.record_date(self.stream.prepare(rec))
+        w = self.conn.window
+        if moment is not None:
+            return "before" if moment < w.start else "after" if moment > w.end else "in"
+        if day is not None:
+            return "before" if day < w.start_date else "after" if day > w.end_date else "in"
+        return None
+
+    def _in_window(self, rec, inv) -> tuple[bool | None, Any]:
+        w = self.conn.window
+        moment, day, value = self.record_date(rec, inv)
+        if moment is not None:
+            if w.contains(moment):  # the common case: the date is only shown when it is outside the window
+                return True, None
+            return False, moment.astimezone(w.zone).strftime("%Y-%m-%d %H:%M %Z")
+        if day is not None:
+            return w.contains_date(day), day.isoformat()
+        return None, value
+

@@ -1,0 +1,127 @@
+"""Large syncs classify pages in a forked worker process (runner/workers.py) and skip invoices already
+imported before mapping them. Both are only speed: the verdicts, the ledger and the delivered cases must be
+exactly those of a single-process run, and a dying worker must not cost an invoice.
+
+Runs against the built-in Stripe simulator with small pages (5 invoices), so a sync has many pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from runner import classify, config, pipeline, state, workers
+from runner.http import reset_limiters
+from runner.state import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _workspace(tmp: Path) -> Path:
+    (tmp / "integrations.d").mkdir(parents=True)
+    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
+    spec["invoices"]["request"]["params"]["limit"] = "5"
+    spec["invoices"]["max_page_size"] = 5
+    (tmp / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
+    cfg = tmp / "config.yaml"
+    cfg.write_text("""version: 1
+state: state.db
+integrations_dir: integrations.d
+destination: {type: jsonl, path: out.jsonl}
+connections:
+  - name: s
+    integration: stripe
+    environment: sandbox
+    credentials: {api_key: "${file:sandbox-secrets/stripe_api_key}"}
+    window: {last: 3y}
+""")
+    return cfg
+
+
+class _Recording(workers.Workers):
+    last: "_Recording | None" = None
+
+    def __init__(self, connections):
+        super().__init__(connections)
+        self.submitted = 0
+        _Recording.last = self
+
+    def _start(self):
+        self.submitted += 1
+        return super()._start()
+
+
+def _apply(cfg_path: Path, monkeypatch, *, workers_setting: str | None):
+    if workers_setting is None:
+        monkeypatch.delenv("RUNNER_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("RUNNER_WORKERS", workers_setting)
+    monkeypatch.setattr(pipeline, "Workers", _Recording)
+    reset_limiters()
+    cfg = config.load(cfg_path)
+    store = Store(cfg.state_path)
+    try:
+        result = asyncio.run(pipeline.sync(cfg, mode="apply", store=store))
+        verdicts = sorted(store.db.execute(
+            "SELECT invoice_id, number, verdict, reason, detail FROM verdicts WHERE run_id=?", (result.run_id,)))
+        ledger = sorted(store.db.execute("SELECT invoice_id, status, idempotency_key FROM ledger"))
+    finally:
+        store.close()
+    out = cfg.state_path.parent / "out.jsonl"
+    lines = sorted(out.read_bytes().splitlines()) if out.exists() else []
+    return result, verdicts, ledger, lines
+
+
+def _comparable(verdicts):
+    return [(i, n, v, r, {k: x for k, x in orjson.loads(d).items() if k != "imported_on"} if d else None)
+            for i, n, v, r, d in verdicts]
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+def test_worker_gives_exactly_the_verdicts_and_cases_of_one_process(tmp_path, monkeypatch):
+    one = _apply(_workspace(tmp_path / "one"), monkeypatch, workers_setting="0")
+    assert _Recording.last.submitted == 0
+    two = _apply(_workspace(tmp_path / "two"), monkeypatch, workers_setting=None)
+    assert _Recording.last.submitted > 0, "a many-page sync should have used the worker"
+    assert one[0].connections[0].seen > 20 and one[0].totals() == two[0].totals()
+    assert _comparable(one[1]) == _comparable(two[1])  # every verdict, with its reason and message
+    assert one[2] == two[2] and one[3] == two[3]  # the same ledger and the same cases
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+def test_a_dying_worker_costs_no_invoice(tmp_path, monkeypatch):
+    reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
+
+    def die(*args, **kwargs):  # runs in the forked worker: as if it were killed mid-page
+        os._exit(9)
+
+    monkeypatch.setattr(workers, "_classify_page", die)
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "dying"), monkeypatch, workers_setting=None)
+    assert _Recording.last.submitted > 0
+    assert result.ok and result.totals() == reference[0].totals()
+    assert _comparable(verdicts) == _comparable(reference[1]) and lines == reference[3]
+
+
+def test_second_run_takes_imported_invoices_from_the_ledger_without_mapping_them(tmp_path, monkeypatch):
+    cfg = _workspace(tmp_path)
+    first = _apply(cfg, monkeypatch, workers_setting="0")
+    imported = first[0].totals()["imported"]
+    assert imported > 10
+    evaluated, lookups = [], []
+    real_evaluate, real_lookup = classify.Classifier.evaluate, state.Store.ledger_lookup
+    monkeypatch.setattr(classify.Classifier, "evaluate", lambda self, rec: evaluated.append(rec) or real_evaluate(self, rec))
+    monkeypatch.setattr(state.Store, "ledger_lookup", lambda self, *a: lookups.append(a) or real_lookup(self, *a))
+    result, verdicts, _, lines = _apply(cfg, monkeypatch, workers_setting="0")
+    conn = result.connections[0]
+    assert conn.imported == 0 and conn.skipped()["duplicate"] == imported and lines == first[3]
+    assert len(evaluated) == conn.seen - imported  # only the invoices never imported are mapped again
+    pages = -(-conn.seen // 5)
+    assert len(lookups) <= 2 * pages  # batched: a query per page, not per invoice
+    dup = [d for _, _, v, r, d in verdicts if r == "duplicate"]
+    assert len(dup) == imported and all("already imported on" in orjson.loads(d)["message"] for d in dup)
