@@ -7,6 +7,7 @@ No code here knows any particular integration: everything specific comes from th
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections import Counter
@@ -440,8 +441,13 @@ class _RunState:
         self.fatal: DestinationError | None = None
 
 
+@functools.lru_cache(maxsize=1024)
+def _day(ts: int) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(ts))
+
+
 def _duplicate(v: Verdict, row) -> Verdict:
-    when = time.strftime("%Y-%m-%d", time.localtime(row.updated))
+    when = _day(int(row.updated))
     v.verdict, v.reason = SKIPPED, "duplicate"
     v.message = f"already imported on {when} as case {row.case_reference or row.case_id}"
     v.detail = {"case_id": row.case_id, "case_reference": row.case_reference, "imported_on": when}
