@@ -51,10 +51,14 @@ def measure(cmd: list[str], *, cwd=None, env=None, stdout=subprocess.DEVNULL, ti
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=stdout, stderr=subprocess.PIPE)
     deadline = t0 + timeout
+    tree_peak, next_sample = 0.0, t0
     while True:
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
+        if time.perf_counter() >= next_sample:  # the runner may fork a worker: count the whole tree
+            tree_peak = max(tree_peak, tree_pss_mib(proc.pid))
+            next_sample = time.perf_counter() + 0.1
         if time.perf_counter() > deadline:
             proc.kill()
             pid, status, ru = os.wait4(proc.pid, 0)
@@ -63,7 +67,23 @@ def measure(cmd: list[str], *, cwd=None, env=None, stdout=subprocess.DEVNULL, ti
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    return {"wall": wall, "rss": ru.ru_maxrss / 1024.0, "rc": proc.returncode, "stderr": err[-2000:]}
+    return {"wall": wall, "rss": ru.ru_maxrss / 1024.0, "tree": tree_peak, "rc": proc.returncode,
+            "stderr": err[-2000:]}
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Memory of a process and its descendants, sampled: the sum of their PSS (shared pages counted once)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:"))
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                todo += [int(c) for c in fh.read().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024.0
 
 
 class FakeServer:
@@ -266,16 +286,19 @@ def targets_1_2_3(args, tmp: Path, peers: dict):
             records=wl["records"], rss=[m["rss"] for m in res2["runner"]], requests=res2["runner"][0]["requests"],
             ratio=f"{ratio2:.2f}x baseline" if ratio2 else "", goal="<=2x baseline",
             met=(ratio2 <= 2.0 and all(d == wl["records"] for d in dups)) if ratio2 else None)
-        rss100 = max(m["rss"] for m in r + res2["runner"])
-        row(3, f"peak RSS at N={n:,}", [], rss=[rss100], goal="<100 MiB", met=rss100 < 100)
+        rss100 = max(max(m["rss"], m["tree"]) for m in r + res2["runner"])
+        row(3, f"peak memory at N={n:,} (the larger of the engine's peak RSS and engine + worker PSS, sampled)",
+            [], rss=[rss100], goal="<100 MiB", met=rss100 < 100)
     if args.million:
         with FakeServer(1_000_000) as server:
             work = tmp / "t3"
             workspace.make(work, server.url)
             m = run_runner(work, server, fresh=True)
             wl = server.stats()["workload"]
-            row(3, "runner apply at N=1,000,000", [m["wall"]], records=wl["records"], rss=[m["rss"]],
-                requests=m["requests"], goal="<110 MiB", met=m["rss"] < 110 and m["counts"].get("imported") == wl["records"])
+            peak = max(m["rss"], m["tree"])
+            row(3, "runner apply at N=1,000,000 (peak memory as above)", [m["wall"]], records=wl["records"],
+                rss=[peak], requests=m["requests"], goal="<110 MiB",
+                met=peak < 110 and m["counts"].get("imported") == wl["records"])
 
 
 def target_4(args, tmp: Path):

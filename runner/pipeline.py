@@ -11,6 +11,7 @@ import functools
 import math
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, AsyncIterator, Callable
@@ -576,7 +577,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
 
 async def sync_connection(conn: Connection, *, clients: Clients, store, destination, run_id: int | None,
                           run: _RunState, details: bool = False, progress: Callable | None = None,
-                          sem: asyncio.Semaphore | None = None, workers: Workers | None = None) -> ConnectionResult:
+                          sem: asyncio.Semaphore | None = None, workers: Workers | None = None,
+                          writer: ThreadPoolExecutor | None = None) -> ConnectionResult:
     started = time.monotonic()
     result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
                               window=conn.window.as_dict(), window_text=conn.window.describe())
@@ -587,17 +589,31 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         await source.open()
         result.account_id, result.account_name = source.account_id, source.account_name
 
+        recording: asyncio.Future | None = None
+
+        async def recorded() -> None:
+            nonlocal recording
+            if recording is not None:
+                r, recording = recording, None
+                await r
+
         async def finish(known: list[Verdict], verdicts: list[Verdict]) -> None:
+            nonlocal recording
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
             verdicts = known + verdicts if known else verdicts
             delivered: list[tuple] = []
+            await recorded()  # the page before is in the ledger before this page is looked up in it
             if eligible:
                 await _deliver_page(source, result, eligible, store, destination, run, sem, delivered)
             _count(result, verdicts, details)
             if destination is not None and store is not None and (run_id is not None or delivered):
-                store.record_page(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict,
-                                            v.reason, _detail_json(v)) for v in verdicts] if run_id is not None
-                                  else [], delivered)
+                rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, _detail_json(v))
+                        for v in verdicts] if run_id is not None else []
+                if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
+                    recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
+                                                                           delivered)
+                else:
+                    store.record_page(run_id, rows, delivered)
             if progress:
                 progress(conn.name, result)
             if run.fatal is not None:
@@ -614,20 +630,24 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         waiting = None
         page = 0
         pages = source.pages().__aiter__()
-        while True:
-            try:
-                records = await pages.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception:
-                await finish_waiting()  # a page fetched before the failure is still delivered and recorded
-                raise
-            page += 1
-            known, records = _dedupe(source, store, records)
-            classified = workers.classify(source, records, page) if workers else [source.evaluate(r) for r in records]
+        try:
+            while True:
+                try:
+                    records = await pages.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception:
+                    await finish_waiting()  # a page fetched before the failure is still delivered and recorded
+                    raise
+                page += 1
+                known, records = _dedupe(source, store, records)
+                classified = (workers.classify(source, records, page) if workers
+                              else [source.evaluate(r) for r in records])
+                await finish_waiting()
+                waiting = known, classified
             await finish_waiting()
-            waiting = known, classified
-        await finish_waiting()
+        finally:
+            await recorded()  # whatever happened, what was delivered is recorded before the connection ends
     except NeedsReconnect as exc:
         result.status, result.error, result.fix = "needs_reconnect", exc.message, exc.fix or f"runner connect {conn.name}"
     except (RunnerError, UnsafeRequest) as exc:
@@ -703,6 +723,7 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     inbound = [c.name for c in chosen if not c.spec.pull]  # they receive invoices through `runner serve`
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
     pool = Workers(conns)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-ledger")  # see sync_connection
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)
     if store is not None:
@@ -723,10 +744,12 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
         sem = asyncio.Semaphore(max(1, getattr(cfg.destination, "concurrency", 8)))
         results = await asyncio.gather(*(
             sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
-                            run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool)
+                            run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool,
+                            writer=writer)
             for c in conns))
     finally:
         pool.close()
+        writer.shutdown(wait=True)
         await dest.close()
         await clients.aclose()
     if run.fatal is not None and dest_error is None:

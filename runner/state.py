@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,7 +116,10 @@ class Store:
                     os.chmod(self.path, 0o600)
                 except OSError:
                     pass
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        # One connection, used by the engine's thread and, during a sync, by its ledger writer thread
+        # (runner/pipeline.py): every transaction and every read made during a sync holds self._lock.
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
+        self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -129,13 +133,14 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def lock(self) -> bool:
         """Take the run lock (one apply at a time per state store). False if another run holds it."""
@@ -176,6 +181,10 @@ class Store:
     def ledger_lookup(self, account_key: str, invoice_ids: Iterable[str]) -> dict[str, LedgerRow]:
         ids = list(invoice_ids)
         out: dict[str, LedgerRow] = {}
+        with self._lock:
+            return self._lookup(account_key, ids, out)
+
+    def _lookup(self, account_key: str, ids: list[str], out: dict) -> dict[str, LedgerRow]:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
@@ -270,6 +279,10 @@ class Store:
 
     # --- connections -----------------------------------------------------------------------------------
     def connection(self, name: str) -> dict:
+        with self._lock:
+            return self._connection(name)
+
+    def _connection(self, name: str) -> dict:
         r = self.db.execute("SELECT name, integration, status, account_id, account_name, credential_fingerprint, "
                             "data, last_success, last_error, last_error_at, last_run_id FROM connections WHERE name=?",
                             (name,)).fetchone()
@@ -307,7 +320,8 @@ class Store:
 
     # --- tokens ----------------------------------------------------------------------------------------
     def get_token(self, connection: str) -> dict | None:
-        r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
+        with self._lock:
+            r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
         if r is None:
             return None
         from runner import crypto

@@ -6,7 +6,7 @@ connection's first to one forked process and goes on fetching the next page and 
 while that page is classified. Verdicts come back in page order, as plain tuples.
 
 The worker is forked (it inherits the loaded config and compiled specs; nothing is re-read or re-compiled),
-only on a platform that has fork and a machine with more than one core, and only once a connection has
+only on Linux and a machine with more than one core, and only once a connection has
 more than one page: a small sync never starts it. RUNNER_WORKERS=0 keeps everything in one process. If the
 worker dies, its pages are classified in the engine's own process: a run never depends on it.
 """
@@ -61,7 +61,8 @@ def _wanted() -> bool:
     setting = os.environ.get("RUNNER_WORKERS", "").strip()
     if setting == "0":
         return False
-    return "fork" in multiprocessing.get_all_start_methods() and (os.cpu_count() or 1) > 1
+    # Linux only: fork is safe there for a child that only computes; macOS frameworks are not fork-safe.
+    return sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1
 
 
 class Workers:
