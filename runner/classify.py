@@ -32,6 +32,7 @@ class Verdict:
     message: str = ""
     detail: dict = field(default_factory=dict)
     invoice: dict | None = None
+    payload: bytes | None = None  # the invoice already encoded for a local sink (by the worker), if any
 
     def as_dict(self, with_invoice: bool = False) -> dict:
         d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,

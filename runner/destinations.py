@@ -270,17 +270,26 @@ class JsonlDestination:
         return {"path": str(self.path)}
 
     async def deliver(self, invoice: dict, key: str) -> Delivery:
-        return self.write_many([(invoice, key)])[0]
+        return self.write_many([(invoice, key, None)])[0]
 
-    def write_many(self, items: list[tuple[dict, str]]) -> list[Delivery]:
-        """A page of cases in one write; the engine flushes and records them in the ledger together."""
+    def encode(self, invoice: dict, key: str) -> bytes:
+        """One line of the file (pure: the classification worker encodes eligible invoices ahead)."""
+        return dumps({"idempotency_key": key, "invoice": invoice, "case": case_body(invoice, self.cfg)})
+
+    def write_many(self, items: list[tuple[dict | None, str, bytes | None]]) -> list[Delivery]:
+        """A page of cases in one write; the engine flushes and records them in the ledger together.
+        items: (invoice, key, the line encoded ahead or None); an ahead line is for the derived key."""
         out, lines = [], []
         written = self._written
-        for invoice, key in items:
+        for invoice, key, line in items:
             if written is not None and key in written:
                 out.append(Delivery(case_id=key, case_reference=None, existing=True))
                 continue
-            lines.append(dumps({"idempotency_key": key, "invoice": invoice, "case": case_body(invoice, self.cfg)}))
+            if line is None:
+                line = self.encode(invoice, key)
+            elif not line.startswith(b'{"idempotency_key":"' + key.encode() + b'"'):  # a key kept from the ledger
+                line = self.encode(orjson.loads(line)["invoice"], key)
+            lines.append(line)
             out.append(Delivery(case_id=key, case_reference=None))
         if lines:
             self._open().write(b"\n".join(lines) + b"\n")

@@ -477,7 +477,8 @@ def _dedupe(source: Source, store, records: list) -> tuple[list[Verdict], list]:
 
 
 async def _deliver_page(source: Source, result: ConnectionResult, eligible: list[Verdict], store, destination,
-                        run: _RunState, sem: asyncio.Semaphore, deferred: list | None = None) -> None:
+                        run: _RunState, sem: asyncio.Semaphore, deferred: list | None = None,
+                        writer: ThreadPoolExecutor | None = None) -> None:
     """Dedupe against the ledger and deliver. With `deferred`, a local sink's delivered rows are left there
     for the caller to record (flushed first, so a crash can only make the next run check the file)."""
     # Looked up again, not taken from _dedupe: the page before this one may have delivered the same invoice.
@@ -501,7 +502,11 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
             v.verdict, v.reason, v.message = FAILED, "destination_unavailable", run.fatal.message
         return
     # Exactly once: pending (with its key) is committed before the call, delivered after it.
-    store.mark_pending([(source.account_key, v.invoice_id, source.conn.name, v.number, k) for v, k in to_send])
+    pending = [(source.account_key, v.invoice_id, source.conn.name, v.number, k) for v, k in to_send]
+    if writer is not None:  # committed without holding the event loop (other pages go on meanwhile)
+        await asyncio.get_running_loop().run_in_executor(writer, store.mark_pending, pending)
+    else:
+        store.mark_pending(pending)
     if hasattr(destination, "prepare") and any(ledger.get(v.invoice_id) for v, _ in to_send):
         destination.prepare({k for v, k in to_send if ledger.get(v.invoice_id)})
 
@@ -544,7 +549,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
 
     failed = []
     if hasattr(destination, "write_many"):  # a local sink (a file): the page in one write, flushed, then recorded
-        deliveries = destination.write_many([(v.invoice, k) for v, k in to_send])
+        deliveries = destination.write_many([(v.invoice, k, v.payload) for v, k in to_send])
         destination.flush()
         outcomes = [(v, d, None) for (v, _), d in zip(to_send, deliveries)]
         batch[:] = [(source.account_key, v.invoice_id, d.case_id, d.case_reference)
@@ -604,7 +609,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             delivered: list[tuple] = []
             await recorded()  # the page before is in the ledger before this page is looked up in it
             if eligible:
-                await _deliver_page(source, result, eligible, store, destination, run, sem, delivered)
+                await _deliver_page(source, result, eligible, store, destination, run, sem, delivered, writer)
             _count(result, verdicts, details)
             if destination is not None and store is not None and (run_id is not None or delivered):
                 rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, _detail_json(v))
@@ -619,15 +624,19 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             if run.fatal is not None:
                 raise run.fatal
 
-        # Page n is classified (by the worker, when there is one) while page n-1 is delivered and recorded
-        # and page n+1 is fetched; pages are finished in order.
-        async def finish_waiting() -> None:
-            nonlocal waiting
-            if waiting is not None:
-                (known, w), waiting = waiting, None
-                await finish(known, await w if isinstance(w, asyncio.Future) else w)
+        # Three pages in flight: page n+1 is fetched while page n is classified (by the worker, when there is
+        # one) and then delivered and recorded by a task of its own; pages are finished in order, one at a time.
+        finishing: asyncio.Future | None = None
 
-        waiting = None
+        async def finish_page(known: list[Verdict], classified) -> None:
+            await finish(known, await classified if isinstance(classified, asyncio.Future) else classified)
+
+        async def finished() -> None:
+            nonlocal finishing
+            if finishing is not None:
+                f, finishing = finishing, None
+                await f
+
         page = 0
         pages = source.pages().__aiter__()
         try:
@@ -636,18 +645,18 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     records = await pages.__anext__()
                 except StopAsyncIteration:
                     break
-                except Exception:
-                    await finish_waiting()  # a page fetched before the failure is still delivered and recorded
-                    raise
                 page += 1
                 known, records = _dedupe(source, store, records)
                 classified = (workers.classify(source, records, page) if workers
                               else [source.evaluate(r) for r in records])
-                await finish_waiting()
-                waiting = known, classified
-            await finish_waiting()
+                await finished()
+                finishing = asyncio.ensure_future(finish_page(known, classified))
+            await finished()
         finally:
-            await recorded()  # whatever happened, what was delivered is recorded before the connection ends
+            try:
+                await finished()  # a page fetched before a failure is still delivered and recorded
+            finally:
+                await recorded()  # whatever happened, what was delivered is recorded before the connection ends
     except NeedsReconnect as exc:
         result.status, result.error, result.fix = "needs_reconnect", exc.message, exc.fix or f"runner connect {conn.name}"
     except (RunnerError, UnsafeRequest) as exc:
@@ -722,10 +731,10 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
     conns = [c for c in chosen if c.spec.pull]
     inbound = [c.name for c in chosen if not c.spec.pull]  # they receive invoices through `runner serve`
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
-    pool = Workers(conns)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-ledger")  # see sync_connection
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)
+    pool = Workers(conns, dest if mode == "apply" else None)
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)
     run_id = None

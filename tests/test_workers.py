@@ -47,8 +47,8 @@ connections:
 class _Recording(workers.Workers):
     last: "_Recording | None" = None
 
-    def __init__(self, connections):
-        super().__init__(connections)
+    def __init__(self, connections, destination=None):
+        super().__init__(connections, destination)
         self.submitted = 0
         _Recording.last = self
 
