@@ -57,7 +57,21 @@ def _order(a, b, op):
 
 
 _BASE_NS = {"_F": _is_false, "_eq": _visitor._equals, "_not": _not, "_comparable": _visitor._is_comparable,
-            "_Mismatch": _TypeMismatch}
+            "_Mismatch": _TypeMismatch, "_NUMSTR": frozenset({int, float, str}), "_LD": frozenset({list, dict})}
+# Functions of runner/functions.py written inline (same results; the property tests compare with jmespath).
+_STRING_METHODS = {"_func_upper": "upper", "_func_lower": "lower", "_func_trim": "strip"}
+
+
+def _literal_kind(node: dict) -> str | None:
+    """'str', 'num01' (a number equal to 0 or 1), 'num' or None, for a literal operand of == and !=."""
+    if node.get("type") != "literal":
+        return None
+    v = node["value"]
+    if type(v) is str:
+        return "str"
+    if type(v) in (int, float):
+        return "num01" if v in (0, 1) else "num"
+    return None
 
 
 class _Gen:
@@ -111,12 +125,13 @@ class _Gen:
             a = self.node(children[0], src, out, ind)
             b = self.node(children[1], src, out, ind)
             r = self.var()
-            if op == "eq":
-                out.append(f"{ind}{r} = _eq({a}, {b})")
-            elif op == "ne":
-                out.append(f"{ind}{r} = not _eq({a}, {b})")
+            if op in ("eq", "ne"):
+                out.append(f"{ind}{r} = {'' if op == 'eq' else 'not '}{self._equals(a, b, children)}")
             else:
-                out.append(f"{ind}{r} = ({a} {_ORDER[op]} {b}) if _comparable({a}) and _comparable({b}) else None")
+                checks = [f"(type({x}) in _NUMSTR or _comparable({x}))" for x, c in ((a, children[0]), (b, children[1]))
+                          if not (c["type"] == "literal" and _visitor._is_comparable(c["value"]))]
+                cond = " and ".join(checks)
+                out.append(f"{ind}{r} = ({a} {_ORDER[op]} {b})" + (f" if {cond} else None" if cond else ""))
             return r
         if t in ("and_expression", "or_expression"):
             a = self.node(children[0], src, out, ind)
@@ -149,6 +164,19 @@ class _Gen:
         if t == "function_expression":
             return self._function(node, src, out, ind)
         raise Unsupported(t)
+
+    @staticmethod
+    def _equals(a: str, b: str, children: list) -> str:
+        """jmespath's _equals(a, b), plain == where a literal operand makes it the same: it only differs from ==
+        when one side is 0 or 1 and the other a boolean."""
+        kinds = (_literal_kind(children[0]), _literal_kind(children[1]))
+        if "str" in kinds or "num" in kinds:
+            return f"({a} == {b})"
+        if kinds[1] == "num01":
+            return f"(type({a}) is not bool and {a} == {b})"
+        if kinds[0] == "num01":
+            return f"(type({b}) is not bool and {a} == {b})"
+        return f"_eq({a}, {b})"
 
     def _loop(self, t: str, children: list, src: str, out: list[str], ind: str) -> str:
         base = self.node(children[0], src, out, ind)
@@ -198,6 +226,22 @@ class _Gen:
                 raise Unsupported("array subtypes")  # element checks: leave them to jmespath
             checks.append((i, self.const(frozenset(_PYTYPES[a] for a in allowed if a in _PYTYPES))))
         args = [self.node(c, src, out, ind) for c in node["children"]]
+        impl = spec["function"]
+        cls = type(self.fns)
+        if impl is getattr(cls, "_func_coalesce", None):  # the first argument that is not blank
+            r = self.var()
+            out.append(f"{ind}{r} = None")
+            for i, a in enumerate(args):
+                blank = f"{a} is None or (type({a}) is str and not {a}.strip()) or (type({a}) in _LD and _blank({a}))"
+                out += [f"{ind}{'if' if i == 0 else 'elif'} not ({blank}):", f"{ind}    {r} = {a}"]
+            self.ns["_blank"] = _functions_module().__dict__["_is_blank"]
+            return r
+        method = next((m for f, m in _STRING_METHODS.items() if impl is getattr(cls, f, None)), None)
+        if method is not None and n == 1:
+            r, a = self.var(), args[0]
+            out += [f"{ind}if {a} is None:", f"{ind}    {r} = None", f"{ind}elif type({a}) is str:",
+                    f"{ind}    {r} = {a}.{method}()", f"{ind}else:", f"{ind}    raise _Mismatch({self.const(name)})"]
+            return r
         for i, allowed in checks:
             out += [f"{ind}if type({args[i]}) not in {allowed}:", f"{ind}    raise _Mismatch({self.const(name)})"]
         r, fn = self.var(), self.const(spec["function"])
@@ -208,6 +252,12 @@ class _Gen:
         code = "\n".join(lines)
         exec(builtins.compile(code, f"<runner.fastpath {name}>", "exec"), self.ns)  # noqa: S102 - source built from the AST only
         return self.ns[name]
+
+
+def _functions_module():
+    from runner import functions
+
+    return functions
 
 
 def compile(parsed: dict, functions) -> Callable[[Any], Any] | None:  # noqa: A001
@@ -235,9 +285,9 @@ def mapping_function(fields: list[tuple[tuple, dict]], functions) -> Callable[[A
                 target.append(f"        _node = {node}.get({k}) or {node}.setdefault({k}, {{}})")
                 node = "_node"
             store = [*target, f"        {node}[{gen.const(path[-1])}] = {r}"]
-            lines += [f"    if type({r}) is str:", f"        {r} = {r}.strip()",
-                      f"    if not ({r} is None or ({r} == '' and type({r}) is str) or "
-                      f"((type({r}) is dict or type({r}) is list) and not {r})):", *store]
+            lines += [f"    if type({r}) is str:", f"        {r} = {r}.strip()", f"        if {r}:",
+                      *["    " + x for x in store],
+                      f"    elif not ({r} is None or (type({r}) in _LD and not {r})):", *store]
     except Unsupported:
         return None
     lines.append("    return out")

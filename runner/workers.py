@@ -89,7 +89,8 @@ class Workers:
 
     def classify(self, source, records: list, page: int) -> asyncio.Future | list[Verdict]:
         """The verdicts of one page: a list (classified here) or a future of one (classified by the worker)."""
-        if not (self.enabled and page > 1 and records and source.conn.name in self._names):
+        # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
+        if not (self.enabled and (page > 1 or self._pool is not None) and records and source.conn.name in self._names):
             return [source.evaluate(r) for r in records]
         try:
             payload: Any = orjson.dumps(records)
