@@ -120,12 +120,16 @@ class Store:
         # (runner/pipeline.py): every transaction and every read made during a sync holds self._lock.
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
         self._lock = threading.RLock()
+        self._reader: sqlite3.Connection | None = None
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._lockfile = None
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self.db.close()
         if self._lockfile is not None:
             self._lockfile.close()
@@ -181,16 +185,22 @@ class Store:
     def ledger_lookup(self, account_key: str, invoice_ids: Iterable[str]) -> dict[str, LedgerRow]:
         ids = list(invoice_ids)
         out: dict[str, LedgerRow] = {}
+        if self._reader is None and str(self.path) != ":memory:":
+            # Its own connection, so a sync's lookups never wait for the ledger writer thread (WAL: a reader
+            # sees every committed transaction and is never blocked by the writer). Used by one thread.
+            self._reader = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
+        if self._reader is not None:
+            return self._lookup(self._reader, account_key, ids, out)
         with self._lock:
-            return self._lookup(account_key, ids, out)
+            return self._lookup(self.db, account_key, ids, out)
 
-    def _lookup(self, account_key: str, ids: list[str], out: dict) -> dict[str, LedgerRow]:
+    def _lookup(self, db, account_key: str, ids: list[str], out: dict) -> dict[str, LedgerRow]:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
                  "case_reference, error, first_seen, updated FROM ledger WHERE destination=? AND account_key=? "
                  "AND invoice_id IN (%s)" % ",".join("?" * len(chunk)))
-            for row in self.db.execute(q, (self.destination, account_key, *chunk)):
+            for row in db.execute(q, (self.destination, account_key, *chunk)):
                 out[row[1]] = LedgerRow(*row)
         return out
 
