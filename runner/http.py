@@ -287,6 +287,9 @@ class Http:
                 continue
             resp = Response(status=raw.status_code, headers=raw.headers, content=raw.content, url=str(raw.url),
                             elapsed_s=time.monotonic() - started)
+            # httpx's response and its (read, closed) stream refer to each other: without this, every body
+            # would stay in memory until the cyclic garbage collector happens to run.
+            raw.stream = None
             if 200 <= resp.status < 300 or resp.status in ok:
                 return resp
             if resp.status in RETRY_STATUSES and attempt < self.policy.attempts:
