@@ -31,6 +31,7 @@ from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsRe
 from runner.http import Clients, Http, Policy, limiter_for
 from runner.workers import Workers
 
+
 @dataclass
 class ConnectionResult:
     name: str
@@ -640,20 +641,14 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 await f
 
         page = 0
-        pages = source.pages().__aiter__()
         try:
-            while True:
-                try:
-                    records = await pages.__anext__()
-                except StopAsyncIteration:
-                    break
+            async for records in source.pages():
                 page += 1
                 known, records = _dedupe(source, store, records)
                 classified = (workers.classify(source, records, page) if workers
                               else [source.evaluate(r) for r in records])
                 await finished()
                 finishing = asyncio.ensure_future(finish_page(known, classified))
-            await finished()
         finally:
             try:
                 await finished()  # a page fetched before a failure is still delivered and recorded

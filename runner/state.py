@@ -117,7 +117,7 @@ class Store:
                 except OSError:
                     pass
         # One connection, used by the engine's thread and, during a sync, by its ledger writer thread
-        # (runner/pipeline.py): every transaction and every read made during a sync holds self._lock.
+        # (runner/pipeline.py): every transaction holds self._lock. Ledger lookups have their own connection.
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
         self._lock = threading.RLock()
         self._reader: sqlite3.Connection | None = None
@@ -184,17 +184,17 @@ class Store:
     # --- ledger ----------------------------------------------------------------------------------------
     def ledger_lookup(self, account_key: str, invoice_ids: Iterable[str]) -> dict[str, LedgerRow]:
         ids = list(invoice_ids)
-        out: dict[str, LedgerRow] = {}
         if self._reader is None and str(self.path) != ":memory:":
             # Its own connection, so a sync's lookups never wait for the ledger writer thread (WAL: a reader
             # sees every committed transaction and is never blocked by the writer). Used by one thread.
             self._reader = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
         if self._reader is not None:
-            return self._lookup(self._reader, account_key, ids, out)
+            return self._lookup(self._reader, account_key, ids)
         with self._lock:
-            return self._lookup(self.db, account_key, ids, out)
+            return self._lookup(self.db, account_key, ids)
 
-    def _lookup(self, db, account_key: str, ids: list[str], out: dict) -> dict[str, LedgerRow]:
+    def _lookup(self, db, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
+        out: dict[str, LedgerRow] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
