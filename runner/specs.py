@@ -24,17 +24,25 @@ LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
 class Expression:
     """A compiled JMESPath expression that remembers its source (for messages)."""
 
-    __slots__ = ("source", "_parsed", "search", "ast")
+    __slots__ = ("source", "_parsed", "search", "ast", "_compiled")
 
     def __init__(self, source: str):
         self.source = source
-        self._parsed = functions.compile(source)
+        self._parsed = functions.compile(source)  # a broken expression fails here, when the spec loads
         _check_functions(self._parsed.parsed)
-        parsed, options = self._parsed, functions.OPTIONS
-        self.ast = parsed.parsed
-        # Compiled to Python once (runner/fastpath.py); jmespath for anything it does not cover.
-        self.search = fastpath.wrap(fastpath.compile(parsed.parsed, options.custom_functions),
-                                    lambda data: parsed.search(data, options=options))
+        self.ast = self._parsed.parsed
+        self._compiled = None
+        self.search = self._first_search
+
+    def _first_search(self, data):
+        # Compiled to Python on first use (runner/fastpath.py), not at load: `runner validate` and a run that
+        # never reaches this expression do not pay for it. jmespath for anything the compiler does not cover.
+        if self._compiled is None:
+            parsed, options = self._parsed, functions.OPTIONS
+            self._compiled = fastpath.wrap(fastpath.compile(self.ast, options.custom_functions),
+                                           lambda d: parsed.search(d, options=options))
+            self.search = self._compiled
+        return self._compiled(data)
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -115,19 +123,25 @@ class Mapping:
     fields: list[tuple[tuple, Expression]]
 
     def __post_init__(self) -> None:
-        # (parent keys, leaf key, search): unpacked once, this loop runs for every field of every invoice
-        self._plan = [(path[:-1], path[-1], expr.search) for path, expr in self.fields]
-        # The whole mapping as one generated function (runner/fastpath.py); a record it cannot handle
-        # (a function raising on a hostile value, say) goes through the field-by-field path below.
-        self.apply = fastpath.wrap(
-            fastpath.mapping_function([(path, expr.ast) for path, expr in self.fields],
-                                      functions.OPTIONS.custom_functions), self.apply_each)
+        self._plan = [(path[:-1], path[-1], expr) for path, expr in self.fields]
+        self._compiled = None
+        self.apply = self._first_apply
+
+    def _first_apply(self, record: Any) -> dict:
+        # The whole mapping as one generated function (runner/fastpath.py), made on first use; a record it
+        # cannot handle (a function raising on a hostile value, say) goes through apply_each.
+        if self._compiled is None:
+            self._compiled = fastpath.wrap(
+                fastpath.mapping_function([(path, expr.ast) for path, expr in self.fields],
+                                          functions.OPTIONS.custom_functions), self.apply_each)
+            self.apply = self._compiled
+        return self._compiled(record)
 
     def apply_each(self, record: Any) -> dict:
         """Missing, null and blank values are left out, so the schema names them as missing."""
         out: dict = {}
-        for parents, leaf, search in self._plan:
-            value = search(record)
+        for parents, leaf, expr in self._plan:
+            value = expr.search(record)
             if value is None:
                 continue
             kind = type(value)

@@ -167,4 +167,6 @@ def test_the_stripe_mapping_is_one_generated_function():
 
     fields = [(p, Expression(s)) for p, s in zip(PATHS, SPEC_EXPRESSIONS)]
     assert fastpath.mapping_function([(p, e.ast) for p, e in fields], functions.OPTIONS.custom_functions)
-    assert Mapping(fields=fields).apply.__name__ == "search"  # the generated function, jmespath as fallback
+    mapping = Mapping(fields=fields)
+    mapping.apply({"id": "in_1"})  # made on first use
+    assert mapping.apply.__name__ == "search"  # the generated function, jmespath as fallback
