@@ -5,9 +5,11 @@ Pure: no I/O, no state. Runs in the engine's process or, for large syncs, in a w
 """
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from runner import validation
 from runner.config import Connection
@@ -43,6 +45,38 @@ class Verdict:
             d["invoice"] = self.invoice
         return d
 
+
+
+@functools.lru_cache(maxsize=1024)
+def _day(ts: int) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(ts))
+
+
+def duplicate(v: Verdict, row) -> Verdict:
+    """Turn `v` into the verdict for an invoice the ledger row says was already delivered."""
+    when = _day(int(row.updated))
+    v.verdict, v.reason = SKIPPED, "duplicate"
+    v.message = f"already imported on {when} as case {row.case_reference or row.case_id}"
+    v.detail = {"case_id": row.case_id, "case_reference": row.case_reference, "imported_on": when}
+    return v
+
+
+def classify_page(classifier: "Classifier", records: list, lookup: Callable[[list[str]], dict] | None) -> list[Verdict]:
+    """One page's verdicts. With a ledger `lookup` (invoice ids -> ledger rows, one query per page), an invoice
+    already delivered gets its verdict from the ledger and is not mapped or checked again."""
+    if lookup is not None:
+        ids = [classifier.invoice_id(r) for r in records]
+        ledger = lookup([i for i in ids if i is not None])
+        if any(row.status == "delivered" for row in ledger.values()):
+            out = []
+            for rec, i in zip(records, ids):
+                row = ledger.get(i) if i is not None else None
+                if row is not None and row.status == "delivered":
+                    out.append(duplicate(Verdict(i, row.number, SKIPPED), row))
+                else:
+                    out.append(classifier.evaluate(rec))
+            return out
+    return list(map(classifier.evaluate, records))
 
 
 def _truthy(v: Any) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import math
 import time
@@ -24,7 +23,7 @@ from runner import auth as auth_mod
 from runner import pagination, secrets
 from runner.config import Config, Connection
 from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
-                             _truthy)
+                             _truthy, duplicate)
 from runner.destinations import idempotency_key
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
@@ -285,10 +284,17 @@ class Source:
         return out
 
     async def pages(self) -> AsyncIterator[list]:
+        """Every page's records, in the order fetched (see `pages_with_answers`)."""
+        async for records, _ in self.pages_with_answers():
+            yield records
+
+    async def pages_with_answers(self) -> AsyncIterator[tuple[list, bytes | None]]:
+        """(records, the answer's bytes) for every page; the bytes are None when the records were enriched
+        after the answer (detail lookups), so the answer alone no longer holds them."""
         windows = self.partitions()
         if len(windows) == 1:
-            async for records in self._pages_in(None):
-                yield records
+            async for page in self._pages_in(None):
+                yield page
             return
         # Sub-windows fetched at once (the limiter keeps them within the rate limit); pages are handed over
         # through a small queue, so memory stays flat while processing overlaps the next requests.
@@ -297,8 +303,8 @@ class Source:
 
         async def produce(window: dict) -> None:
             try:
-                async for records in self._pages_in(window):
-                    await queue.put(records)
+                async for page in self._pages_in(window):
+                    await queue.put(page)
                 await queue.put(done)
             except Exception as exc:
                 await queue.put(exc)
@@ -319,7 +325,7 @@ class Source:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _pages_in(self, window: dict | None) -> AsyncIterator[list]:
+    async def _pages_in(self, window: dict | None) -> AsyncIterator[tuple[list, bytes | None]]:
         pag = pagination.paginator(self.stream.paginate)
         step = pag.first()
         extra = self._server_params()
@@ -332,20 +338,19 @@ class Source:
             ctx = self.context(page=step.page) if window is None else self.context(page=step.page, window=window)
             resp = await self.send_spec(self.stream.request, ctx, {**extra, **step.params}, url=step.url)
             body = resp.json(f"{self.spec.name}'s invoice list")
-            records = self.stream.records.search(body)
-            if records is None:
-                records = []  # some APIs omit the list entirely when it is empty
-            elif isinstance(records, dict):
-                records = [records]
-            elif not isinstance(records, list):
-                raise ProviderError(f"{self.spec.name}'s invoice list has {type(records).__name__} where a list of "
-                                    f"invoices was expected (at '{self.stream.records.source}')")
+            try:
+                records = self.stream.page_records(body)
+            except TypeError as exc:
+                raise ProviderError(f"{self.spec.name}'s invoice list has {exc} where a list of "
+                                    f"invoices was expected (at '{self.stream.records.source}')") from None
             if self.stream.max_page_size and len(records) > self.stream.max_page_size:
                 raise ProviderError(f"{self.spec.name} sent a page of {len(records)} invoices, more than the "
                                     f"{self.stream.max_page_size} the spec allows; refusing it")
             if self.stream.details:
                 await self.enrich(records)
-            yield records
+                yield records, None  # enriched: the answer alone no longer holds them
+            else:
+                yield records, resp.content
             step = pag.next(body, records, resp.content)
             if step is None:
                 return
@@ -445,40 +450,6 @@ class _RunState:
         self.fatal: DestinationError | None = None
 
 
-@functools.lru_cache(maxsize=1024)
-def _day(ts: int) -> str:
-    return time.strftime("%Y-%m-%d", time.localtime(ts))
-
-
-def _duplicate(v: Verdict, row) -> Verdict:
-    when = _day(int(row.updated))
-    v.verdict, v.reason = SKIPPED, "duplicate"
-    v.message = f"already imported on {when} as case {row.case_reference or row.case_id}"
-    v.detail = {"case_id": row.case_id, "case_reference": row.case_reference, "imported_on": when}
-    return v
-
-
-def _dedupe(source: Source, store, records: list) -> tuple[list[Verdict], list]:
-    """Look the page up in the ledger before classifying it (one query per page): an invoice already
-    imported gets its verdict from the ledger and is not mapped or checked again. Returns those verdicts
-    and the records still to classify."""
-    if store is None:
-        return [], records
-    classifier = source.classifier()
-    ids = [classifier.invoice_id(r) for r in records]
-    ledger = store.ledger_lookup(source.account_key, [i for i in ids if i is not None])
-    if not any(row.status == "delivered" for row in ledger.values()):
-        return [], records
-    known, rest = [], []
-    for rec, i in zip(records, ids):
-        row = ledger.get(i) if i is not None else None
-        if row is not None and row.status == "delivered":
-            known.append(_duplicate(Verdict(i, row.number, SKIPPED), row))
-        else:
-            rest.append(rec)
-    return known, rest
-
-
 async def _deliver_page(source: Source, result: ConnectionResult, eligible: list[Verdict], store, destination,
                         run: _RunState, sem: asyncio.Semaphore, deferred: list | None = None,
                         writer: ThreadPoolExecutor | None = None) -> None:
@@ -490,7 +461,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     for v in eligible:
         row = ledger.get(v.invoice_id)
         if row is not None and row.status == "delivered":
-            _duplicate(v, row)
+            duplicate(v, row)
         else:
             to_send.append((v, row.idempotency_key if row else idempotency_key(source.account_key, v.invoice_id)))
     if destination is None:  # plan: say what would happen, touch nothing
@@ -605,10 +576,9 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 r, recording = recording, None
                 await r
 
-        async def finish(known: list[Verdict], verdicts: list[Verdict]) -> None:
+        async def finish(verdicts: list[Verdict]) -> None:
             nonlocal recording
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
-            verdicts = known + verdicts if known else verdicts
             delivered: list[tuple] = []
             await recorded()  # the page before is in the ledger before this page is looked up in it
             if eligible:
@@ -631,8 +601,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         # one) and then delivered and recorded by a task of its own; pages are finished in order, one at a time.
         finishing: asyncio.Future | None = None
 
-        async def finish_page(known: list[Verdict], classified) -> None:
-            await finish(known, await classified if isinstance(classified, asyncio.Future) else classified)
+        async def finish_page(classified) -> None:
+            await finish(await classified if isinstance(classified, asyncio.Future) else classified)
 
         async def finished() -> None:
             nonlocal finishing
@@ -642,13 +612,13 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
 
         page = 0
         try:
-            async for records in source.pages():
+            async for records, answer in source.pages_with_answers():
                 page += 1
-                known, records = _dedupe(source, store, records)
-                classified = (workers.classify(source, records, page) if workers
-                              else [source.evaluate(r) for r in records])
+                # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
+                classified = (workers.classify(source, store, records, answer, page) if workers
+                              else Workers._here(source, store, records))
                 await finished()
-                finishing = asyncio.ensure_future(finish_page(known, classified))
+                finishing = asyncio.ensure_future(finish_page(classified))
         finally:
             try:
                 await finished()  # a page fetched before a failure is still delivered and recorded
@@ -754,9 +724,9 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-ledger")  # see sync_connection
     run = _RunState()
     dest = destinations.make(cfg.destination, clients)
-    pool = Workers(conns, dest if mode == "apply" else None)
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)
+    pool = Workers(conns, dest if mode == "apply" else None, store)
     run_id = None
     dest_error = None
     try:

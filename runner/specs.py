@@ -179,6 +179,18 @@ class Stream:
     let: list[tuple[str, Expression]] = field(default_factory=list)
     partition: dict | None = None  # {by: window, parts, min_seconds}: fetch sub-windows concurrently
 
+    def page_records(self, body: Any) -> list:
+        """The invoices of one list answer, by the spec's `records` expression. Raises TypeError when the
+        answer holds something else where the list should be."""
+        records = self.records.search(body)
+        if records is None:
+            return []  # some APIs omit the list entirely when it is empty
+        if isinstance(records, dict):
+            return [records]
+        if not isinstance(records, list):
+            raise TypeError(type(records).__name__)
+        return records
+
     def prepare(self, record: Any) -> Any:
         """Compute the spec's `let` values into the record (names start with _, so they never clash)."""
         if self.let and isinstance(record, dict):

@@ -99,6 +99,19 @@ class LedgerRow:
     updated: float
 
 
+def lookup(db: sqlite3.Connection, destination: str, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
+    """The ledger rows of these invoices of one source account, by invoice id: one query per 500 ids."""
+    out: dict[str, LedgerRow] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
+             "case_reference, error, first_seen, updated FROM ledger WHERE destination=? AND account_key=? "
+             "AND invoice_id IN (%s)" % ",".join("?" * len(chunk)))
+        for row in db.execute(q, (destination, account_key, *chunk)):
+            out[row[1]] = LedgerRow(*row)
+    return out
+
+
 class Store:
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
@@ -194,15 +207,11 @@ class Store:
             return self._lookup(self.db, account_key, ids)
 
     def _lookup(self, db, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
-        out: dict[str, LedgerRow] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
-                 "case_reference, error, first_seen, updated FROM ledger WHERE destination=? AND account_key=? "
-                 "AND invoice_id IN (%s)" % ",".join("?" * len(chunk)))
-            for row in db.execute(q, (self.destination, account_key, *chunk)):
-                out[row[1]] = LedgerRow(*row)
-        return out
+        return lookup(db, self.destination, account_key, ids)
+
+    def reader_target(self) -> tuple[str, str] | None:
+        """(path, destination) for another process's ledger lookups (runner/workers.py); None in memory."""
+        return None if str(self.path) == ":memory:" else (str(self.path), self.destination)
 
     def ledger_find(self, connection: str | None, key: str) -> list[LedgerRow]:
         """Find ledger rows by invoice id or number (for explain)."""

@@ -13,8 +13,10 @@ worker dies, its pages are classified in the engine's own process: a run never d
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
+import sqlite3
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,7 +26,8 @@ from typing import Any, Callable
 import orjson
 from loguru import logger
 
-from runner.classify import ELIGIBLE, Classifier, Verdict
+from runner import state
+from runner.classify import ELIGIBLE, Classifier, Verdict, classify_page
 from runner.config import Connection
 from runner.destinations import idempotency_key
 
@@ -32,20 +35,37 @@ from runner.destinations import idempotency_key
 _CONNECTIONS: dict[str, Connection] = {}
 _classifiers: dict[tuple, Classifier] = {}
 _encode: Callable[[dict, str], bytes] | None = None  # a local sink's encoder, when the run delivers to one
+_ledger: tuple[str, str] | None = None  # (state store path, destination id): where the worker looks invoices up
+_reader: sqlite3.Connection | None = None  # the worker's own connection to the store, opened in the worker
 _engine_pid = os.getpid()
 
 
-def _classify_page(name: str, account_id: str | None, account_key: str, today: str, payload: Any) -> list[tuple]:
-    """Runs in the worker: one page of records (JSON bytes, or the list itself) to verdict tuples. For a
-    local sink, an eligible invoice comes back already encoded (with its derived idempotency key) instead of
-    as a dict: less to copy between the processes, and less work for the engine's."""
+def _lookup(account_key: str) -> Callable[[list[str]], dict] | None:
+    """In the worker: ledger rows by invoice id, through the worker's own connection (WAL: it sees every
+    transaction the engine has committed, and never blocks the engine's writes)."""
+    global _reader
+    if _ledger is None:
+        return None
+    if _reader is None:
+        _reader = sqlite3.connect(_ledger[0], isolation_level=None, timeout=30.0)
+    return lambda ids: state.lookup(_reader, _ledger[1], account_key, ids)
+
+
+def _classify_page(name: str, account_id: str | None, account_key: str, today: str, payload: Any,
+                   is_answer: bool, dedupe: bool) -> list[tuple]:
+    """Runs in the worker: one page (the provider's answer as bytes, the records as JSON bytes, or the list
+    itself) to verdict tuples, invoices already imported looked up in the ledger first. For a local sink, an
+    eligible invoice comes back already encoded (with its derived idempotency key) instead of as a dict:
+    less to copy between the processes, and less work for the engine's."""
     key = (name, account_id, today)
     classifier = _classifiers.get(key)
     if classifier is None:
         classifier = _classifiers[key] = Classifier(_CONNECTIONS[name], account_id, date.fromisoformat(today))
     records = orjson.loads(payload) if isinstance(payload, bytes) else payload
+    if is_answer:
+        records = classifier.stream.page_records(records)
     out = []
-    for v in map(classifier.evaluate, records):
+    for v in classify_page(classifier, records, _lookup(account_key) if dedupe else None):
         if _encode is not None and v.verdict == ELIGIBLE:
             line = _encode(v.invoice, idempotency_key(account_key, v.invoice_id))
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, None, line))
@@ -78,51 +98,62 @@ def _wanted() -> bool:
 class Workers:
     """Classifies pages for the connections of one run, in a worker process when that helps."""
 
-    def __init__(self, connections: list[Connection], destination=None):
-        global _encode
+    def __init__(self, connections: list[Connection], destination=None, store=None):
+        global _encode, _ledger
         self.enabled = _wanted()
         self._pool: ProcessPoolExecutor | None = None
         self._names = {c.name for c in connections}
         if self.enabled:
             _CONNECTIONS.update({c.name: c for c in connections})
             _encode = destination.encode if hasattr(destination, "write_many") else None
+            _ledger = store.reader_target() if store is not None else None
 
-    def classify(self, source, records: list, page: int) -> asyncio.Future | list[Verdict]:
-        """The verdicts of one page: a list (classified here) or a future of one (classified by the worker)."""
+    def classify(self, source, store, records: list, answer: bytes | None, page: int) -> asyncio.Future | list[Verdict]:
+        """The verdicts of one page (see classify_page): a list (classified here) or a future of one (classified
+        by the worker). `answer`: the provider's answer the records came from, when they are all of it."""
         # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
-        if not (self.enabled and (page > 1 or self._pool is not None) and records and source.conn.name in self._names):
-            return [source.evaluate(r) for r in records]
-        try:
-            payload: Any = orjson.dumps(records)
-        except TypeError:  # something orjson cannot write (never from a JSON answer): the list itself
-            payload = records
+        # A store the worker cannot open (in memory) keeps the lookups here too.
+        if not (self.enabled and (page > 1 or self._pool is not None) and records and source.conn.name in self._names
+                and (store is None or _ledger is not None)):
+            return self._here(source, store, records)
+        payload: Any = answer
+        if payload is None:
+            try:
+                payload = orjson.dumps(records)
+            except TypeError:  # something orjson cannot write (never from a JSON answer): the list itself
+                payload = records
         try:
             pool = self._start()
             cf = pool.submit(_classify_page, source.conn.name, source.account_id, source.account_key,
-                             source.today_iso, payload)
+                             source.today_iso, payload, answer is not None, store is not None)
         except (BrokenProcessPool, OSError, RuntimeError) as exc:
-            return self._fallback(source, records, exc)
+            return self._fallback(source, store, records, exc)
         future = asyncio.get_running_loop().create_future()
 
         def done(f) -> None:
-            future.get_loop().call_soon_threadsafe(self._settle, future, f, source, records)
+            future.get_loop().call_soon_threadsafe(self._settle, future, f, source, store, records)
 
         cf.add_done_callback(done)
         return future
 
-    def _settle(self, future: asyncio.Future, cf, source, records: list) -> None:
+    @staticmethod
+    def _here(source, store, records: list) -> list[Verdict]:
+        lookup = None if store is None else functools.partial(store.ledger_lookup, source.account_key)
+        return classify_page(source.classifier(), records, lookup)
+
+    def _settle(self, future: asyncio.Future, cf, source, store, records: list) -> None:
         if future.done():
             return
         exc = cf.exception()
         if exc is None:
             future.set_result([Verdict(*t) for t in cf.result()])
         else:
-            future.set_result(self._fallback(source, records, exc))
+            future.set_result(self._fallback(source, store, records, exc))
 
-    def _fallback(self, source, records: list, exc: BaseException) -> list[Verdict]:
+    def _fallback(self, source, store, records: list, exc: BaseException) -> list[Verdict]:
         logger.debug("classifying in the engine's process: the worker failed ({}: {})", type(exc).__name__, exc)
         self.enabled = False
-        return [source.evaluate(r) for r in records]
+        return self._here(source, store, records)
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -141,5 +172,5 @@ class Workers:
             self._pool = None
         for name in self._names:
             _CONNECTIONS.pop(name, None)
-        global _encode
-        _encode = None
+        global _encode, _ledger
+        _encode = _ledger = None

@@ -47,8 +47,8 @@ connections:
 class _Recording(workers.Workers):
     last: "_Recording | None" = None
 
-    def __init__(self, connections, destination=None):
-        super().__init__(connections, destination)
+    def __init__(self, connections, destination=None, store=None):
+        super().__init__(connections, destination, store)
         self.submitted = 0
         _Recording.last = self
 
@@ -125,3 +125,21 @@ def test_second_run_takes_imported_invoices_from_the_ledger_without_mapping_them
     assert len(lookups) <= 2 * pages  # batched: a query per page, not per invoice
     dup = [d for _, _, v, r, d in verdicts if r == "duplicate"]
     assert len(dup) == imported and all("already imported on" in orjson.loads(d)["message"] for d in dup)
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+def test_worker_looks_up_imported_invoices_itself_with_the_same_verdicts(tmp_path, monkeypatch):
+    """A second run: the worker reads the ledger through its own connection; every invoice imported by the
+    first run is a duplicate, exactly as when one process does everything."""
+    runs = {}
+    for setting in ("0", None):
+        cfg = _workspace(tmp_path / str(setting))
+        first = _apply(cfg, monkeypatch, workers_setting=setting)
+        runs[setting] = (first, _apply(cfg, monkeypatch, workers_setting=setting))
+    assert _Recording.last.submitted > 0
+    (first_one, second_one), (first_two, second_two) = runs["0"], runs[None]
+    imported = first_one[0].totals()["imported"]
+    assert imported > 10 and second_two[0].totals() == second_one[0].totals()
+    assert second_two[0].connections[0].skipped()["duplicate"] == imported
+    assert _comparable(second_two[1]) == _comparable(second_one[1])
+    assert second_two[3] == first_two[3] == first_one[3]  # nothing written twice
