@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Callable
@@ -45,6 +46,52 @@ class Verdict:
             d["invoice"] = self.invoice
         return d
 
+
+
+SAMPLES = 5  # examples kept of each reason, for summaries and support bundles
+
+
+@dataclass
+class Tally:
+    """What a run reports of the verdicts it saw: how many of each outcome ("imported", "skipped:<reason>",
+    "failed"), not-unpaid invoices by status, and the first few examples of each reason."""
+    seen: int = 0
+    counts: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)
+    samples: dict = field(default_factory=dict)  # reason (or verdict) -> [Verdict without the invoice]
+
+
+def tally(into, verdicts) -> None:
+    """Count verdicts into a Tally (or anything with its four fields, such as a connection's result)."""
+    counts, statuses, samples = into.counts, into.statuses, into.samples
+    for v in verdicts:
+        into.seen += 1
+        reason = v.reason
+        counts[v.verdict if v.verdict != SKIPPED else f"skipped:{reason}"] += 1
+        if reason == "not_unpaid":
+            statuses[str(v.detail.get("status") or "unknown")] += 1
+        kept = samples.setdefault(reason or v.verdict, [])
+        if len(kept) < SAMPLES:
+            kept.append(Verdict(v.invoice_id, v.number, v.verdict, reason, v.message, v.detail))
+
+
+def merge(into, other: Tally) -> None:
+    """Add a Tally of later verdicts (e.g. a page counted by the worker) to `into`."""
+    into.seen += other.seen
+    into.counts.update(other.counts)
+    into.statuses.update(other.statuses)
+    for reason, examples in other.samples.items():
+        kept = into.samples.setdefault(reason, [])
+        kept.extend(examples[:SAMPLES - len(kept)])
+
+
+def detail_json(v: Verdict) -> str | None:
+    """A verdict's message and detail as stored with it in the state store."""
+    if not v.message and not v.detail:
+        return None
+    import orjson
+
+    return orjson.dumps({"message": v.message, **v.detail}, default=str).decode()
 
 
 @functools.lru_cache(maxsize=1024)

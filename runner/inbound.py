@@ -37,6 +37,7 @@ from runner.config import Config, Connection
 from runner.errors import ConfigError, DestinationError, Problem, RunnerError
 from runner.http import Clients
 from runner.pipeline import ELIGIBLE, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
+from runner.classify import detail_json
 from runner.redact import redact, redact_obj
 from runner.state import Store
 
@@ -389,7 +390,7 @@ class InboundServer:
                 answer["fix"] = run.fatal.fix
         # Committed before the answer leaves: the verdicts, the run, the connection's health.
         store.record_verdicts(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason,
-                                        pipeline._detail_json(v)) for v in recorded])
+                                        detail_json(v)) for v in recorded])
         result.seen = len(recorded)
         result.seconds = time.time() - started
         summary = RunResult(run_id=run_id, mode="serve", destination=self.destination.describe(), connections=[result],

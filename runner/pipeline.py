@@ -23,7 +23,7 @@ from runner import auth as auth_mod
 from runner import pagination, secrets
 from runner.config import Config, Connection
 from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
-                             _truthy, duplicate)
+                             Tally, _truthy, detail_json, duplicate, merge, tally)
 from runner.destinations import idempotency_key
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
@@ -576,7 +576,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 r, recording = recording, None
                 await r
 
-        async def finish(verdicts: list[Verdict]) -> None:
+        async def finish(verdicts: list[Verdict], counted: Tally | None) -> None:
+            """Deliver the eligible, count and record the verdicts (those the worker has not recorded)."""
             nonlocal recording
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
             delivered: list[tuple] = []
@@ -584,8 +585,10 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             if eligible:
                 await _deliver_page(source, result, eligible, store, destination, run, sem, delivered, writer)
             _count(result, verdicts, details)
+            if counted is not None:
+                merge(result, counted)
             if destination is not None and store is not None and (run_id is not None or delivered):
-                rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, _detail_json(v))
+                rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v))
                         for v in verdicts] if run_id is not None else []
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
@@ -602,7 +605,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         finishing: asyncio.Future | None = None
 
         async def finish_page(classified) -> None:
-            await finish(await classified if isinstance(classified, asyncio.Future) else classified)
+            await finish(*(await classified if isinstance(classified, asyncio.Future) else classified))
 
         async def finished() -> None:
             nonlocal finishing
@@ -610,13 +613,15 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 f, finishing = finishing, None
                 await f
 
+        # The worker records the verdicts that end with it (skipped ones) itself, unless every verdict is kept.
+        recording_run = run_id if destination is not None and not details else None
         page = 0
         try:
             async for records, answer in source.pages_with_answers():
                 page += 1
                 # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
-                classified = (workers.classify(source, store, records, answer, page) if workers
-                              else Workers._here(source, store, records))
+                classified = (workers.classify(source, store, records, answer, page, recording_run)
+                              if workers else (Workers.here(source, store, records), None))
                 await finished()
                 finishing = asyncio.ensure_future(finish_page(classified))
         finally:
@@ -643,28 +648,10 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
     return result
 
 
-def _detail_json(v: Verdict) -> str | None:
-    if not v.message and not v.detail:
-        return None
-    import orjson
-
-    return orjson.dumps({"message": v.message, **v.detail}, default=str).decode()
-
-
 def _count(result: ConnectionResult, verdicts: list[Verdict], details: bool) -> None:
-    for v in verdicts:
-        result.seen += 1
-        key = v.verdict if v.verdict != SKIPPED else f"skipped:{v.reason}"
-        result.counts[key] += 1
-        if v.reason == "not_unpaid":
-            result.statuses[str(v.detail.get("status") or "unknown")] += 1
-        sample_key = v.reason or v.verdict
-        samples = result.samples.setdefault(sample_key, [])
-        if len(samples) < 5:
-            v_copy = Verdict(v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail)
-            samples.append(v_copy)
-        if details:
-            result.verdicts.append(v)
+    tally(result, verdicts)
+    if details:
+        result.verdicts.extend(verdicts)
 
 
 def _record_health(store, conn: Connection, source: Source, result: ConnectionResult, run_id) -> None:

@@ -112,6 +112,13 @@ def lookup(db: sqlite3.Connection, destination: str, account_key: str, ids: list
     return out
 
 
+def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> None:
+    """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json), in the caller's transaction."""
+    now = time.time()
+    db.executemany("INSERT INTO verdicts (run_id, connection, account_key, invoice_id, number, verdict, reason, "
+                   "detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in rows])
+
+
 class Store:
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
@@ -158,6 +165,13 @@ class Store:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No transaction runs meanwhile, in any thread (for a fork: see runner/workers.py). Ledger lookups
+        (the reader connection) are made by the thread that holds this, so they cannot run either."""
+        with self._lock:
+            yield
 
     def lock(self) -> bool:
         """Take the run lock (one apply at a time per state store). False if another run holds it."""
@@ -268,13 +282,10 @@ class Store:
 
     def record_page(self, run_id: int, verdicts: list[tuple], delivered: list[tuple] = ()) -> None:
         """One page's verdicts, and the deliveries still to be marked (see mark_delivered), in one transaction."""
-        now = time.time()
         with self.tx():
             if delivered:
                 self._delivered(delivered)
-            self.db.executemany(
-                "INSERT INTO verdicts (run_id, connection, account_key, invoice_id, number, verdict, reason, detail, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in verdicts])
+            insert_verdicts(self.db, run_id, verdicts)
 
     def verdict_history(self, account_key: str, invoice_id: str, limit: int = 20) -> list[dict]:
         rows = self.db.execute("SELECT run_id, verdict, reason, detail, at FROM verdicts WHERE account_key=? AND "

@@ -13,6 +13,7 @@ worker dies, its pages are classified in the engine's own process: a run never d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ import orjson
 from loguru import logger
 
 from runner import state
-from runner.classify import ELIGIBLE, Classifier, Verdict, classify_page
+from runner.classify import ELIGIBLE, Classifier, Tally, Verdict, classify_page, detail_json, tally
 from runner.config import Connection
 from runner.destinations import idempotency_key
 
@@ -36,27 +37,28 @@ _CONNECTIONS: dict[str, Connection] = {}
 _classifiers: dict[tuple, Classifier] = {}
 _encode: Callable[[dict, str], bytes] | None = None  # a local sink's encoder, when the run delivers to one
 _ledger: tuple[str, str] | None = None  # (state store path, destination id): where the worker looks invoices up
-_reader: sqlite3.Connection | None = None  # the worker's own connection to the store, opened in the worker
+_db: sqlite3.Connection | None = None  # the worker's own connection to the store, opened in the worker
 _engine_pid = os.getpid()
 
 
-def _lookup(account_key: str) -> Callable[[list[str]], dict] | None:
-    """In the worker: ledger rows by invoice id, through the worker's own connection (WAL: it sees every
-    transaction the engine has committed, and never blocks the engine's writes)."""
-    global _reader
-    if _ledger is None:
-        return None
-    if _reader is None:
-        _reader = sqlite3.connect(_ledger[0], isolation_level=None, timeout=30.0)
-    return lambda ids: state.lookup(_reader, _ledger[1], account_key, ids)
+def _store() -> sqlite3.Connection:
+    """In the worker: its own connection to the state store (WAL: it sees every transaction the engine has
+    committed; its reads never block the engine, and its writes take turns with the engine's)."""
+    global _db
+    if _db is None:
+        _db = sqlite3.connect(_ledger[0], isolation_level=None, timeout=30.0)
+    return _db
 
 
 def _classify_page(name: str, account_id: str | None, account_key: str, today: str, payload: Any,
-                   is_answer: bool, dedupe: bool) -> list[tuple]:
+                   is_answer: bool, dedupe: bool, run_id: int | None) -> tuple[list[tuple], Tally | None]:
     """Runs in the worker: one page (the provider's answer as bytes, the records as JSON bytes, or the list
-    itself) to verdict tuples, invoices already imported looked up in the ledger first. For a local sink, an
-    eligible invoice comes back already encoded (with its derived idempotency key) instead of as a dict:
-    less to copy between the processes, and less work for the engine's."""
+    itself) to verdicts, invoices already imported looked up in the ledger first.
+
+    With a `run_id`, the verdicts that end here (every one but the eligible) are recorded in the store by the
+    worker and come back only as a Tally; the eligible ones come back as tuples, for the engine to deliver.
+    For a local sink, an eligible invoice comes back already encoded (with its derived idempotency key)
+    instead of as a dict: less to copy between the processes, and less work for the engine's."""
     key = (name, account_id, today)
     classifier = _classifiers.get(key)
     if classifier is None:
@@ -64,14 +66,39 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
     records = orjson.loads(payload) if isinstance(payload, bytes) else payload
     if is_answer:
         records = classifier.stream.page_records(records)
+    lookup = None
+    if dedupe and _ledger is not None:
+        db, destination = _store(), _ledger[1]
+        lookup = lambda ids: state.lookup(db, destination, account_key, ids)  # noqa: E731
+    verdicts = classify_page(classifier, records, lookup)
+    counted = None
+    if run_id is not None and _ledger is not None:
+        ended = [v for v in verdicts if v.verdict != ELIGIBLE]
+        if ended:
+            db = _store()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                state.insert_verdicts(db, run_id, [(name, account_key, v.invoice_id, v.number, v.verdict, v.reason,
+                                                    detail_json(v)) for v in ended])
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            verdicts = [v for v in verdicts if v.verdict == ELIGIBLE]
+        counted = Tally()
+        tally(counted, ended)
     out = []
-    for v in classify_page(classifier, records, _lookup(account_key) if dedupe else None):
+    for v in verdicts:
         if _encode is not None and v.verdict == ELIGIBLE:
             line = _encode(v.invoice, idempotency_key(account_key, v.invoice_id))
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, None, line))
         else:
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, v.invoice))
-    return out
+    return out, counted
+
+
+def _ready() -> None:
+    """A first, empty task: submitting it is what forks the worker."""
 
 
 def _worker_start() -> None:
@@ -108,14 +135,15 @@ class Workers:
             _encode = destination.encode if hasattr(destination, "write_many") else None
             _ledger = store.reader_target() if store is not None else None
 
-    def classify(self, source, store, records: list, answer: bytes | None, page: int) -> asyncio.Future | list[Verdict]:
-        """The verdicts of one page (see classify_page): a list (classified here) or a future of one (classified
-        by the worker). `answer`: the provider's answer the records came from, when they are all of it."""
+    def classify(self, source, store, records: list, answer: bytes | None, page: int, run_id: int | None = None):
+        """One page's verdicts (see classify_page) and, when the worker recorded the verdicts that end there
+        (with a `run_id`: see _classify_page), their Tally; else None. Returns that pair, or a future of it.
+        `answer`: the provider's answer the records came from, when they are all of it."""
         # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
         # A store the worker cannot open (in memory) keeps the lookups here too.
         if not (self.enabled and (page > 1 or self._pool is not None) and records and source.conn.name in self._names
                 and (store is None or _ledger is not None)):
-            return self._here(source, store, records)
+            return self.here(source, store, records), None
         payload: Any = answer
         if payload is None:
             try:
@@ -123,11 +151,12 @@ class Workers:
             except TypeError:  # something orjson cannot write (never from a JSON answer): the list itself
                 payload = records
         try:
-            pool = self._start()
+            pool = self._start(store)
             cf = pool.submit(_classify_page, source.conn.name, source.account_id, source.account_key,
-                             source.today_iso, payload, answer is not None, store is not None)
+                             source.today_iso, payload, answer is not None, store is not None,
+                             run_id if store is not None else None)
         except (BrokenProcessPool, OSError, RuntimeError) as exc:
-            return self._fallback(source, store, records, exc)
+            return self._fallback(source, store, records, exc), None
         future = asyncio.get_running_loop().create_future()
 
         def done(f) -> None:
@@ -137,7 +166,8 @@ class Workers:
         return future
 
     @staticmethod
-    def _here(source, store, records: list) -> list[Verdict]:
+    def here(source, store, records: list) -> list[Verdict]:
+        """A page classified in the engine's process."""
         lookup = None if store is None else functools.partial(store.ledger_lookup, source.account_key)
         return classify_page(source.classifier(), records, lookup)
 
@@ -146,24 +176,31 @@ class Workers:
             return
         exc = cf.exception()
         if exc is None:
-            future.set_result([Verdict(*t) for t in cf.result()])
+            tuples, counted = cf.result()
+            future.set_result(([Verdict(*t) for t in tuples], counted))
         else:
-            future.set_result(self._fallback(source, store, records, exc))
+            future.set_result((self._fallback(source, store, records, exc), None))
 
     def _fallback(self, source, store, records: list, exc: BaseException) -> list[Verdict]:
         logger.debug("classifying in the engine's process: the worker failed ({}: {})", type(exc).__name__, exc)
         self.enabled = False
-        return self._here(source, store, records)
+        return self.here(source, store, records)
 
-    def _start(self) -> ProcessPoolExecutor:
+    def _start(self, store=None) -> ProcessPoolExecutor:
         if self._pool is None:
             global _engine_pid
             _engine_pid = os.getpid()
             # The worker is a copy of this process: anything still buffered would be written twice.
             sys.stdout.flush()
             sys.stderr.flush()
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_worker_start)
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_worker_start)
+            # SQLite keeps a process's locks in its memory: forked while the ledger thread is inside a
+            # transaction, the worker would believe that lock held forever and wait on it. The fork (on the
+            # first submit) happens while no transaction runs.
+            with store.quiet() if store is not None else contextlib.nullcontext():
+                pool.submit(_ready)
+            self._pool = pool
         return self._pool
 
     def close(self) -> None:

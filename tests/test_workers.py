@@ -52,9 +52,9 @@ class _Recording(workers.Workers):
         self.submitted = 0
         _Recording.last = self
 
-    def _start(self):
+    def _start(self, store=None):
         self.submitted += 1
-        return super()._start()
+        return super()._start(store)
 
 
 def _apply(cfg_path: Path, monkeypatch, *, workers_setting: str | None):
