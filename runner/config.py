@@ -188,7 +188,7 @@ def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ
             problems.append(doc.problem(p, "this looks like a literal secret (an API key or token) written in the config",
                                         "remove it from the file (and rotate it if it was committed), put it in an "
                                         "environment variable and write \"${MY_API_KEY}\" instead"))
-    errors = list(schemas.validator("config").iter_errors(data))
+    errors = schemas.errors("config", data)
     problems += [p for p in schema_problems(doc, errors) if not any(
         q.line == p.line and q.column == p.column for q in problems)]
     if problems:

@@ -24,3 +24,22 @@ def validator(name: str):
     from jsonschema import Draft202012Validator
 
     return Draft202012Validator(load(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+@functools.cache
+def _is_valid(name: str):
+    import jsonschema_rs
+
+    return jsonschema_rs.validator_for(load(name)).is_valid
+
+
+def errors(name: str, data) -> list:
+    """Every schema error in `data`, with its path (jsonschema's precise errors). A document jsonschema-rs
+    finds valid (the common case) costs about a millisecond and never imports jsonschema, which is most of
+    a command's start-up otherwise; only a failing one is explained by jsonschema."""
+    try:
+        if _is_valid(name)(data):
+            return []
+    except Exception:  # a value jsonschema-rs cannot read (e.g. a YAML date): jsonschema decides
+        pass
+    return list(validator(name).iter_errors(data))

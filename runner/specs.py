@@ -385,7 +385,7 @@ def parse(doc: Document) -> Spec:
     data = doc.data
     if not isinstance(data, dict):
         raise ConfigError(doc.problem((), "an integration spec must be a block of keys (id, name, auth, ...)"))
-    errors = list(schemas.validator("integration").iter_errors(data))
+    errors = schemas.errors("integration", data)
     if errors:
         raise ConfigError(schema_problems(doc, errors))
     c = _Compiler(doc)

@@ -142,3 +142,31 @@ def test_bad_retry_after_expression_is_found_by_validate(tmp_path, sandbox_env):
     (spec_dir / "stripe.yaml").write_text(text)
     r = _validate(write_config(tmp_path, GOOD), sandbox_env)
     assert r.returncode == 2 and "retry.retry_after_body" in r.stderr
+
+
+def _mutations(doc):
+    """Each top-level key dropped, and each top-level value replaced by a wrong type."""
+    for key in list(doc):
+        yield {k: v for k, v in doc.items() if k != key}
+        yield {**doc, key: 12345}
+        yield {**doc, key: ["not", "this"]}
+
+
+@pytest.mark.parametrize("name", ["config", "integration"])
+def test_fast_schema_check_agrees_with_jsonschema(name):
+    """Config and specs are checked by jsonschema-rs first (start-up time); what is reported must be exactly
+    what jsonschema says, for the shipped documents and for broken ones."""
+    import yaml
+
+    from runner import schemas
+
+    if name == "config":
+        docs = [yaml.safe_load((ROOT / "sample-config.yaml").read_text()), yaml.safe_load(GOOD)]
+    else:
+        docs = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "integrations.d").glob("*.yaml"))]
+    cases = [m for d in docs for m in [d, *_mutations(d)]]
+    reference = schemas.validator(name)
+    disagreements = [(c, schemas.errors(name, c)) for c in cases
+                     if [e.message for e in schemas.errors(name, c)] != [e.message for e in reference.iter_errors(c)]]
+    assert not disagreements
+    assert sum(1 for c in cases if schemas.errors(name, c)) > len(docs)  # the broken ones are caught
