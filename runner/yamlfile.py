@@ -65,11 +65,16 @@ class _Constructor(yaml.constructor.SafeConstructor):
 
 def _build(node: yaml.Node, path: tuple, doc: Document, ctor: _Constructor) -> Any:
     doc.value_marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN:
+        raise _unreadable(doc, node, f"could not determine a constructor for the tag '{node.tag}'")
     if isinstance(node, yaml.MappingNode):
         ctor.flatten_mapping(node)
         out: dict = {}
         for key_node, value_node in node.value:
-            key = ctor.construct_object(key_node, deep=True)
+            try:
+                key = ctor.construct_object(key_node, deep=True)
+            except Exception as exc:  # a tagged key
+                raise _unreadable(doc, key_node, exc) from None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise ConfigError(Problem("a mapping key must be a plain word", doc.file,
                                           key_node.start_mark.line + 1, key_node.start_mark.column + 1))
@@ -88,8 +93,15 @@ def _build(node: yaml.Node, path: tuple, doc: Document, ctor: _Constructor) -> A
     try:
         return ctor.construct_object(node, deep=True)
     except Exception as exc:  # e.g. a custom tag (!!python/object) the safe loader refuses
-        raise ConfigError(Problem(f"cannot read this value: {exc}", doc.file, node.start_mark.line + 1,
-                                  node.start_mark.column + 1, fix="write plain YAML values (no tags)")) from None
+        raise _unreadable(doc, node, exc) from None
+
+
+_PLAIN = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"}
+
+
+def _unreadable(doc: Document, node: yaml.Node, why) -> ConfigError:
+    return ConfigError(Problem(f"cannot read this value: {why}", doc.file, node.start_mark.line + 1,
+                               node.start_mark.column + 1, fix="write plain YAML values (no tags)"))
 
 
 def loads(text: str, file: str = "<input>") -> Document:

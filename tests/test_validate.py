@@ -170,3 +170,15 @@ def test_fast_schema_check_agrees_with_jsonschema(name):
                      if [e.message for e in schemas.errors(name, c)] != [e.message for e in reference.iter_errors(c)]]
     assert not disagreements
     assert sum(1 for c in cases if schemas.errors(name, c)) > len(docs)  # the broken ones are caught
+
+
+@pytest.mark.parametrize("text", ["defaults:\n!!python/object  window: {last: 90d}\n", "a: !!set {x}\n",
+                                  "? !!python/tuple [1]\n: 2\n", "a: !custom [1, 2]\n"])
+def test_a_tag_on_a_block_or_a_key_is_a_config_error_with_its_place(text):
+    """Found by the fuzz test: a tag on a mapping escaped as a raw yaml exception (a traceback)."""
+    from runner import yamlfile
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        yamlfile.loads(text, "config.yaml")
+    assert "config.yaml:" in str(err.value) and "no tags" in str(err.value)
