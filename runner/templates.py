@@ -71,6 +71,23 @@ def _refuse_hostile(source: str, tree) -> None:
             raise TemplateError(f"template {source!r} reads the private attribute {name!r}, which templates may not")
 
 
+def _refuse_unknown(source: str, tree) -> None:
+    """A filter or test Jinja does not know fails when the template is compiled, which is deferred to its
+    first use: say so when the spec loads, with the likely intended name."""
+    import difflib
+
+    from jinja2 import nodes
+
+    env = environment()
+    for kind, known in ((nodes.Filter, env.filters), (nodes.Test, env.tests)):
+        for node in tree.find_all(kind):
+            if node.name not in known:
+                what = "filter" if kind is nodes.Filter else "test"
+                close = difflib.get_close_matches(node.name, list(known), n=1)
+                raise TemplateError(f"template {source!r} uses an unknown {what} '{node.name}'"
+                                    + (f" (did you mean '{close[0]}'?)" if close else ""))
+
+
 class Template:
     """Parsed (and checked) when the spec loads; compiled to Python on first use, since most templates of a
     spec are never rendered by a given command (start-up time of `runner validate`)."""
@@ -89,6 +106,7 @@ class Template:
         except TemplateSyntaxError as exc:
             raise TemplateError(f"template {source!r} does not compile: {exc.message} (line {exc.lineno})") from None
         _refuse_hostile(source, self._tree)
+        _refuse_unknown(source, self._tree)
 
     def render(self, context: dict) -> str:
         if self.constant:

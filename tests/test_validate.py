@@ -182,3 +182,18 @@ def test_a_tag_on_a_block_or_a_key_is_a_config_error_with_its_place(text):
     with pytest.raises(ConfigError) as err:
         yamlfile.loads(text, "config.yaml")
     assert "config.yaml:" in str(err.value) and "no tags" in str(err.value)
+
+
+def test_an_unknown_template_filter_in_a_spec_is_reported_at_load_with_the_likely_name(tmp_path):
+    """Found by the fuzz test: templates compile on first use, so a mistyped filter escaped as a raw Jinja
+    exception instead of a spec problem."""
+    from runner import specs
+    from runner.errors import ConfigError
+
+    text = (ROOT / "integrations.d" / "stripe.yaml").read_text().replace("invoice_id | urlencode", "invoice_id | rlencode")
+    assert "rlencode" in text
+    path = tmp_path / "stripe.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        specs.load_file(path)
+    assert f"{path}:" in str(err.value) and "unknown filter 'rlencode' (did you mean 'urlencode'?)" in str(err.value)
