@@ -587,9 +587,9 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             _count(result, verdicts, details)
             if counted is not None:
                 merge(result, counted)
-            if destination is not None and store is not None and (run_id is not None or delivered):
-                rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v))
-                        for v in verdicts] if run_id is not None else []
+            rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v))
+                    for v in verdicts] if run_id is not None and destination is not None else []
+            if store is not None and (rows or delivered):
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
                                                                            delivered)
