@@ -13,14 +13,16 @@ worker dies, its pages are classified in the engine's own process: a run never d
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import multiprocessing
 import os
+import pickle
+import socket
 import sqlite3
+import struct
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import date
 from typing import Any, Callable
 
@@ -97,10 +99,6 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
     return out, counted
 
 
-def _ready() -> None:
-    """A first, empty task: submitting it is what forks the worker."""
-
-
 def _worker_start() -> None:
     """In the worker, first thing: die with the engine (Linux), never outlive a killed run."""
     try:
@@ -122,13 +120,99 @@ def _wanted() -> bool:
     return sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1
 
 
+class WorkerGone(Exception):
+    """The worker process ended (killed, crashed) with pages still unanswered."""
+
+
+class _Channel(asyncio.Protocol):
+    """The engine's end of the socket to the worker: pickled frames, each prefixed by its length. The worker
+    answers one page at a time, in the order asked, so answers are matched to questions first in, first out.
+    Everything runs on the event loop: no feeder or result threads competing with it for the GIL."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.buffer = bytearray()
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def ask(self, question: tuple) -> asyncio.Future:
+        if self.lost is not None:
+            raise WorkerGone(str(self.lost))
+        frame = pickle.dumps(question, protocol=pickle.HIGHEST_PROTOCOL)
+        self.transport.write(_HEADER.pack(len(frame)) + frame)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        while len(buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf)
+            end = _HEADER.size + size
+            if len(buf) < end:
+                return
+            ok, value = pickle.loads(memoryview(buf)[_HEADER.size:end])
+            del buf[:end]
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+    def connection_lost(self, exc) -> None:
+        self.lost = exc or WorkerGone("the worker closed its end")
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(WorkerGone(f"the worker ended: {self.lost}"))
+
+
+_HEADER = struct.Struct("!I")
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def _serve(sock: socket.socket) -> None:
+    """The worker's loop: read a page, answer it, until the engine closes its end."""
+    _worker_start()
+    while True:
+        header = _read_exactly(sock, _HEADER.size)
+        if header is None:
+            return
+        question = _read_exactly(sock, _HEADER.unpack(header)[0])
+        if question is None:
+            return
+        try:
+            answer = (True, _classify_page(*pickle.loads(question)))
+        except Exception as exc:  # sent back: the engine classifies that page itself
+            answer = (False, exc)
+        try:
+            frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # an exception that cannot be pickled
+            frame = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+        sock.sendall(_HEADER.pack(len(frame)) + frame)
+
+
 class Workers:
     """Classifies pages for the connections of one run, in a worker process when that helps."""
 
     def __init__(self, connections: list[Connection], destination=None, store=None):
         global _encode, _ledger
         self.enabled = _wanted()
-        self._pool: ProcessPoolExecutor | None = None
+        self._process = None
+        self._socket: socket.socket | None = None
+        self._channel: asyncio.Task | None = None  # connects the engine's end of the socket, once
         self._names = {c.name for c in connections}
         if self.enabled:
             _CONNECTIONS.update({c.name: c for c in connections})
@@ -141,8 +225,8 @@ class Workers:
         `answer`: the provider's answer the records came from, when they are all of it."""
         # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
         # A store the worker cannot open (in memory) keeps the lookups here too.
-        if not (self.enabled and (page > 1 or self._pool is not None) and records and source.conn.name in self._names
-                and (store is None or _ledger is not None)):
+        if not (self.enabled and (page > 1 or self._process is not None) and records
+                and source.conn.name in self._names and (store is None or _ledger is not None)):
             return self.here(source, store, records), None
         payload: Any = answer
         if payload is None:
@@ -150,20 +234,21 @@ class Workers:
                 payload = orjson.dumps(records)
             except TypeError:  # something orjson cannot write (never from a JSON answer): the list itself
                 payload = records
+        question = (source.conn.name, source.account_id, source.account_key, source.today_iso, payload,
+                    answer is not None, store is not None, run_id if store is not None else None)
         try:
-            pool = self._start(store)
-            cf = pool.submit(_classify_page, source.conn.name, source.account_id, source.account_key,
-                             source.today_iso, payload, answer is not None, store is not None,
-                             run_id if store is not None else None)
-        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+            self._start(store)
+        except OSError as exc:
             return self._fallback(source, store, records, exc), None
-        future = asyncio.get_running_loop().create_future()
+        return asyncio.ensure_future(self._ask(question, source, store, records))
 
-        def done(f) -> None:
-            future.get_loop().call_soon_threadsafe(self._settle, future, f, source, store, records)
-
-        cf.add_done_callback(done)
-        return future
+    async def _ask(self, question: tuple, source, store, records: list) -> tuple[list[Verdict], Tally | None]:
+        try:
+            channel = await self._channel
+            tuples, counted = await channel.ask(question)
+        except Exception as exc:  # the worker died or failed on this page: the engine classifies it
+            return self._fallback(source, store, records, exc), None
+        return [Verdict(*t) for t in tuples], counted
 
     @staticmethod
     def here(source, store, records: list) -> list[Verdict]:
@@ -171,42 +256,56 @@ class Workers:
         lookup = None if store is None else functools.partial(store.ledger_lookup, source.account_key)
         return classify_page(source.classifier(), records, lookup)
 
-    def _settle(self, future: asyncio.Future, cf, source, store, records: list) -> None:
-        if future.done():
-            return
-        exc = cf.exception()
-        if exc is None:
-            tuples, counted = cf.result()
-            future.set_result(([Verdict(*t) for t in tuples], counted))
-        else:
-            future.set_result((self._fallback(source, store, records, exc), None))
-
     def _fallback(self, source, store, records: list, exc: BaseException) -> list[Verdict]:
         logger.debug("classifying in the engine's process: the worker failed ({}: {})", type(exc).__name__, exc)
         self.enabled = False
         return self.here(source, store, records)
 
-    def _start(self, store=None) -> ProcessPoolExecutor:
-        if self._pool is None:
-            global _engine_pid
-            _engine_pid = os.getpid()
-            # The worker is a copy of this process: anything still buffered would be written twice.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=_worker_start)
-            # SQLite keeps a process's locks in its memory: forked while the ledger thread is inside a
-            # transaction, the worker would believe that lock held forever and wait on it. The fork (on the
-            # first submit) happens while no transaction runs.
-            with store.quiet() if store is not None else contextlib.nullcontext():
-                pool.submit(_ready)
-            self._pool = pool
-        return self._pool
+    def _start(self, store=None) -> None:
+        if self._process is not None:
+            return
+        global _engine_pid
+        _engine_pid = os.getpid()
+        # The worker is a copy of this process: anything still buffered would be written twice.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = multiprocessing.get_context("fork").Process(target=_serve, args=(theirs,), daemon=True,
+                                                              name="runner-worker")
+        # SQLite keeps a process's locks in its memory: forked while the ledger thread is inside a
+        # transaction, the worker would believe that lock held forever and wait on it.
+        with store.quiet() if store is not None else contextlib.nullcontext():
+            process.start()
+        theirs.close()
+        self._process, self._socket = process, mine
+        loop = asyncio.get_running_loop()
+        self._channel = loop.create_task(self._connect(loop, mine))
+
+    @staticmethod
+    async def _connect(loop, sock: socket.socket) -> _Channel:
+        _, channel = await loop.create_unix_connection(_Channel, sock=sock)
+        return channel
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if self._channel is not None:
+            self._channel.cancel()  # a no-op once connected
+            if self._channel.done() and not self._channel.cancelled() and self._channel.exception() is None:
+                transport = self._channel.result().transport
+                if transport is not None:
+                    transport.close()
+            self._channel = None
+        if self._socket is not None:
+            try:  # now, not on the event loop's next turn: the worker reads the end of its input and exits
+                self._socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._socket = None
+        if self._process is not None:
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._process = None
         for name in self._names:
             _CONNECTIONS.pop(name, None)
         global _encode, _ledger
