@@ -7,6 +7,7 @@ No code here knows any particular integration: everything specific comes from th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import math
@@ -445,6 +446,9 @@ class RunResult:
                 "connections": [c.as_dict() for c in self.connections]}
 
 
+PAGES_AHEAD = 4  # pages fetched ahead of the one being delivered: the worker always has the next one waiting
+
+
 class _RunState:
     def __init__(self):
         self.fatal: DestinationError | None = None
@@ -600,18 +604,15 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             if run.fatal is not None:
                 raise run.fatal
 
-        # Three pages in flight: page n+1 is fetched while page n is classified (by the worker, when there is
-        # one) and then delivered and recorded by a task of its own; pages are finished in order, one at a time.
-        finishing: asyncio.Future | None = None
+        # Pages in flight: while a page is classified (by the worker, when there is one), the engine fetches
+        # the next ones, up to PAGES_AHEAD; each page is then delivered and recorded by a task of its own that
+        # first waits for the page before it, so pages are finished in order, one at a time.
+        inflight: collections.deque[asyncio.Future] = collections.deque()
 
-        async def finish_page(classified) -> None:
+        async def finish_page(classified, before: asyncio.Future | None) -> None:
+            if before is not None:
+                await before  # raises what the page before raised: no page after a failed one is finished
             await finish(*(await classified if isinstance(classified, asyncio.Future) else classified))
-
-        async def finished() -> None:
-            nonlocal finishing
-            if finishing is not None:
-                f, finishing = finishing, None
-                await f
 
         # The worker records the verdicts that end with it (skipped ones) itself, unless every verdict is kept.
         recording_run = run_id if destination is not None and not details else None
@@ -622,11 +623,19 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
                 classified = (workers.classify(source, store, records, answer, page, recording_run)
                               if workers else (Workers.here(source, store, records), None))
-                await finished()
-                finishing = asyncio.ensure_future(finish_page(classified))
+                inflight.append(asyncio.ensure_future(finish_page(classified, inflight[-1] if inflight else None)))
+                while inflight and (len(inflight) > PAGES_AHEAD or inflight[0].done()):
+                    await inflight.popleft()  # a failure surfaces here, before more is fetched
         finally:
-            try:
-                await finished()  # a page fetched before a failure is still delivered and recorded
+            try:  # a page fetched before a failure is still delivered and recorded
+                first: BaseException | None = None
+                while inflight:
+                    try:
+                        await inflight.popleft()
+                    except BaseException as exc:  # the pages after it raise it again: report it once
+                        first = first or exc
+                if first is not None:
+                    raise first
             finally:
                 await recorded()  # whatever happened, what was delivered is recorded before the connection ends
     except NeedsReconnect as exc:
