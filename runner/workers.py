@@ -2,8 +2,12 @@
 
 Mapping and checking invoices (runner/classify.py) is pure CPU and about half of a large sync; fetching
 pages, the ledger and deliveries are the other half. With a worker, the engine hands each page after a
-connection's first to one forked process and goes on fetching the next page and recording the last one
-while that page is classified. Verdicts come back in page order, as plain tuples.
+connection's first to one forked process (the provider's answer as it came, when the records are all of
+it) and goes on fetching the next pages and delivering the earlier ones while that page is classified.
+The worker looks the page's invoices up in the ledger itself (its own SQLite connection), records the
+verdicts that end with it (every skipped invoice) and sends back only the eligible invoices, as plain
+tuples, with a tally of the rest. Answers come back in page order over a socket pair read by the event
+loop, so the engine needs no threads to talk to it.
 
 The worker is forked (it inherits the loaded config and compiled specs; nothing is re-read or re-compiled),
 only on Linux and a machine with more than one core, and only once a connection has
