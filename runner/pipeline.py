@@ -446,7 +446,9 @@ class RunResult:
                 "connections": [c.as_dict() for c in self.connections]}
 
 
-PAGES_AHEAD = 4  # pages fetched ahead of the one being delivered: the worker always has the next one waiting
+# Pages fetched ahead of the one being delivered, for the whole run: the worker always has the next page
+# waiting, and with many connections each keeps fewer (memory stays flat with the number of connections).
+PAGES_AHEAD = 4
 
 
 class _RunState:
@@ -561,7 +563,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
 async def sync_connection(conn: Connection, *, clients: Clients, store, destination, run_id: int | None,
                           run: _RunState, details: bool = False, progress: Callable | None = None,
                           sem: asyncio.Semaphore | None = None, workers: Workers | None = None,
-                          writer: ThreadPoolExecutor | None = None) -> ConnectionResult:
+                          writer: ThreadPoolExecutor | None = None, connections: int = 1) -> ConnectionResult:
     started = time.monotonic()
     result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
                               window=conn.window.as_dict(), window_text=conn.window.describe())
@@ -616,6 +618,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
 
         # The worker records the verdicts that end with it (skipped ones) itself, unless every verdict is kept.
         recording_run = run_id if destination is not None and not details else None
+        ahead = max(1, PAGES_AHEAD // (connections or 1))
         page = 0
         try:
             async for records, answer in source.pages_with_answers():
@@ -624,7 +627,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 classified = (workers.classify(source, store, records, answer, page, recording_run)
                               if workers else (Workers.here(source, store, records), None))
                 inflight.append(asyncio.ensure_future(finish_page(classified, inflight[-1] if inflight else None)))
-                while inflight and (len(inflight) > PAGES_AHEAD or inflight[0].done()):
+                while inflight and (len(inflight) > ahead or inflight[0].done()):
                     await inflight.popleft()  # a failure surfaces here, before more is fetched
         finally:
             try:  # a page fetched before a failure is still delivered and recorded
@@ -740,7 +743,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         results = await asyncio.gather(*(
             sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
                             run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool,
-                            writer=writer)
+                            writer=writer, connections=len(conns))
             for c in conns))
     finally:
         pool.close()

@@ -244,13 +244,17 @@ class Workers:
             self._start(store)
         except OSError as exc:
             return self._fallback(source, store, records, exc), None
-        return asyncio.ensure_future(self._ask(question, source, store, records))
+        # While the worker has the page, the engine keeps only what it sent (the answer's bytes are a tenth
+        # of the parsed records): with many connections, many pages are in flight.
+        return asyncio.ensure_future(self._ask(question, source, store, records if answer is None else None))
 
-    async def _ask(self, question: tuple, source, store, records: list) -> tuple[list[Verdict], Tally | None]:
+    async def _ask(self, question: tuple, source, store, records: list | None) -> tuple[list[Verdict], Tally | None]:
         try:
             channel = await self._channel
             tuples, counted = await channel.ask(question)
         except Exception as exc:  # the worker died or failed on this page: the engine classifies it
+            if records is None:
+                records = source.stream.page_records(orjson.loads(question[4]))
             return self._fallback(source, store, records, exc), None
         return [Verdict(*t) for t in tuples], counted
 
