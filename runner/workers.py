@@ -278,6 +278,12 @@ class Workers:
         sys.stdout.flush()
         sys.stderr.flush()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (mine, theirs):
+            # Room for many pages in the kernel (capped by net.core.wmem_max): a page that does not fit is
+            # copied into asyncio's own buffer instead, which is then shifted on every partial send.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         process = multiprocessing.get_context("fork").Process(target=_serve, args=(theirs,), daemon=True,
                                                               name="runner-worker")
         # SQLite keeps a process's locks in its memory: forked while the ledger thread is inside a
