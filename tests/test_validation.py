@@ -63,3 +63,15 @@ def test_unknown_currency_fails_even_though_the_hot_path_checks_it_with_a_set():
     out = validation.check(inv)
     assert not out.ok and out.reason == "invalid"
     assert "'XYZ' is not an ISO 4217 currency code" in out.message()
+
+
+def test_equal_but_differently_typed_address_values_are_explained_each_as_itself():
+    """Incomplete addresses are explained from a cache keyed by the address: 0, False and Decimal("0") are
+    equal as Python keys but are different JSON, with different errors."""
+    messages = []
+    for value in (0, False, Decimal("0"), 0.0, ""):
+        inv = copy.deepcopy(VALID)
+        inv["debtor"]["address"]["city"] = value
+        assert _fast(inv) == _reference(inv)
+        messages.append(validation.check(inv).message())
+    assert len(set(messages[:2])) == 2
