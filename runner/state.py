@@ -112,6 +112,18 @@ def lookup(db: sqlite3.Connection, destination: str, account_key: str, ids: list
     return out
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction on a connection in autocommit mode: the write lock is taken at the start."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> None:
     """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json), in the caller's transaction."""
     now = time.time()
@@ -157,19 +169,13 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self._lock, transaction(self.db):
+            yield self.db
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
-        """No transaction runs meanwhile, in any thread (for a fork: see runner/workers.py). Ledger lookups
-        (the reader connection) are made by the thread that holds this, so they cannot run either."""
+        """No transaction runs meanwhile, in any thread (for a fork: see runner/workers.py). Lookups through
+        the reader connection are made only by the engine's own thread, the one that forks."""
         with self._lock:
             yield
 

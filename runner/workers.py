@@ -81,15 +81,9 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
     if run_id is not None and _ledger is not None:
         ended = [v for v in verdicts if v.verdict != ELIGIBLE]
         if ended:
-            db = _store()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with state.transaction(_store()) as db:
                 state.insert_verdicts(db, run_id, [(name, account_key, v.invoice_id, v.number, v.verdict, v.reason,
                                                     detail_json(v)) for v in ended])
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
             verdicts = [v for v in verdicts if v.verdict == ELIGIBLE]
         counted = Tally()
         tally(counted, ended)
