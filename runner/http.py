@@ -236,8 +236,8 @@ class Http:
 
     def __init__(self, clients: Clients, base_url: str, *, headers: dict | None = None, policy: Policy | None = None,
                  limiter: Limiter | None = None, label: str = "provider", pool: str = ""):
-        self.client, self.base_url = clients.resolve(base_url.rstrip("/"), pool)
-        self.transport = clients.transport(self.client)
+        client, self.base_url = clients.resolve(base_url.rstrip("/"), pool)
+        self.transport = clients.transport(client)
         self.headers = headers or {}
         self.policy = policy or Policy()
         self._timeout = httpx.Timeout(self.policy.timeout_s).as_dict()

@@ -96,7 +96,7 @@ def _build(node: yaml.Node, path: tuple, doc: Document, ctor: _Constructor) -> A
         raise _unreadable(doc, node, exc) from None
 
 
-_PLAIN = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"}
+_PLAIN = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
 def _unreadable(doc: Document, node: yaml.Node, why) -> ConfigError:

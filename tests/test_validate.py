@@ -173,7 +173,7 @@ def test_fast_schema_check_agrees_with_jsonschema(name):
 
 
 @pytest.mark.parametrize("text", ["defaults:\n!!python/object  window: {last: 90d}\n", "a: !!set {x}\n",
-                                  "? !!python/tuple [1]\n: 2\n", "a: !custom [1, 2]\n"])
+                                  "? !!python/tuple [1]\n: 2\n", "a: !custom [1, 2]\n", "a: !!omap [{x: 1}]\n"])
 def test_a_tag_on_a_block_or_a_key_is_a_config_error_with_its_place(text):
     """Found by the fuzz test: a tag on a mapping escaped as a raw yaml exception (a traceback)."""
     from runner import yamlfile
