@@ -461,7 +461,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
                         writer: ThreadPoolExecutor | None = None) -> None:
     """Dedupe against the ledger and deliver. With `deferred`, a local sink's delivered rows are left there
     for the caller to record (flushed first, so a crash can only make the next run check the file)."""
-    # Looked up again, not taken from _dedupe: the page before this one may have delivered the same invoice.
+    # Looked up again, not taken from the lookup before classifying: the page before this one may have delivered
+    # the same invoice since (offset paging shifts under changes).
     ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
     to_send: list[tuple[Verdict, str]] = []
     for v in eligible:
