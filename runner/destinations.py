@@ -256,14 +256,51 @@ class JsonlDestination:
 
     def prepare(self, pending_keys: set[str]) -> None:
         """Only when a previous run stopped mid-delivery do we need to know what the file already holds."""
-        if pending_keys and self.path.exists():
-            self._written = set()
-            with self.path.open("rb") as fh:
-                for line in fh:
-                    try:
-                        self._written.add(orjson.loads(line).get("idempotency_key"))
-                    except Exception:
-                        continue  # a line cut short by a crash
+        if pending_keys:
+            self._written = {key for key, _ in self._lines(0)}
+
+    def _lines(self, offset: int):
+        """(idempotency key, invoice) of each whole line from `offset` (from the start if the file is shorter:
+        it was replaced)."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as fh:
+            if offset <= fh.seek(0, 2):
+                fh.seek(offset)
+            else:
+                fh.seek(0)
+            for line in fh:
+                try:
+                    d = orjson.loads(line)
+                    yield d["idempotency_key"], d.get("invoice")
+                except Exception:
+                    continue  # a line cut short by a crash
+
+    def length(self) -> int:
+        """Where the next line will start (see recover)."""
+        if self._fh is not None:
+            self._fh.flush()
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def recover(self, offset: int):
+        """The ledger rows of the cases written from `offset` by a run that stopped before recording them:
+        (account_key, invoice_id, connection, number, idempotency_key, case_id, case_reference). A line is
+        taken only if its key is the one derived from its invoice's source account and id, so a line this
+        runner did not write is never attributed to an invoice."""
+        for key, inv in self._lines(offset):
+            src = inv.get("source") if isinstance(inv, dict) else None
+            if not isinstance(src, dict) or inv.get("external_id") is None:
+                continue
+            invoice_id = str(inv["external_id"])
+            # The account key is "<integration>:<account id>"; a source that reported no account id is
+            # keyed with "None" but shows the connection's name in the invoice.
+            for account_key in (f"{src.get('integration')}:{src.get('account_id')}", f"{src.get('integration')}:None"):
+                if idempotency_key(account_key, invoice_id) == key:
+                    yield account_key, invoice_id, src.get("connection"), inv.get("number"), key, key, None
+                    break
 
     async def check(self) -> dict:
         self.path.parent.mkdir(parents=True, exist_ok=True)

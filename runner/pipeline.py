@@ -454,13 +454,44 @@ PAGES_AHEAD = 4
 class _RunState:
     def __init__(self):
         self.fatal: DestinationError | None = None
+        self.sink_marked = False  # this run has marked its local sink (see Store.mark_sink)
+        self.unrecorded = 0  # pages written to the local sink whose ledger rows are not committed yet
+
+    def before_local_write(self, store, destination, run_id: int | None) -> None:
+        """A local sink is written without a pending row per invoice: the file's length is marked once, before
+        the run's first write, so a crash before the pages are recorded is repaired by the next run."""
+        if not self.sink_marked:
+            store.mark_sink(destination.length(), run_id)
+            self.sink_marked = True
+        self.unrecorded += 1
+
+
+def _recover_local_sink(store, destination) -> None:
+    """A run that stopped (killed, power cut) after writing cases to a local file and before recording them
+    left its mark: record what the file holds past it, so nothing there is written twice."""
+    offset = store.sink_mark()
+    if offset is None:
+        return
+    rows, n = [], 0
+    for row in destination.recover(offset):
+        rows.append(row)
+        if len(rows) == 1000:
+            store.record_imported(rows)
+            n, rows = n + len(rows), []
+    if rows:
+        store.record_imported(rows)
+        n += len(rows)
+    store.clear_sink_mark()
+    logger.info("the last run stopped while writing {}: the {} case(s) it wrote after its last record are now in "
+                "the ledger", destination.describe(), n)
 
 
 async def _deliver_page(source: Source, result: ConnectionResult, eligible: list[Verdict], store, destination,
                         run: _RunState, sem: asyncio.Semaphore, deferred: list | None = None,
-                        writer: ThreadPoolExecutor | None = None) -> None:
-    """Dedupe against the ledger and deliver. With `deferred`, a local sink's delivered rows are left there
-    for the caller to record (flushed first, so a crash can only make the next run check the file)."""
+                        writer: ThreadPoolExecutor | None = None, run_id: int | None = None) -> None:
+    """Dedupe against the ledger and deliver. With `deferred`, a local sink's page is written without pending
+    rows (the run's mark covers it) and its ledger rows are left there for the caller to record with the
+    page's verdicts."""
     # Looked up again, not taken from the lookup before classifying: the page before this one may have delivered
     # the same invoice since (offset paging shifts under changes).
     ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
@@ -482,12 +513,16 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
         for v, _ in to_send:
             v.verdict, v.reason, v.message = FAILED, "destination_unavailable", run.fatal.message
         return
-    # Exactly once: pending (with its key) is committed before the call, delivered after it.
-    pending = [(source.account_key, v.invoice_id, source.conn.name, v.number, k) for v, k in to_send]
-    if writer is not None:  # committed without holding the event loop (other pages go on meanwhile)
-        await asyncio.get_running_loop().run_in_executor(writer, store.mark_pending, pending)
+    local = hasattr(destination, "write_many")  # a local sink (a file)
+    if local and deferred is not None:
+        run.before_local_write(store, destination, run_id)
     else:
-        store.mark_pending(pending)
+        # Exactly once: pending (with its key) is committed before the call, delivered after it.
+        pending = [(source.account_key, v.invoice_id, source.conn.name, v.number, k) for v, k in to_send]
+        if writer is not None:  # committed without holding the event loop (other pages go on meanwhile)
+            await asyncio.get_running_loop().run_in_executor(writer, store.mark_pending, pending)
+        else:
+            store.mark_pending(pending)
     if hasattr(destination, "prepare") and any(ledger.get(v.invoice_id) for v, _ in to_send):
         destination.prepare({k for v, k in to_send if ledger.get(v.invoice_id)})
 
@@ -529,15 +564,16 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
                 return v, None, exc
 
     failed = []
-    if hasattr(destination, "write_many"):  # a local sink (a file): the page in one write, flushed, then recorded
+    if local:  # the page in one write, flushed, then recorded
         deliveries = destination.write_many([(v.invoice, k, v.payload) for v, k in to_send])
         destination.flush()
         outcomes = [(v, d, None) for (v, _), d in zip(to_send, deliveries)]
-        batch[:] = [(source.account_key, v.invoice_id, d.case_id, d.case_reference)
-                    for (v, _), d in zip(to_send, deliveries)]
         if deferred is not None:  # recorded by the caller, in one transaction with the page's verdicts
-            deferred.extend(batch)
-            batch.clear()
+            deferred.extend((source.account_key, v.invoice_id, source.conn.name, v.number, k, d.case_id,
+                             d.case_reference) for (v, k), d in zip(to_send, deliveries))
+        else:
+            batch[:] = [(source.account_key, v.invoice_id, d.case_id, d.case_reference)
+                        for (v, _), d in zip(to_send, deliveries)]
     else:
         outcomes = await asyncio.gather(*(one(v, k) for v, k in to_send))
     commit()
@@ -576,32 +612,38 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         result.account_id, result.account_name = source.account_id, source.account_name
 
         recording: asyncio.Future | None = None
+        recording_writes = False  # the page being recorded was written to a local sink
 
         async def recorded() -> None:
             nonlocal recording
             if recording is not None:
                 r, recording = recording, None
                 await r
+                if recording_writes:
+                    run.unrecorded -= 1
 
         async def finish(verdicts: list[Verdict], counted: Tally | None) -> None:
             """Deliver the eligible, count and record the verdicts (those the worker has not recorded)."""
-            nonlocal recording
+            nonlocal recording, recording_writes
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
-            delivered: list[tuple] = []
+            written: list[tuple] = []
             await recorded()  # the page before is in the ledger before this page is looked up in it
             if eligible:
-                await _deliver_page(source, result, eligible, store, destination, run, sem, delivered, writer)
+                await _deliver_page(source, result, eligible, store, destination, run, sem, written, writer, run_id)
             _count(result, verdicts, details)
             if counted is not None:
                 merge(result, counted)
             rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v))
                     for v in verdicts] if run_id is not None and destination is not None else []
-            if store is not None and (rows or delivered):
+            if store is not None and (rows or written):
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
-                                                                           delivered)
+                                                                           written)
+                    recording_writes = bool(written)
                 else:
-                    store.record_page(run_id, rows, delivered)
+                    store.record_page(run_id, rows, written)
+                    if written:
+                        run.unrecorded -= 1
             if progress:
                 progress(conn.name, result)
             if run.fatal is not None:
@@ -731,6 +773,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     dest_error = None
     try:
         if mode == "apply":
+            if hasattr(dest, "recover"):
+                _recover_local_sink(store, dest)
             run_id = store.begin_run(command or "apply", str(cfg.file))
             try:
                 await dest.check()
@@ -751,6 +795,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         writer.shutdown(wait=True)
         await dest.close()
         await clients.aclose()
+    if run.sink_marked and not run.unrecorded:  # every page written is recorded: the mark has done its job
+        store.clear_sink_mark()
     if run.fatal is not None and dest_error is None:
         dest_error = run.fatal.render()
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),

@@ -2,7 +2,9 @@
 
 Writes that later steps depend on are committed before those steps run: an invoice is recorded as
 `pending` with its idempotency key before the destination is called, and as `delivered` after, so a crash
-at any point followed by a rerun delivers every invoice exactly once.
+at any point followed by a rerun delivers every invoice exactly once. A local file needs no row per invoice
+before it is written: a run marks the file's length once (`sink_marks`) before its first write, and a run
+that finds such a mark left by a crash first records what the file holds past it (runner/pipeline.py).
 """
 from __future__ import annotations
 
@@ -68,6 +70,12 @@ CREATE TABLE IF NOT EXISTS connections (
     last_error_at REAL,
     last_run_id INTEGER,
     updated REAL
+);
+CREATE TABLE IF NOT EXISTS sink_marks (
+    destination TEXT PRIMARY KEY,    -- a local file an apply run is writing cases to
+    offset INTEGER NOT NULL,         -- its length before the run's first write: what follows may be unrecorded
+    run_id INTEGER,
+    at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tokens (
     connection TEXT PRIMARY KEY,
@@ -281,16 +289,53 @@ class Store:
                 "UPDATE ledger SET status='failed', error=?, updated=? WHERE destination=? AND account_key=? "
                 "AND invoice_id=? AND status != 'delivered'", [(e, now, self.destination, a, i) for a, i, e in rows])
 
+    def record_imported(self, rows: list[tuple]) -> None:
+        """rows: (account_key, invoice_id, connection, number, idempotency_key, case_id, case_reference) of
+        invoices a local sink holds: delivered, with no pending row before (see sink_marks)."""
+        with self.tx():
+            self._imported(rows)
+
+    def _imported(self, rows: list[tuple]) -> None:
+        now = time.time()
+        self.db.executemany(
+            "INSERT INTO ledger (destination, account_key, invoice_id, connection, number, status, idempotency_key, "
+            "case_id, case_reference, first_seen, updated) VALUES (?, ?, ?, ?, ?, 'delivered', ?, ?, ?, ?, ?) "
+            "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET status='delivered', "
+            "idempotency_key=excluded.idempotency_key, case_id=excluded.case_id, "
+            "case_reference=excluded.case_reference, number=excluded.number, error=NULL, updated=excluded.updated "
+            "WHERE ledger.status != 'delivered'",
+            [(self.destination, a, i, c, n, k, cid, cref, now, now) for a, i, c, n, k, cid, cref in rows])
+
+    # --- local sinks -----------------------------------------------------------------------------------
+    def sink_mark(self) -> int | None:
+        """The offset a run that did not finish marked in this store's local sink, or None."""
+        with self._lock:
+            r = self.db.execute("SELECT offset FROM sink_marks WHERE destination=?", (self.destination,)).fetchone()
+        return None if r is None else r[0]
+
+    def mark_sink(self, offset: int, run_id: int | None) -> None:
+        """Committed before a run's first write to a local sink: what the file holds past `offset` may not be
+        in the ledger until the run ends. An earlier mark is kept (it covers more of the file)."""
+        with self.tx():
+            self.db.execute("INSERT INTO sink_marks (destination, offset, run_id, at) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (destination) DO NOTHING", (self.destination, offset, run_id, time.time()))
+
+    def clear_sink_mark(self) -> None:
+        """Everything the local sink holds is in the ledger."""
+        with self.tx():
+            self.db.execute("DELETE FROM sink_marks WHERE destination=?", (self.destination,))
+
     # --- verdicts --------------------------------------------------------------------------------------
     def record_verdicts(self, run_id: int, rows: list[tuple]) -> None:
         """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json)."""
         self.record_page(run_id, rows)
 
-    def record_page(self, run_id: int, verdicts: list[tuple], delivered: list[tuple] = ()) -> None:
-        """One page's verdicts, and the deliveries still to be marked (see mark_delivered), in one transaction."""
+    def record_page(self, run_id: int, verdicts: list[tuple], imported: list[tuple] = ()) -> None:
+        """One page's verdicts, and the invoices it wrote to a local sink (see record_imported), in one
+        transaction."""
         with self.tx():
-            if delivered:
-                self._delivered(delivered)
+            if imported:
+                self._imported(imported)
             insert_verdicts(self.db, run_id, verdicts)
 
     def verdict_history(self, account_key: str, invoice_id: str, limit: int = 20) -> list[dict]:

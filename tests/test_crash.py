@@ -269,3 +269,166 @@ def test_jsonl_sink_survives_a_torn_last_line(tmp_path, monkeypatch):
             torn += 1
     assert torn == 1, "only the torn fragment may be unreadable"
     assert keys == Counter({k: 1 for _, k in rows}), "every invoice exactly once in the file"
+
+
+def _file_keys(path: Path) -> tuple[Counter, int]:
+    """The idempotency keys of the whole lines of a jsonl sink, and how many lines are torn."""
+    keys, torn = Counter(), 0
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                keys[json.loads(line)["idempotency_key"]] += 1
+            except ValueError:
+                torn += 1
+    return keys, torn
+
+
+def _delivered_keys(state_db: Path) -> set[str]:
+    if not state_db.exists():
+        return set()
+    db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
+    try:
+        return {k for (k,) in db.execute("SELECT idempotency_key FROM ledger WHERE status='delivered'")}
+    except sqlite3.OperationalError:
+        return set()
+    finally:
+        db.close()
+
+
+def test_sigkill_jsonl_sink_writes_every_invoice_exactly_once(served, tmp_path):
+    """A local file is written without a pending row per invoice (the run marks the file's length once):
+    SIGKILL `runner apply` at random points and while pages it wrote wait to be recorded, rerun, and every
+    eligible invoice is in the file once and in the ledger as delivered."""
+    base, _ = served
+    invoices = SYNTHETIC * 6
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": invoices})
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(JSONL_CONFIG.replace("environment: sandbox", f"environment: sandbox\n    base_url: {base}/stripe"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STRIPE_API_KEY": STRIPE_KEY}
+    env.pop("RUNNER_SECRET_KEY", None)
+    state_db, out = tmp_path / "state" / "state.db", tmp_path / "out" / "cases.jsonl"
+    expected = _eligible_numbers(invoices)
+    rng = random.Random(SEED)
+    started = time.monotonic()
+
+    def apply() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(proc: subprocess.Popen) -> None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    # The window this design must survive: pages in the file, their ledger rows not committed. Another
+    # process holding the state store's write lock keeps the runner there; SIGKILL it then.
+    unrecorded = []
+    while len(unrecorded) < 3:
+        assert time.monotonic() - started < 150, "the crash loop is far slower than expected"
+        before = set(_file_keys(out)[0])
+        proc = apply()
+        while proc.poll() is None and not set(_file_keys(out)[0]) - before:
+            time.sleep(0.005)  # polling for the first page this run writes
+        assert proc.poll() is None, "the run finished before the window was reached: give it more invoices"
+        locker = sqlite3.connect(state_db, isolation_level=None, timeout=30)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            while proc.poll() is None and not set(_file_keys(out)[0]) - _delivered_keys(state_db):
+                time.sleep(0.005)
+            if proc.poll() is None:
+                unrecorded.append(len(set(_file_keys(out)[0]) - _delivered_keys(state_db)))
+                kill(proc)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+
+    # Then random crash points: start-up, recovering the file, the mark, fetching, writing, recording.
+    random_kills = 0
+    for _ in range(KILLS // 5):
+        proc = apply()
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 1.5))
+        except subprocess.TimeoutExpired:
+            kill(proc)
+            random_kills += 1
+
+    done = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    totals = json.loads(final.stdout)["totals"]
+    assert totals["imported"] == 0 and totals["skipped"].get("duplicate") == len(expected), totals
+
+    keys, torn = _file_keys(out)
+    numbers = Counter(json.loads(line)["invoice"]["number"] for line in out.read_bytes().splitlines()
+                      if line.startswith(b"{") and line.endswith(b"}"))
+    print(f"\nJSONL CRASH SUMMARY seed={SEED} random_kills={random_kills} unrecorded_lines_at_kills={unrecorded} "
+          f"eligible={len(expected)} lines={sum(keys.values())} torn={torn} seconds={time.monotonic() - started:.1f}")
+    assert len(unrecorded) == 3, "three kills must land with pages written and not recorded"
+    assert set(numbers) == expected, "every eligible invoice is in the file"
+    assert max(keys.values()) == 1 and max(numbers.values()) == 1, "and none twice"
+    assert _delivered_keys(state_db) == set(keys)
+    assert _ledger(state_db) == Counter({"delivered": len(expected)})
+    db = sqlite3.connect(state_db)
+    assert db.execute("SELECT COUNT(*) FROM sink_marks").fetchone()[0] == 0, "a finished run leaves no mark"
+    db.close()
+
+
+def test_a_crashed_runs_lines_are_recorded_before_anything_is_written(tmp_path, monkeypatch):
+    """The state a SIGKILL leaves between a page's write and its record: lines past the run's mark the ledger
+    does not know, the last one torn. The next run records them first, even when it does not sync the
+    connection that wrote them, so no later run writes them again; a line the runner did not write is left
+    alone."""
+    import asyncio
+
+    from runner import config, pipeline
+    from runner.state import Store
+
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(JSONL_CONFIG)
+    out, state_db = tmp_path / "out" / "cases.jsonl", tmp_path / "state" / "state.db"
+
+    def apply(text: str = JSONL_CONFIG):
+        cfg_path.write_text(text)
+        cfg = config.load(cfg_path)
+        store = Store(cfg.state_path)
+        try:
+            return asyncio.run(pipeline.sync(cfg, mode="apply", store=store))
+        finally:
+            store.close()
+
+    assert apply().totals()["imported"] > 10
+    lines = out.read_bytes().splitlines()
+    keys = [json.loads(line)["idempotency_key"] for line in lines]
+    # The crash: the last 10 lines written after the mark, not recorded; the very last one torn; and a line
+    # some other program appended.
+    mark = len(b"\n".join(lines[:-10])) + 1
+    foreign = json.dumps({"idempotency_key": "runner-0000", "invoice": {"external_id": "in_x", "source": {
+        "integration": "stripe", "account_id": "acct_x"}}}).encode()
+    out.write_bytes(b"\n".join(lines[:-1] + [foreign]) + b"\n" + lines[-1][:40])
+    db = sqlite3.connect(state_db)
+    db.executemany("DELETE FROM ledger WHERE idempotency_key=?", [(k,) for k in keys[-10:]])
+    db.execute("INSERT INTO sink_marks (destination, offset, run_id, at) VALUES (?, ?, NULL, 0)",
+               (db.execute("SELECT destination FROM ledger LIMIT 1").fetchone()[0],
+                mark))
+    db.commit()
+    db.close()
+
+    # A run that syncs nothing still repairs the ledger from the file.
+    idle = apply(JSONL_CONFIG.replace("    window: {last: 90d}", "    window: {last: 90d}\n    enabled: false"))
+    assert idle.totals()["imported"] == 0
+    delivered = _delivered_keys(state_db)
+    assert set(keys[:-1]) <= delivered, "the 9 whole lines past the mark are recorded"
+    assert keys[-1] not in delivered, "the torn line is not: its invoice is written again"
+    assert "runner-0000" not in delivered
+    db = sqlite3.connect(state_db)
+    assert db.execute("SELECT COUNT(*) FROM sink_marks").fetchone()[0] == 0
+    db.close()
+
+    again = apply()
+    assert again.totals()["imported"] == 1
+    written, torn = _file_keys(out)
+    assert torn == 1 and written["runner-0000"] == 1
+    del written["runner-0000"]
+    assert written == Counter({k: 1 for k in keys}), "every invoice exactly once in the file"
