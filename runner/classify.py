@@ -166,6 +166,11 @@ class Classifier:
         self._id = next((e for path, e in self.stream.mapping.fields if path == ("external_id",)), None)
         lets = {name for name, _ in self.stream.let}
         self._id_needs_let = self._id is not None and bool(lets & _fields(self._id.ast))
+        # A unix timestamp is in the window exactly when it lies between the window's own timestamps: the
+        # common case is decided without making a datetime (the rest takes the general path below).
+        rule = self.stream.date
+        self._unix = rule.value.search if rule is not None and rule.format == "unix" else None
+        self._span = (conn.window.start.timestamp(), conn.window.end.timestamp())
 
     def invoice_id(self, rec: Any) -> str | None:
         """The id `evaluate` gives this record, without mapping the rest: to skip invoices already imported."""
@@ -242,7 +247,7 @@ class Classifier:
             value, fmt = inv.get("issue_date"), "date"
         try:
             return (*_date_of(value, fmt, self.conn.window.zone), value)
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, OSError):  # OSError: a timestamp beyond the platform's range
             return None, None, value
 
     def window_position(self, rec: Any) -> str | None:
@@ -256,6 +261,10 @@ class Classifier:
         return None
 
     def _in_window(self, rec, inv) -> tuple[bool | None, Any]:
+        if self._unix is not None:
+            value = self._unix(rec)
+            if type(value) is int and self._span[0] <= value <= self._span[1]:
+                return True, None
         w = self.conn.window
         moment, day, value = self.record_date(rec, inv)
         if moment is not None:

@@ -162,6 +162,9 @@ def _decimal_from_minor(amount):
     raise RunnerFunctionError(f"amount must be a number or numeric string, got {t.__name__}")
 
 
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+
+
 def minor_to_major(amount, currency, overrides=None):
     """Exact Decimal of ``amount`` minor units in ``currency``; None if either is null/unknown."""
     if amount is None or currency is None:
@@ -174,8 +177,7 @@ def minor_to_major(amount, currency, overrides=None):
         return None
     if exp == 0:
         return d
-    sign, digits, e = d.as_tuple()
-    return Decimal((sign, digits, e - exp))  # exact shift, no context rounding
+    return d.scaleb(-exp, _EXACT)  # the same digits, the exponent moved: no rounding in a context this wide
 
 
 _THOUSANDS_COMMA = re.compile(r"\d{1,3}(,\d{3})+(\.\d*)?")

@@ -396,6 +396,26 @@ def test_dates_on_both_sides_of_utc_midnight(tz, created, verdict):
     assert got == verdict, v
 
 
+WINDOW_SOURCE = None
+
+
+@FUZZ
+@given(st.one_of(st.integers(min_value=_ts("2025-12-31T00:00:00+00:00"), max_value=_ts("2026-02-02T00:00:00+00:00")),
+                 st.integers(), st.floats(allow_nan=True), st.booleans(), st.none()))
+def test_the_unix_window_shortcut_agrees_with_the_datetime_comparison(created):
+    """A unix timestamp is checked against the window's own timestamps without making a datetime; the
+    answer (and what is shown when it is outside, or unreadable) is the general path's."""
+    global WINDOW_SOURCE
+    RUN["invoice"] += 1
+    if WINDOW_SOURCE is None:
+        WINDOW_SOURCE = _source("Europe/Copenhagen", "{from: '2026-01-01', to: '2026-01-31', timezone: Europe/Copenhagen}")
+    fast = WINDOW_SOURCE.classifier()
+    general = copy.copy(fast)
+    general._unix = None
+    rec = {"created": created}
+    assert fast._in_window(rec, None) == general._in_window(rec, None)
+
+
 @pytest.mark.parametrize("created", ["yesterday", "2026-13-45", "", "1e400", float("nan"), [1], {"a": 1}])
 def test_unreadable_dates_are_invalid_with_the_value_shown(created):
     RUN["invoice"] += 1
