@@ -107,6 +107,16 @@ class LedgerRow:
     updated: float
 
 
+def connect(path: str) -> sqlite3.Connection:
+    """A connection to the store, in autocommit mode. WAL with synchronous=NORMAL: a committed transaction
+    survives the process being killed (the runner's crash model); only a power cut can take back the last
+    ones, and commits do not wait for the disk. synchronous is a per-connection setting: every connection
+    that writes (the engine's, the classification worker's) must get it here."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
 def lookup(db: sqlite3.Connection, destination: str, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
     """The ledger rows of these invoices of one source account, by invoice id: one query per 500 ids."""
     out: dict[str, LedgerRow] = {}
@@ -158,11 +168,10 @@ class Store:
                     pass
         # One connection, used by the engine's thread and, during a sync, by its ledger writer thread
         # (runner/pipeline.py): every transaction holds self._lock. Ledger lookups have their own connection.
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
+        self.db = connect(str(self.path))
         self._lock = threading.RLock()
         self._reader: sqlite3.Connection | None = None
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._lockfile = None
 
@@ -228,7 +237,7 @@ class Store:
         if self._reader is None and str(self.path) != ":memory:":
             # Its own connection, so a sync's lookups never wait for the ledger writer thread (WAL: a reader
             # sees every committed transaction and is never blocked by the writer). Used by one thread.
-            self._reader = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
+            self._reader = connect(str(self.path))
         if self._reader is not None:
             return self._lookup(self._reader, account_key, ids)
         with self._lock:

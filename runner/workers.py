@@ -52,7 +52,7 @@ def _store() -> sqlite3.Connection:
     committed; its reads never block the engine, and its writes take turns with the engine's)."""
     global _db
     if _db is None:
-        _db = sqlite3.connect(_ledger[0], isolation_level=None, timeout=30.0)
+        _db = state.connect(_ledger[0])
     return _db
 
 

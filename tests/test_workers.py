@@ -143,3 +143,22 @@ def test_worker_looks_up_imported_invoices_itself_with_the_same_verdicts(tmp_pat
     assert second_two[0].connections[0].skipped()["duplicate"] == imported
     assert _comparable(second_two[1]) == _comparable(second_one[1])
     assert second_two[3] == first_two[3] == first_one[3]  # nothing written twice
+
+
+def test_every_connection_that_writes_the_store_commits_without_waiting_for_the_disk(tmp_path):
+    """The engine's and the worker's connections share one durability setting (WAL, synchronous=NORMAL:
+    a commit survives the process being killed, and does not fsync): the worker's verdict commits used to
+    wait for the disk on every page."""
+    store = Store(tmp_path / "state.db", "jsonl:x")
+    try:
+        old = workers._ledger, workers._db
+        workers._ledger, workers._db = store.reader_target(), None
+        try:
+            for db in (store.db, workers._store()):
+                assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+                assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        finally:
+            workers._db.close()
+            workers._ledger, workers._db = old
+    finally:
+        store.close()
