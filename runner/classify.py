@@ -36,6 +36,7 @@ class Verdict:
     detail: dict = field(default_factory=dict)
     invoice: dict | None = None
     payload: bytes | None = None  # the invoice already encoded for a local sink (by the worker), if any
+    key: str | None = None  # the idempotency key the payload was encoded with
 
     def as_dict(self, with_invoice: bool = False) -> dict:
         d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,

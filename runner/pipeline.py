@@ -496,12 +496,13 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     # the same invoice since (offset paging shifts under changes).
     ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
     to_send: list[tuple[Verdict, str]] = []
+    account_key = source.account_key
     for v in eligible:
         row = ledger.get(v.invoice_id)
         if row is not None and row.status == "delivered":
             duplicate(v, row)
-        else:
-            to_send.append((v, row.idempotency_key if row else idempotency_key(source.account_key, v.invoice_id)))
+        else:  # a key kept in the ledger, else the derived one (the worker derived it already)
+            to_send.append((v, row.idempotency_key if row else v.key or idempotency_key(account_key, v.invoice_id)))
     if destination is None:  # plan: say what would happen, touch nothing
         for v, _ in to_send:
             v.verdict = IMPORTED

@@ -90,8 +90,9 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
     out = []
     for v in verdicts:
         if _encode is not None and v.verdict == ELIGIBLE:
-            line = _encode(v.invoice, idempotency_key(account_key, v.invoice_id))
-            out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, None, line))
+            key = idempotency_key(account_key, v.invoice_id)
+            out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, None, _encode(v.invoice, key),
+                        key))
         else:
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, v.invoice))
     return out, counted
