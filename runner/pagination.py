@@ -1,7 +1,9 @@
 """Paginators: small interchangeable classes that say what to ask for next.
 
-Each takes the decoded response and its records and returns the next `Step`, or None when done. All of
-them refuse an endless paginator (the same cursor, link or page twice) instead of looping forever.
+Each takes what a page says about paging (`PageFacts`: read from the decoded answer by `facts`, in the
+engine or in the classification worker that decodes the page anyway) and returns the next `Step`, or None
+when done. All of them refuse an endless paginator (the same cursor, link or page twice) instead of looping
+forever.
 """
 from __future__ import annotations
 
@@ -17,6 +19,28 @@ class Step:
     params: dict = field(default_factory=dict)  # added to the request's params
     url: str | None = None  # a full next-page URL (next_url paginators)
     page: dict = field(default_factory=dict)  # what templates see as `page`
+
+
+@dataclass(slots=True)
+class PageFacts:
+    """What the paginators need of one answer: how many records it had, the spec's `more` expression's value
+    (None without one) and its `value` expression's (cursor or next-page link; None for counting paginators)."""
+
+    count: int
+    more: Any = None
+    value: Any = None
+
+
+def facts(spec: Paginate, body: Any, records: list) -> PageFacts:
+    """PageFacts of a decoded answer: each expression is evaluated only where its paginator reads it (a
+    cursor on a page with records, `more` of a counting paginator on a page with records)."""
+    kind, more, value = spec.type, None, None
+    if spec.more is not None and (kind == "cursor" or (kind in ("page", "offset") and records)):
+        more = spec.more.search(body)
+    if spec.value is not None and ((kind == "cursor" and records and (spec.more is None or more))
+                                   or kind == "next_url"):
+        value = spec.value.search(body)
+    return PageFacts(len(records), more, value)
 
 
 class _Endless(ProviderError):
@@ -35,7 +59,7 @@ class NoPaging:
     def first(self) -> Step:
         return Step()
 
-    def next(self, body: Any, records: list, content: bytes) -> Step | None:
+    def next(self, page: PageFacts, content: bytes) -> Step | None:
         return None
 
 
@@ -47,11 +71,11 @@ class CursorPaging:
     def first(self) -> Step:
         return Step(page={"cursor": None, "number": 1})
 
-    def next(self, body, records, content) -> Step | None:
+    def next(self, page: PageFacts, content: bytes) -> Step | None:
         more = self.spec.more is not None
-        if more and not self.spec.more.search(body):
+        if more and not page.more:
             return None
-        cursor = self.spec.value.search(body) if records else None
+        cursor = page.value if page.count else None
         if cursor in (None, ""):
             if more:  # "there is more" without a way to ask for it: stopping quietly would lose invoices
                 raise ProviderError(
@@ -74,8 +98,8 @@ class NextUrlPaging:
     def first(self) -> Step:
         return Step(page={"number": 1})
 
-    def next(self, body, records, content) -> Step | None:
-        url = self.spec.value.search(body)
+    def next(self, page: PageFacts, content: bytes) -> Step | None:
+        url = page.value
         if not url:
             return None
         if url in self.seen:
@@ -106,19 +130,19 @@ class _Counting:
     def first(self) -> Step:
         return self._step()
 
-    def next(self, body, records, content) -> Step | None:
-        if content == self.last_content and records:
+    def next(self, page: PageFacts, content: bytes) -> Step | None:
+        if content == self.last_content and page.count:
             raise _endless(f"page {self.number} with the same content as page {self.number - 1}")
         self.last_content = content
-        if not records:
+        if not page.count:
             return None
         if self.spec.more is not None:
-            if not self.spec.more.search(body):
+            if not page.more:
                 return None
-        elif len(records) < self.spec.size:
+        elif page.count < self.spec.size:
             return None
         self.number += 1
-        self._advance(len(records))
+        self._advance(page.count)
         return self._step()
 
 

@@ -286,15 +286,19 @@ class Source:
 
     async def pages(self) -> AsyncIterator[list]:
         """Every page's records, in the order fetched (see `pages_with_answers`)."""
-        async for records, _ in self.pages_with_answers():
+        async for records, _, _ in self.pages_with_answers():
             yield records
 
-    async def pages_with_answers(self) -> AsyncIterator[tuple[list, bytes | None]]:
-        """(records, the answer's bytes) for every page; the bytes are None when the records were enriched
-        after the answer (detail lookups), so the answer alone no longer holds them."""
+    async def pages_with_answers(self, hand_over: Callable | None = None) -> AsyncIterator[tuple]:
+        """(records, the answer's bytes, None) for every page; the bytes are None when the records were
+        enriched after the answer (detail lookups), so the answer alone no longer holds them.
+
+        `hand_over(answer bytes)`, when given, may take an answer undecoded (Workers.submit): it returns
+        (a future of the page's PageFacts, a future of its classification) or None. Such a page comes as
+        (None, the answer's bytes, that second future)."""
         windows = self.partitions()
         if len(windows) == 1:
-            async for page in self._pages_in(None):
+            async for page in self._pages_in(None, hand_over):
                 yield page
             return
         # Sub-windows fetched at once (the limiter keeps them within the rate limit); pages are handed over
@@ -304,7 +308,7 @@ class Source:
 
         async def produce(window: dict) -> None:
             try:
-                async for page in self._pages_in(window):
+                async for page in self._pages_in(window, hand_over):
                     await queue.put(page)
                 await queue.put(done)
             except Exception as exc:
@@ -326,8 +330,10 @@ class Source:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _pages_in(self, window: dict | None) -> AsyncIterator[tuple[list, bytes | None]]:
+    async def _pages_in(self, window: dict | None, hand_over: Callable | None = None) -> AsyncIterator[tuple]:
         pag = pagination.paginator(self.stream.paginate)
+        if self.stream.details:
+            hand_over = None  # the engine enriches the records: it decodes every page
         step = pag.first()
         extra = self._server_params()
         count = 0
@@ -338,6 +344,19 @@ class Source:
                                     fix="raise paginate.max_pages in the spec if the account really has this many")
             ctx = self.context(page=step.page) if window is None else self.context(page=step.page, window=window)
             resp = await self.send_spec(self.stream.request, ctx, {**extra, **step.params}, url=step.url)
+            handed = await hand_over(resp.content) if hand_over is not None else None
+            if handed is not None:
+                facts, classified = handed
+                try:
+                    facts = await facts
+                except Exception:  # noqa: BLE001 - the engine decodes the page and says what is wrong with it
+                    pass
+                else:
+                    yield None, resp.content, classified
+                    step = pag.next(facts, resp.content)
+                    if step is None:
+                        return
+                    continue
             body = resp.json(f"{self.spec.name}'s invoice list")
             try:
                 records = self.stream.page_records(body)
@@ -349,10 +368,10 @@ class Source:
                                     f"{self.stream.max_page_size} the spec allows; refusing it")
             if self.stream.details:
                 await self.enrich(records)
-                yield records, None  # enriched: the answer alone no longer holds them
+                yield records, None, None  # enriched: the answer alone no longer holds them
             else:
-                yield records, resp.content
-            step = pag.next(body, records, resp.content)
+                yield records, resp.content, None
+            step = pag.next(pagination.facts(self.stream.paginate, body, records), resp.content)
             if step is None:
                 return
 
@@ -663,13 +682,20 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         # The worker records the verdicts that end with it (skipped ones) itself, unless every verdict is kept.
         recording_run = run_id if destination is not None and not details else None
         ahead = max(1, PAGES_AHEAD // (connections or 1))
-        page = 0
+        page = fetched = 0
+
+        async def hand_over(answer: bytes):
+            nonlocal fetched
+            fetched += 1
+            return await workers.submit(source, store, answer, fetched, recording_run)
+
         try:
-            async for records, answer in source.pages_with_answers():
+            async for records, answer, classified in source.pages_with_answers(hand_over if workers else None):
                 page += 1
                 # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
-                classified = (workers.classify(source, store, records, answer, page, recording_run)
-                              if workers else (Workers.here(source, store, records), None))
+                if classified is None:
+                    classified = (workers.classify(source, store, records, answer, page, recording_run)
+                                  if workers else (Workers.here(source, store, records), None))
                 inflight.append(asyncio.ensure_future(finish_page(classified, inflight[-1] if inflight else None)))
                 while inflight and (len(inflight) > ahead or inflight[0].done()):
                     await inflight.popleft()  # a failure surfaces here, before more is fetched

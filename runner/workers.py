@@ -4,7 +4,11 @@ Mapping and checking invoices (runner/classify.py) is pure CPU and about half of
 pages, the ledger and deliveries are the other half. With a worker, the engine hands each page after a
 connection's first to one forked process (the provider's answer as it came, when the records are all of
 it) and goes on fetching the next pages and delivering the earlier ones while that page is classified.
-The worker looks the page's invoices up in the ledger itself (its own SQLite connection), records the
+The engine does not decode a page it hands over: the worker decodes it and first sends back what the
+engine's paginator needs (the record count, the cursor or next link, `more`: pagination.PageFacts), so
+the engine asks for the next page while this one is classified; a page the worker cannot decode is
+decoded by the engine, which then reports the problem as it would have. The worker looks the page's
+invoices up in the ledger itself (its own SQLite connection), records the
 verdicts that end with it (every skipped invoice) and sends back only the eligible invoices, as plain
 tuples, with a tally of the rest. Answers come back in page order over a socket pair read by the event
 loop, so the engine needs no threads to talk to it.
@@ -33,7 +37,7 @@ from typing import Any, Callable
 import orjson
 from loguru import logger
 
-from runner import state
+from runner import pagination, state
 from runner.classify import ELIGIBLE, Classifier, Tally, Verdict, classify_page, detail_json, tally
 from runner.config import Connection
 from runner.destinations import idempotency_key
@@ -98,6 +102,17 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
     return out, counted
 
 
+def _page_facts(name: str, payload: bytes) -> tuple[list, pagination.PageFacts]:
+    """Runs in the worker: decode a provider's answer, its records and what the engine's paginator needs.
+    Anything unexpected raises: the engine then decodes the page itself and reports it in its own words."""
+    stream = _CONNECTIONS[name].spec.invoices
+    body = orjson.loads(payload)
+    records = stream.page_records(body)
+    if stream.max_page_size and len(records) > stream.max_page_size:
+        raise ValueError("more records than max_page_size")
+    return records, pagination.facts(stream.paginate, body, records)
+
+
 def _worker_start() -> None:
     """In the worker, first thing: die with the engine (Linux), never outlive a killed run."""
     try:
@@ -137,14 +152,16 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
-    def ask(self, question: tuple) -> asyncio.Future:
+    def ask(self, question: tuple, answers: int = 1) -> list[asyncio.Future]:
+        """Send a question; a future for each of the answers it gets (they come in order)."""
         if self.lost is not None:
             raise WorkerGone(str(self.lost))
         frame = pickle.dumps(question, protocol=pickle.HIGHEST_PROTOCOL)
         self.transport.write(_HEADER.pack(len(frame)) + frame)
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append(future)
-        return future
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(answers)]
+        self.waiting.extend(futures)
+        return futures
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
@@ -182,8 +199,17 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
+def _send(sock: socket.socket, answer: tuple) -> None:
+    try:
+        frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # an exception that cannot be pickled
+        frame = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+    sock.sendall(_HEADER.pack(len(frame)) + frame)
+
+
 def _serve(sock: socket.socket) -> None:
-    """The worker's loop: read a page, answer it, until the engine closes its end."""
+    """The worker's loop: read a page, answer it, until the engine closes its end. A question that asks
+    for the page's facts first (see Workers.submit) gets two answers: the facts, then the verdicts."""
     _worker_start()
     while True:
         header = _read_exactly(sock, _HEADER.size)
@@ -193,14 +219,20 @@ def _serve(sock: socket.socket) -> None:
         if question is None:
             return
         try:
-            answer = (True, _classify_page(*pickle.loads(question)))
+            *args, facts_first = pickle.loads(question)
+            if facts_first:
+                try:
+                    records, facts = _page_facts(args[0], args[4])
+                except Exception as exc:  # the engine decodes this page itself: both answers say so
+                    _send(sock, (False, exc))
+                    _send(sock, (False, exc))
+                    continue
+                _send(sock, (True, facts))
+                args[4], args[5] = records, False
+            answer = (True, _classify_page(*args))
         except Exception as exc:  # sent back: the engine classifies that page itself
             answer = (False, exc)
-        try:
-            frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # an exception that cannot be pickled
-            frame = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
-        sock.sendall(_HEADER.pack(len(frame)) + frame)
+        _send(sock, answer)
 
 
 class Workers:
@@ -218,14 +250,48 @@ class Workers:
             _encode = destination.encode if hasattr(destination, "write_many") else None
             _ledger = store.reader_target() if store is not None else None
 
+    def _takes(self, source, store, page: int) -> bool:
+        # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
+        # A store the worker cannot open (in memory) keeps the lookups here too.
+        return (self.enabled and (page > 1 or self._process is not None) and source.conn.name in self._names
+                and (store is None or _ledger is not None))
+
+    async def submit(self, source, store, answer: bytes, page: int, run_id: int | None = None):
+        """Hand the worker a provider's answer as it came, undecoded. Returns (a future of its PageFacts, a
+        future of what `classify` returns), or None when this page is the engine's to decode. If the facts
+        future fails, the page is the engine's after all (and the second future is cancelled)."""
+        if not self._takes(source, store, page):
+            return None
+        question = (source.conn.name, source.account_id, source.account_key, source.today_iso, answer, True,
+                    store is not None, run_id if store is not None else None, True)
+        try:
+            self._start(store)
+            channel = await self._channel
+            facts, verdicts = channel.ask(question, answers=2)
+        except Exception as exc:  # the worker cannot start or has ended: this page and the rest stay here
+            self._gone(exc)
+            return None
+        classified = asyncio.ensure_future(self._answered(verdicts, question, source, store, None))
+
+        def check(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                classified.cancel()
+                verdicts.add_done_callback(lambda v: v.cancelled() or v.exception())  # retrieved: no warning
+                if not f.cancelled() and isinstance(f.exception(), WorkerGone):
+                    self._gone(f.exception())
+
+        facts.add_done_callback(check)
+        return facts, classified
+
+    def _gone(self, exc: BaseException | None) -> None:
+        logger.debug("classifying in the engine's process: the worker failed ({})", exc)
+        self.enabled = False
+
     def classify(self, source, store, records: list, answer: bytes | None, page: int, run_id: int | None = None):
         """One page's verdicts (see classify_page) and, when the worker recorded the verdicts that end there
         (with a `run_id`: see _classify_page), their Tally; else None. Returns that pair, or a future of it.
         `answer`: the provider's answer the records came from, when they are all of it."""
-        # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
-        # A store the worker cannot open (in memory) keeps the lookups here too.
-        if not (self.enabled and (page > 1 or self._process is not None) and records
-                and source.conn.name in self._names and (store is None or _ledger is not None)):
+        if not (records and self._takes(source, store, page)):
             return self.here(source, store, records), None
         payload: Any = answer
         if payload is None:
@@ -234,7 +300,7 @@ class Workers:
             except TypeError:  # something orjson cannot write (never from a JSON answer): the list itself
                 payload = records
         question = (source.conn.name, source.account_id, source.account_key, source.today_iso, payload,
-                    answer is not None, store is not None, run_id if store is not None else None)
+                    answer is not None, store is not None, run_id if store is not None else None, False)
         try:
             self._start(store)
         except OSError as exc:
@@ -246,7 +312,16 @@ class Workers:
     async def _ask(self, question: tuple, source, store, records: list | None) -> tuple[list[Verdict], Tally | None]:
         try:
             channel = await self._channel
-            tuples, counted = await channel.ask(question)
+            (answer,) = channel.ask(question)
+        except Exception as exc:  # the worker has ended: the engine classifies the page
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(exc)
+        return await self._answered(answer, question, source, store, records)
+
+    async def _answered(self, answer: asyncio.Future, question: tuple, source, store,
+                        records: list | None) -> tuple[list[Verdict], Tally | None]:
+        try:
+            tuples, counted = await answer
         except Exception as exc:  # the worker died or failed on this page: the engine classifies it
             if records is None:
                 records = source.stream.page_records(orjson.loads(question[4]))
@@ -260,8 +335,7 @@ class Workers:
         return classify_page(source.classifier(), records, lookup)
 
     def _fallback(self, source, store, records: list, exc: BaseException) -> list[Verdict]:
-        logger.debug("classifying in the engine's process: the worker failed ({}: {})", type(exc).__name__, exc)
-        self.enabled = False
+        self._gone(exc)
         return self.here(source, store, records)
 
     def _start(self, store=None) -> None:

@@ -162,3 +162,59 @@ def test_every_connection_that_writes_the_store_commits_without_waiting_for_the_
             workers._ledger, workers._db = old
     finally:
         store.close()
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+def test_the_engine_decodes_a_page_the_worker_could_not_and_nothing_else_changes(tmp_path, monkeypatch):
+    """The worker decodes the pages it is handed and sends the paginator's facts first. When it cannot (here:
+    every third page), the engine decodes that page itself; the answers that follow still go to the right
+    pages, and the run is the one-process run."""
+    reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
+    real, calls = workers._page_facts, [0]
+
+    def sometimes(name, payload):  # runs in the forked worker
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            raise ValueError("cannot decode this one")
+        return real(name, payload)
+
+    monkeypatch.setattr(workers, "_page_facts", sometimes)
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "w"), monkeypatch, workers_setting=None)
+    assert _Recording.last.submitted > 0 and _Recording.last.enabled, "a page-level failure keeps the worker"
+    assert result.ok and result.totals() == reference[0].totals()
+    assert _comparable(verdicts) == _comparable(reference[1]) and ledger == reference[2] and lines == reference[3]
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+def test_a_worker_dying_before_it_decodes_costs_no_invoice(tmp_path, monkeypatch):
+    reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
+
+    def die(*args, **kwargs):  # runs in the forked worker: killed before the page's facts
+        os._exit(9)
+
+    monkeypatch.setattr(workers, "_page_facts", die)
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "dying"), monkeypatch, workers_setting=None)
+    assert _Recording.last.submitted > 0 and not _Recording.last.enabled
+    assert result.ok and result.totals() == reference[0].totals()
+    assert _comparable(verdicts) == _comparable(reference[1]) and lines == reference[3]
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+def test_a_broken_page_mid_run_is_reported_as_the_engine_would(tmp_path, monkeypatch):
+    """The provider answers page 4 with an HTML error page (status 200): with the worker decoding pages, the
+    connection fails with the same words as in one process, and the pages before it are delivered."""
+    real = pipeline.Source.send_spec
+
+    async def html_on_page_4(self, req_spec, ctx, extra_params=None, url=None, ok=()):
+        resp = await real(self, req_spec, ctx, extra_params, url, ok)
+        if (ctx.get("page") or {}).get("number") == 4:
+            resp.content = b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>"
+        return resp
+
+    monkeypatch.setattr(pipeline.Source, "send_spec", html_on_page_4)
+    runs = [_apply(_workspace(tmp_path / str(s)), monkeypatch, workers_setting=s) for s in ("0", None)]
+    assert _Recording.last.submitted > 0
+    (one, _, ledger_one, lines_one), (two, _, ledger_two, lines_two) = runs
+    assert one.connections[0].status == two.connections[0].status == "failed"
+    assert "HTML page, not JSON" in one.connections[0].error and one.connections[0].error == two.connections[0].error
+    assert ledger_one == ledger_two and lines_one == lines_two and len(lines_one) > 0
