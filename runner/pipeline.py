@@ -29,6 +29,7 @@ from runner.destinations import idempotency_key
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
 from runner.http import Clients, Http, Policy, limiter_for
+from runner.specs import PageTooLarge
 from runner.workers import Workers
 
 
@@ -363,9 +364,9 @@ class Source:
             except TypeError as exc:
                 raise ProviderError(f"{self.spec.name}'s invoice list has {exc} where a list of "
                                     f"invoices was expected (at '{self.stream.records.source}')") from None
-            if self.stream.max_page_size and len(records) > self.stream.max_page_size:
-                raise ProviderError(f"{self.spec.name} sent a page of {len(records)} invoices, more than the "
-                                    f"{self.stream.max_page_size} the spec allows; refusing it")
+            except PageTooLarge as exc:
+                raise ProviderError(f"{self.spec.name} sent a page of {exc.args[0]} invoices, more than the "
+                                    f"{self.stream.max_page_size} the spec allows; refusing it") from None
             if self.stream.details:
                 await self.enrich(records)
                 yield records, None, None  # enriched: the answer alone no longer holds them

@@ -164,6 +164,10 @@ class DateRule:
     format: str = "date"
 
 
+class PageTooLarge(ValueError):
+    """A list answer with more invoices than the spec allows (the argument: how many)."""
+
+
 @dataclass
 class Stream:
     request: RequestSpec
@@ -181,7 +185,8 @@ class Stream:
 
     def page_records(self, body: Any) -> list:
         """The invoices of one list answer, by the spec's `records` expression. Raises TypeError when the
-        answer holds something else where the list should be."""
+        answer holds something else where the list should be, and PageTooLarge when it holds more invoices
+        than the spec's max_page_size."""
         records = self.records.search(body)
         if records is None:
             return []  # some APIs omit the list entirely when it is empty
@@ -189,7 +194,10 @@ class Stream:
             return [records]
         if not isinstance(records, list):
             raise TypeError(type(records).__name__)
+        if self.max_page_size and len(records) > self.max_page_size:
+            raise PageTooLarge(len(records))
         return records
+
 
     def prepare(self, record: Any) -> Any:
         """Compute the spec's `let` values into the record (names start with _, so they never clash)."""
