@@ -106,18 +106,24 @@ def _norm_country(text: str) -> str:
 
 
 @functools.cache
-def _countries() -> tuple[frozenset[str], dict[str, str], dict[str, str]]:
-    """(alpha-2 codes, alpha-3 -> alpha-2, normalised name/alias -> alpha-2)."""
+def _codes() -> tuple[frozenset[str], dict[str, str]]:
+    """(alpha-2 codes, alpha-3 -> alpha-2): all a country already written as a code needs."""
     raw = _read_data("countries.json")
-    alpha2 = frozenset(raw["alpha2"])
-    alpha3 = dict(raw["alpha3"])
+    return frozenset(raw["alpha2"]), dict(raw["alpha3"])
+
+
+@functools.cache
+def _names() -> dict[str, str]:
+    """Normalised name/alias -> alpha-2. Built only when a country is written out in words: normalising the
+    few thousand names and aliases takes tens of milliseconds, which a sync of alpha-2 codes never pays."""
+    raw = _read_data("countries.json")
     names: dict[str, str] = {}
     # aliases first so official names win on a (theoretical) clash
     for alias, code in raw["aliases"].items():
         names[_norm_country(alias)] = code
     for code, name in raw["alpha2"].items():
         names[_norm_country(name)] = code
-    return alpha2, alpha3, names
+    return names
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +274,21 @@ def _zone(name: str):
         raise RunnerFunctionError(f"unknown IANA time zone {name!r}") from exc
 
 
+_DAYS: dict[int, str] = {}  # day number since the epoch -> ISO date: a sync's invoices share few days
+
+
 def unix_to_date(seconds, tz=None):
+    if tz is None and type(seconds) is int:  # the common case: whole seconds in UTC
+        day = seconds // 86400
+        iso = _DAYS.get(day)
+        if iso is None:
+            try:
+                iso = _dt.date.fromordinal(_EPOCH_ORDINAL + day).isoformat()
+            except (ValueError, OverflowError):
+                return None
+            if len(_DAYS) < 100_000:
+                _DAYS[day] = iso
+        return iso
     s = _seconds(seconds)
     if s is None:
         return None
@@ -311,7 +331,7 @@ def to_date(value, fmt=None):
 
 @functools.lru_cache(maxsize=8192)
 def _country_slow(value: str):
-    alpha2, alpha3, names = _countries()
+    alpha2, alpha3 = _codes()
     s = value.strip()
     if not s:
         return None
@@ -328,7 +348,7 @@ def _country_slow(value: str):
         return ku
     if ku in alpha3:
         return alpha3[ku]
-    return names.get(key)
+    return _names().get(key)
 
 
 def country_code(value):
@@ -337,7 +357,7 @@ def country_code(value):
         return None
     if not isinstance(value, str):
         raise RunnerFunctionError(f"country must be a string, got {type(value).__name__}")
-    if len(value) == 2 and value in _countries()[0]:  # fast path: already a valid upper-case alpha-2
+    if len(value) == 2 and value in _codes()[0]:  # fast path: already a valid upper-case alpha-2
         return value
     return _country_slow(value)
 
