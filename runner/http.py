@@ -185,6 +185,12 @@ def _error_message(resp: Response) -> str:
     return f"HTTP {resp.status}"
 
 
+def _no_trust():
+    import ssl
+
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names, and trusts none
+
+
 class Clients:
     """The httpx clients of one run: one for the network, one per built-in sandbox simulator."""
 
@@ -213,13 +219,17 @@ class Clients:
                 self._transports[id(client)] = transport
             rest = base_url[len(SANDBOX_SCHEME) + len(name):]
             return client, f"http://{name}.sandbox.invalid{rest}"
-        key = "network:" + pool
+        tls = base_url.startswith("https:")
+        key = f"network:{'tls' if tls else 'plain'}:{pool}"
         client = self._clients.get(key)
         if client is None:
-            if self._tls is None:
+            if tls and self._tls is None:
                 self._tls = httpx.create_ssl_context()
+            # A plain-http base URL never needs the CA bundle (loading it is ~35 ms of start-up): its client
+            # gets a TLS context with no trusted certificates, so a TLS handshake there could only fail.
             transport = httpx.AsyncHTTPTransport(
-                verify=self._tls, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+                verify=self._tls if tls else _no_trust(),
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
             client = self._clients[key] = httpx.AsyncClient(timeout=30.0, transport=transport, follow_redirects=False)
             self._transports[id(client)] = transport
         return client, base_url
