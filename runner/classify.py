@@ -95,6 +95,23 @@ def detail_json(v: Verdict) -> str | None:
     return orjson.dumps({"message": v.message, **v.detail}, default=str).decode()
 
 
+def verdict_rows(connection: str, account_key: str, verdicts) -> list[tuple]:
+    """The state store's rows for these verdicts (state.insert_verdicts)."""
+    return [(connection, account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v)) for v in verdicts]
+
+
+def delivered(v: Verdict, delivery) -> Verdict:
+    """Turn an eligible `v` into the verdict for its delivery (a destinations.Delivery)."""
+    v.detail = {"case_id": delivery.case_id, "case_reference": delivery.case_reference}
+    if delivery.existing:
+        v.verdict, v.reason = SKIPPED, "duplicate"
+        v.message = f"the destination already has this case ({delivery.case_reference or delivery.case_id})"
+    else:
+        v.verdict = IMPORTED
+        v.message = f"imported as case {delivery.case_reference or delivery.case_id}"
+    return v
+
+
 @functools.lru_cache(maxsize=1024)
 def _day(ts: int) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(ts))

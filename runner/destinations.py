@@ -3,10 +3,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Iterator
 
 import orjson
 
@@ -58,9 +61,14 @@ def dumps(obj) -> bytes:
 def case_body(invoice: dict, cfg: DestinationConfig) -> dict:
     """The POST /cases body for one canonical invoice (CreateCollectionCaseRequestApiViewModel)."""
     debtor = invoice["debtor"]
-    addr = debtor.get("address", {})
-    d = {"type": debtor["type"], "name": debtor["name"], "address": addr.get("street"), "zipCode": addr.get("postal_code"),
-         "city": addr.get("city"), "countryAlpha2": addr.get("country")}
+    addr = debtor.get("address") or {}
+    d = {}
+    # Built field by field, leaving out what is missing: this runs once per invoice delivered.
+    for field, value in (("type", debtor["type"]), ("name", debtor["name"]),
+                         ("address", addr.get("street")), ("zipCode", addr.get("postal_code")),
+                         ("city", addr.get("city")), ("countryAlpha2", addr.get("country"))):
+        if value is not None:
+            d[field] = value
     if debtor.get("email"):
         d["email"] = debtor["email"]
     if debtor.get("phone"):
@@ -69,15 +77,15 @@ def case_body(invoice: dict, cfg: DestinationConfig) -> dict:
         d["state"] = addr["state"]
         if addr.get("country") == "US":
             d["stateAlpha2"] = addr["state"]
+    number = invoice["number"]
     body = {
         "currencyCode": invoice["currency"],
         "amountToRecover": float(invoice["amount"]),
         "date": invoice["issue_date"] + "T00:00:00Z",
         "dueDate": invoice["due_date"] + "T00:00:00Z",
-        "creditorReference": invoice["number"],
-        "claimDescription": f"Unpaid invoice {invoice['number']} ({invoice['source']['integration']} "
-                            f"{invoice['external_id']})",
-        "debtor": {k: v for k, v in d.items() if v is not None},
+        "creditorReference": number,
+        "claimDescription": f"Unpaid invoice {number} ({invoice['source']['integration']} {invoice['external_id']})",
+        "debtor": d,
         "isTest": bool(cfg.is_test),
     }
     if cfg.tag:
@@ -338,21 +346,54 @@ class JsonlDestination:
             self._fh = self.path.open("ab")
             # A crash in the middle of a write leaves a torn last line: end it, or the next record would be
             # glued to it and lost to every reader.
-            if self._fh.tell() > 0:
-                with self.path.open("rb") as fh:
-                    fh.seek(-1, 2)
-                    if fh.read(1) != b"\n":
-                        self._fh.write(b"\n")
+            if not self._ends_a_line():
+                self._fh.write(b"\n")
         return self._fh
+
+    def _ends_a_line(self) -> bool:
+        """The file is empty or ends with a newline."""
+        with self.path.open("rb") as fh:
+            if fh.seek(0, 2) == 0:
+                return True
+            fh.seek(-1, 2)
+            return fh.read(1) == b"\n"
 
     def flush(self) -> None:
         if self._fh is not None:
             self._fh.flush()
 
-    async def close(self) -> None:
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """This process alone writes the file meanwhile (an advisory lock of the file itself, released if the
+        process dies). Classification workers each deliver pages to the same file: each looks its page up in
+        the ledger, writes it and records it under this lock, so no invoice is written by two of them. A
+        line another process left torn (killed mid-write) is ended first."""
+        import fcntl
+
+        fh = self._open()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            if not self._ends_a_line():
+                fh.write(b"\n")
+            yield
+        finally:
+            fh.flush()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def copy(self) -> "JsonlDestination":
+        """The same file, with a handle of its own (for the classification worker, which writes pages too:
+        runner/workers.py). Every write is a whole page appended in one call."""
+        return type(self)(self.cfg)
+
+    def reopen(self) -> None:
+        """Close the handle: the next write opens the file again and first ends a line another process may
+        have left torn (a worker killed mid-write)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+    async def close(self) -> None:
+        self.reopen()
 
 
 def make(cfg: DestinationConfig, clients: Clients):

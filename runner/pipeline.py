@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import gc
 import math
 import time
@@ -24,7 +25,7 @@ from runner import auth as auth_mod
 from runner import pagination, secrets
 from runner.config import Config, Connection
 from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
-                             Tally, _truthy, detail_json, duplicate, merge, tally)
+                             Tally, _truthy, delivered, detail_json, duplicate, merge, tally, verdict_rows)
 from runner.destinations import idempotency_key
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
@@ -287,16 +288,17 @@ class Source:
 
     async def pages(self) -> AsyncIterator[list]:
         """Every page's records, in the order fetched (see `pages_with_answers`)."""
-        async for records, _, _ in self.pages_with_answers():
+        async for records, _, _, _ in self.pages_with_answers():
             yield records
 
     async def pages_with_answers(self, hand_over: Callable | None = None) -> AsyncIterator[tuple]:
-        """(records, the answer's bytes, None) for every page; the bytes are None when the records were
-        enriched after the answer (detail lookups), so the answer alone no longer holds them.
+        """(records, the answer's bytes, None, more) for every page; the bytes are None when the records were
+        enriched after the answer (detail lookups), so the answer alone no longer holds them; `more`: another
+        page follows (always true with several sub-windows).
 
         `hand_over(answer bytes)`, when given, may take an answer undecoded (Workers.submit): it returns
         (a future of the page's PageFacts, a future of its classification) or None. Such a page comes as
-        (None, the answer's bytes, that second future)."""
+        (None, the answer's bytes, that second future, True)."""
         windows = self.partitions()
         if len(windows) == 1:
             async for page in self._pages_in(None, hand_over):
@@ -309,8 +311,8 @@ class Source:
 
         async def produce(window: dict) -> None:
             try:
-                async for page in self._pages_in(window, hand_over):
-                    await queue.put(page)
+                async for records, answer, classified, _ in self._pages_in(window, hand_over):
+                    await queue.put((records, answer, classified, True))
                 await queue.put(done)
             except Exception as exc:
                 await queue.put(exc)
@@ -353,7 +355,7 @@ class Source:
                 except Exception:  # noqa: BLE001 - the engine decodes the page and says what is wrong with it
                     pass
                 else:
-                    yield None, resp.content, classified
+                    yield None, resp.content, classified, True
                     step = pag.next(facts, resp.content)
                     if step is None:
                         return
@@ -367,12 +369,19 @@ class Source:
             except PageTooLarge as exc:
                 raise ProviderError(f"{self.spec.name} sent a page of {exc.args[0]} invoices, more than the "
                                     f"{self.stream.max_page_size} the spec allows; refusing it") from None
+            # The next page is known before this one is handed on, so a first page followed by others can go
+            # to the worker; a paginator that refuses to go on (a link off the host, say) does so after it.
+            try:
+                step, refused = pag.next(pagination.facts(self.stream.paginate, body, records), resp.content), None
+            except Exception as exc:  # noqa: BLE001 - raised below, once this page is on its way
+                step, refused = None, exc
             if self.stream.details:
                 await self.enrich(records)
-                yield records, None, None  # enriched: the answer alone no longer holds them
+                yield records, None, None, step is not None  # enriched: the answer alone no longer holds them
             else:
-                yield records, resp.content, None
-            step = pag.next(pagination.facts(self.stream.paginate, body, records), resp.content)
+                yield records, resp.content, None, step is not None
+            if refused is not None:
+                raise refused
             if step is None:
                 return
 
@@ -468,7 +477,7 @@ class RunResult:
 
 # Pages fetched ahead of the one being delivered, for the whole run: the worker always has the next page
 # waiting, and with many connections each keeps fewer (memory stays flat with the number of connections).
-PAGES_AHEAD = 4
+PAGES_AHEAD = 8
 
 
 class _RunState:
@@ -477,18 +486,26 @@ class _RunState:
         self.sink_marked = False  # this run has marked its local sink (see Store.mark_sink)
         self.unrecorded = 0  # pages written to the local sink whose ledger rows are not committed yet
 
-    def before_local_write(self, store, destination, run_id: int | None) -> None:
+    def mark_sink(self, store, destination, run_id: int | None) -> None:
         """A local sink is written without a pending row per invoice: the file's length is marked once, before
-        the run's first write, so a crash before the pages are recorded is repaired by the next run."""
+        the run's first write (the engine's or the worker's), so a crash before the pages are recorded is
+        repaired by the next run."""
         if not self.sink_marked:
             store.mark_sink(destination.length(), run_id)
             self.sink_marked = True
+
+    def before_local_write(self, store, destination, run_id: int | None) -> None:
+        self.mark_sink(store, destination, run_id)
         self.unrecorded += 1
 
 
-def _recover_local_sink(store, destination) -> None:
+def _recover_local_sink(store, destination, *, clear: bool = True) -> None:
     """A run that stopped (killed, power cut) after writing cases to a local file and before recording them
-    left its mark: record what the file holds past it, so nothing there is written twice."""
+    left its mark: record what the file holds past it, so nothing there is written twice. Mid-run (`clear`
+    false: the run goes on writing under its mark), for pages the classification worker wrote and could not
+    record; the engine's own handle is reopened, so a line the worker left torn is ended before the next."""
+    if not clear:
+        destination.reopen()
     offset = store.sink_mark()
     if offset is None:
         return
@@ -501,6 +518,9 @@ def _recover_local_sink(store, destination) -> None:
     if rows:
         store.record_imported(rows)
         n += len(rows)
+    if not clear:
+        logger.debug("{} case(s) the worker wrote to {} are now in the ledger", n, destination.describe())
+        return
     store.clear_sink_mark()
     logger.info("the last run stopped while writing {}: the {} case(s) it wrote after its last record are now in "
                 "the ledger", destination.describe(), n)
@@ -607,13 +627,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
                 v.detail = {"fix": err.fix}
             failed.append((source.account_key, v.invoice_id, err.message))
             continue
-        v.detail = {"case_id": delivery.case_id, "case_reference": delivery.case_reference}
-        if delivery.existing:
-            v.verdict, v.reason = SKIPPED, "duplicate"
-            v.message = f"the destination already has this case ({delivery.case_reference or delivery.case_id})"
-        else:
-            v.verdict = IMPORTED
-            v.message = f"imported as case {delivery.case_reference or delivery.case_id}"
+        delivered(v, delivery)
     if failed:
         store.mark_failed(failed)
 
@@ -654,8 +668,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             _count(result, verdicts, details)
             if counted is not None:
                 merge(result, counted)
-            rows = [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v))
-                    for v in verdicts] if run_id is not None and destination is not None else []
+            rows = verdict_rows(conn.name, source.account_key, verdicts) if (
+                run_id is not None and destination is not None) else []
             if store is not None and (rows or written):
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
@@ -685,17 +699,22 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         ahead = max(1, PAGES_AHEAD // (connections or 1))
         page = fetched = 0
 
+        # A local sink with the verdicts recorded by the worker: it delivers and records its pages itself
+        # (runner/workers.py), under the run's mark of the sink, and sends back only each page's Tally.
+        deliver = (functools.partial(run.mark_sink, store, destination, run_id)
+                   if recording_run is not None and store is not None and hasattr(destination, "write_many") else None)
+
         async def hand_over(answer: bytes):
             nonlocal fetched
             fetched += 1
-            return await workers.submit(source, store, answer, fetched, recording_run)
+            return await workers.submit(source, store, answer, fetched, recording_run, deliver)
 
         try:
-            async for records, answer, classified in source.pages_with_answers(hand_over if workers else None):
+            async for records, answer, classified, more in source.pages_with_answers(hand_over if workers else None):
                 page += 1
                 # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
                 if classified is None:
-                    classified = (workers.classify(source, store, records, answer, page, recording_run)
+                    classified = (workers.classify(source, store, records, answer, page, recording_run, deliver, more)
                                   if workers else (Workers.here(source, store, records), None))
                 inflight.append(asyncio.ensure_future(finish_page(classified, inflight[-1] if inflight else None)))
                 while inflight and (len(inflight) > ahead or inflight[0].done()):
@@ -796,7 +815,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     dest = destinations.make(cfg.destination, clients)
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)
-    pool = Workers(conns, dest if mode == "apply" else None, store)
+    pool = Workers(conns, dest if mode == "apply" else None, store,
+                   recover=(lambda: _recover_local_sink(store, dest, clear=False)) if hasattr(dest, "recover") else None)
     run_id = None
     dest_error = None
     try:

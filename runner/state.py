@@ -149,6 +149,20 @@ def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> N
                    "detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in rows])
 
 
+def insert_imported(db: sqlite3.Connection, destination: str, rows: list[tuple]) -> None:
+    """rows: (account_key, invoice_id, connection, number, idempotency_key, case_id, case_reference) of invoices
+    a local sink holds, as delivered (no pending row before them: see sink_marks), in the caller's transaction."""
+    now = time.time()
+    db.executemany(
+        "INSERT INTO ledger (destination, account_key, invoice_id, connection, number, status, idempotency_key, "
+        "case_id, case_reference, first_seen, updated) VALUES (?, ?, ?, ?, ?, 'delivered', ?, ?, ?, ?, ?) "
+        "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET status='delivered', "
+        "idempotency_key=excluded.idempotency_key, case_id=excluded.case_id, "
+        "case_reference=excluded.case_reference, number=excluded.number, error=NULL, updated=excluded.updated "
+        "WHERE ledger.status != 'delivered'",
+        [(destination, a, i, c, n, k, cid, cref, now, now) for a, i, c, n, k, cid, cref in rows])
+
+
 class Store:
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
@@ -305,15 +319,7 @@ class Store:
             self._imported(rows)
 
     def _imported(self, rows: list[tuple]) -> None:
-        now = time.time()
-        self.db.executemany(
-            "INSERT INTO ledger (destination, account_key, invoice_id, connection, number, status, idempotency_key, "
-            "case_id, case_reference, first_seen, updated) VALUES (?, ?, ?, ?, ?, 'delivered', ?, ?, ?, ?, ?) "
-            "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET status='delivered', "
-            "idempotency_key=excluded.idempotency_key, case_id=excluded.case_id, "
-            "case_reference=excluded.case_reference, number=excluded.number, error=NULL, updated=excluded.updated "
-            "WHERE ledger.status != 'delivered'",
-            [(self.destination, a, i, c, n, k, cid, cref, now, now) for a, i, c, n, k, cid, cref in rows])
+        insert_imported(self.db, self.destination, rows)
 
     # --- local sinks -----------------------------------------------------------------------------------
     def sink_mark(self) -> int | None:

@@ -1,22 +1,29 @@
-"""Classification in a second process, so a large sync uses a second core.
+"""Classification (and, for a local sink, delivery) in worker processes, so a large sync uses every core.
 
-Mapping and checking invoices (runner/classify.py) is pure CPU and about half of a large sync; fetching
-pages, the ledger and deliveries are the other half. With a worker, the engine hands each page after a
-connection's first to one forked process (the provider's answer as it came, when the records are all of
-it) and goes on fetching the next pages and delivering the earlier ones while that page is classified.
-The engine does not decode a page it hands over: the worker decodes it and first sends back what the
-engine's paginator needs (the record count, the cursor or next link, `more`: pagination.PageFacts), so
-the engine asks for the next page while this one is classified; a page the worker cannot decode is
-decoded by the engine, which then reports the problem as it would have. The worker looks the page's
-invoices up in the ledger itself (its own SQLite connection), records the
-verdicts that end with it (every skipped invoice) and sends back only the eligible invoices, as plain
-tuples, with a tally of the rest. Answers come back in page order over a socket pair read by the event
-loop, so the engine needs no threads to talk to it.
+Mapping and checking invoices (runner/classify.py) is pure CPU and most of a large sync; fetching pages is
+the rest. With workers, the engine hands each page of a connection that has more than one to a forked
+process (the provider's answer as it came, when the records are all of it), to the one with the fewest
+pages still to answer, and goes on fetching while the page is classified. Each worker looks the page's
+invoices up in the ledger itself (its own SQLite connection) and records the verdicts that end with it
+(every skipped invoice). For a run that delivers to a local sink (a jsonl file), the worker also writes
+the page's eligible invoices to the file and records them with the page's verdicts (see _deliver), under
+the file's lock and the run's mark of the file: the invoices never travel back to the engine. Otherwise
+it sends back the eligible invoices, as plain tuples, with a tally of the rest. Answers come back in
+order over a socket pair per worker, read by the event loop, so the engine needs no threads to talk to
+them; the engine finishes the pages in the order it fetched them.
 
-The worker is forked (it inherits the loaded config and compiled specs; nothing is re-read or re-compiled),
-only on Linux and a machine with more than one core, and only once a connection has
-more than one page: a small sync never starts it. RUNNER_WORKERS=0 keeps everything in one process. If the
-worker dies, its pages are classified in the engine's own process: a run never depends on it.
+With a single worker (RUNNER_WORKERS=1) the engine does not decode a page it hands over: the worker decodes
+it and first sends back what the engine's paginator needs (the record count, the cursor or next link,
+`more`: pagination.PageFacts); a page the worker cannot decode is decoded by the engine, which then reports
+the problem as it would have. With several, the engine decodes each page itself, so the next request goes
+out at once instead of waiting for a busy worker.
+
+Workers are forked (they inherit the loaded config and compiled specs; nothing is re-read or re-compiled),
+only on Linux and a machine with more than one core (one per core, up to four, or RUNNER_WORKERS=N), and
+only once a connection has more than one page: a small sync never starts them. RUNNER_WORKERS=0 keeps
+everything in one process. If a worker dies or fails, the pages still with the others are settled, what
+it wrote to a local sink without recording it is recorded, and the engine classifies and delivers the
+rest itself: a run never depends on them.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import socket
 import sqlite3
 import struct
 import sys
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, Callable
 
@@ -38,7 +46,8 @@ import orjson
 from loguru import logger
 
 from runner import pagination, state
-from runner.classify import ELIGIBLE, Classifier, Tally, Verdict, classify_page, detail_json, tally
+from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, detail_json, duplicate,
+                             tally, verdict_rows)
 from runner.config import Connection
 from runner.destinations import idempotency_key
 
@@ -46,6 +55,8 @@ from runner.destinations import idempotency_key
 _CONNECTIONS: dict[str, Connection] = {}
 _classifiers: dict[tuple, Classifier] = {}
 _encode: Callable[[dict, str], bytes] | None = None  # a local sink's encoder, when the run delivers to one
+_sink = None  # that local sink (destinations.JsonlDestination), for pages the worker delivers itself
+_own_sink = None  # in the worker: its copy of _sink, with a file handle of its own
 _ledger: tuple[str, str] | None = None  # (state store path, destination id): where the worker looks invoices up
 _db: sqlite3.Connection | None = None  # the worker's own connection to the store, opened in the worker
 _engine_pid = os.getpid()
@@ -61,14 +72,18 @@ def _store() -> sqlite3.Connection:
 
 
 def _classify_page(name: str, account_id: str | None, account_key: str, today: str, payload: Any,
-                   is_answer: bool, dedupe: bool, run_id: int | None) -> tuple[list[tuple], Tally | None]:
+                   is_answer: bool, dedupe: bool, run_id: int | None,
+                   deliver: bool = False) -> tuple[list[tuple], Tally | None]:
     """Runs in the worker: one page (the provider's answer as bytes, the records as JSON bytes, or the list
     itself) to verdicts, invoices already imported looked up in the ledger first.
 
     With a `run_id`, the verdicts that end here (every one but the eligible) are recorded in the store by the
     worker and come back only as a Tally; the eligible ones come back as tuples, for the engine to deliver.
     For a local sink, an eligible invoice comes back already encoded (with its derived idempotency key)
-    instead of as a dict: less to copy between the processes, and less work for the engine's."""
+    instead of as a dict: less to copy between the processes, and less work for the engine's.
+
+    With `deliver` (a run delivering to a local sink), the worker also writes the eligible invoices to the
+    sink and records the whole page (see _deliver): only the page's Tally goes back."""
     key = (name, account_id, today)
     classifier = _classifiers.get(key)
     if classifier is None:
@@ -82,6 +97,8 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
         lookup = lambda ids: state.lookup(db, destination, account_key, ids)  # noqa: E731
     verdicts = classify_page(classifier, records, lookup)
     counted = None
+    if deliver and dedupe and run_id is not None and _ledger is not None and _sink is not None:
+        return [], _deliver(name, account_key, run_id, verdicts)
     if run_id is not None and _ledger is not None:
         ended = [v for v in verdicts if v.verdict != ELIGIBLE]
         if ended:
@@ -100,6 +117,46 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
         else:
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, v.invoice))
     return out, counted
+
+
+def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) -> Tally:
+    """In the worker: write a page's eligible invoices to the local sink, then record the page (the ledger
+    rows of what was written, and every verdict) in one transaction: what the engine does with a page it
+    delivers (pipeline._deliver_page), without sending the invoices back to it. The run's sink mark is
+    committed before such a page is handed over, so a crash between the write and the commit is repaired
+    by recording what the file holds past the mark. Looked up, written and recorded under the file's lock:
+    another worker may have delivered one of these invoices (on a page of its own) since this page was
+    classified."""
+    global _own_sink
+    if _own_sink is None:
+        _own_sink = _sink.copy()
+    db, destination = _store(), _ledger[1]
+    eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
+    with _own_sink.exclusive():
+        ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible]) if eligible else {}
+        to_send = []
+        for v in eligible:
+            row = ledger.get(v.invoice_id)
+            if row is not None and row.status == "delivered":
+                duplicate(v, row)
+            else:  # a key kept from an unfinished delivery, else the derived one
+                to_send.append((v, row.idempotency_key if row is not None else idempotency_key(account_key, v.invoice_id)))
+        if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
+            _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
+        written = []
+        if to_send:
+            deliveries = _own_sink.write_many([(v.invoice, k, None) for v, k in to_send])
+            _own_sink.flush()
+            for (v, k), d in zip(to_send, deliveries):
+                delivered(v, d)
+                written.append((account_key, v.invoice_id, name, v.number, k, d.case_id, d.case_reference))
+        with state.transaction(db):
+            if written:
+                state.insert_imported(db, destination, written)
+            state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
+    counted = Tally()
+    tally(counted, verdicts)
+    return counted
 
 
 def _page_facts(name: str, payload: bytes) -> tuple[list, pagination.PageFacts]:
@@ -130,6 +187,22 @@ def _wanted() -> bool:
         return False
     # Linux only: fork is safe there for a child that only computes; macOS frameworks are not fork-safe.
     return sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1
+
+
+def _count() -> int:
+    """How many workers a large sync forks: RUNNER_WORKERS, else one per core. The engine itself mostly waits
+    for answers (fetching, bookkeeping), so with two cores two workers keep both busy."""
+    setting = os.environ.get("RUNNER_WORKERS", "").strip()
+    if setting.isdigit() and int(setting) > 0:
+        return min(int(setting), 16)
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process
+    socket: socket.socket  # the engine's end
+    channel: asyncio.Task  # of the _Channel on that socket, connected on the event loop
 
 
 class WorkerGone(Exception):
@@ -205,10 +278,13 @@ def _send(sock: socket.socket, answer: tuple) -> None:
     sock.sendall(_HEADER.pack(len(frame)) + frame)
 
 
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, others: list[socket.socket] = ()) -> None:
     """The worker's loop: read a page, answer it, until the engine closes its end. A question that asks
-    for the page's facts first (see Workers.submit) gets two answers: the facts, then the verdicts."""
+    for the page's facts first (see Workers.submit) gets two answers: the facts, then the verdicts.
+    `others`: the sockets of the other workers this one inherited, closed at once."""
     _worker_start()
+    for other in others:
+        other.close()
     while True:
         header = _read_exactly(sock, _HEADER.size)
         if header is None:
@@ -236,35 +312,53 @@ def _serve(sock: socket.socket) -> None:
 class Workers:
     """Classifies pages for the connections of one run, in a worker process when that helps."""
 
-    def __init__(self, connections: list[Connection], destination=None, store=None):
-        global _encode, _ledger
+    def __init__(self, connections: list[Connection], destination=None, store=None,
+                 recover: Callable[[], None] | None = None):
+        """`recover`: records what the worker wrote to the local sink without recording it (it failed or died
+        mid-page), before the engine delivers such a page itself (see _answered)."""
+        global _encode, _ledger, _sink
         self.enabled = _wanted()
-        self._process = None
-        self._socket: socket.socket | None = None
-        self._channel: asyncio.Task | None = None  # connects the engine's end of the socket, once
+        self._pool: list[_Worker] = []  # forked at the first page handed over
         self._names = {c.name for c in connections}
+        self._recover = recover
         if self.enabled:
             _CONNECTIONS.update({c.name: c for c in connections})
-            _encode = destination.encode if hasattr(destination, "write_many") else None
+            local = hasattr(destination, "write_many")
+            _encode = destination.encode if local else None
+            _sink = destination if local and hasattr(destination, "copy") else None
             _ledger = store.reader_target() if store is not None else None
 
-    def _takes(self, source, store, page: int) -> bool:
-        # A connection's first page stays here unless the worker runs already: a one-page sync never forks.
-        # A store the worker cannot open (in memory) keeps the lookups here too.
-        return (self.enabled and (page > 1 or self._process is not None) and source.conn.name in self._names
+    def _takes(self, source, store, page: int, more: bool = False) -> bool:
+        # A connection's first page stays here unless more pages follow or the worker runs already: a
+        # one-page sync never forks. A store the worker cannot open (in memory) keeps the lookups here too.
+        return (self.enabled and (page > 1 or more or bool(self._pool)) and source.conn.name in self._names
                 and (store is None or _ledger is not None))
 
-    async def submit(self, source, store, answer: bytes, page: int, run_id: int | None = None):
+    def _delivers(self, store, run_id: int | None, deliver: Callable[[], None] | None) -> bool:
+        """Whether the worker delivers this page to the local sink itself; if so, `deliver()` (the run's mark
+        of the sink) has been called first."""
+        if deliver is None or _sink is None or store is None or run_id is None or _ledger is None:
+            return False
+        deliver()
+        return True
+
+    async def submit(self, source, store, answer: bytes, page: int, run_id: int | None = None,
+                     deliver: Callable[[], None] | None = None):
         """Hand the worker a provider's answer as it came, undecoded. Returns (a future of its PageFacts, a
         future of what `classify` returns), or None when this page is the engine's to decode. If the facts
-        future fails, the page is the engine's after all (and the second future is cancelled)."""
-        if not self._takes(source, store, page):
+        future fails, the page is the engine's after all (and the second future is cancelled).
+        `deliver`, for a run that delivers to a local sink and records the verdicts the worker sends back as
+        a Tally: the worker delivers and records the page itself; called (once per page) before that."""
+        if not self._takes(source, store, page) or _count() > 1:
+            # With several workers the engine has time to spare, and decoding the page itself gets the next
+            # request out at once: a worker decodes a page only after the one it is classifying.
             return None
         question = (source.conn.name, source.account_id, source.account_key, source.today_iso, answer, True,
-                    store is not None, run_id if store is not None else None, True)
+                    store is not None, run_id if store is not None else None,
+                    self._delivers(store, run_id, deliver), True)
         try:
             self._start(store)
-            channel = await self._channel
+            channel = await self._channel_for()
             facts, verdicts = channel.ask(question, answers=2)
         except Exception as exc:  # the worker cannot start or has ended: this page and the rest stay here
             self._gone(exc)
@@ -285,11 +379,13 @@ class Workers:
         logger.debug("classifying in the engine's process: the worker failed ({})", exc)
         self.enabled = False
 
-    def classify(self, source, store, records: list, answer: bytes | None, page: int, run_id: int | None = None):
+    def classify(self, source, store, records: list, answer: bytes | None, page: int, run_id: int | None = None,
+                 deliver: Callable[[], None] | None = None, more: bool = False):
         """One page's verdicts (see classify_page) and, when the worker recorded the verdicts that end there
         (with a `run_id`: see _classify_page), their Tally; else None. Returns that pair, or a future of it.
-        `answer`: the provider's answer the records came from, when they are all of it."""
-        if not (records and self._takes(source, store, page)):
+        `answer`: the provider's answer the records came from, when they are all of it. `more`: another page
+        follows (a first page goes to the worker then, so the engine goes on fetching). `deliver`: see submit."""
+        if not (records and self._takes(source, store, page, more)):
             return self.here(source, store, records), None
         payload: Any = answer
         if payload is None:
@@ -297,19 +393,20 @@ class Workers:
                 payload = orjson.dumps(records)
             except TypeError:  # something orjson cannot write (never from a JSON answer): the list itself
                 payload = records
-        question = (source.conn.name, source.account_id, source.account_key, source.today_iso, payload,
-                    answer is not None, store is not None, run_id if store is not None else None, False)
         try:
             self._start(store)
         except OSError as exc:
             return self._fallback(source, store, records, exc), None
+        question = (source.conn.name, source.account_id, source.account_key, source.today_iso, payload,
+                    answer is not None, store is not None, run_id if store is not None else None,
+                    self._delivers(store, run_id, deliver), False)
         # While the worker has the page, the engine keeps only what it sent (the answer's bytes are a tenth
         # of the parsed records): with many connections, many pages are in flight.
         return asyncio.ensure_future(self._ask(question, source, store, records if answer is None else None))
 
     async def _ask(self, question: tuple, source, store, records: list | None) -> tuple[list[Verdict], Tally | None]:
         try:
-            channel = await self._channel
+            channel = await self._channel_for()
             (answer,) = channel.ask(question)
         except Exception as exc:  # the worker has ended: the engine classifies the page
             answer = asyncio.get_running_loop().create_future()
@@ -321,10 +418,30 @@ class Workers:
         try:
             tuples, counted = await answer
         except Exception as exc:  # the worker died or failed on this page: the engine classifies it
+            self._gone(exc)
+            if question[8]:
+                # The worker may have written some of this page to the local sink without recording it. The
+                # pages still with it are settled first (delivered, or failed), then what the file holds is
+                # recorded, and only then does the engine deliver the page: nothing is written twice.
+                await self._settled()
+                if self._recover is not None:
+                    self._recover()
             if records is None:
                 records = source.stream.page_records(orjson.loads(question[4]))
             return self._fallback(source, store, records, exc), None
         return [Verdict(*t) for t in tuples], counted
+
+    async def _channel_for(self) -> _Channel:
+        """The channel of the worker with the fewest pages still to answer (each answers in order)."""
+        channels = [await w.channel for w in self._pool]
+        return min((c for c in channels if c.lost is None), key=lambda c: len(c.waiting), default=channels[0])
+
+    async def _settled(self) -> None:
+        """Wait until the workers have answered (or failed) every page they were given."""
+        owed = [f for w in self._pool if w.channel.done() and not w.channel.cancelled() and w.channel.exception() is None
+                for f in w.channel.result().waiting]
+        if owed:
+            await asyncio.wait(owed)
 
     @staticmethod
     def here(source, store, records: list) -> list[Verdict]:
@@ -337,30 +454,31 @@ class Workers:
         return self.here(source, store, records)
 
     def _start(self, store=None) -> None:
-        if self._process is not None:
+        if self._pool:
             return
         global _engine_pid
         _engine_pid = os.getpid()
-        # The worker is a copy of this process: anything still buffered would be written twice.
+        # A worker is a copy of this process: anything still buffered would be written twice.
         sys.stdout.flush()
         sys.stderr.flush()
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for sock in (mine, theirs):
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(_count())]
+        for sock in (s for pair in pairs for s in pair):
             # Room for many pages in the kernel (capped by net.core.wmem_max): a page that does not fit is
             # copied into asyncio's own buffer instead, which is then shifted on every partial send.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        process = multiprocessing.get_context("fork").Process(target=_serve, args=(theirs,), daemon=True,
-                                                              name="runner-worker")
-        # SQLite keeps a process's locks in its memory: forked while the ledger thread is inside a
-        # transaction, the worker would believe that lock held forever and wait on it.
-        with store.quiet() if store is not None else contextlib.nullcontext():
-            process.start()
-        theirs.close()
-        self._process, self._socket = process, mine
         loop = asyncio.get_running_loop()
-        self._channel = loop.create_task(self._connect(loop, mine))
+        for i, (mine, theirs) in enumerate(pairs):
+            others = [s for j, pair in enumerate(pairs) for s in pair if j != i] + [mine]
+            process = multiprocessing.get_context("fork").Process(target=_serve, args=(theirs, others), daemon=True,
+                                                                  name=f"runner-worker-{i + 1}")
+            # SQLite keeps a process's locks in its memory: forked while the ledger thread is inside a
+            # transaction, a worker would believe that lock held forever and wait on it.
+            with store.quiet() if store is not None else contextlib.nullcontext():
+                process.start()
+            theirs.close()
+            self._pool.append(_Worker(process, mine, loop.create_task(self._connect(loop, mine))))
 
     @staticmethod
     async def _connect(loop, sock: socket.socket) -> _Channel:
@@ -368,26 +486,23 @@ class Workers:
         return channel
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.cancel()  # a no-op once connected
-            if self._channel.done() and not self._channel.cancelled() and self._channel.exception() is None:
-                transport = self._channel.result().transport
+        for w in self._pool:
+            w.channel.cancel()  # a no-op once connected
+            if w.channel.done() and not w.channel.cancelled() and w.channel.exception() is None:
+                transport = w.channel.result().transport
                 if transport is not None:
                     transport.close()
-            self._channel = None
-        if self._socket is not None:
             try:  # now, not on the event loop's next turn: the worker reads the end of its input and exits
-                self._socket.shutdown(socket.SHUT_WR)
+                w.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            self._socket = None
-        if self._process is not None:
-            self._process.join(timeout=10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-            self._process = None
+        for w in self._pool:
+            w.process.join(timeout=10)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+        self._pool = []
         for name in self._names:
             _CONNECTIONS.pop(name, None)
-        global _encode, _ledger
-        _encode = _ledger = None
+        global _encode, _ledger, _sink
+        _encode = _ledger = _sink = None

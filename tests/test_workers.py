@@ -47,8 +47,8 @@ connections:
 class _Recording(workers.Workers):
     last: "_Recording | None" = None
 
-    def __init__(self, connections, destination=None, store=None):
-        super().__init__(connections, destination, store)
+    def __init__(self, connections, destination=None, store=None, **kwargs):
+        super().__init__(connections, destination, store, **kwargs)
         self.submitted = 0
         _Recording.last = self
 
@@ -179,7 +179,8 @@ def test_the_engine_decodes_a_page_the_worker_could_not_and_nothing_else_changes
         return real(name, payload)
 
     monkeypatch.setattr(workers, "_page_facts", sometimes)
-    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "w"), monkeypatch, workers_setting=None)
+    # One worker: with several, the engine decodes every page itself (see Workers.submit).
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "w"), monkeypatch, workers_setting="1")
     assert _Recording.last.submitted > 0 and _Recording.last.enabled, "a page-level failure keeps the worker"
     assert result.ok and result.totals() == reference[0].totals()
     assert _comparable(verdicts) == _comparable(reference[1]) and ledger == reference[2] and lines == reference[3]
@@ -193,7 +194,7 @@ def test_a_worker_dying_before_it_decodes_costs_no_invoice(tmp_path, monkeypatch
         os._exit(9)
 
     monkeypatch.setattr(workers, "_page_facts", die)
-    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "dying"), monkeypatch, workers_setting=None)
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "dying"), monkeypatch, workers_setting="1")
     assert _Recording.last.submitted > 0 and not _Recording.last.enabled
     assert result.ok and result.totals() == reference[0].totals()
     assert _comparable(verdicts) == _comparable(reference[1]) and lines == reference[3]
@@ -218,3 +219,33 @@ def test_a_broken_page_mid_run_is_reported_as_the_engine_would(tmp_path, monkeyp
     assert one.connections[0].status == two.connections[0].status == "failed"
     assert "HTML page, not JSON" in one.connections[0].error and one.connections[0].error == two.connections[0].error
     assert ledger_one == ledger_two and lines_one == lines_two and len(lines_one) > 0
+
+
+@pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
+@pytest.mark.parametrize("setting", ["1", "2"])
+def test_a_worker_killed_between_writing_a_page_and_recording_it_writes_nothing_twice(tmp_path, monkeypatch, setting):
+    """Workers deliver their pages to the jsonl file themselves: write, then record. One is killed after it
+    wrote its third page and before recording it; the engine waits for the other's pages, records what the
+    file holds, and delivers the rest itself. Every eligible invoice is in the file once and in the ledger."""
+    reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
+    engine, calls = os.getpid(), [0]
+    real = workers.state.insert_imported
+
+    def killed_after_writing(db, destination, rows):
+        if os.getpid() != engine:  # in a worker: its third page is in the file, its rows not committed
+            calls[0] += 1
+            if calls[0] == 3:
+                os._exit(9)
+        return real(db, destination, rows)
+
+    monkeypatch.setattr(workers.state, "insert_imported", killed_after_writing)
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "k"), monkeypatch, workers_setting=setting)
+    assert _Recording.last.submitted > 0 and not _Recording.last.enabled, "the worker died and the engine took over"
+    expected = reference[0].totals()["imported"]
+    totals = result.totals()
+    assert result.ok and totals["seen"] == reference[0].totals()["seen"]
+    # The killed page's invoices were delivered before the kill: this run reports them as duplicates.
+    assert totals["imported"] < expected and totals["imported"] + totals["skipped"].get("duplicate", 0) == expected
+    keys = [orjson.loads(line)["idempotency_key"] for line in lines]
+    assert len(keys) == len(set(keys)) == expected, "every eligible invoice in the file, none twice"
+    assert sorted(k for _, status, k in ledger if status == "delivered") == sorted(keys)
