@@ -12,11 +12,11 @@ it sends back the eligible invoices, as plain tuples, with a tally of the rest. 
 order over a socket pair per worker, read by the event loop, so the engine needs no threads to talk to
 them; the engine finishes the pages in the order it fetched them.
 
-With a single worker (RUNNER_WORKERS=1) the engine does not decode a page it hands over: the worker decodes
-it and first sends back what the engine's paginator needs (the record count, the cursor or next link,
-`more`: pagination.PageFacts); a page the worker cannot decode is decoded by the engine, which then reports
-the problem as it would have. With several, the engine decodes each page itself, so the next request goes
-out at once instead of waiting for a busy worker.
+The engine does not decode a page it hands to an idle worker (or to the only one): the worker decodes it and
+first sends back what the engine's paginator needs (the record count, the cursor or next link, `more`:
+pagination.PageFacts); a page the worker cannot decode is decoded by the engine, which then reports the
+problem as it would have. When every one of several workers is busy, the engine decodes the page itself,
+so the next request goes out at once instead of waiting for a worker to finish the page before.
 
 Workers are forked (they inherit the loaded config and compiled specs; nothing is re-read or re-compiled),
 only on Linux and a machine with more than one core (one per core, up to four, or RUNNER_WORKERS=N), and
@@ -349,18 +349,24 @@ class Workers:
         future fails, the page is the engine's after all (and the second future is cancelled).
         `deliver`, for a run that delivers to a local sink and records the verdicts the worker sends back as
         a Tally: the worker delivers and records the page itself; called (once per page) before that."""
-        if not self._takes(source, store, page) or _count() > 1:
-            # With several workers the engine has time to spare, and decoding the page itself gets the next
-            # request out at once: a worker decodes a page only after the one it is classifying.
+        if not self._takes(source, store, page):
+            return None
+        try:
+            self._start(store)
+            channel = await self._channel_for()
+        except Exception as exc:  # the worker cannot start or has ended: this page and the rest stay here
+            self._gone(exc)
+            return None
+        if channel.waiting and len(self._pool) > 1:
+            # Every worker is busy: it would decode this page only after the one it is classifying, and the
+            # next request would wait for that. With several workers the engine has time to spare: it decodes.
             return None
         question = (source.conn.name, source.account_id, source.account_key, source.today_iso, answer, True,
                     store is not None, run_id if store is not None else None,
                     self._delivers(store, run_id, deliver), True)
         try:
-            self._start(store)
-            channel = await self._channel_for()
             facts, verdicts = channel.ask(question, answers=2)
-        except Exception as exc:  # the worker cannot start or has ended: this page and the rest stay here
+        except Exception as exc:  # the worker has ended: this page and the rest stay here
             self._gone(exc)
             return None
         classified = asyncio.ensure_future(self._answered(verdicts, question, source, store, None))
