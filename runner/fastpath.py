@@ -16,6 +16,7 @@ returns, and tests/test_fastpath.py property-tests that against jmespath with hy
 from __future__ import annotations
 
 import builtins
+import contextlib
 from collections import OrderedDict
 from decimal import Decimal
 from typing import Any, Callable
@@ -57,7 +58,9 @@ def _order(a, b, op):
 
 
 _BASE_NS = {"_F": _is_false, "_eq": _visitor._equals, "_not": _not, "_comparable": _visitor._is_comparable,
-            "_Mismatch": _TypeMismatch, "_NUMSTR": frozenset({int, float, str}), "_LD": frozenset({list, dict})}
+            "_Mismatch": _TypeMismatch, "_NUMSTR": frozenset({int, float, str}), "_LD": frozenset({list, dict}),
+            # Types whose jmespath falsiness is Python's `not` (numbers differ: 0 is true in jmespath).
+            "_NOT_TYPES": frozenset({str, list, dict, type(None), bool})}
 # Functions of runner/functions.py written inline (same results; the property tests compare with jmespath).
 _STRING_METHODS = {"_func_upper": "upper", "_func_lower": "lower", "_func_trim": "strip"}
 
@@ -81,6 +84,19 @@ class _Gen:
         self.fns = fns
         self.ns: dict[str, Any] = dict(_BASE_NS, _fns=fns)
         self.n = 0
+        # (source variable, field name) -> the variable already holding that field, for the statements
+        # generated so far in the current block: a mapping reads `customer` for half its fields. Records are
+        # not changed while an expression runs, so a field read once has the same value the next time.
+        self.memo: dict[tuple[str, str], str] = {}
+
+    @contextlib.contextmanager
+    def nested(self):
+        """Statements inside a conditional block or a loop: what they read is unknown after the block."""
+        saved = dict(self.memo)
+        try:
+            yield
+        finally:
+            self.memo = saved
 
     def var(self) -> str:
         self.n += 1
@@ -98,10 +114,14 @@ class _Gen:
         t = node["type"]
         children = node.get("children") or []
         if t == "field":
+            known = self.memo.get((src, node["value"]))
+            if known is not None:
+                return known
             r = self.var()
             key = self.const(node["value"])
             out += [f"{ind}try:", f"{ind}    {r} = {src}.get({key})", f"{ind}except AttributeError:",
                     f"{ind}    {r} = None"]
+            self.memo[(src, node["value"])] = r
             return r
         if t in ("current", "identity"):
             return src
@@ -136,9 +156,12 @@ class _Gen:
         if t in ("and_expression", "or_expression"):
             a = self.node(children[0], src, out, ind)
             r = self.var()
-            out.append(f"{ind}if {'not ' if t == 'and_expression' else ''}_F({a}):")
+            # _is_false inline for the types where it is plain `not` (&& and || chains run per record).
+            false = f"((not {a}) if type({a}) in _NOT_TYPES else _F({a}))"
+            out.append(f"{ind}if {'not ' if t == 'and_expression' else ''}{false}:")
             inner: list[str] = []
-            b = self.node(children[1], src, inner, ind + "    ")
+            with self.nested():
+                b = self.node(children[1], src, inner, ind + "    ")
             out += inner + [f"{ind}    {r} = {b}", f"{ind}else:", f"{ind}    {r} = {a}"]
             return r
         if t == "not_expression":
@@ -149,15 +172,16 @@ class _Gen:
         if t in ("multi_select_list", "multi_select_dict"):
             r = self.var()
             out += [f"{ind}if {src} is None:", f"{ind}    {r} = None", f"{ind}else:"]
-            if t == "multi_select_list":
-                parts = [self.node(c, src, out, ind + "    ") for c in children]
-                out.append(f"{ind}    {r} = [{', '.join(parts)}]")
-            else:
-                items = []
-                for c in children:
-                    v = self.node(c["children"][0], src, out, ind + "    ")
-                    items.append(f"{self.const(c['value'])}: {v}")
-                out.append(f"{ind}    {r} = {{{', '.join(items)}}}")
+            with self.nested():
+                if t == "multi_select_list":
+                    parts = [self.node(c, src, out, ind + "    ") for c in children]
+                    out.append(f"{ind}    {r} = [{', '.join(parts)}]")
+                else:
+                    items = []
+                    for c in children:
+                        v = self.node(c["children"][0], src, out, ind + "    ")
+                        items.append(f"{self.const(c['value'])}: {v}")
+                    out.append(f"{ind}    {r} = {{{', '.join(items)}}}")
             return r
         if t in ("projection", "value_projection", "flatten", "filter_projection"):
             return self._loop(t, children, src, out, ind)
@@ -180,6 +204,10 @@ class _Gen:
 
     def _loop(self, t: str, children: list, src: str, out: list[str], ind: str) -> str:
         base = self.node(children[0], src, out, ind)
+        with self.nested():
+            return self._loop_body(t, children, base, out, ind)
+
+    def _loop_body(self, t: str, children: list, base: str, out: list[str], ind: str) -> str:
         r, e = self.var(), self.var()
         if t == "value_projection":
             out += [f"{ind}try:", f"{ind}    {r} = {base}.values()", f"{ind}except AttributeError:",
@@ -284,10 +312,12 @@ def mapping_function(fields: list[tuple[tuple, dict]], functions) -> Callable[[A
                 k = gen.const(key)
                 target.append(f"        _node = {node}.get({k}) or {node}.setdefault({k}, {{}})")
                 node = "_node"
-            store = [*target, f"        {node}[{gen.const(path[-1])}] = {r}"]
-            lines += [f"    if type({r}) is str:", f"        {r} = {r}.strip()", f"        if {r}:",
-                      *["    " + x for x in store],
-                      f"    elif not ({r} is None or (type({r}) in _LD and not {r})):", *store]
+            leaf = gen.const(path[-1])
+            stripped = gen.var()  # not `r` itself: a later field may read the same value, unstripped
+            lines += [f"    if type({r}) is str:", f"        {stripped} = {r}.strip()", f"        if {stripped}:",
+                      *["    " + x for x in target], f"            {node}[{leaf}] = {stripped}",
+                      f"    elif not ({r} is None or (type({r}) in _LD and not {r})):", *target,
+                      f"        {node}[{leaf}] = {r}"]
     except Unsupported:
         return None
     lines.append("    return out")

@@ -131,12 +131,28 @@ def _names() -> dict[str, str]:
 # ---------------------------------------------------------------------------
 
 
+# (code, id of the overrides) -> (the overrides, exponent). Every invoice asks again, with the same code and
+# the same overrides object (a literal of its spec); keeping that object in the entry keeps its id unique.
+_EXPONENTS: dict[tuple, tuple] = {}
+
+
 def currency_exponent(code, overrides=None):
     """ISO 4217 exponent for ``code`` (any case), honouring ``overrides``; None if unknown."""
     if code is None:
         return None
     if not isinstance(code, str):
         raise RunnerFunctionError(f"currency code must be a string, got {type(code).__name__}")
+    key = (code, id(overrides))
+    hit = _EXPONENTS.get(key)
+    if hit is not None and hit[0] is overrides:
+        return hit[1]
+    exp = _currency_exponent(code, overrides)
+    if len(_EXPONENTS) < 10_000:
+        _EXPONENTS[key] = (overrides, exp)
+    return exp
+
+
+def _currency_exponent(code: str, overrides) -> int | None:
     c = code.strip().upper()
     if overrides:
         for k, v in overrides.items():

@@ -170,3 +170,28 @@ def test_the_stripe_mapping_is_one_generated_function():
     mapping = Mapping(fields=fields)
     mapping.apply({"id": "in_1"})  # made on first use
     assert mapping.apply.__name__ == "search"  # the generated function, jmespath as fallback
+
+
+def test_a_field_read_by_several_expressions_is_read_once_and_never_changed_by_the_mapping():
+    """Fields a mapping reads more than once (the customer, say) are read once per record. The value stored
+    for one canonical field is stripped, but another expression reading the same field sees it as it is."""
+    from runner.specs import Mapping
+
+    fields = [(("number",), "name"), (("amount",), "length(name)"), (("debtor", "name"), "customer.name"),
+              (("debtor", "id"), "coalesce(customer.id, customer)"),
+              (("external_id",), "customer.name && customer.id || 'none'")]
+    mapping = Mapping(fields=[(path, Expression(source)) for path, source in fields])
+    record = {"name": "  x  ", "customer": {"name": " Ada ", "id": "cus_1"}}
+    assert mapping.apply(record) == _reference_mapping(fields, record) == {
+        "number": "x", "amount": 5, "debtor": {"name": "Ada", "id": "cus_1"}, "external_id": "cus_1"}
+    assert mapping.apply({"name": "y", "customer": "cus_2"}) == {"number": "y", "amount": 1, "debtor": {"id": "cus_2"},
+                                                                 "external_id": "none"}
+    source = []
+    real = fastpath._Gen.build
+    fastpath._Gen.build = lambda self, lines, name: source.extend(lines) or real(self, lines, name)
+    try:
+        fastpath.mapping_function([(p, Expression(s).ast) for p, s in fields], functions.OPTIONS.custom_functions)
+    finally:
+        fastpath._Gen.build = real
+    reads = [line for line in source if ".get(" in line and line.strip().startswith("_v")]
+    assert len(reads) == 4  # name, customer, customer.name, customer.id: each once
