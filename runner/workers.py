@@ -132,31 +132,41 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
         _own_sink = _sink.copy()
     db, destination = _store(), _ledger[1]
     eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
-    with _own_sink.exclusive():
-        ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible]) if eligible else {}
-        to_send = []
-        for v in eligible:
-            row = ledger.get(v.invoice_id)
-            if row is not None and row.status == "delivered":
-                duplicate(v, row)
-            else:  # a key kept from an unfinished delivery, else the derived one
-                to_send.append((v, row.idempotency_key if row is not None else idempotency_key(account_key, v.invoice_id)))
-        if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
-            _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
-        written = []
-        if to_send:
-            deliveries = _own_sink.write_many([(v.invoice, k, None) for v, k in to_send])
-            _own_sink.flush()
-            for (v, k), d in zip(to_send, deliveries):
-                delivered(v, d)
-                written.append((account_key, v.invoice_id, name, v.number, k, d.case_id, d.case_reference))
+    if eligible:
+        with _own_sink.exclusive():
+            _write(name, account_key, run_id, verdicts, eligible, db, destination)
+    else:  # nothing to write (a second run: every invoice a duplicate): the file is not touched
         with state.transaction(db):
-            if written:
-                state.insert_imported(db, destination, written)
             state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
     counted = Tally()
     tally(counted, verdicts)
     return counted
+
+
+def _write(name: str, account_key: str, run_id: int, verdicts: list[Verdict], eligible: list[Verdict],
+           db: sqlite3.Connection, destination: str) -> None:
+    """Under the file's lock: look the eligible invoices up again, write those not delivered, record the page."""
+    ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible])
+    to_send = []
+    for v in eligible:
+        row = ledger.get(v.invoice_id)
+        if row is not None and row.status == "delivered":
+            duplicate(v, row)
+        else:  # a key kept from an unfinished delivery, else the derived one
+            to_send.append((v, row.idempotency_key if row is not None else idempotency_key(account_key, v.invoice_id)))
+    if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
+        _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
+    written = []
+    if to_send:
+        deliveries = _own_sink.write_many([(v.invoice, k, None) for v, k in to_send])
+        _own_sink.flush()
+        for (v, k), d in zip(to_send, deliveries):
+            delivered(v, d)
+            written.append((account_key, v.invoice_id, name, v.number, k, d.case_id, d.case_reference))
+    with state.transaction(db):
+        if written:
+            state.insert_imported(db, destination, written)
+        state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
 
 
 def _page_facts(name: str, payload: bytes) -> tuple[list, pagination.PageFacts]:
