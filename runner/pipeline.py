@@ -475,7 +475,7 @@ class RunResult:
                 "connections": [c.as_dict() for c in self.connections]}
 
 
-# Pages fetched ahead of the one being delivered, for the whole run: the worker always has the next page
+# Pages fetched ahead of the one being delivered, for the whole run: each worker always has a next page
 # waiting, and with many connections each keeps fewer (memory stays flat with the number of connections).
 PAGES_AHEAD = 8
 
