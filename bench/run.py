@@ -52,7 +52,7 @@ def measure(cmd: list[str], *, cwd=None, env=None, stdout=subprocess.DEVNULL, ti
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=stdout, stderr=subprocess.PIPE)
     # A thread blocks in wait4 (the end is timed exactly, and nothing polls on the measured cores); this
-    # thread samples the memory of the runner's process tree (it may fork a worker) ten times a second.
+    # thread samples the memory of the runner's process tree (it may fork workers) ten times a second.
     ended: dict = {}
 
     def reap() -> None:
@@ -292,7 +292,7 @@ def targets_1_2_3(args, tmp: Path, peers: dict):
             ratio=f"{ratio2:.2f}x baseline" if ratio2 else "", goal="<=2x baseline",
             met=(ratio2 <= 2.0 and all(d == wl["records"] for d in dups)) if ratio2 else None)
         rss100 = max(max(m["rss"], m["tree"]) for m in r + res2["runner"])
-        row(3, f"peak memory at N={n:,} (the larger of the engine's peak RSS and engine + worker PSS, sampled)",
+        row(3, f"peak memory at N={n:,} (the larger of the engine's peak RSS and engine + workers PSS, sampled)",
             [], rss=[rss100], goal="<100 MiB", met=rss100 < 100)
     if args.million:
         with FakeServer(1_000_000) as server:
