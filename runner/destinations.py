@@ -348,6 +348,7 @@ class JsonlDestination:
             # glued to it and lost to every reader.
             if not self._ends_a_line():
                 self._fh.write(b"\n")
+                self._fh.flush()  # in the file at once: the file's end is what the next check reads
         return self._fh
 
     def _ends_a_line(self) -> bool:
@@ -375,6 +376,7 @@ class JsonlDestination:
         try:
             if not self._ends_a_line():
                 fh.write(b"\n")
+                fh.flush()
             yield
         finally:
             fh.flush()

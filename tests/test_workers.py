@@ -249,3 +249,25 @@ def test_a_worker_killed_between_writing_a_page_and_recording_it_writes_nothing_
     keys = [orjson.loads(line)["idempotency_key"] for line in lines]
     assert len(keys) == len(set(keys)) == expected, "every eligible invoice in the file, none twice"
     assert sorted(k for _, status, k in ledger if status == "delivered") == sorted(keys)
+
+
+def test_a_worker_ends_a_line_another_left_torn_before_it_writes(tmp_path):
+    """Workers append pages to one file, each through its own handle, under the file's lock. A worker killed
+    mid-write leaves half a line; the next one to take the lock ends it first, so its own first line is
+    whole (and the torn one is left for the recovery to skip)."""
+    from runner.config import Destination
+    from runner.destinations import JsonlDestination
+
+    sink = JsonlDestination(Destination(type="jsonl", path=tmp_path / "out.jsonl"))
+    first, second = sink.copy(), sink.copy()
+    with first.exclusive():
+        first.write_many([({"external_id": "a"}, "k-a", b'{"idempotency_key":"k-a"}')])
+    with open(tmp_path / "out.jsonl", "ab") as killed:  # another worker, killed halfway through its line
+        killed.write(b'{"idempotency_key":"k-b","inv')
+    with second.exclusive():
+        second.write_many([({"external_id": "c"}, "k-c", b'{"idempotency_key":"k-c"}')])
+    with first.exclusive():  # a handle opened before the torn write checks again under the lock
+        first.write_many([({"external_id": "d"}, "k-d", b'{"idempotency_key":"k-d"}')])
+    assert (tmp_path / "out.jsonl").read_bytes().splitlines() == [
+        b'{"idempotency_key":"k-a"}', b'{"idempotency_key":"k-b","inv', b'{"idempotency_key":"k-c"}',
+        b'{"idempotency_key":"k-d"}']
