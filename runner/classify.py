@@ -100,6 +100,22 @@ def verdict_rows(connection: str, account_key: str, verdicts) -> list[tuple]:
     return [(connection, account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v)) for v in verdicts]
 
 
+def to_deliver(eligible: list[Verdict], ledger: dict, account_key: str) -> list[tuple[Verdict, str]]:
+    """The eligible invoices still to deliver, each with its idempotency key: the one an unfinished delivery
+    kept in the ledger, else the one derived from the account and id (by the worker already, if it encoded
+    the invoice). Those the ledger has as delivered are turned into duplicates here."""
+    from runner.destinations import idempotency_key
+
+    out = []
+    for v in eligible:
+        row = ledger.get(v.invoice_id)
+        if row is not None and row.status == "delivered":
+            duplicate(v, row)
+        else:
+            out.append((v, row.idempotency_key if row else v.key or idempotency_key(account_key, v.invoice_id)))
+    return out
+
+
 def delivered(v: Verdict, delivery) -> Verdict:
     """Turn an eligible `v` into the verdict for its delivery (a destinations.Delivery)."""
     v.detail = {"case_id": delivery.case_id, "case_reference": delivery.case_reference}

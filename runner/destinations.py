@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -346,18 +345,19 @@ class JsonlDestination:
             self._fh = self.path.open("ab")
             # A crash in the middle of a write leaves a torn last line: end it, or the next record would be
             # glued to it and lost to every reader.
-            if not self._ends_a_line():
-                self._fh.write(b"\n")
-                self._fh.flush()  # in the file at once: the file's end is what the next check reads
+            self._end_torn_line()
         return self._fh
 
-    def _ends_a_line(self) -> bool:
-        """The file is empty or ends with a newline."""
+    def _end_torn_line(self) -> None:
+        """End the file's last line if it has no newline, at once: the file's end is what the next check reads."""
         with self.path.open("rb") as fh:
             if fh.seek(0, 2) == 0:
-                return True
+                return
             fh.seek(-1, 2)
-            return fh.read(1) == b"\n"
+            if fh.read(1) == b"\n":
+                return
+        self._fh.write(b"\n")
+        self._fh.flush()
 
     def flush(self) -> None:
         if self._fh is not None:
@@ -374,9 +374,7 @@ class JsonlDestination:
         fh = self._open()
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            if not self._ends_a_line():
-                fh.write(b"\n")
-                fh.flush()
+            self._end_torn_line()
             yield
         finally:
             fh.flush()

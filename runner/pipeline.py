@@ -25,8 +25,7 @@ from runner import auth as auth_mod
 from runner import pagination, secrets
 from runner.config import Config, Connection
 from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
-                             Tally, _truthy, delivered, detail_json, duplicate, merge, tally, verdict_rows)
-from runner.destinations import idempotency_key
+                             Tally, _truthy, delivered, merge, tally, to_deliver, verdict_rows)
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
 from runner.http import Clients, Http, Policy, limiter_for
@@ -535,14 +534,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     # Looked up again, not taken from the lookup before classifying: the page before this one may have delivered
     # the same invoice since (offset paging shifts under changes).
     ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
-    to_send: list[tuple[Verdict, str]] = []
-    account_key = source.account_key
-    for v in eligible:
-        row = ledger.get(v.invoice_id)
-        if row is not None and row.status == "delivered":
-            duplicate(v, row)
-        else:  # a key kept in the ledger, else the derived one (the worker derived it already)
-            to_send.append((v, row.idempotency_key if row else v.key or idempotency_key(account_key, v.invoice_id)))
+    to_send = to_deliver(eligible, ledger, source.account_key)
     if destination is None:  # plan: say what would happen, touch nothing
         for v, _ in to_send:
             v.verdict = IMPORTED

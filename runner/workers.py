@@ -46,8 +46,8 @@ import orjson
 from loguru import logger
 
 from runner import pagination, state
-from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, detail_json, duplicate,
-                             tally, verdict_rows)
+from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, detail_json, tally,
+                             to_deliver, verdict_rows)
 from runner.config import Connection
 from runner.destinations import idempotency_key
 
@@ -97,7 +97,7 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
         lookup = lambda ids: state.lookup(db, destination, account_key, ids)  # noqa: E731
     verdicts = classify_page(classifier, records, lookup)
     counted = None
-    if deliver and dedupe and run_id is not None and _ledger is not None and _sink is not None:
+    if deliver:  # the engine asks only when the worker can (Workers._delivers)
         return [], _deliver(name, account_key, run_id, verdicts)
     if run_id is not None and _ledger is not None:
         ended = [v for v in verdicts if v.verdict != ELIGIBLE]
@@ -147,13 +147,7 @@ def _write(name: str, account_key: str, run_id: int, verdicts: list[Verdict], el
            db: sqlite3.Connection, destination: str) -> None:
     """Under the file's lock: look the eligible invoices up again, write those not delivered, record the page."""
     ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible])
-    to_send = []
-    for v in eligible:
-        row = ledger.get(v.invoice_id)
-        if row is not None and row.status == "delivered":
-            duplicate(v, row)
-        else:  # a key kept from an unfinished delivery, else the derived one
-            to_send.append((v, row.idempotency_key if row is not None else idempotency_key(account_key, v.invoice_id)))
+    to_send = to_deliver(eligible, ledger, account_key)
     if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
         _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
     written = []
@@ -448,7 +442,7 @@ class Workers:
                     self._recover()
             if records is None:
                 records = source.stream.page_records(orjson.loads(question[4]))
-            return self._fallback(source, store, records, exc), None
+            return self.here(source, store, records), None
         return [Verdict(*t) for t in tuples], counted
 
     async def _channel_for(self) -> _Channel:
