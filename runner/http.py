@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import random
+import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote_plus, urlsplit
 
+import httpcore
 import httpx
 import orjson
 from loguru import logger
@@ -23,6 +27,10 @@ from runner import __version__
 from runner.errors import ProviderError, UnsafeRequest
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+# What a request that never got an answer raises, from httpx (the sandbox's transport) or from httpcore (the
+# network): the same names (ConnectError, ReadTimeout, RemoteProtocolError, ...) in both.
+UNANSWERED = (httpx.TransportError, httpx.TimeoutException, httpcore.TimeoutException, httpcore.NetworkError,
+              httpcore.ProtocolError, httpcore.UnsupportedProtocol, httpcore.ProxyError)
 # What httpx's client would add, and a User-Agent that says who is calling (providers ask for one).
 DEFAULT_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": f"runner/{__version__}"}
 SANDBOX_SCHEME = "sandbox://"
@@ -192,22 +200,45 @@ def _no_trust():
 
 
 class Clients:
-    """The httpx clients of one run: one for the network, one per built-in sandbox simulator."""
+    """The connections of one run: httpcore connection pools for the network, the httpx clients that OAuth
+    flows use (authlib), and one httpx transport per built-in sandbox simulator."""
 
     def __init__(self, sandbox_dir=None):
         self.sandbox_dir = sandbox_dir
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._transports: dict[int, httpx.AsyncBaseTransport] = {}
+        self._pools: dict[str, httpcore.AsyncConnectionPool] = {}
         self._tls = None
 
     def transport(self, client: httpx.AsyncClient) -> httpx.AsyncBaseTransport:
         """The transport under a client from `resolve` (see Http.request)."""
         return self._transports[id(client)]
 
+    def _verify(self, tls: bool):
+        if not tls:
+            # A plain-http base URL never needs the CA bundle (loading it is ~35 ms of start-up): it gets a
+            # TLS context with no trusted certificates, so a TLS handshake there could only fail.
+            return _no_trust()
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context()
+        return self._tls
+
+    def pool(self, base_url: str, pool: str = "") -> httpcore.AsyncConnectionPool:
+        """The connection pool for a network base URL. `pool` gives a connection its own: httpcore checks every
+        pooled socket on each request, so fifty connections sharing one pool spent more time in those checks
+        than in their requests. The TLS context (the costly part) is shared."""
+        tls = base_url.startswith("https:")
+        key = f"{'tls' if tls else 'plain'}:{pool}"
+        found = self._pools.get(key)
+        if found is None:
+            found = self._pools[key] = httpcore.AsyncConnectionPool(
+                ssl_context=self._verify(tls), max_connections=64, max_keepalive_connections=32,
+                keepalive_expiry=5.0)
+        return found
+
     def resolve(self, base_url: str, pool: str = "") -> tuple[httpx.AsyncClient, str]:
-        """The client for a base URL. `pool` gives a connection its own connection pool: httpcore checks every
-        pooled socket of a client on each request, so fifty connections sharing one pool spent more time in
-        those checks than in their requests. The TLS context (the costly part of a client) is shared."""
+        """An httpx client for a base URL (OAuth flows), and the URL it answers on: a built-in sandbox's
+        transport for sandbox://<name>, the network otherwise."""
         if base_url.startswith(SANDBOX_SCHEME):
             name = base_url[len(SANDBOX_SCHEME):].split("/", 1)[0]
             client = self._clients.get(name)
@@ -223,13 +254,8 @@ class Clients:
         key = f"network:{'tls' if tls else 'plain'}:{pool}"
         client = self._clients.get(key)
         if client is None:
-            if tls and self._tls is None:
-                self._tls = httpx.create_ssl_context()
-            # A plain-http base URL never needs the CA bundle (loading it is ~35 ms of start-up): its client
-            # gets a TLS context with no trusted certificates, so a TLS handshake there could only fail.
-            transport = httpx.AsyncHTTPTransport(
-                verify=self._tls if tls else _no_trust(),
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+            transport = httpx.AsyncHTTPTransport(verify=self._verify(tls),
+                                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
             client = self._clients[key] = httpx.AsyncClient(timeout=30.0, transport=transport, follow_redirects=False)
             self._transports[id(client)] = transport
         return client, base_url
@@ -237,8 +263,43 @@ class Clients:
     async def aclose(self) -> None:
         for c in self._clients.values():
             await c.aclose()
+        for p in self._pools.values():
+            await p.aclose()
         self._clients.clear()
+        self._pools.clear()
         self._transports.clear()
+
+
+# Characters a request target may carry as they are; anything else (a space, non-ASCII) is percent-encoded
+# by httpx's URL parser first.
+_TARGET_OK = re.compile(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]*")
+
+
+def _query(params: dict) -> str:
+    """Query parameters as httpx encodes them: lists repeat the name, True/False are true/false, None empty."""
+    return "&".join(_pair(k, "true" if x is True else "false" if x is False else "" if x is None else str(x))
+                    for k, v in params.items() for x in (v if isinstance(v, (list, tuple)) else [v]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pair(name: str, value: str) -> str:
+    # A paging request repeats all its parameters but the cursor: each is percent-encoded once.
+    return f"{quote_plus(name)}={quote_plus(value)}"
+
+
+def _decoded(content: bytes, encoding: str | None) -> bytes:
+    """The body as sent before the Content-Encoding the runner asked for (gzip, deflate) was applied."""
+    if not encoding:
+        return content
+    for coding in reversed([c.strip().lower() for c in encoding.split(",")]):
+        if coding in ("gzip", "x-gzip"):
+            content = zlib.decompress(content, zlib.MAX_WBITS | 16)
+        elif coding == "deflate":
+            try:
+                content = zlib.decompress(content)
+            except zlib.error:  # raw deflate, without the zlib header some servers leave out
+                content = zlib.decompress(content, -zlib.MAX_WBITS)
+    return content
 
 
 class Http:
@@ -246,8 +307,12 @@ class Http:
 
     def __init__(self, clients: Clients, base_url: str, *, headers: dict | None = None, policy: Policy | None = None,
                  limiter: Limiter | None = None, label: str = "provider", pool: str = ""):
-        client, self.base_url = clients.resolve(base_url.rstrip("/"), pool)
-        self.transport = clients.transport(client)
+        base_url = base_url.rstrip("/")
+        if base_url.startswith(SANDBOX_SCHEME):
+            client, self.base_url = clients.resolve(base_url, pool)
+            self._transport, self._pool = clients.transport(client), None
+        else:
+            self.base_url, self._transport, self._pool = base_url, None, clients.pool(base_url, pool)
         self.headers = headers or {}
         self.policy = policy or Policy()
         self._timeout = httpx.Timeout(self.policy.timeout_s).as_dict()
@@ -258,6 +323,9 @@ class Http:
         split = urlsplit(self.base_url)
         self._origin = (split.scheme, split.netloc)
         self._prefix = split.path.rstrip("/")
+        origin = httpx.URL(self.base_url)  # every request goes to this origin (see url())
+        self._scheme, self._host, self._port = origin.raw_scheme, origin.raw_host, origin.port
+        self._host_header = (b"Host", origin.netloc)
 
     def url(self, path_or_url: str) -> str:
         """Join a path to the base URL; an absolute URL must stay on the base URL's host and path."""
@@ -291,11 +359,11 @@ class Http:
             try:
                 if self.limiter is not None and self.limiter.slots is not None:
                     async with self.limiter.slots:
-                        raw, content, sent = await self._send(method, url, params, hdrs, body)
+                        status, resp_headers, content, sent = await self._send(method, url, params, hdrs, body)
                 else:
-                    raw, content, sent = await self._send(method, url, params, hdrs, body)
+                    status, resp_headers, content, sent = await self._send(method, url, params, hdrs, body)
                 self.requests += 1
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
+            except UNANSWERED as exc:
                 self.requests += 1
                 if attempt >= self.policy.attempts:
                     raise ProviderError(f"{self.label} could not be reached after {attempt} attempts: "
@@ -306,7 +374,7 @@ class Http:
                 self.retries += 1
                 await asyncio.sleep(wait)
                 continue
-            resp = Response(status=raw.status_code, headers=raw.headers, content=content, url=sent,
+            resp = Response(status=status, headers=resp_headers, content=content, url=sent,
                             elapsed_s=time.monotonic() - started)
             if 200 <= resp.status < 300 or resp.status in ok:
                 return resp
@@ -321,21 +389,44 @@ class Http:
                 continue
             raise _status_error(self.label, resp, attempt)
 
-    async def _send(self, method: str, url: str, params, headers: dict, body) -> tuple[httpx.Response, bytes, str]:
-        """One request, straight to the transport: the client's layers (cookies, auth flows, redirects, event
-        hooks) are nothing the runner uses, and cost a third of the CPU of a request. The body is decoded
-        (gzip, deflate) by httpx's Response as usual."""
-        request = httpx.Request(method, url, params=params, headers=headers, content=body,
-                                extensions={"timeout": self._timeout})
-        raw = await self.transport.handle_async_request(request)
+    async def _send(self, method: str, url: str, params, headers: dict, body) -> tuple[int, httpx.Headers, bytes, str]:
+        """One request. On the network, straight to httpcore's connection pool (the transport under httpx):
+        httpx's client layers (cookies, auth flows, redirects, event hooks) and its request and response
+        models are nothing the runner uses, and cost half the CPU of a request. A built-in sandbox answers
+        through its httpx transport. Returns the status, headers, body (gzip/deflate undone) and URL sent."""
+        if params:  # added to any query the URL has already (a provider's next link keeps its own)
+            url += ("&" if "?" in url else "?") + _query(params)
+        if self._pool is None:
+            request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": self._timeout})
+            raw = await self._transport.handle_async_request(request)
+            try:
+                content = await raw.aread()
+            finally:
+                await raw.aclose()
+                # httpx's response and its (read, closed) stream refer to each other: without this, every
+                # body would stay in memory until the cyclic garbage collector happens to run.
+                raw.stream = None
+            return raw.status_code, raw.headers, content, url
+        # url() keeps every request on the base URL's origin: only the target (path and query) varies.
+        target = url[url.index("/", url.index("://") + 3):] if url.count("/") > 2 else "/"
+        if not _TARGET_OK.fullmatch(target):
+            target = httpx.URL(url).raw_path.decode("ascii")
+            url = str(httpx.URL(url))
+        hdrs = [self._host_header, *((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())]
+        if body is not None:
+            hdrs.append((b"Content-Length", str(len(body)).encode("ascii")))
+        raw = await self._pool.request(method, httpcore.URL(scheme=self._scheme, host=self._host, port=self._port,
+                                                            target=target.encode("ascii")),
+                                       headers=hdrs, content=body, extensions={"timeout": self._timeout})
+        resp_headers = httpx.Headers(raw.headers)
         try:
-            content = await raw.aread()
-        finally:
-            await raw.aclose()
-            # httpx's response and its (read, closed) stream refer to each other: without this, every body
-            # would stay in memory until the cyclic garbage collector happens to run.
-            raw.stream = None
-        return raw, content, str(request.url)
+            content = _decoded(raw.content, resp_headers.get("content-encoding"))
+        except zlib.error as exc:
+            raise ProviderError(f"{self.label}'s answer could not be decompressed "
+                                f"({resp_headers.get('content-encoding')}: {exc})",
+                                status=raw.status, fix="run again; if it persists, the provider or a proxy "
+                                                       "in between is sending corrupt answers") from None
+        return raw.status, resp_headers, content, url
 
     def _backoff(self, attempt: int) -> float:
         cap = min(self.policy.max_backoff_s, self.policy.backoff_s * (2 ** (attempt - 1)))

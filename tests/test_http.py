@@ -4,13 +4,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from runner import __version__
-from runner.http import Clients, Http
+from runner.errors import ProviderError
+from runner.http import Clients, Http, Policy
 
 
 @pytest.fixture
@@ -18,10 +21,26 @@ def server():
     seen: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append({"path": self.path, "body": got, **{k.lower(): v for k, v in self.headers.items()}})
+            body = json.dumps({"echo": json.loads(got)}).encode()
+            # deflate as servers send it: with the zlib header (RFC 1950), or raw (RFC 1951)
+            body = zlib.compress(body) if "zlib" in self.path else zlib.compress(body)[2:-4]
+            self.send_response(201)
+            self.send_header("Content-Encoding", "deflate")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self):
             seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
             body = json.dumps({"data": [{"id": f"in_{i}"} for i in range(500)], "path": self.path}).encode()
-            if "gzip" in self.headers.get("Accept-Encoding", ""):
+            if "corrupt" in self.path:
+                body = gzip.compress(body)[:40] + b"not gzip"
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+            elif "gzip" in self.headers.get("Accept-Encoding", ""):
                 body = gzip.compress(body)
                 self.send_response(200)
                 self.send_header("Content-Encoding", "gzip")
@@ -65,3 +84,64 @@ def test_requests_ask_for_compression_say_who_calls_and_answers_are_decoded(serv
     assert first.url == base + "/v1/invoices?limit=100&expand%5B%5D=data.customer"
     assert [s["accept-encoding"] for s in seen] == ["gzip, deflate"] * 2
     assert all(s["user-agent"] == f"runner/{__version__}" and s["authorization"] == "Bearer sk_test_x" for s in seen)
+
+
+def test_bodies_links_and_odd_characters_go_out_as_httpx_would_send_them(server):
+    base, seen = server
+
+    async def go():
+        clients = Clients()
+        try:
+            http = Http(clients, base + "/v1")
+            posted = await http.request("POST", "/cases", json={"amount": 12.5, "name": "Ærø ApS"})
+            raw_deflate = await http.request("POST", "/cases/zlib", json={"n": 1})
+            # a next link keeps its own query; the spec's parameters are added to it
+            linked = await http.request("GET", base + "/v1/invoices?page=2", params={"per_page": 100})
+            # a space and non-ASCII in a path (an id from the provider) are percent-encoded
+            odd = await http.request("GET", "/invoices/in 1/é", params={"flag": True, "none": None})
+            return posted, raw_deflate, linked, odd
+        finally:
+            await clients.aclose()
+
+    posted, raw_deflate, linked, odd = asyncio.run(go())
+    assert posted.status == 201 and posted.json() == {"echo": {"amount": 12.5, "name": "Ærø ApS"}}
+    assert raw_deflate.json() == {"echo": {"n": 1}}
+    assert seen[0]["content-length"] == str(len(seen[0]["body"])) and seen[0]["content-type"] == "application/json"
+    assert linked.json()["path"] == "/v1/invoices?page=2&per_page=100"
+    assert odd.json()["path"] == "/v1/invoices/in%201/%C3%A9?flag=true&none="
+    assert odd.url == base + "/v1/invoices/in%201/%C3%A9?flag=true&none="
+
+
+def test_a_corrupt_compressed_answer_is_a_clear_provider_error(server):
+    base, _ = server
+
+    async def go():
+        clients = Clients()
+        try:
+            return await Http(clients, base, label="Stripe").request("GET", "/corrupt")
+        finally:
+            await clients.aclose()
+
+    with pytest.raises(ProviderError, match="Stripe's answer could not be decompressed"):
+        asyncio.run(go())
+
+
+def test_an_address_nothing_listens_on_is_retried_then_reported():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go():
+        clients = Clients()
+        try:
+            http = Http(clients, f"http://127.0.0.1:{port}", label="Stripe",
+                        policy=Policy(attempts=2, backoff_s=0.01, max_backoff_s=0.01))
+            try:
+                await http.request("GET", "/v1/invoices")
+            finally:
+                assert (http.requests, http.retries) == (2, 1)
+        finally:
+            await clients.aclose()
+
+    with pytest.raises(ProviderError, match="Stripe could not be reached after 2 attempts: ConnectError"):
+        asyncio.run(go())
