@@ -1,14 +1,13 @@
 """Paginators: small interchangeable classes that say what to ask for next.
 
-Each takes what a page says about paging (`PageFacts`: read from the decoded answer by `facts`, in the
-engine or in the classification worker that decodes the page anyway) and returns the next `Step`, or None
-when done. All of them refuse an endless paginator (the same cursor, link or page twice) instead of looping
-forever.
+Each takes what a page says about paging (`PageFacts`: read from the decoded answer by `facts`, or
+straight from its bytes by a `facts_reader`) and returns the next `Step`, or None when done. All of them
+refuse an endless paginator (the same cursor, link or page twice) instead of looping forever.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from runner.errors import ProviderError
 from runner.specs import Paginate
@@ -41,6 +40,103 @@ def facts(spec: Paginate, body: Any, records: list) -> PageFacts:
                                    or kind == "next_url"):
         value = spec.value.search(body)
     return PageFacts(len(records), more, value)
+
+
+def facts_reader(stream) -> Callable[[bytes], PageFacts] | None:
+    """For a stream whose `records` and paginator expressions are plain paths (`data`, `data[-1].id`,
+    `page_context.has_more_page`): a function from an answer's bytes to its PageFacts that decodes only the
+    fields those paths read (msgspec, with a type made from the paths: the rest of each invoice is skipped,
+    a third of the time of decoding it all). It gives exactly what `facts` gives on the decoded answer, or
+    raises (anything unexpected: not JSON, another type where a path goes), and the caller then decodes the
+    answer in full and says what is wrong with it. None when some expression is not a plain path."""
+    shape = _Shape()
+    spec = stream.paginate
+    if not shape.add(stream.records.ast, records=True):
+        return None
+    for expr in (spec.more, spec.value):
+        if expr is not None and not shape.add(expr.ast):
+            return None
+    import msgspec
+
+    kind = shape.type(msgspec, "Page")
+    if kind is None or kind is Any:
+        return None
+    decode, to_builtins = msgspec.json.Decoder(kind).decode, msgspec.to_builtins
+
+    def read(content: bytes) -> PageFacts:
+        body = to_builtins(decode(content))
+        return facts(spec, body, stream.page_records(body))
+
+    return read
+
+
+class _Shape:
+    """The part of an answer some plain paths read: the fields of an object, the items of a list, or the
+    whole value (a leaf); `records` marks the invoice list (a list of objects, or one object alone)."""
+
+    def __init__(self):
+        self.fields: dict[str, _Shape] = {}
+        self.items: _Shape | None = None
+        self.leaf = False
+        self.records = False
+
+    def add(self, ast: dict, records: bool = False) -> bool:
+        steps = _steps(ast)
+        if not steps:
+            return False
+        node = self
+        for kind, key in steps:
+            if kind == "field":
+                node = node.fields.setdefault(key, _Shape())
+            else:
+                node.items = node.items or _Shape()
+                node = node.items
+        node.records, node.leaf = node.records or records, node.leaf or not records
+        return True
+
+    def type(self, msgspec, name: str):
+        """The msgspec type that decodes this shape (None: one no type can say, such as a value read both
+        as a list and as an object)."""
+        if self.leaf:
+            return Any
+        item = self.items.type(msgspec, name + "Item") if self.items is not None else None
+        if self.records:
+            if self.fields or (self.items is not None and item is None):
+                return None
+            record = item if item is not None else msgspec.defstruct(name + "Record", [], omit_defaults=True)
+            return list[record] | record | None
+        if self.items is not None:
+            return None if self.fields or item is None else list[item] | None
+        fields = []
+        for i, (key, child) in enumerate(self.fields.items()):
+            kind = child.type(msgspec, f"{name}{i}")
+            if kind is None:
+                return None
+            fields.append((f"f{i}", kind, None))
+        # Field names as the provider spells them (any JSON key), under Python names of their own.
+        struct = msgspec.defstruct(name, fields, rename={f"f{i}": k for i, k in enumerate(self.fields)},
+                                   omit_defaults=True)
+        return struct | None
+
+
+def _steps(ast: dict) -> list[tuple[str, Any]] | None:
+    """A plain path's steps, ("field", name) and ("index", n); None for anything else."""
+    kind = ast.get("type")
+    if kind == "field":
+        return [("field", ast["value"])]
+    if kind == "index_expression":
+        left, index = ast["children"]
+        steps = _steps(left)
+        return steps + [("index", index["value"])] if steps and index.get("type") == "index" else None
+    if kind == "subexpression":
+        out: list = []
+        for child in ast["children"]:
+            steps = _steps(child)
+            if steps is None:
+                return None
+            out += steps
+        return out
+    return None
 
 
 class _Endless(ProviderError):

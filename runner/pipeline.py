@@ -28,7 +28,7 @@ from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Class
                              Tally, _truthy, delivered, merge, tally, to_deliver, verdict_rows)
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
-from runner.http import Clients, Http, Policy, limiter_for
+from runner.http import Clients, Http, Policy, limiter_for, parse_json
 from runner.specs import PageTooLarge
 from runner.workers import Workers
 
@@ -140,6 +140,7 @@ class Source:
         self.today = datetime.now(conn.window.zone).date()
         self.today_iso = self.today.isoformat()
         self._classifier: Classifier | None = None
+        self._facts = False  # pagination.facts_reader, made on first use (None: the spec's paths need a full decode)
 
     # --- context and requests --------------------------------------------------------------------------
     def context(self, **extra) -> dict:
@@ -295,9 +296,10 @@ class Source:
         enriched after the answer (detail lookups), so the answer alone no longer holds them; `more`: another
         page follows (always true with several sub-windows).
 
-        `hand_over(answer bytes)`, when given, may take an answer undecoded (Workers.submit): it returns
-        (a future of the page's PageFacts, a future of its classification) or None. Such a page comes as
-        (None, the answer's bytes, that second future, True)."""
+        `hand_over(answer bytes, record count, more)`, when given, may take an answer undecoded
+        (Workers.take): the engine then reads only what its paginator needs from the bytes
+        (pagination.facts_reader), and the page comes as (None, the answer's bytes, a future of its
+        classification, more). It returns None for a page it does not take, which is decoded here."""
         windows = self.partitions()
         if len(windows) == 1:
             async for page in self._pages_in(None, hand_over):
@@ -346,43 +348,54 @@ class Source:
                                     fix="raise paginate.max_pages in the spec if the account really has this many")
             ctx = self.context(page=step.page) if window is None else self.context(page=step.page, window=window)
             resp = await self.send_spec(self.stream.request, ctx, {**extra, **step.params}, url=step.url)
-            handed = await hand_over(resp.content) if hand_over is not None else None
-            if handed is not None:
-                facts, classified = handed
+            records, facts = None, None
+            if hand_over is not None and self._facts_reader() is not None:
                 try:
-                    facts = await facts
-                except Exception:  # noqa: BLE001 - the engine decodes the page and says what is wrong with it
+                    facts = self._facts(resp.content)
+                except Exception:  # noqa: BLE001 - decoded in full below, which says what is wrong with it
                     pass
-                else:
-                    yield None, resp.content, classified, True
-                    step = pag.next(facts, resp.content)
-                    if step is None:
-                        return
-                    continue
-            body = resp.json(f"{self.spec.name}'s invoice list")
-            try:
-                records = self.stream.page_records(body)
-            except TypeError as exc:
-                raise ProviderError(f"{self.spec.name}'s invoice list has {exc} where a list of "
-                                    f"invoices was expected (at '{self.stream.records.source}')") from None
-            except PageTooLarge as exc:
-                raise ProviderError(f"{self.spec.name} sent a page of {exc.args[0]} invoices, more than the "
-                                    f"{self.stream.max_page_size} the spec allows; refusing it") from None
+            if facts is None:
+                records = self.page_records(resp.content, resp)
+                facts = pagination.facts(self.stream.paginate, resp.json(), records)
             # The next page is known before this one is handed on, so a first page followed by others can go
             # to the worker; a paginator that refuses to go on (a link off the host, say) does so after it.
             try:
-                step, refused = pag.next(pagination.facts(self.stream.paginate, body, records), resp.content), None
+                step, refused = pag.next(facts, resp.content), None
             except Exception as exc:  # noqa: BLE001 - raised below, once this page is on its way
                 step, refused = None, exc
+            classified = None
+            if records is None:
+                classified = hand_over(resp.content, facts.count, step is not None)
+                if classified is None:  # not taken: the engine classifies it
+                    records = self.page_records(resp.content, resp)
             if self.stream.details:
                 await self.enrich(records)
                 yield records, None, None, step is not None  # enriched: the answer alone no longer holds them
             else:
-                yield records, resp.content, None, step is not None
+                yield records, resp.content, classified, step is not None
             if refused is not None:
                 raise refused
             if step is None:
                 return
+
+    def _facts_reader(self):
+        if self._facts is False:
+            self._facts = pagination.facts_reader(self.stream)
+        return self._facts
+
+    def page_records(self, content: bytes, resp=None) -> list:
+        """The invoices of a list answer (its bytes, or the Response they came in), or a ProviderError that
+        says in plain words what is wrong with it."""
+        body = resp.json(f"{self.spec.name}'s invoice list") if resp is not None else parse_json(
+            content, "", f"{self.spec.name}'s invoice list")
+        try:
+            return self.stream.page_records(body)
+        except TypeError as exc:
+            raise ProviderError(f"{self.spec.name}'s invoice list has {exc} where a list of "
+                                f"invoices was expected (at '{self.stream.records.source}')") from None
+        except PageTooLarge as exc:
+            raise ProviderError(f"{self.spec.name} sent a page of {exc.args[0]} invoices, more than the "
+                                f"{self.stream.max_page_size} the spec allows; refusing it") from None
 
     async def enrich(self, records: list) -> None:
         """Per-record detail lookups (e.g. the customer's address), each distinct key fetched once per run."""
@@ -696,10 +709,10 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         deliver = (functools.partial(run.mark_sink, store, destination, run_id)
                    if recording_run is not None and store is not None and hasattr(destination, "write_many") else None)
 
-        async def hand_over(answer: bytes):
+        def hand_over(answer: bytes, count: int, more: bool):
             nonlocal fetched
             fetched += 1
-            return await workers.submit(source, store, answer, fetched, recording_run, deliver)
+            return workers.take(source, store, answer, count, fetched, more, recording_run, deliver)
 
         try:
             async for records, answer, classified, more in source.pages_with_answers(hand_over if workers else None):

@@ -12,11 +12,10 @@ it sends back the eligible invoices, as plain tuples, with a tally of the rest. 
 order over a socket pair per worker, read by the event loop, so the engine needs no threads to talk to
 them; the engine finishes the pages in the order it fetched them.
 
-The engine does not decode a page it hands to an idle worker (or to the only one): the worker decodes it and
-first sends back what the engine's paginator needs (the record count, the cursor or next link, `more`:
-pagination.PageFacts); a page the worker cannot decode is decoded by the engine, which then reports the
-problem as it would have. When every one of several workers is busy, the engine decodes the page itself,
-so the next request goes out at once instead of waiting for a worker to finish the page before.
+The engine does not decode a page it hands over: it reads only what its paginator needs from the answer's
+bytes (the record count, the cursor or next link, `more`: pagination.facts_reader), sends the next request
+at once, and the worker decodes the page. An answer that reader cannot read (not JSON, say) is decoded by
+the engine, which reports the problem in its own words; so is a page the worker fails on.
 
 Workers are forked (they inherit the loaded config and compiled specs; nothing is re-read or re-compiled),
 only on Linux and a machine with more than one core (one per core, up to four, or RUNNER_WORKERS=N), and
@@ -163,15 +162,6 @@ def _write(name: str, account_key: str, run_id: int, verdicts: list[Verdict], el
         state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
 
 
-def _page_facts(name: str, payload: bytes) -> tuple[list, pagination.PageFacts]:
-    """Runs in the worker: decode a provider's answer, its records and what the engine's paginator needs.
-    Anything unexpected raises: the engine then decodes the page itself and reports it in its own words."""
-    stream = _CONNECTIONS[name].spec.invoices
-    body = orjson.loads(payload)
-    records = stream.page_records(body)
-    return records, pagination.facts(stream.paginate, body, records)
-
-
 def _worker_start() -> None:
     """In the worker, first thing: die with the engine (Linux), never outlive a killed run."""
     try:
@@ -231,16 +221,15 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
-    def ask(self, question: tuple, answers: int = 1) -> list[asyncio.Future]:
-        """Send a question; a future for each of the answers it gets (they come in order)."""
+    def ask(self, question: tuple) -> asyncio.Future:
+        """Send a question; a future of its answer."""
         if self.lost is not None:
             raise WorkerGone(str(self.lost))
         frame = pickle.dumps(question, protocol=pickle.HIGHEST_PROTOCOL)
         self.transport.write(_HEADER.pack(len(frame)) + frame)
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in range(answers)]
-        self.waiting.extend(futures)
-        return futures
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        return future
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
@@ -287,9 +276,8 @@ def _send(sock: socket.socket, answer: tuple) -> None:
 
 
 def _serve(sock: socket.socket, others: list[socket.socket] = ()) -> None:
-    """The worker's loop: read a page, answer it, until the engine closes its end. A question that asks
-    for the page's facts first (see Workers.submit) gets two answers: the facts, then the verdicts.
-    `others`: the sockets of the other workers this one inherited, closed at once."""
+    """The worker's loop: read a page, answer it, until the engine closes its end. `others`: the sockets
+    of the other workers this one inherited, closed at once."""
     _worker_start()
     for other in others:
         other.close()
@@ -301,17 +289,7 @@ def _serve(sock: socket.socket, others: list[socket.socket] = ()) -> None:
         if question is None:
             return
         try:
-            *args, facts_first = pickle.loads(question)
-            if facts_first:
-                try:
-                    records, facts = _page_facts(args[0], args[4])
-                except Exception as exc:  # the engine decodes this page itself: both answers say so
-                    _send(sock, (False, exc))
-                    _send(sock, (False, exc))
-                    continue
-                _send(sock, (True, facts))
-                args[4], args[5] = records, False
-            answer = (True, _classify_page(*args))
+            answer = (True, _classify_page(*pickle.loads(question)))
         except Exception as exc:  # sent back: the engine classifies that page itself
             answer = (False, exc)
         _send(sock, answer)
@@ -350,44 +328,21 @@ class Workers:
         deliver()
         return True
 
-    async def submit(self, source, store, answer: bytes, page: int, run_id: int | None = None,
-                     deliver: Callable[[], None] | None = None):
-        """Hand the worker a provider's answer as it came, undecoded. Returns (a future of its PageFacts, a
-        future of what `classify` returns), or None when this page is the engine's to decode. If the facts
-        future fails, the page is the engine's after all (and the second future is cancelled).
-        `deliver`, for a run that delivers to a local sink and records the verdicts the worker sends back as
-        a Tally: the worker delivers and records the page itself; called (once per page) before that."""
-        if not self._takes(source, store, page):
+    def take(self, source, store, answer: bytes, count: int, page: int, more: bool, run_id: int | None = None,
+             deliver: Callable[[], None] | None = None) -> asyncio.Future | None:
+        """Hand a worker a provider's answer as it came, undecoded (its `count` records read by the engine's
+        paginator already). Returns a future of what `classify` returns, or None when the page is the
+        engine's to decode and classify (an empty page, a first page with nothing after it, no worker)."""
+        if not (count and self._takes(source, store, page, more)):
             return None
         try:
             self._start(store)
-            channel = await self._channel_for()
-        except Exception as exc:  # the worker cannot start or has ended: this page and the rest stay here
+        except OSError as exc:  # the worker cannot start: this page and the rest stay here
             self._gone(exc)
-            return None
-        if channel.waiting and len(self._pool) > 1:
-            # Every worker is busy: it would decode this page only after the one it is classifying, and the
-            # next request would wait for that. With several workers the engine has time to spare: it decodes.
             return None
         question = (source.conn.name, source.account_id, source.account_key, source.today_iso, answer, True,
-                    store is not None, run_id if store is not None else None,
-                    self._delivers(store, run_id, deliver), True)
-        try:
-            facts, verdicts = channel.ask(question, answers=2)
-        except Exception as exc:  # the worker has ended: this page and the rest stay here
-            self._gone(exc)
-            return None
-        classified = asyncio.ensure_future(self._answered(verdicts, question, source, store, None))
-
-        def check(f: asyncio.Future) -> None:
-            if f.cancelled() or f.exception() is not None:
-                classified.cancel()
-                verdicts.add_done_callback(lambda v: v.cancelled() or v.exception())  # retrieved: no warning
-                if not f.cancelled() and isinstance(f.exception(), WorkerGone):
-                    self._gone(f.exception())
-
-        facts.add_done_callback(check)
-        return facts, classified
+                    store is not None, run_id if store is not None else None, self._delivers(store, run_id, deliver))
+        return asyncio.ensure_future(self._ask(question, source, store, None))
 
     def _gone(self, exc: BaseException | None) -> None:
         logger.debug("classifying in the engine's process: the worker failed ({})", exc)
@@ -398,7 +353,7 @@ class Workers:
         """One page's verdicts (see classify_page) and, when the worker recorded the verdicts that end there
         (with a `run_id`: see _classify_page), their Tally; else None. Returns that pair, or a future of it.
         `answer`: the provider's answer the records came from, when they are all of it. `more`: another page
-        follows (a first page goes to the worker then, so the engine goes on fetching). `deliver`: see submit."""
+        follows (a first page goes to the worker then, so the engine goes on fetching). `deliver`: see take."""
         if not (records and self._takes(source, store, page, more)):
             return self.here(source, store, records), None
         payload: Any = answer
@@ -413,7 +368,7 @@ class Workers:
             return self._fallback(source, store, records, exc), None
         question = (source.conn.name, source.account_id, source.account_key, source.today_iso, payload,
                     answer is not None, store is not None, run_id if store is not None else None,
-                    self._delivers(store, run_id, deliver), False)
+                    self._delivers(store, run_id, deliver))
         # While the worker has the page, the engine keeps only what it sent (the answer's bytes are a tenth
         # of the parsed records): with many connections, many pages are in flight.
         return asyncio.ensure_future(self._ask(question, source, store, records if answer is None else None))
@@ -421,7 +376,7 @@ class Workers:
     async def _ask(self, question: tuple, source, store, records: list | None) -> tuple[list[Verdict], Tally | None]:
         try:
             channel = await self._channel_for()
-            (answer,) = channel.ask(question)
+            answer = channel.ask(question)
         except Exception as exc:  # the worker has ended: the engine classifies the page
             answer = asyncio.get_running_loop().create_future()
             answer.set_exception(exc)
@@ -440,8 +395,8 @@ class Workers:
                 await self._settled()
                 if self._recover is not None:
                     self._recover()
-            if records is None:
-                records = source.stream.page_records(orjson.loads(question[4]))
+            if records is None:  # an answer the engine has not decoded (see take): it says what is wrong with it
+                records = source.page_records(question[4])
             return self.here(source, store, records), None
         return [Verdict(*t) for t in tuples], counted
 

@@ -154,3 +154,71 @@ connections:
     (conn,) = result.connections
     assert conn.status == "failed" and "gives no cursor at 'items[-1].idd'" in conn.error
     assert conn.imported == SIZE  # the first page is kept
+
+
+# --- reading a page's facts from its bytes (pagination.facts_reader) ---------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+import orjson  # noqa: E402
+
+from runner import pagination, specs  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-10, 10) | st.text(max_size=3),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                     max_leaves=8)
+_record = st.dictionaries(st.sampled_from(["id", "number", "total"]), _json, max_size=3) | _json
+_records = st.none() | st.lists(_record, max_size=6) | _record
+_more = st.none() | st.booleans() | _json
+
+
+def _bodies():
+    # Shaped like each built-in spec's answers, with anything (or nothing) where its paths go.
+    return st.one_of(
+        st.fixed_dictionaries({}, optional={"data": _records, "has_more": _more, "object": st.just("list")}),
+        st.fixed_dictionaries({}, optional={"invoices": _records, "page_context": st.none() | _json | st.fixed_dictionaries(
+            {}, optional={"has_more_page": _more, "page": st.integers(1, 3)})}),
+        st.fixed_dictionaries({}, optional={"QueryResponse": st.none() | _json | st.fixed_dictionaries(
+            {}, optional={"Invoice": _records, "startPosition": st.integers(1, 3)})}),
+        _json)
+
+
+@pytest.mark.parametrize("spec_id", ["stripe", "zoho_books", "quickbooks_online"])
+@settings(max_examples=300, deadline=None)
+@given(body=_bodies())
+def test_facts_read_from_the_bytes_are_the_facts_of_the_decoded_page(spec_id, body):
+    """The engine hands a page to a worker undecoded and reads only what its paginator needs from the bytes:
+    for any answer, that gives exactly what decoding it all gives, or it raises (and the engine then decodes
+    the answer in full, which says what is wrong with it)."""
+    stream = specs.load_spec(spec_id).invoices
+    read = pagination.facts_reader(stream)
+    assert read is not None
+    try:
+        expected = pagination.facts(stream.paginate, body, stream.page_records(body))
+    except Exception:  # noqa: BLE001 - an answer the engine refuses: the reader must not accept it either
+        with pytest.raises(Exception):
+            read(orjson.dumps(body))
+        return
+    try:
+        got = read(orjson.dumps(body))
+    except Exception:  # noqa: BLE001 - allowed: the engine decodes it in full instead
+        return
+    assert got == expected
+
+
+def test_facts_of_a_real_stripe_page_are_read_without_decoding_the_invoices():
+    stream = specs.load_spec("stripe").invoices
+    page = {"object": "list", "has_more": True, "url": "/v1/invoices",
+            "data": [{"id": f"in_{i}", "lines": {"data": [{"amount": i}] * 3}, "customer": {"address": None}}
+                     for i in range(100)]}
+    assert pagination.facts_reader(stream)(orjson.dumps(page)) == pagination.PageFacts(100, True, "in_99")
+    with pytest.raises(Exception):
+        pagination.facts_reader(stream)(b"<!DOCTYPE html><html>502 Bad Gateway</html>")
+
+
+def test_no_reader_when_a_paginator_expression_is_more_than_a_plain_path():
+    from dataclasses import replace
+
+    stream = specs.load_spec("stripe").invoices  # a cached spec: changed copies only
+    either = replace(stream, paginate=replace(stream.paginate, value=specs.Expression("data[-1].id || data[0].id")))
+    assert pagination.facts_reader(either) is None
+    assert pagination.facts_reader(replace(stream, records=specs.Expression("not_null(data, @)"))) is None
+    assert pagination.facts_reader(stream) is not None

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import yaml
 
-from runner import classify, config, pipeline, state, workers
+from runner import classify, config, pagination, pipeline, state, workers
 from runner.http import reset_limiters
 from runner.state import Store
 
@@ -165,35 +165,50 @@ def test_every_connection_that_writes_the_store_commits_without_waiting_for_the_
 
 
 @pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
-def test_the_engine_decodes_a_page_the_worker_could_not_and_nothing_else_changes(tmp_path, monkeypatch):
-    """The worker decodes the pages it is handed and sends the paginator's facts first. When it cannot (here:
-    every third page), the engine decodes that page itself; the answers that follow still go to the right
-    pages, and the run is the one-process run."""
+@pytest.mark.parametrize("setting", ["1", None])
+def test_pages_go_to_the_workers_undecoded_and_one_the_engine_cannot_read_is_decoded_in_full(tmp_path, monkeypatch,
+                                                                                          setting):
+    """The engine reads only the paginator's facts from the bytes of a page it hands over (it never decodes
+    those pages); when that reader fails (here: every third page), the engine decodes the page in full and
+    the run is the one-process run."""
     reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
-    real, calls = workers._page_facts, [0]
+    real, calls, decoded = pagination.facts_reader, [0], []
 
-    def sometimes(name, payload):  # runs in the forked worker
-        calls[0] += 1
-        if calls[0] % 3 == 0:
-            raise ValueError("cannot decode this one")
-        return real(name, payload)
+    def sometimes(stream):
+        read = real(stream)
 
-    monkeypatch.setattr(workers, "_page_facts", sometimes)
-    # One worker: with several, the engine decodes every page itself (see Workers.submit).
-    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "w"), monkeypatch, workers_setting="1")
-    assert _Recording.last.submitted > 0 and _Recording.last.enabled, "a page-level failure keeps the worker"
+        def flaky(content):
+            calls[0] += 1
+            if calls[0] % 3 == 0:
+                raise ValueError("cannot read this one")
+            return read(content)
+
+        return flaky
+
+    real_records = pipeline.Source.page_records
+    monkeypatch.setattr(pagination, "facts_reader", sometimes)
+    monkeypatch.setattr(pipeline.Source, "page_records", lambda self, *a: decoded.append(1) or real_records(self, *a))
+    result, verdicts, ledger, lines = _apply(_workspace(tmp_path / str(setting)), monkeypatch, workers_setting=setting)
+    assert _Recording.last.submitted > 0 and _Recording.last.enabled
+    pages = calls[0]
+    assert pages >= 4 and len(decoded) == pages // 3, "only the pages the reader failed on were decoded here"
     assert result.ok and result.totals() == reference[0].totals()
     assert _comparable(verdicts) == _comparable(reference[1]) and ledger == reference[2] and lines == reference[3]
 
 
 @pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
-def test_a_worker_dying_before_it_decodes_costs_no_invoice(tmp_path, monkeypatch):
+def test_a_worker_dying_with_pages_queued_behind_it_costs_no_invoice(tmp_path, monkeypatch):
     reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
+    real, calls, engine = workers.classify_page, [0], os.getpid()
 
-    def die(*args, **kwargs):  # runs in the forked worker: killed before the page's facts
-        os._exit(9)
+    def second_page_dies(*args, **kwargs):
+        if os.getpid() != engine:  # in the forked worker
+            calls[0] += 1
+            if calls[0] == 2:
+                os._exit(9)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(workers, "_page_facts", die)
+    monkeypatch.setattr(workers, "classify_page", second_page_dies)
     result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "dying"), monkeypatch, workers_setting="1")
     assert _Recording.last.submitted > 0 and not _Recording.last.enabled
     assert result.ok and result.totals() == reference[0].totals()
