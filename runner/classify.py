@@ -96,8 +96,14 @@ def detail_json(v: Verdict) -> str | None:
 
 
 def verdict_rows(connection: str, account_key: str, verdicts) -> list[tuple]:
-    """The state store's rows for these verdicts (state.insert_verdicts)."""
-    return [(connection, account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v)) for v in verdicts]
+    """The state store's verdict rows for these verdicts (state.insert_verdicts). An imported invoice has none:
+    its ledger row, recorded with the delivery, is its verdict (state.IMPORTED)."""
+    return [(connection, account_key, v.invoice_id, v.number, v.verdict, v.reason, detail_json(v))
+            for v in verdicts if v.verdict != IMPORTED]
+
+
+def imported_message(case_id: str | None, case_reference: str | None) -> str:
+    return f"imported as case {case_reference or case_id}"
 
 
 def to_deliver(eligible: list[Verdict], ledger: dict, account_key: str) -> list[tuple[Verdict, str]]:
@@ -124,7 +130,7 @@ def delivered(v: Verdict, delivery) -> Verdict:
         v.message = f"the destination already has this case ({delivery.case_reference or delivery.case_id})"
     else:
         v.verdict = IMPORTED
-        v.message = f"imported as case {delivery.case_reference or delivery.case_id}"
+        v.message = imported_message(delivery.case_id, delivery.case_reference)
     return v
 
 

@@ -834,9 +834,7 @@ def _explain_inbound(conn: Connection, key: str, cfg: Config, store) -> Explanat
     verdicts, are in the state store; when nothing arrived, the refused calls say why."""
     sname = conn.spec.name
     ex = Explanation(key=key, connection=conn.name, integration=conn.integration)
-    rows = [] if store is None else store.db.execute(
-        "SELECT run_id, account_key, invoice_id, number, verdict, reason, detail, at FROM verdicts WHERE connection=? "
-        "AND (invoice_id=? OR number=?) ORDER BY at DESC, rowid DESC LIMIT 20", (conn.name, key, key)).fetchall()
+    rows = [] if store is None else store.connection_verdicts(conn.name, key)
     if not rows:
         _stage(ex.stages, "received", FAILED, f"no call from {sname} carried an invoice with id or number {key}")
         ex.summary = f"{key} has not arrived from {sname}: no accepted call carried it"

@@ -37,7 +37,7 @@ from runner.config import Config, Connection
 from runner.errors import ConfigError, DestinationError, Problem, RunnerError
 from runner.http import Clients
 from runner.pipeline import ELIGIBLE, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
-from runner.classify import detail_json
+from runner.classify import verdict_rows
 from runner.redact import redact, redact_obj
 from runner.state import Store
 
@@ -374,7 +374,8 @@ class InboundServer:
                     run.fatal = exc
             if eligible:
                 sem = asyncio.Semaphore(max(1, getattr(self.cfg.destination, "concurrency", 8)))
-                await pipeline._deliver_page(source, result, eligible, store, self.destination, run, sem)
+                await pipeline._deliver_page(source, result, eligible, store, self.destination, run, sem,
+                                             run_id=run_id)
             if run.fatal is not None:
                 self.destination_ok = False
             pipeline._count(result, verdicts, False)
@@ -389,8 +390,7 @@ class InboundServer:
                 answer["error"] = run.fatal.message
                 answer["fix"] = run.fatal.fix
         # Committed before the answer leaves: the verdicts, the run, the connection's health.
-        store.record_verdicts(run_id, [(conn.name, source.account_key, v.invoice_id, v.number, v.verdict, v.reason,
-                                        detail_json(v)) for v in recorded])
+        store.record_verdicts(run_id, verdict_rows(conn.name, source.account_key, recorded))
         result.seen = len(recorded)
         result.seconds = time.time() - started
         summary = RunResult(run_id=run_id, mode="serve", destination=self.destination.describe(), connections=[result],

@@ -518,17 +518,18 @@ def _recover_local_sink(store, destination, *, clear: bool = True) -> None:
     record; the engine's own handle is reopened, so a line the worker left torn is ended before the next."""
     if not clear:
         destination.reopen()
-    offset = store.sink_mark()
-    if offset is None:
+    mark = store.sink_mark()
+    if mark is None:
         return
+    offset, run_id = mark  # what the file holds past the mark was written, and so imported, by that run
     rows, n = [], 0
     for row in destination.recover(offset):
         rows.append(row)
         if len(rows) == 1000:
-            store.record_imported(rows)
+            store.record_imported(rows, run_id)
             n, rows = n + len(rows), []
     if rows:
-        store.record_imported(rows)
+        store.record_imported(rows, run_id)
         n += len(rows)
     if not clear:
         logger.debug("{} case(s) the worker wrote to {} are now in the ledger", n, destination.describe())
@@ -586,7 +587,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
         try:
             if hasattr(destination, "flush"):
                 destination.flush()
-            store.mark_delivered(rows, destination.name)
+            store.mark_delivered(rows, run_id)
         except BaseException as exc:  # raised after the gather below, as it would have been in place
             commit_error.append(exc)
 

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     error TEXT,
     first_seen REAL NOT NULL,
     updated REAL NOT NULL,
+    run_id INTEGER,                  -- the run that recorded the delivery: a delivered row is that run's
+                                     -- "imported" verdict (see IMPORTED)
     PRIMARY KEY (destination, account_key, invoice_id)
 );
 CREATE INDEX IF NOT EXISTS ledger_number ON ledger (connection, number);
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL,            -- running | ok | failed | partial
     summary TEXT
 );
-CREATE TABLE IF NOT EXISTS verdicts (
+CREATE TABLE IF NOT EXISTS verdicts (  -- every verdict but "imported" (the ledger's delivered rows)
     run_id INTEGER NOT NULL,
     connection TEXT NOT NULL,
     account_key TEXT NOT NULL,
@@ -142,6 +144,19 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+# An imported invoice's verdict is its delivered ledger row: the run that recorded it, the case it became. A
+# verdict row would only repeat it, and writing both was a sixth of a worker's time per invoice. Rows from
+# before the ledger kept the run (run_id NULL) have their verdict rows instead.
+IMPORTED = "status='delivered' AND run_id IS NOT NULL"  # the ledger rows that are imported verdicts
+
+
+def imported_detail(case_id: str | None, case_reference: str | None) -> dict:
+    """The detail (message, case) of an imported verdict, as classify.delivered gives it."""
+    from runner.classify import imported_message
+
+    return {"message": imported_message(case_id, case_reference), "case_id": case_id, "case_reference": case_reference}
+
+
 def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> None:
     """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json), in the caller's transaction."""
     now = time.time()
@@ -149,18 +164,19 @@ def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> N
                    "detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in rows])
 
 
-def insert_imported(db: sqlite3.Connection, destination: str, rows: list[tuple]) -> None:
+def insert_imported(db: sqlite3.Connection, destination: str, rows: list[tuple], run_id: int | None) -> None:
     """rows: (account_key, invoice_id, connection, number, idempotency_key, case_id, case_reference) of invoices
-    a local sink holds, as delivered (no pending row before them: see sink_marks), in the caller's transaction."""
+    a local sink holds, as delivered by run `run_id` (no pending row before them: see sink_marks), in the
+    caller's transaction."""
     now = time.time()
     db.executemany(
         "INSERT INTO ledger (destination, account_key, invoice_id, connection, number, status, idempotency_key, "
-        "case_id, case_reference, first_seen, updated) VALUES (?, ?, ?, ?, ?, 'delivered', ?, ?, ?, ?, ?) "
+        "case_id, case_reference, first_seen, updated, run_id) VALUES (?, ?, ?, ?, ?, 'delivered', ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET status='delivered', "
         "idempotency_key=excluded.idempotency_key, case_id=excluded.case_id, "
-        "case_reference=excluded.case_reference, number=excluded.number, error=NULL, updated=excluded.updated "
-        "WHERE ledger.status != 'delivered'",
-        [(destination, a, i, c, n, k, cid, cref, now, now) for a, i, c, n, k, cid, cref in rows])
+        "case_reference=excluded.case_reference, number=excluded.number, error=NULL, updated=excluded.updated, "
+        "run_id=excluded.run_id WHERE ledger.status != 'delivered'",
+        [(destination, a, i, c, n, k, cid, cref, now, now, run_id) for a, i, c, n, k, cid, cref in rows])
 
 
 class Store:
@@ -187,6 +203,8 @@ class Store:
         self._reader: sqlite3.Connection | None = None
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        if "run_id" not in {r[1] for r in self.db.execute("PRAGMA table_info(ledger)")}:  # a store from before
+            self.db.execute("ALTER TABLE ledger ADD COLUMN run_id INTEGER")
         self._lockfile = None
 
     def close(self) -> None:
@@ -292,17 +310,14 @@ class Store:
                 "updated=excluded.updated, number=excluded.number WHERE ledger.status != 'delivered'",
                 [(self.destination, a, i, c, n, k, now, now) for a, i, c, n, k in rows])
 
-    def mark_delivered(self, rows: list[tuple], destination: str | None = None) -> None:
-        """rows: (account_key, invoice_id, case_id, case_reference)."""
-        with self.tx():
-            self._delivered(rows)
-
-    def _delivered(self, rows: list[tuple]) -> None:
+    def mark_delivered(self, rows: list[tuple], run_id: int | None = None) -> None:
+        """rows: (account_key, invoice_id, case_id, case_reference), delivered by run `run_id`."""
         now = time.time()
-        self.db.executemany(
-            "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, error=NULL, "
-            "updated=? WHERE destination=? AND account_key=? AND invoice_id=?",
-            [(cid, cref, now, self.destination, a, i) for a, i, cid, cref in rows])
+        with self.tx():
+            self.db.executemany(
+                "UPDATE ledger SET status='delivered', case_id=?, case_reference=?, error=NULL, updated=?, run_id=? "
+                "WHERE destination=? AND account_key=? AND invoice_id=?",
+                [(cid, cref, now, run_id, self.destination, a, i) for a, i, cid, cref in rows])
 
     def mark_failed(self, rows: list[tuple]) -> None:
         """rows: (account_key, invoice_id, error). The invoice is retried by the next run."""
@@ -312,21 +327,19 @@ class Store:
                 "UPDATE ledger SET status='failed', error=?, updated=? WHERE destination=? AND account_key=? "
                 "AND invoice_id=? AND status != 'delivered'", [(e, now, self.destination, a, i) for a, i, e in rows])
 
-    def record_imported(self, rows: list[tuple]) -> None:
+    def record_imported(self, rows: list[tuple], run_id: int | None) -> None:
         """rows: (account_key, invoice_id, connection, number, idempotency_key, case_id, case_reference) of
-        invoices a local sink holds: delivered, with no pending row before (see sink_marks)."""
+        invoices a local sink holds: delivered by run `run_id`, with no pending row before (see sink_marks)."""
         with self.tx():
-            self._imported(rows)
-
-    def _imported(self, rows: list[tuple]) -> None:
-        insert_imported(self.db, self.destination, rows)
+            insert_imported(self.db, self.destination, rows, run_id)
 
     # --- local sinks -----------------------------------------------------------------------------------
-    def sink_mark(self) -> int | None:
-        """The offset a run that did not finish marked in this store's local sink, or None."""
+    def sink_mark(self) -> tuple[int, int | None] | None:
+        """The offset a run that did not finish marked in this store's local sink, and that run; or None."""
         with self._lock:
-            r = self.db.execute("SELECT offset FROM sink_marks WHERE destination=?", (self.destination,)).fetchone()
-        return None if r is None else r[0]
+            r = self.db.execute("SELECT offset, run_id FROM sink_marks WHERE destination=?",
+                                (self.destination,)).fetchone()
+        return None if r is None else (r[0], r[1])
 
     def mark_sink(self, offset: int, run_id: int | None) -> None:
         """Committed before a run's first write to a local sink: what the file holds past `offset` may not be
@@ -350,28 +363,57 @@ class Store:
         transaction."""
         with self.tx():
             if imported:
-                self._imported(imported)
+                insert_imported(self.db, self.destination, imported, run_id)
             insert_verdicts(self.db, run_id, verdicts)
 
     def verdict_history(self, account_key: str, invoice_id: str, limit: int = 20) -> list[dict]:
-        rows = self.db.execute("SELECT run_id, verdict, reason, detail, at FROM verdicts WHERE account_key=? AND "
-                               "invoice_id=? ORDER BY at DESC LIMIT ?", (account_key, invoice_id, limit)).fetchall()
-        return [{"run_id": r[0], "verdict": r[1], "reason": r[2], "detail": json.loads(r[3]) if r[3] else None,
-                 "at": r[4]} for r in rows]
+        """An invoice's verdicts, newest first, its imports (into any destination) included."""
+        rows = self.db.execute(
+            "SELECT run_id, verdict, reason, detail, at FROM verdicts WHERE account_key=? AND invoice_id=? "
+            "ORDER BY at DESC LIMIT ?", (account_key, invoice_id, limit)).fetchall()
+        out = [{"run_id": r[0], "verdict": r[1], "reason": r[2], "detail": json.loads(r[3]) if r[3] else None,
+                "at": r[4]} for r in rows]
+        # The ledger's key starts with the destination: each of the few there are is looked up by its key.
+        imported = self.db.execute(
+            "WITH RECURSIVE d(x) AS (SELECT MIN(destination) FROM ledger UNION ALL "
+            "SELECT (SELECT MIN(destination) FROM ledger WHERE destination > x) FROM d WHERE x IS NOT NULL) "
+            "SELECT run_id, case_id, case_reference, updated FROM ledger WHERE destination IN (SELECT x FROM d) "
+            f"AND account_key=? AND invoice_id=? AND {IMPORTED}", (account_key, invoice_id)).fetchall()
+        out += [{"run_id": r[0], "verdict": "imported", "reason": None, "detail": imported_detail(r[1], r[2]),
+                 "at": r[3]} for r in imported]
+        return sorted(out, key=lambda h: h["at"], reverse=True)[:limit]
+
+    def connection_verdicts(self, connection: str, key: str, limit: int = 20) -> list[tuple]:
+        """The verdicts of one connection's invoice with id or number `key`, newest first, imported ones
+        included: (run_id, account_key, invoice_id, number, verdict, reason, detail as JSON text, at)."""
+        rows = self.db.execute(
+            "SELECT run_id, account_key, invoice_id, number, verdict, reason, detail, at FROM verdicts "
+            "WHERE connection=? AND (invoice_id=? OR number=?) ORDER BY at DESC, rowid DESC LIMIT ?",
+            (connection, key, key, limit)).fetchall()
+        rows += [(r[0], r[1], r[2], r[3], "imported", None, json.dumps(imported_detail(r[4], r[5])), r[6])
+                 for r in self.db.execute(
+            "SELECT run_id, account_key, invoice_id, number, case_id, case_reference, updated FROM ledger "
+            f"WHERE connection=? AND (invoice_id=? OR number=?) AND {IMPORTED}", (connection, key, key))]
+        return sorted(rows, key=lambda r: r[7], reverse=True)[:limit]
 
     def run_verdicts(self, run_id: int, connection: str | None = None, not_imported: bool = False,
                      limit: int = 1000) -> list[dict]:
-        q = "SELECT connection, invoice_id, number, verdict, reason, detail FROM verdicts WHERE run_id=?"
-        args: list = [run_id]
+        """A run's verdicts (with `not_imported`: only those that did not end in a case, new or existing)."""
+        where, args = " WHERE run_id=?", [run_id]
         if connection:
-            q += " AND connection=?"
+            where += " AND connection=?"
             args.append(connection)
-        if not_imported:
-            q += " AND verdict != 'imported' AND reason IS NOT 'duplicate'"
-        q += " LIMIT ?"
-        args.append(limit)
-        return [{"connection": r[0], "invoice_id": r[1], "number": r[2], "verdict": r[3], "reason": r[4],
-                 "detail": json.loads(r[5]) if r[5] else None} for r in self.db.execute(q, args)]
+        rows = [{"connection": r[0], "invoice_id": r[1], "number": r[2], "verdict": r[3], "reason": r[4],
+                 "detail": json.loads(r[5]) if r[5] else None} for r in self.db.execute(
+            "SELECT connection, invoice_id, number, verdict, reason, detail FROM verdicts" + where +
+            (" AND verdict != 'imported' AND reason IS NOT 'duplicate'" if not_imported else "") + " LIMIT ?",
+            [*args, limit])]
+        if not not_imported and len(rows) < limit:
+            rows += [{"connection": r[0], "invoice_id": r[1], "number": r[2], "verdict": "imported", "reason": None,
+                      "detail": imported_detail(r[3], r[4])} for r in self.db.execute(
+                "SELECT connection, invoice_id, number, case_id, case_reference FROM ledger" + where +
+                f" AND {IMPORTED} LIMIT ?", [*args, limit - len(rows)])]
+        return rows
 
     # --- connections -----------------------------------------------------------------------------------
     def connection(self, name: str) -> dict:

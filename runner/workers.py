@@ -45,7 +45,7 @@ import orjson
 from loguru import logger
 
 from runner import pagination, state
-from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, detail_json, tally,
+from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
                              to_deliver, verdict_rows)
 from runner.config import Connection
 from runner.destinations import idempotency_key
@@ -102,8 +102,7 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
         ended = [v for v in verdicts if v.verdict != ELIGIBLE]
         if ended:
             with state.transaction(_store()) as db:
-                state.insert_verdicts(db, run_id, [(name, account_key, v.invoice_id, v.number, v.verdict, v.reason,
-                                                    detail_json(v)) for v in ended])
+                state.insert_verdicts(db, run_id, verdict_rows(name, account_key, ended))
             verdicts = [v for v in verdicts if v.verdict == ELIGIBLE]
         counted = Tally()
         tally(counted, ended)
@@ -158,7 +157,7 @@ def _write(name: str, account_key: str, run_id: int, verdicts: list[Verdict], el
             written.append((account_key, v.invoice_id, name, v.number, k, d.case_id, d.case_reference))
     with state.transaction(db):
         if written:
-            state.insert_imported(db, destination, written)
+            state.insert_imported(db, destination, written, run_id)
         state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
 
 

@@ -58,12 +58,14 @@ def test_apply_gives_every_invoice_one_verdict_with_the_right_reason(sandbox_con
     cases = _cases(cfg)
     imported = [v for v in verdicts.values() if v.verdict == "imported"]
     assert sorted(c["creditorReference"] for c in cases) == sorted(v.number for v in imported)
-    # the verdicts are recorded in the state store, one row per invoice
+    # the verdicts are recorded in the state store, one per invoice (an imported one is its ledger row)
     store = Store(cfg.state_path)
-    rows = store.db.execute("SELECT COUNT(*), COUNT(DISTINCT invoice_id) FROM verdicts WHERE run_id=?",
-                            (result.run_id,)).fetchone()
+    stored = store.run_verdicts(result.run_id, limit=10_000)
     store.close()
-    assert rows == (len(kinds), len(kinds))
+    assert len(stored) == len({r["invoice_id"] for r in stored}) == len(kinds)
+    assert sorted((r["invoice_id"], r["verdict"], r["reason"]) for r in stored) == sorted(
+        (i, v.verdict, v.reason) for i, v in verdicts.items())
+    assert all(r["detail"]["message"] == verdicts[r["invoice_id"]].message for r in stored if r["verdict"] == "imported")
 
 
 def test_second_apply_creates_nothing_and_reports_duplicates(sandbox_config):

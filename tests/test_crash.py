@@ -401,7 +401,8 @@ def test_a_crashed_runs_lines_are_recorded_before_anything_is_written(tmp_path, 
         finally:
             store.close()
 
-    assert apply().totals()["imported"] > 10
+    first = apply()
+    assert first.totals()["imported"] > 10
     lines = out.read_bytes().splitlines()
     keys = [json.loads(line)["idempotency_key"] for line in lines]
     # The crash: the last 10 lines written after the mark, not recorded; the very last one torn; and a line
@@ -412,9 +413,8 @@ def test_a_crashed_runs_lines_are_recorded_before_anything_is_written(tmp_path, 
     out.write_bytes(b"\n".join(lines[:-1] + [foreign]) + b"\n" + lines[-1][:40])
     db = sqlite3.connect(state_db)
     db.executemany("DELETE FROM ledger WHERE idempotency_key=?", [(k,) for k in keys[-10:]])
-    db.execute("INSERT INTO sink_marks (destination, offset, run_id, at) VALUES (?, ?, NULL, 0)",
-               (db.execute("SELECT destination FROM ledger LIMIT 1").fetchone()[0],
-                mark))
+    db.execute("INSERT INTO sink_marks (destination, offset, run_id, at) VALUES (?, ?, ?, 0)",
+               (db.execute("SELECT destination FROM ledger LIMIT 1").fetchone()[0], mark, first.run_id))
     db.commit()
     db.close()
 
@@ -425,6 +425,12 @@ def test_a_crashed_runs_lines_are_recorded_before_anything_is_written(tmp_path, 
     assert set(keys[:-1]) <= delivered, "the 9 whole lines past the mark are recorded"
     assert keys[-1] not in delivered, "the torn line is not: its invoice is written again"
     assert "runner-0000" not in delivered
+    store = Store(state_db)
+    try:  # the recovered lines were written, and so imported, by the run that left the mark
+        imported = [v for v in store.run_verdicts(first.run_id, limit=10_000) if v["verdict"] == "imported"]
+    finally:
+        store.close()
+    assert len(imported) == first.totals()["imported"] - 1
     db = sqlite3.connect(state_db)
     assert db.execute("SELECT COUNT(*) FROM sink_marks").fetchone()[0] == 0
     db.close()

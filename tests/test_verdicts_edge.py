@@ -173,3 +173,47 @@ def test_an_html_answer_from_the_destination_stops_the_run_cleanly(sandbox_confi
     (status,) = store.db.execute("SELECT status FROM runs WHERE id=?", (result.run_id,)).fetchone()
     store.close()
     assert status == "failed"
+
+
+def test_a_store_from_before_the_ledger_kept_runs_keeps_its_history(tmp_path, sandbox_config):
+    """Stores written before imported verdicts became ledger rows have a ledger without run_id and a verdict
+    row for each import. Opened now, the ledger gains the column; an old import shows once in the history,
+    a new run's duplicate after it."""
+    import sqlite3
+
+    cfg = config.load(sandbox_config)
+    _, first = _apply(sandbox_config)
+    imported = [v for v in first.connections[0].verdicts if v.verdict == "imported"]
+    assert imported
+    # Turn the store into one from before: drop ledger.run_id, give each import its verdict row.
+    db = sqlite3.connect(cfg.state_path)
+    cols = "account_key, invoice_id, connection, number, status, idempotency_key, case_id, case_reference, " \
+           "destination, error, first_seen, updated"
+    db.executescript(f"""
+        CREATE TABLE old_ledger AS SELECT {cols} FROM ledger;
+        DROP TABLE ledger;
+        CREATE TABLE ledger (account_key TEXT NOT NULL, invoice_id TEXT NOT NULL, connection TEXT NOT NULL,
+            number TEXT, status TEXT NOT NULL, idempotency_key TEXT NOT NULL, case_id TEXT, case_reference TEXT,
+            destination TEXT NOT NULL, error TEXT, first_seen REAL NOT NULL, updated REAL NOT NULL,
+            PRIMARY KEY (destination, account_key, invoice_id));
+        INSERT INTO ledger SELECT * FROM old_ledger;
+        DROP TABLE old_ledger;
+        INSERT INTO verdicts (run_id, connection, account_key, invoice_id, number, verdict, reason, detail, at)
+            SELECT {first.run_id}, connection, account_key, invoice_id, number, 'imported', NULL,
+                   json_object('message', 'imported as case ' || case_reference), updated FROM ledger;
+    """)
+    db.close()
+
+    _, second = _apply(sandbox_config)
+    assert second.connections[0].skipped()["duplicate"] == len(imported)
+    store = Store(cfg.state_path)
+    try:
+        assert "run_id" in {r[1] for r in store.db.execute("PRAGMA table_info(ledger)")}
+        account = store.db.execute("SELECT account_key FROM ledger LIMIT 1").fetchone()[0]
+        history = store.verdict_history(account, imported[0].invoice_id)
+        by_run = store.run_verdicts(first.run_id, limit=10_000)
+    finally:
+        store.close()
+    assert [(h["run_id"], h["verdict"], h["reason"]) for h in history] == [
+        (second.run_id, "skipped", "duplicate"), (first.run_id, "imported", None)]
+    assert sum(v["verdict"] == "imported" for v in by_run) == len(imported), "each old import once"

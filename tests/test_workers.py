@@ -246,12 +246,12 @@ def test_a_worker_killed_between_writing_a_page_and_recording_it_writes_nothing_
     engine, calls = os.getpid(), [0]
     real = workers.state.insert_imported
 
-    def killed_after_writing(db, destination, rows):
+    def killed_after_writing(db, destination, rows, run_id):
         if os.getpid() != engine:  # in a worker: its third page is in the file, its rows not committed
             calls[0] += 1
             if calls[0] == 3:
                 os._exit(9)
-        return real(db, destination, rows)
+        return real(db, destination, rows, run_id)
 
     monkeypatch.setattr(workers.state, "insert_imported", killed_after_writing)
     result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "k"), monkeypatch, workers_setting=setting)
