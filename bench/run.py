@@ -155,6 +155,9 @@ def last_run_counts(work: Path) -> dict:
         run_id = db.execute("SELECT max(id) FROM runs").fetchone()[0]
         rows = db.execute("SELECT verdict, coalesce(reason, ''), count(*) FROM verdicts WHERE run_id=? "
                           "GROUP BY 1, 2", (run_id,)).fetchall()
+        # An imported invoice's verdict is its delivered ledger row (runner/state.py: IMPORTED).
+        rows += db.execute("SELECT 'imported', '', count(*) FROM ledger WHERE run_id=? AND status='delivered'",
+                           (run_id,)).fetchall()
     finally:
         db.close()
     return {f"{v}:{r}" if r else v: n for v, r, n in rows}
