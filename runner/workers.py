@@ -130,27 +130,35 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
         _own_sink = _sink.copy()
     db, destination = _store(), _ledger[1]
     eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
+    ended = verdict_rows(name, account_key, [v for v in verdicts if v.verdict != ELIGIBLE])
     if eligible:
+        # Encoded before the lock (the other workers wait for it): each with the key derived from its
+        # account and id, which is the one written unless the ledger keeps another (see to_deliver).
+        lines = {}
+        for v in eligible:
+            v.key = idempotency_key(account_key, v.invoice_id)
+            lines[v.invoice_id] = _own_sink.encode(v.invoice, v.key)
         with _own_sink.exclusive():
-            _write(name, account_key, run_id, verdicts, eligible, db, destination)
+            _write(name, account_key, run_id, eligible, lines, ended, db, destination)
     else:  # nothing to write (a second run: every invoice a duplicate): the file is not touched
         with state.transaction(db):
-            state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
+            state.insert_verdicts(db, run_id, ended)
     counted = Tally()
     tally(counted, verdicts)
     return counted
 
 
-def _write(name: str, account_key: str, run_id: int, verdicts: list[Verdict], eligible: list[Verdict],
-           db: sqlite3.Connection, destination: str) -> None:
-    """Under the file's lock: look the eligible invoices up again, write those not delivered, record the page."""
+def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], lines: dict[str, bytes],
+           ended: list[tuple], db: sqlite3.Connection, destination: str) -> None:
+    """Under the file's lock: look the eligible invoices up again, write those not delivered (`lines`, by
+    invoice id), record the page (`ended`: the verdict rows of the rest)."""
     ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible])
     to_send = to_deliver(eligible, ledger, account_key)
     if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
         _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
     written = []
     if to_send:
-        deliveries = _own_sink.write_many([(v.invoice, k, None) for v, k in to_send])
+        deliveries = _own_sink.write_many([(v.invoice, k, lines[v.invoice_id]) for v, k in to_send])
         _own_sink.flush()
         for (v, k), d in zip(to_send, deliveries):
             delivered(v, d)
@@ -158,7 +166,7 @@ def _write(name: str, account_key: str, run_id: int, verdicts: list[Verdict], el
     with state.transaction(db):
         if written:
             state.insert_imported(db, destination, written, run_id)
-        state.insert_verdicts(db, run_id, verdict_rows(name, account_key, verdicts))
+        state.insert_verdicts(db, run_id, ended + verdict_rows(name, account_key, eligible))
 
 
 def _worker_start() -> None:
