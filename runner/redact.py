@@ -28,11 +28,17 @@ def register(value: str | None) -> None:
     if not value or len(value) < 4:
         return
     with _lock:
-        if value in _secrets:
-            return
-        _secrets.add(value)
-        ordered = sorted(_secrets, key=len, reverse=True)
-        _pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        if value not in _secrets:
+            _secrets.add(value)
+            _pattern = None  # compiled again when next needed: a config with fifty keys registers fifty
+
+
+def _compiled() -> re.Pattern | None:
+    global _pattern
+    with _lock:
+        if _pattern is None and _secrets:
+            _pattern = re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True)))
+        return _pattern
 
 
 def _shape(m: re.Match) -> str:
@@ -50,7 +56,7 @@ def _shape(m: re.Match) -> str:
 def redact(text):
     if not isinstance(text, str):
         return text
-    pat = _pattern
+    pat = _pattern or _compiled()
     if pat is not None:
         text = pat.sub(MASK, text)
     return _SHAPES.sub(_shape, text)
