@@ -263,15 +263,16 @@ class _Channel(asyncio.Protocol):
 _HEADER = struct.Struct("!I")
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            return None
-        got += k
-    return bytes(buf)
+def _read_exactly(sock: socket.socket, n: int) -> bytearray | None:
+    buf = bytearray(n)  # read into, and unpickled from, as it is: a page is not copied once more
+    with memoryview(buf) as view:
+        got = 0
+        while got < n:
+            k = sock.recv_into(view[got:])
+            if k == 0:
+                return None
+            got += k
+    return buf
 
 
 def _send(sock: socket.socket, answer: tuple) -> None:
