@@ -34,6 +34,8 @@ UNANSWERED = (httpx.TransportError, httpx.TimeoutException, httpcore.TimeoutExce
 # What httpx's client would add, and a User-Agent that says who is calling (providers ask for one).
 DEFAULT_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": f"runner/{__version__}"}
 SANDBOX_SCHEME = "sandbox://"
+# Connections per pool, and how many stay open between requests: the same for httpcore pools and OAuth clients.
+MAX_CONNECTIONS, MAX_KEEPALIVE = 64, 32
 
 
 @dataclass
@@ -232,8 +234,8 @@ class Clients:
         found = self._pools.get(key)
         if found is None:
             found = self._pools[key] = httpcore.AsyncConnectionPool(
-                ssl_context=self._verify(tls), max_connections=64, max_keepalive_connections=32,
-                keepalive_expiry=5.0)
+                ssl_context=self._verify(tls), max_connections=MAX_CONNECTIONS,
+                max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=5.0)
         return found
 
     def resolve(self, base_url: str, pool: str = "") -> tuple[httpx.AsyncClient, str]:
@@ -254,8 +256,8 @@ class Clients:
         key = f"network:{'tls' if tls else 'plain'}:{pool}"
         client = self._clients.get(key)
         if client is None:
-            transport = httpx.AsyncHTTPTransport(verify=self._verify(tls),
-                                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+            transport = httpx.AsyncHTTPTransport(verify=self._verify(tls), limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE))
             client = self._clients[key] = httpx.AsyncClient(timeout=30.0, transport=transport, follow_redirects=False)
             self._transports[id(client)] = transport
         return client, base_url

@@ -355,7 +355,7 @@ class Source:
                 except Exception:  # noqa: BLE001 - decoded in full below, which says what is wrong with it
                     pass
             if facts is None:
-                records = self.page_records(resp.content, resp)
+                records = self.page_records(resp)
                 facts = pagination.facts(self.stream.paginate, resp.json(), records)
             # The next page is known before this one is handed on, so a first page followed by others can go
             # to the worker; a paginator that refuses to go on (a link off the host, say) does so after it.
@@ -367,7 +367,7 @@ class Source:
             if records is None:
                 classified = hand_over(resp.content, facts.count, step is not None)
                 if classified is None:  # not taken: the engine classifies it
-                    records = self.page_records(resp.content, resp)
+                    records = self.page_records(resp)
             if self.stream.details:
                 await self.enrich(records)
                 yield records, None, None, step is not None  # enriched: the answer alone no longer holds them
@@ -383,11 +383,11 @@ class Source:
             self._facts = pagination.facts_reader(self.stream)
         return self._facts
 
-    def page_records(self, content: bytes, resp=None) -> list:
-        """The invoices of a list answer (its bytes, or the Response they came in), or a ProviderError that
-        says in plain words what is wrong with it."""
-        body = resp.json(f"{self.spec.name}'s invoice list") if resp is not None else parse_json(
-            content, "", f"{self.spec.name}'s invoice list")
+    def page_records(self, answer) -> list:
+        """The invoices of a list answer (the Response, or its bytes as a worker was given them), or a
+        ProviderError that says in plain words what is wrong with it."""
+        what = f"{self.spec.name}'s invoice list"
+        body = parse_json(answer, "", what) if isinstance(answer, (bytes, bytearray)) else answer.json(what)
         try:
             return self.stream.page_records(body)
         except TypeError as exc:

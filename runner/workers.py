@@ -44,7 +44,7 @@ from typing import Any, Callable
 import orjson
 from loguru import logger
 
-from runner import pagination, state
+from runner import state
 from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
                              to_deliver, verdict_rows)
 from runner.config import Connection
@@ -336,6 +336,12 @@ class Workers:
         deliver()
         return True
 
+    def _question(self, source, store, payload: Any, is_answer: bool, run_id: int | None,
+                  deliver: Callable[[], None] | None) -> tuple:
+        """What a worker is sent for one page: the arguments of _classify_page."""
+        return (source.conn.name, source.account_id, source.account_key, source.today_iso, payload, is_answer,
+                store is not None, run_id if store is not None else None, self._delivers(store, run_id, deliver))
+
     def take(self, source, store, answer: bytes, count: int, page: int, more: bool, run_id: int | None = None,
              deliver: Callable[[], None] | None = None) -> asyncio.Future | None:
         """Hand a worker a provider's answer as it came, undecoded (its `count` records read by the engine's
@@ -348,8 +354,7 @@ class Workers:
         except OSError as exc:  # the worker cannot start: this page and the rest stay here
             self._gone(exc)
             return None
-        question = (source.conn.name, source.account_id, source.account_key, source.today_iso, answer, True,
-                    store is not None, run_id if store is not None else None, self._delivers(store, run_id, deliver))
+        question = self._question(source, store, answer, True, run_id, deliver)
         return asyncio.ensure_future(self._ask(question, source, store, None))
 
     def _gone(self, exc: BaseException | None) -> None:
@@ -374,9 +379,7 @@ class Workers:
             self._start(store)
         except OSError as exc:
             return self._fallback(source, store, records, exc), None
-        question = (source.conn.name, source.account_id, source.account_key, source.today_iso, payload,
-                    answer is not None, store is not None, run_id if store is not None else None,
-                    self._delivers(store, run_id, deliver))
+        question = self._question(source, store, payload, answer is not None, run_id, deliver)
         # While the worker has the page, the engine keeps only what it sent (the answer's bytes are a tenth
         # of the parsed records): with many connections, many pages are in flight.
         return asyncio.ensure_future(self._ask(question, source, store, records if answer is None else None))
