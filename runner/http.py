@@ -36,6 +36,9 @@ DEFAULT_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Ag
 SANDBOX_SCHEME = "sandbox://"
 # Connections per pool, and how many stay open between requests: the same for httpcore pools and OAuth clients.
 MAX_CONNECTIONS, MAX_KEEPALIVE = 64, 32
+# New TCP connections to one host being opened at once (every pool of a run), and how long one attempt may go
+# unanswered before a second starts beside it (see Connector).
+CONNECTS_AT_ONCE, BACKUP_CONNECT_S, CONNECT_ATTEMPTS = 8, 0.25, 3
 
 
 @dataclass
@@ -201,6 +204,64 @@ def _no_trust():
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names, and trusts none
 
 
+class Connector(httpcore.AsyncNetworkBackend):
+    """How the run's connection pools open TCP connections (httpcore's network backend).
+
+    A server whose queue of connections waiting to be accepted is full drops the next SYN, and the kernel
+    sends it again only after a second (then three). Fifty connections starting at once against one host
+    overflowed the small queue of a plain Python server (the benchmark's: 5) and a third of them sat idle for
+    that second (issue 7). So, per host and port: at most CONNECTS_AT_ONCE connections are being opened at
+    a time (a burst the size of the run's connections is what overflows such a queue), and an attempt with
+    no answer after BACKUP_CONNECT_S gets a second one beside it (up to CONNECT_ATTEMPTS), the first to
+    connect wins and the others are closed: a lost SYN costs a quarter of a second, not a second. Browsers
+    do the same for the same reason (Chromium's backup connect job, RFC 8305's connection attempt delay)."""
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend | None = None):
+        self._backend = backend or httpcore.AnyIOBackend()
+        self._gates: dict[tuple[str, int], asyncio.Semaphore] = {}
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options=None) -> httpcore.AsyncNetworkStream:
+        gate = self._gates.get((host, port))
+        if gate is None:
+            gate = self._gates[(host, port)] = asyncio.Semaphore(CONNECTS_AT_ONCE)
+        async with gate:
+            attempts: list[asyncio.Task] = []  # those still running
+            started, failure = 0, None
+            try:
+                while True:
+                    if started < CONNECT_ATTEMPTS:
+                        started += 1
+                        attempts.append(asyncio.ensure_future(self._backend.connect_tcp(
+                            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options)))
+                    done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED,
+                                                 timeout=BACKUP_CONNECT_S if started < CONNECT_ATTEMPTS else None)
+                    for a in done:
+                        attempts.remove(a)
+                        if a.exception() is None:
+                            return a.result()
+                        failure = failure or a.exception()
+                    if done and not attempts:  # an answer (refused, unreachable, timed out): no second guess
+                        raise failure
+            finally:
+                await self._abandon(attempts)
+
+    @staticmethod
+    async def _abandon(attempts: list[asyncio.Task]) -> None:
+        """Stop the attempts that lost; one that connected meanwhile is closed."""
+        for a in attempts:
+            a.cancel()
+        for outcome in await asyncio.gather(*attempts, return_exceptions=True):
+            if isinstance(outcome, httpcore.AsyncNetworkStream):
+                await outcome.aclose()
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        return await self._backend.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
 class Clients:
     """The connections of one run: httpcore connection pools for the network, the httpx clients that OAuth
     flows use (authlib), and one httpx transport per built-in sandbox simulator."""
@@ -210,6 +271,7 @@ class Clients:
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._transports: dict[int, httpx.AsyncBaseTransport] = {}
         self._pools: dict[str, httpcore.AsyncConnectionPool] = {}
+        self._connector = Connector()  # one for every pool: its limit of connections being opened is per host
         self._tls = None
 
     def transport(self, client: httpx.AsyncClient) -> httpx.AsyncBaseTransport:
@@ -235,7 +297,7 @@ class Clients:
         if found is None:
             found = self._pools[key] = httpcore.AsyncConnectionPool(
                 ssl_context=self._verify(tls), max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=5.0)
+                max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=5.0, network_backend=self._connector)
         return found
 
     def resolve(self, base_url: str, pool: str = "") -> tuple[httpx.AsyncClient, str]:

@@ -6,14 +6,16 @@ import gzip
 import json
 import socket
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpcore
 import pytest
 
 from runner import __version__
 from runner.errors import ProviderError
-from runner.http import Clients, Http, Policy
+from runner.http import BACKUP_CONNECT_S, CONNECTS_AT_ONCE, Clients, Connector, Http, Policy
 
 
 @pytest.fixture
@@ -145,3 +147,143 @@ def test_an_address_nothing_listens_on_is_retried_then_reported():
 
     with pytest.raises(ProviderError, match="Stripe could not be reached after 2 attempts: ConnectError"):
         asyncio.run(go())
+
+
+def test_a_connection_whose_first_syn_is_dropped_opens_in_a_quarter_second_not_a_second():
+    """A server's full accept queue drops the next SYN; the kernel resends it only after a second. Fifty
+    connections starting at once against a small Python server lost a second each that way (issue 7)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # a queue of one connection waiting to be accepted
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # ... and it is full: the next SYN is dropped
+    accepted: list[socket.socket] = []
+
+    def serve():
+        time.sleep(0.1)  # the server gets round to accepting a moment later, after the first SYN was lost
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            if len(accepted) == 2:  # the filler, then the runner's connection: answer it
+                conn.sendall(conn.recv(100).upper())
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    async def go():
+        started = time.monotonic()
+        stream = await Connector().connect_tcp("127.0.0.1", port, timeout=5)
+        took = time.monotonic() - started
+        await stream.write(b"ping")
+        echoed = await stream.read(100)
+        await stream.aclose()
+        return took, echoed
+
+    try:
+        took, echoed = asyncio.run(go())
+    finally:
+        filler.close()
+        listener.close()
+    assert echoed == b"PING"
+    assert BACKUP_CONNECT_S <= took < 0.9, took  # the second attempt, not the kernel's retransmission at 1 s
+
+
+class _Attempts(httpcore.AsyncNetworkBackend):
+    """A network backend whose connection attempts the test decides: each waits for its own outcome."""
+
+    def __init__(self):
+        self.outcomes: list[asyncio.Future] = []
+        self.cancelled = 0
+        self.opening = self.most_opening = 0
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        outcome = asyncio.get_running_loop().create_future()
+        self.outcomes.append(outcome)
+        self.opening += 1
+        self.most_opening = max(self.most_opening, self.opening)
+        try:
+            return await outcome
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.opening -= 1
+
+
+async def _settle():
+    """Let every task that can run, run (the attempts are tasks of their own)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    closed = False
+
+    async def aclose(self):
+        self.closed = True
+
+
+def test_an_unanswered_attempt_gets_a_second_beside_it_and_the_loser_is_stopped():
+    async def go():
+        inner = _Attempts()
+        task = asyncio.ensure_future(Connector(inner).connect_tcp("api.example.com", 443))
+        while len(inner.outcomes) < 2:  # the first has had no answer for BACKUP_CONNECT_S
+            await asyncio.sleep(0.01)
+        won = _Stream()
+        inner.outcomes[1].set_result(won)
+        assert await task is won
+        return inner
+
+    inner = asyncio.run(go())
+    assert len(inner.outcomes) == 2 and inner.cancelled == 1
+
+
+def test_of_two_attempts_that_connect_together_one_is_used_and_the_other_closed():
+    async def go():
+        inner = _Attempts()
+        task = asyncio.ensure_future(Connector(inner).connect_tcp("api.example.com", 443))
+        while len(inner.outcomes) < 2:
+            await asyncio.sleep(0.01)
+        both = [_Stream(), _Stream()]
+        for outcome, stream in zip(inner.outcomes, both):
+            outcome.set_result(stream)
+        return await task, both
+
+    used, both = asyncio.run(go())
+    assert used in both and not used.closed
+    assert [s.closed for s in both if s is not used] == [True]
+
+
+def test_a_refused_connection_is_reported_at_once_without_a_second_attempt():
+    async def go():
+        inner = _Attempts()
+        task = asyncio.ensure_future(Connector(inner).connect_tcp("api.example.com", 443))
+        await _settle()
+        inner.outcomes[0].set_exception(httpcore.ConnectError("[Errno 111] Connection refused"))
+        with pytest.raises(httpcore.ConnectError, match="refused"):
+            await task
+        return inner
+
+    assert len(asyncio.run(go()).outcomes) == 1
+
+
+def test_connections_to_one_host_are_opened_a_few_at_a_time_and_other_hosts_do_not_wait():
+    async def go():
+        inner = _Attempts()
+        connector = Connector(inner)
+        many = [asyncio.ensure_future(connector.connect_tcp("api.stripe.com", 443)) for _ in range(20)]
+        other = asyncio.ensure_future(connector.connect_tcp("books.zoho.com", 443))
+        await _settle()
+        assert len(inner.outcomes) == CONNECTS_AT_ONCE + 1  # eight to Stripe, and Zoho's at once
+        while not all(t.done() for t in many + [other]):
+            for o in inner.outcomes:
+                if not o.done():
+                    o.set_result(_Stream())
+            await _settle()
+        return inner
+
+    inner = asyncio.run(go())
+    assert inner.most_opening == CONNECTS_AT_ONCE + 1
+    assert len(inner.outcomes) == 21  # every one answered at once: no second attempts
