@@ -19,7 +19,6 @@ from typing import Any, Callable
 from urllib.parse import quote_plus, urlsplit
 
 import httpcore
-import httpx
 import orjson
 from loguru import logger
 
@@ -29,8 +28,10 @@ from runner.errors import ProviderError, UnsafeRequest
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 # What a request that never got an answer raises, from httpx (the sandbox's transport) or from httpcore (the
 # network): the same names (ConnectError, ReadTimeout, RemoteProtocolError, ...) in both.
-UNANSWERED = (httpx.TransportError, httpx.TimeoutException, httpcore.TimeoutException, httpcore.NetworkError,
-              httpcore.ProtocolError, httpcore.UnsupportedProtocol, httpcore.ProxyError)
+# httpx is imported only by runs that use one of its clients (a sandbox, an OAuth flow): ≈ 0.1 s of start-up.
+_UNANSWERED_CORE = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+                    httpcore.UnsupportedProtocol, httpcore.ProxyError)
+UNANSWERED = _UNANSWERED_CORE
 # What httpx's client would add, and a User-Agent that says who is calling (providers ask for one).
 DEFAULT_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": f"runner/{__version__}"}
 SANDBOX_SCHEME = "sandbox://"
@@ -134,10 +135,68 @@ def reset_limiters() -> None:
     _limiters.clear()
 
 
+class Headers:
+    """A response's headers, looked up by name in any case (what httpx.Headers gives the runner), decoded on
+    first use. A name sent more than once gets its values joined with ", "."""
+
+    __slots__ = ("_raw", "_names")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]):
+        self._raw = raw
+        self._names: dict[str, str] | None = None
+
+    def _index(self) -> dict[str, str]:
+        if self._names is None:
+            names: dict[str, str] = {}
+            for k, v in self._raw:
+                name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+                names[name] = f"{names[name]}, {value}" if name in names else value
+            self._names = names
+        return self._names
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._index().get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return self._index()[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index()
+
+    def items(self):
+        return self._index().items()
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._index())})"
+
+
+def _with_httpx():
+    """Import httpx for a run that uses its clients; what its transports raise counts as unanswered too."""
+    global UNANSWERED
+    import httpx
+
+    UNANSWERED = (httpx.TransportError, *_UNANSWERED_CORE)
+    return httpx
+
+
+def _ssl_context():
+    """The TLS context httpx makes by default: certifi's CA bundle, or SSL_CERT_FILE / SSL_CERT_DIR."""
+    import os
+    import ssl
+
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 @dataclass
 class Response:
     status: int
-    headers: httpx.Headers
+    headers: Headers  # or httpx.Headers, from a sandbox: both look names up in any case
     content: bytes
     url: str
     elapsed_s: float = 0.0
@@ -284,7 +343,7 @@ class Clients:
             # TLS context with no trusted certificates, so a TLS handshake there could only fail.
             return _no_trust()
         if self._tls is None:
-            self._tls = httpx.create_ssl_context()
+            self._tls = _ssl_context()
         return self._tls
 
     def pool(self, base_url: str, pool: str = "") -> httpcore.AsyncConnectionPool:
@@ -303,6 +362,7 @@ class Clients:
     def resolve(self, base_url: str, pool: str = "") -> tuple[httpx.AsyncClient, str]:
         """An httpx client for a base URL (OAuth flows), and the URL it answers on: a built-in sandbox's
         transport for sandbox://<name>, the network otherwise."""
+        httpx = _with_httpx()
         if base_url.startswith(SANDBOX_SCHEME):
             name = base_url[len(SANDBOX_SCHEME):].split("/", 1)[0]
             client = self._clients.get(name)
@@ -337,6 +397,18 @@ class Clients:
 # Characters a request target may carry as they are; anything else (a space, non-ASCII) is percent-encoded
 # by httpx's URL parser first.
 _TARGET_OK = re.compile(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]*")
+
+
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
+
+
+def _origin(split) -> tuple[bytes, bytes, int | None, bytes]:
+    """Scheme, host (IDNA), port (None for the scheme's default) and Host header of a split URL."""
+    scheme = split.scheme.lower().encode("ascii")
+    host = (split.hostname or "").encode("idna")
+    port = None if split.port == _DEFAULT_PORTS.get(scheme) else split.port
+    netloc = b"[" + host + b"]" if b":" in host else host
+    return scheme, host, port, netloc + (b":%d" % port if port is not None else b"")
 
 
 def _query(params: dict) -> str:
@@ -379,7 +451,8 @@ class Http:
             self.base_url, self._transport, self._pool = base_url, None, clients.pool(base_url, pool)
         self.headers = headers or {}
         self.policy = policy or Policy()
-        self._timeout = httpx.Timeout(self.policy.timeout_s).as_dict()
+        t = self.policy.timeout_s
+        self._timeout = {"connect": t, "read": t, "write": t, "pool": t}
         self.limiter = limiter
         self.label = label
         self.requests = 0
@@ -387,9 +460,9 @@ class Http:
         split = urlsplit(self.base_url)
         self._origin = (split.scheme, split.netloc)
         self._prefix = split.path.rstrip("/")
-        origin = httpx.URL(self.base_url)  # every request goes to this origin (see url())
-        self._scheme, self._host, self._port = origin.raw_scheme, origin.raw_host, origin.port
-        self._host_header = (b"Host", origin.netloc)
+        # Every request goes to this origin (see url()), as httpx would address it.
+        self._scheme, self._host, self._port, netloc = _origin(split)
+        self._host_header = (b"Host", netloc)
 
     def url(self, path_or_url: str) -> str:
         """Join a path to the base URL; an absolute URL must stay on the base URL's host and path."""
@@ -453,7 +526,7 @@ class Http:
                 continue
             raise _status_error(self.label, resp, attempt)
 
-    async def _send(self, method: str, url: str, params, headers: dict, body) -> tuple[int, httpx.Headers, bytes, str]:
+    async def _send(self, method: str, url: str, params, headers: dict, body) -> tuple[int, Headers, bytes, str]:
         """One request. On the network, straight to httpcore's connection pool (the transport under httpx):
         httpx's client layers (cookies, auth flows, redirects, event hooks) and its request and response
         models are nothing the runner uses, and cost half the CPU of a request. A built-in sandbox answers
@@ -461,6 +534,8 @@ class Http:
         if params:  # added to any query the URL has already (a provider's next link keeps its own)
             url += ("&" if "?" in url else "?") + _query(params)
         if self._pool is None:
+            import httpx
+
             request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": self._timeout})
             raw = await self._transport.handle_async_request(request)
             try:
@@ -474,6 +549,7 @@ class Http:
         # url() keeps every request on the base URL's origin: only the target (path and query) varies.
         target = url[url.index("/", url.index("://") + 3):] if url.count("/") > 2 else "/"
         if not _TARGET_OK.fullmatch(target):
+            httpx = _with_httpx()
             target = httpx.URL(url).raw_path.decode("ascii")
             url = str(httpx.URL(url))
         hdrs = [self._host_header, *((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())]
@@ -482,7 +558,7 @@ class Http:
         raw = await self._pool.request(method, httpcore.URL(scheme=self._scheme, host=self._host, port=self._port,
                                                             target=target.encode("ascii")),
                                        headers=hdrs, content=body, extensions={"timeout": self._timeout})
-        resp_headers = httpx.Headers(raw.headers)
+        resp_headers = Headers(raw.headers)
         try:
             content = _decoded(raw.content, resp_headers.get("content-encoding"))
         except zlib.error as exc:

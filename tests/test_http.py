@@ -86,6 +86,9 @@ def test_requests_ask_for_compression_say_who_calls_and_answers_are_decoded(serv
     assert first.url == base + "/v1/invoices?limit=100&expand%5B%5D=data.customer"
     assert [s["accept-encoding"] for s in seen] == ["gzip, deflate"] * 2
     assert all(s["user-agent"] == f"runner/{__version__}" and s["authorization"] == "Bearer sk_test_x" for s in seen)
+    # the answer's headers, by name in any case
+    assert first.headers["Content-Type"] == first.headers.get("content-type") == "application/json"
+    assert "CONTENT-ENCODING" in first.headers and first.headers.get("retry-after") is None
 
 
 def test_bodies_links_and_odd_characters_go_out_as_httpx_would_send_them(server):
@@ -287,3 +290,35 @@ def test_connections_to_one_host_are_opened_a_few_at_a_time_and_other_hosts_do_n
     inner = asyncio.run(go())
     assert inner.most_opening == CONNECTS_AT_ONCE + 1
     assert len(inner.outcomes) == 21  # every one answered at once: no second attempts
+
+
+@pytest.mark.parametrize("base", ["https://api.stripe.com", "https://api.stripe.com:443/v1", "http://127.0.0.1:8080/x",
+                                  "http://[::1]:9000", "https://user:pw@host.example:8443/a",
+                                  "https://bücher.example/api", "HTTPS://API.Stripe.com", "http://h:80", "https://h:80"])
+def test_requests_go_to_the_origin_httpx_would_address(base):
+    import httpx
+    from urllib.parse import urlsplit
+
+    from runner.http import _origin
+
+    url = httpx.URL(base)
+    assert _origin(urlsplit(base)) == (url.raw_scheme, url.raw_host, url.port, url.netloc)
+
+
+def test_a_run_against_the_network_does_not_import_httpx(server):
+    """httpx is a tenth of a second of start-up; a run with an API key never needs it (issue 7, target 7)."""
+    import subprocess
+    import sys
+
+    base, _ = server
+    code = (
+        "import asyncio, sys\n"
+        "from runner.http import Clients, Http\n"
+        "async def go():\n"
+        "    clients = Clients()\n"
+        f"    r = await Http(clients, {base!r}).request('GET', '/v1/invoices')\n"
+        "    await clients.aclose()\n"
+        "    return r.status\n"
+        "print(asyncio.run(go()), 'httpx' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["200", "False"], out.stderr
