@@ -141,6 +141,10 @@ class Source:
         self.today_iso = self.today.isoformat()
         self._classifier: Classifier | None = None
         self._facts = False  # pagination.facts_reader, made on first use (None: the spec's paths need a full decode)
+        # Whether the ledger had rows of this account when the connection started (see open). An account it
+        # had none of needs no lookup before classification: all it could find is what this run delivers,
+        # and delivery looks every invoice up again (under the local sink's lock, or before each request).
+        self.known = True
 
     # --- context and requests --------------------------------------------------------------------------
     def context(self, **extra) -> dict:
@@ -162,6 +166,8 @@ class Source:
                     self.http = Http(self.clients, base, policy=self.http.policy, limiter=self.http.limiter,
                                      label=self.http.label, pool=self.conn.name)
         await self._identify()
+        if self.store is not None:
+            self.known = self.store.has_ledger(self.account_key)
 
     def _reconnect_cleared(self) -> bool:
         """A new bootstrap refresh token in the config is worth one try before insisting on `runner connect`."""

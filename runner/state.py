@@ -323,6 +323,12 @@ class Store:
         with self._lock:
             return self._lookup(self.db, account_key, ids)
 
+    def has_ledger(self, account_key: str) -> bool:
+        """Whether the ledger has any row of this source account (for this destination)."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM ledger WHERE destination=? AND account_key=? LIMIT 1",
+                                   (self.destination, account_key)).fetchone() is not None
+
     def _lookup(self, db, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
         return lookup(db, self.destination, account_key, ids)
 

@@ -286,3 +286,36 @@ def test_a_worker_ends_a_line_another_left_torn_before_it_writes(tmp_path):
     assert (tmp_path / "out.jsonl").read_bytes().splitlines() == [
         b'{"idempotency_key":"k-a"}', b'{"idempotency_key":"k-b","inv', b'{"idempotency_key":"k-c"}',
         b'{"idempotency_key":"k-d"}']
+
+
+@pytest.mark.parametrize("setting", ["0", None])
+def test_a_new_accounts_first_run_skips_the_lookup_before_classifying_and_still_delivers_each_invoice_once(
+        tmp_path, monkeypatch, setting):
+    """An account the ledger has no row of is classified without looking its invoices up first (issue 7): all
+    that lookup could find is what this run delivers, and delivery looks every invoice up again. Two
+    connections of the same account with overlapping windows show it: the overlap is delivered once."""
+    cfg = _workspace(tmp_path)
+    text = cfg.read_text().replace("    window: {last: 3y}\n", "    window: {last: 3y}\n    account_id: acme\n")
+    second = text[text.index("  - name: s"):].replace("name: s", "name: s-recent").replace("last: 3y", "last: 1y")
+    cfg.write_text(text + second)
+    looked_up = []
+    real = state.lookup
+    monkeypatch.setattr(state, "lookup", lambda db, dest, account, ids: looked_up.append(len(ids)) or real(
+        db, dest, account, ids))
+    result, verdicts, ledger, lines = _apply(cfg, monkeypatch, workers_setting=setting)
+    older, recent = result.connections
+    assert older.account_id == recent.account_id == "acme" and recent.seen > 10
+    keys = [orjson.loads(line)["idempotency_key"] for line in lines]
+    assert len(keys) == len(set(keys)) == older.imported + recent.imported  # none written twice
+    assert len(ledger) == len(keys) and all(s == "delivered" for _, s, _ in ledger)
+    # the overlap: each of its invoices imported by one of the connections and a duplicate for the other
+    dup = [d for _, _, v, r, d in verdicts if r == "duplicate"]
+    assert len(dup) == older.skipped().get("duplicate", 0) + recent.skipped().get("duplicate", 0) > 0
+    assert all("already imported on" in orjson.loads(d)["message"] for d in dup)
+    if setting == "0":  # looked up at delivery only, once per eligible invoice, never before classifying
+        assert sum(looked_up) == len(keys) + len(dup)
+    # exactly the cases the wider connection alone delivers
+    alone = _workspace(tmp_path / "alone")
+    alone.write_text(text)
+    assert sorted(orjson.loads(line)["idempotency_key"] for line in _apply(alone, monkeypatch,
+                                                                           workers_setting=setting)[3]) == sorted(keys)
