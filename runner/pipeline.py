@@ -494,12 +494,18 @@ class RunResult:
 
 
 # Pages fetched ahead of the one being delivered, for the whole run: each worker always has a next page
-# waiting, and with many connections each keeps fewer (memory stays flat with the number of connections).
+# waiting, and with many connections each keeps fewer (one at least).
 PAGES_AHEAD = 8
+# Pages fetched and not finished yet (classified, delivered, recorded), all connections together. Enough for
+# the requests in flight to keep every worker busy (a page is ~3 ms of a worker, a request 50-150 ms); it
+# is what keeps memory flat with hundreds of connections, each of which would otherwise hold a page or two
+# (500 connections held 350 MiB of pages waiting for the workers).
+PAGES_IN_FLIGHT = 64
 
 
 class _RunState:
     def __init__(self):
+        self.pages = asyncio.Semaphore(PAGES_IN_FLIGHT)  # see PAGES_IN_FLIGHT
         self.fatal: DestinationError | None = None
         self.sink_marked = False  # this run has marked its local sink (see Store.mark_sink)
         self.unrecorded = 0  # pages written to the local sink whose ledger rows are not committed yet
@@ -721,17 +727,35 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             fetched += 1
             return workers.take(source, store, answer, count, fetched, more, recording_run, deliver)
 
+        pages = source.pages_with_answers(hand_over if workers else None)
         try:
-            async for records, answer, classified, more in source.pages_with_answers(hand_over if workers else None):
+            while True:
+                await run.pages.acquire()  # a page of the run's PAGES_IN_FLIGHT, given back when it is finished
+                try:
+                    records, answer, classified, more = await pages.__anext__()
+                except StopAsyncIteration:  # the last page was fetched before
+                    run.pages.release()
+                    break
+                except BaseException:
+                    run.pages.release()
+                    raise
                 page += 1
-                # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
-                if classified is None:
-                    classified = (workers.classify(source, store, records, answer, page, recording_run, deliver, more)
-                                  if workers else (Workers.here(source, store, records), None))
-                inflight.append(asyncio.ensure_future(finish_page(classified, inflight[-1] if inflight else None)))
+                try:
+                    # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
+                    if classified is None:
+                        classified = (workers.classify(source, store, records, answer, page, recording_run, deliver,
+                                                       more)
+                                      if workers else (Workers.here(source, store, records), None))
+                    finishing = asyncio.ensure_future(finish_page(classified, inflight[-1] if inflight else None))
+                except BaseException:
+                    run.pages.release()
+                    raise
+                finishing.add_done_callback(lambda _: run.pages.release())
+                inflight.append(finishing)
                 while inflight and (len(inflight) > ahead or inflight[0].done()):
                     await inflight.popleft()  # a failure surfaces here, before more is fetched
         finally:
+            await pages.aclose()
             try:  # a page fetched before a failure is still delivered and recorded
                 first: BaseException | None = None
                 while inflight:

@@ -319,3 +319,41 @@ def test_a_new_accounts_first_run_skips_the_lookup_before_classifying_and_still_
     alone.write_text(text)
     assert sorted(orjson.loads(line)["idempotency_key"] for line in _apply(alone, monkeypatch,
                                                                            workers_setting=setting)[3]) == sorted(keys)
+
+
+@pytest.mark.parametrize("setting,limit", [("0", 3), (None, 3), (None, 64)])
+def test_the_runs_pages_in_flight_are_bounded_across_all_its_connections(tmp_path, monkeypatch, setting, limit):
+    """Hundreds of connections each holding a page or two waiting for the workers was 350 MiB with 500
+    connections: the run as a whole has at most PAGES_IN_FLIGHT pages fetched and not yet finished."""
+    cfg = _workspace(tmp_path)
+    text = cfg.read_text()
+    one = text[text.index("  - name: s"):]
+    cfg.write_text(text[:text.index("  - name: s")] + "".join(
+        one.replace("name: s", f"name: s{i}").replace("    window:", f"    account_id: acct{i}\n    window:")
+        for i in range(6)))
+    monkeypatch.setattr(pipeline, "PAGES_IN_FLIGHT", limit)
+    held, most = [0], [0]
+    requests = []
+    real_send = pipeline.Source.send_spec
+
+    async def send_spec(self, req_spec, ctx, *a, **k):
+        if req_spec is self.stream.request:
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+        try:
+            return await real_send(self, req_spec, ctx, *a, **k)
+        finally:
+            if req_spec is self.stream.request:
+                held[0] -= 1
+                requests.append(1)
+
+    monkeypatch.setattr(pipeline.Source, "send_spec", send_spec)
+    result, verdicts, ledger, lines = _apply(cfg, monkeypatch, workers_setting=setting)
+    assert len(result.connections) == 6 and all(c.status == "ok" and c.seen > 20 for c in result.connections)
+    assert len({c.imported for c in result.connections}) == 1  # six copies of one account: the same work each
+    assert len(lines) == len(ledger) == sum(c.imported for c in result.connections)
+    assert len(requests) == 6 * 5  # five pages a connection
+    if limit == 3:
+        assert most[0] == 3  # never more than three pages at once, all connections together
+    else:
+        assert most[0] > 3  # what the six would do unbounded (so the bound above is what holds them back)
