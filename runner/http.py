@@ -257,6 +257,7 @@ def _error_message(resp: Response) -> str:
     return f"HTTP {resp.status}"
 
 
+@functools.lru_cache(maxsize=1)
 def _no_trust():
     import ssl
 
@@ -402,7 +403,7 @@ _TARGET_OK = re.compile(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]*")
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
 
-def _origin(split) -> tuple[bytes, bytes, int | None, bytes]:
+def _address(split) -> tuple[bytes, bytes, int | None, bytes]:
     """Scheme, host (IDNA), port (None for the scheme's default) and Host header of a split URL."""
     scheme = split.scheme.lower().encode("ascii")
     host = (split.hostname or "").encode("idna")
@@ -461,7 +462,7 @@ class Http:
         self._origin = (split.scheme, split.netloc)
         self._prefix = split.path.rstrip("/")
         # Every request goes to this origin (see url()), as httpx would address it.
-        self._scheme, self._host, self._port, netloc = _origin(split)
+        self._scheme, self._host, self._port, netloc = _address(split)
         self._host_header = (b"Host", netloc)
 
     def url(self, path_or_url: str) -> str:

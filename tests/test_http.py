@@ -299,10 +299,10 @@ def test_requests_go_to_the_origin_httpx_would_address(base):
     import httpx
     from urllib.parse import urlsplit
 
-    from runner.http import _origin
+    from runner.http import _address
 
     url = httpx.URL(base)
-    assert _origin(urlsplit(base)) == (url.raw_scheme, url.raw_host, url.port, url.netloc)
+    assert _address(urlsplit(base)) == (url.raw_scheme, url.raw_host, url.port, url.netloc)
 
 
 def test_a_run_against_the_network_does_not_import_httpx(server):
