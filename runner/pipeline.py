@@ -889,4 +889,5 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         working = [c for c in result.connections if c.status == "ok"]
         status = "ok" if result.ok else "partial" if working and not result.destination_error else "failed"
         store.finish_run(run_id, status, result.as_dict())
+        store.prune_verdicts(command or "apply", cfg.keep_runs)
     return result

@@ -300,6 +300,16 @@ class Store:
                                   (command, config, time.time()))
             return cur.lastrowid
 
+    def prune_verdicts(self, command: str, keep_runs: int) -> int:
+        """Remove the verdict rows of the `command` runs older than its latest `keep_runs` (a thousand runs at
+        a time, the ones just past the kept ones: earlier ones went at earlier runs). The runs' summaries and
+        the ledger stay. Returns how many rows went."""
+        with self.tx():
+            gone = self.db.execute(
+                "DELETE FROM verdicts WHERE run_id IN (SELECT id FROM runs WHERE command=? ORDER BY id DESC "
+                "LIMIT 1000 OFFSET ?)", (command, keep_runs)).rowcount
+        return gone
+
     def finish_run(self, run_id: int, status: str, summary: dict) -> None:
         with self.tx():
             self.db.execute("UPDATE runs SET finished=?, status=?, summary=? WHERE id=?",

@@ -156,3 +156,35 @@ def test_the_ledger_is_per_destination(tmp_path, sandbox_env):
     assert len(_cases(cfg)) == n
     _, again = _run(write_config(tmp_path, jsonl), "apply")
     assert again.connections[0].imported == 0 and again.connections[0].skipped()["duplicate"] == n
+
+
+def test_only_the_latest_runs_keep_their_verdicts_and_the_ledger_and_summaries_stay(tmp_path, sandbox_env):
+    """A run records a verdict for each invoice it skips: 26 MiB a run at 100,000 invoices once they are all
+    duplicates. `state.keep_runs` (default 30) bounds the store; imports are the ledger's, kept for good."""
+    from conftest import SANDBOX_CONFIG, write_config
+
+    cfg_path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false").replace(
+        "state: state/state.db", "state: {type: sqlite, path: state/state.db, keep_runs: 2}"))
+    runs = [_run(cfg_path, "apply", details=False)[1] for _ in range(4)]
+    cfg = config.load(cfg_path)
+    assert cfg.keep_runs == 2
+    store = Store(cfg.state_path)
+    try:
+        by_run = dict(store.db.execute("SELECT run_id, count(*) FROM verdicts GROUP BY run_id").fetchall())
+        summaries = store.db.execute("SELECT count(*) FROM runs WHERE summary IS NOT NULL").fetchone()[0]
+        delivered = store.db.execute("SELECT count(*) FROM ledger WHERE status='delivered'").fetchone()[0]
+    finally:
+        store.close()
+    first, *_, third, fourth = runs
+    assert set(by_run) == {third.run_id, fourth.run_id}  # the two latest runs, each with all it skipped
+    assert by_run[fourth.run_id] == sum(sum(c.skipped().values()) for c in fourth.connections) > 0
+    assert summaries == 4 and delivered == first.totals()["imported"] > 0
+
+
+def test_keep_runs_must_be_a_positive_number(tmp_path, sandbox_env):
+    from conftest import SANDBOX_CONFIG, write_config
+
+    cfg_path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false").replace(
+        "state: state/state.db", "state: {type: sqlite, path: state/state.db, keep_runs: 0}"))
+    out = run_cli("validate", str(cfg_path))
+    assert out.returncode == 2 and "keep_runs" in out.stdout + out.stderr, out.stdout + out.stderr
