@@ -9,6 +9,7 @@ Exit codes (also in the README):
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import os
@@ -57,12 +58,42 @@ class Group(click.Group):
         except Exception as exc:
             from runner.redact import redact
 
+            if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+                click.echo(f"error: the system's limit of open files ({_files_limit()}) is too low for this run: "
+                           "each connection keeps a network connection open\n"
+                           "    fix: raise it (for example `ulimit -n 8192` before the run, or LimitNOFILE= in a "
+                           "systemd unit), or split the connections over several configs", err=True)
+                sys.exit(EXIT_FAILED)
             click.echo(redact(f"error: unexpected {type(exc).__name__}: {exc}\n"
                               "    fix: this is a bug in the runner; run again with -vv and report the output "
                               "(it is redacted) with `runner support-bundle`"), err=True)
             if os.environ.get("RUNNER_DEBUG"):
                 raise
             sys.exit(EXIT_FAILED)
+
+
+def _files_limit() -> int | str:
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "unknown"
+
+
+def more_files() -> None:
+    """Raise the soft limit of open files to the hard one, as servers do: a sync keeps a socket per
+    connection, and the usual soft limit (1,024) is reached by a few hundred of them, the hard one
+    (often 524,288) is not."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, OSError, ValueError):  # not on this platform, or not allowed: the limit stays
+        pass
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -171,6 +202,7 @@ def validate(config_file, output):
 
 def _sync(config_file, mode, details, output, verbose, connections):
     setup_logging(verbose)
+    more_files()
     from runner import pipeline, report
 
     cfg = load_config(config_file)
