@@ -153,10 +153,11 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
     Writers (the engine, its ledger thread, each classification worker) first wait on an advisory lock of
     the store's file, and are woken the moment the writer before them is done. SQLite's own wait for a
-    busy database polls with sleeps that grow to 100 ms: on the engine's thread that stopped every
-    connection's fetching, and in a worker that held a local sink's lock it stopped the other workers too
-    (issue 7: 50 connections sat idle for 0.2 s at a time). The lock is only a courtesy between writers;
-    SQLite's locking is what keeps the data right, for any writer that does not take it."""
+    busy database polls with sleeps that grow to 100 ms: on the engine's thread that stops every
+    connection's fetching (strace of a 50-connection run: 80 such sleeps as connections recorded their
+    health at the end), and in a worker that holds a local sink's lock it stops the other workers too. The
+    lock is only a courtesy between writers; SQLite's locking is what keeps the data right, for any writer
+    that does not take it."""
     fd = _write_lock(db)
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_EX)
