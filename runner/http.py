@@ -163,9 +163,6 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._index()
 
-    def items(self):
-        return self._index().items()
-
     def __repr__(self) -> str:
         return f"Headers({list(self._index())})"
 

@@ -141,10 +141,11 @@ class Source:
         self.today_iso = self.today.isoformat()
         self._classifier: Classifier | None = None
         self._facts = False  # pagination.facts_reader, made on first use (None: the spec's paths need a full decode)
-        # Whether the ledger had rows of this account when the connection started (see open). An account it
-        # had none of needs no lookup before classification: all it could find is what this run delivers,
-        # and delivery looks every invoice up again (under the local sink's lock, or before each request).
-        self.known = True
+        # Whether there is a ledger with rows of this account when the connection starts (see open): only
+        # then are its invoices looked up before classification. For an account it has none of, all a lookup
+        # could find is what this run delivers, and delivery looks every invoice up again (under the local
+        # sink's lock, or before each request).
+        self.known = store is not None
 
     # --- context and requests --------------------------------------------------------------------------
     def context(self, **extra) -> dict:

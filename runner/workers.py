@@ -340,7 +340,7 @@ class Workers:
                   deliver: Callable[[], None] | None) -> tuple:
         """What a worker is sent for one page: the arguments of _classify_page."""
         return (source.conn.name, source.account_id, source.account_key, source.today_iso, payload, is_answer,
-                store is not None and source.known, run_id if store is not None else None,
+                source.known, run_id if store is not None else None,
                 self._delivers(store, run_id, deliver))
 
     def take(self, source, store, answer: bytes, count: int, page: int, more: bool, run_id: int | None = None,
@@ -427,8 +427,7 @@ class Workers:
     @staticmethod
     def here(source, store, records: list) -> list[Verdict]:
         """A page classified in the engine's process."""
-        lookup = None if store is None or not source.known else functools.partial(store.ledger_lookup,
-                                                                                   source.account_key)
+        lookup = functools.partial(store.ledger_lookup, source.account_key) if source.known else None
         return classify_page(source.classifier(), records, lookup)
 
     def _fallback(self, source, store, records: list, exc: BaseException) -> list[Verdict]:
