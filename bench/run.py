@@ -332,14 +332,21 @@ def target_4(args, tmp: Path):
             goal=">=85%, no 429 storm", met=eff >= 0.85 and throttled <= 5 and imported == wl["records"])
 
 
-def target_5(args, tmp: Path):
+def loop_accounts_cmd(venvs: Path, url: str, accounts: int) -> list[str]:
+    """Target 5's peer: the hand-written loop once per account, all accounts at once (bench/loop_accounts.py)."""
+    return [str(venvs / "base/bin/python"), str(HERE / "loop_accounts.py"), str(PEERS / "baseline_httpx.py"), url,
+            str(accounts)]
+
+
+def target_5(args, tmp: Path, peers: set):
     with FakeServer(2000, latency_ms=50) as server:
         wl = server.stats()["workload"]
         one = tmp / "t5one"
         workspace.make(one, server.url, connections=1)
         many = tmp / "t5many"
         workspace.make(many, server.url, connections=50)
-        w1, w50, ms = [], [], []
+        loop = "baseline_orjson" in peers and (args.venvs / "base" / "bin" / "python").exists()
+        w1, w50, ms, l1, l50 = [], [], [], [], []
         for i in range(args.runs):
             a = run_runner(one, server, fresh=True)
             b = run_runner(many, server, fresh=True)
@@ -347,7 +354,23 @@ def target_5(args, tmp: Path):
             w50.append(b["wall"])
             ms.append(b)
             log(f"t5 run {i}: one {a['wall']:.2f}s, fifty {b['wall']:.2f}s req {b['requests']}")
+            if loop:  # paired run by run with the runner's
+                for accounts, into in ((1, l1), (50, l50)):
+                    m = timed(server, loop_accounts_cmd(args.venvs, server.url, accounts), cwd=PEERS)
+                    if m["rc"] != 0 or m["requests"] != accounts * wl["requests"]:
+                        NOTES.append(f"target 5: the loop with {accounts} accounts: rc {m['rc']}, "
+                                     f"{m['requests']} requests: {m['stderr'][-300:]}")
+                    into.append(m)
+                log(f"t5 run {i}: loop one {l1[-1]['wall']:.2f}s, fifty {l50[-1]['wall']:.2f}s")
         ratio = med([b / a for a, b in zip(w1, w50)])
+        if loop:
+            loop_ratio = med([b["wall"] / a["wall"] for a, b in zip(l1, l50)])
+            row(5, "peer baseline_orjson, 1 account (the loop as in target 1)", [m["wall"] for m in l1],
+                records=wl["records"], rss=[m["rss"] for m in l1], requests=l1[0]["requests"])
+            row(5, "peer baseline_orjson, 50 accounts at once (threads of one process: `bench/loop_accounts.py`)",
+                [m["wall"] for m in l50], records=wl["records"] * 50, rss=[m["rss"] for m in l50],
+                requests=l50[0]["requests"], ratio=f"{loop_ratio:.2f}x its one account; "
+                f"{med([p['wall'] / w for p, w in zip(l50, w50)]):.2f}x the runner's 50")
         row(5, "1 connection x 2,000 invoices, 50 ms/request", w1, records=wl["records"])
         row(5, "50 connections x 2,000 invoices, 50 ms/request", w50, records=wl["records"] * 50,
             rss=[m["rss"] for m in ms], requests=ms[0]["requests"], ratio=f"{ratio:.2f}x one connection",
@@ -470,7 +493,7 @@ def main() -> int:
         if "4" in targets:
             target_4(args, tmp)
         if "5" in targets:
-            target_5(args, tmp)
+            target_5(args, tmp, peers)
         if "6" in targets:
             target_6(args, tmp)
         if "7" in targets:
