@@ -397,7 +397,7 @@ class InboundServer:
                             started=started, finished=time.time(),
                             destination_error=run.fatal.render() if run.fatal is not None else None)
         store.finish_run(run_id, "ok" if status == 200 else ("failed" if status == 422 else "partial"),
-                         summary.as_dict())
+                         summary.stored())
         health: dict = {"last_run_id": run_id}
         if status == 200:
             health["last_success"] = time.time()

@@ -195,6 +195,22 @@ def test_only_the_latest_runs_keep_their_verdicts_and_the_ledger_and_summaries_s
     assert summaries == 4 and delivered == first.totals()["imported"] > 0
 
 
+def test_a_runs_stored_summary_has_its_counts_but_not_the_examples_its_verdicts_hold(sandbox_config, sandbox_env):
+    """The summary kept with each run is what status reads (counts, why nothing was imported, errors); the
+    examples of each reason repeat the run's verdict rows and were 85 % of it, kept for every run forever."""
+    result = _run(sandbox_config, "apply", details=False)[1]
+    store = Store(config.load(sandbox_config).state_path)
+    try:
+        stored = json.loads(store.db.execute("SELECT summary FROM runs WHERE id=?", (result.run_id,)).fetchone()[0])
+    finally:
+        store.close()
+    (conn,) = stored["connections"]
+    (ran,) = result.connections
+    assert "samples" not in conn and ran.samples  # the run had examples; the store does not keep them
+    assert conn["imported"] == ran.imported > 0 and conn["skipped"] == ran.skipped() and conn["seen"] == ran.seen
+    assert stored["totals"] == result.totals()
+
+
 def test_keep_runs_must_be_a_positive_number(tmp_path, sandbox_env):
     from conftest import SANDBOX_CONFIG, write_config
 
