@@ -51,6 +51,7 @@ class ConnectionResult:
     requests: int = 0
     seen: int = 0
     seconds: float = 0.0
+    rate_limit: float | None = None  # the requests per second the spec allows this connection, if it says
     statuses: Counter = field(default_factory=Counter)  # not_unpaid invoices by their status ("paid": 3)
 
     @property
@@ -63,6 +64,12 @@ class ConnectionResult:
     @property
     def failed(self) -> int:
         return self.counts.get(FAILED, 0)
+
+    def paced_by_limit(self) -> bool:
+        """Whether the spec's rate limit set this connection's pace: it sent nearly as many requests a second
+        as the limit allows (then more partitions or workers would not make it faster; the limit would)."""
+        return bool(self.rate_limit and self.requests >= 10 and self.seconds > 0
+                    and self.requests / self.seconds >= 0.85 * self.rate_limit)
 
     def why_zero(self) -> str | None:
         """When nothing was imported, say why: a sync that 'found 0 invoices' is never left unexplained."""
@@ -95,6 +102,7 @@ class ConnectionResult:
                 "error": self.error, "fix": self.fix, "window": self.window, "seen": self.seen,
                 "imported": self.imported, "skipped": self.skipped(), "failed": self.failed,
                 "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
+                "rate_limit_per_second": self.rate_limit, "paced_by_rate_limit": self.paced_by_limit(),
                 "not_unpaid_by_status": dict(self.statuses)}
         if samples:
             out["samples"] = {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}
@@ -788,6 +796,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         result.status, result.error = "failed", redact(f"unexpected error: {type(exc).__name__}: {exc}")
     result.requests = source.http.requests if source is not None else 0
     result.seconds = time.monotonic() - started
+    if source is not None and source.http.limiter is not None:
+        result.rate_limit = source.http.limiter.rate
     if result.status == "ok" and result.seen and source.account_id:
         result.account_id = source.account_id
     if store is not None and destination is not None:

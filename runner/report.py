@@ -45,6 +45,12 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
                 out.print(Text(redact("  fix: " + c.fix.replace("\n", "\n  ")), style="yellow"))
         sk = c.skipped()
         out.print(redact(f"  seen {c.seen} · {verb} {c.imported} · skipped {sum(sk.values())} · failed {c.failed}"))
+        if c.requests:
+            pace = f"  {c.requests} request{'s' if c.requests != 1 else ''} in {c.seconds:.1f}s"
+            if c.paced_by_limit():
+                pace += (f" · paced by the {c.integration} spec's rate limit ({c.rate_limit:g} requests/s): faster "
+                         f"only if the provider allows more")
+            out.print(Text(redact(pace), style="dim"))
         if sk or c.failed:
             t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
             t.add_column("reason")

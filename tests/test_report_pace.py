@@ -1,0 +1,76 @@
+"""The run report says how many requests a connection made and, when the spec's rate limit set the pace,
+that only a higher limit makes it faster (not more partitions or workers): the question a person tuning a
+slow run asks first. Against the built-in Stripe simulator, pages of 2 invoices."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import yaml
+
+from runner import config, pipeline, report
+from runner.http import reset_limiters
+from runner.state import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plan(tmp: Path, rate_limit: dict | None):
+    (tmp / "integrations.d").mkdir(parents=True)
+    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
+    spec["invoices"]["request"]["params"]["limit"] = "2"
+    spec["invoices"]["max_page_size"] = 2
+    if rate_limit is None:
+        spec["environments"]["sandbox"].pop("rate_limit", None)
+    else:
+        spec["environments"]["sandbox"]["rate_limit"] = rate_limit
+    (tmp / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
+    cfg = tmp / "config.yaml"
+    cfg.write_text("""version: 1
+state: state.db
+integrations_dir: integrations.d
+destination: {type: jsonl, path: out.jsonl}
+connections:
+  - name: s
+    integration: stripe
+    environment: sandbox
+    credentials: {api_key: "${file:sandbox-secrets/stripe_api_key}"}
+    window: {last: 3y}
+    server_filters: false
+""")
+    reset_limiters()
+    store = Store(":memory:")
+    try:
+        return asyncio.run(pipeline.sync(config.load(cfg), mode="plan", store=store))
+    finally:
+        store.close()
+
+
+def _printed(result) -> str:
+    from rich.console import Console
+
+    out = Console(width=300, record=True, file=open("/dev/null", "w"))
+    report.render_run(result, out=out)
+    return out.export_text()
+
+
+def test_a_run_held_to_the_specs_rate_limit_says_so(tmp_path):
+    result = _plan(tmp_path, {"requests_per_second": 20, "concurrency": 4})
+    (c,) = result.connections
+    assert c.requests >= 10 and c.rate_limit == 20
+    assert c.requests / c.seconds <= 20 * 1.1  # the limit held
+    text = _printed(result)
+    assert f"{c.requests} requests in" in text
+    assert "paced by the stripe spec's rate limit (20 requests/s)" in text
+    assert result.as_dict()["connections"][0]["paced_by_rate_limit"] is True
+
+
+def test_a_run_without_a_limit_shows_its_requests_and_blames_no_limit(tmp_path):
+    result = _plan(tmp_path, None)
+    (c,) = result.connections
+    assert c.requests >= 10 and c.rate_limit is None
+    text = _printed(result)
+    assert f"{c.requests} requests in" in text and "rate limit" not in text
+    assert result.as_dict()["connections"][0]["paced_by_rate_limit"] is False
