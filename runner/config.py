@@ -240,6 +240,10 @@ def _secret(doc, value, path, base, resolve, environ, problems) -> str | None:
     got = secrets.resolve(ref, base, environ)
     if got is None:
         problems.append(secrets.missing_problem(ref, doc, path))
+        return None
+    bad = secrets.unsendable_problem(ref, got, doc, path)
+    if bad is not None:
+        problems.append(bad)
     return got
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import email.utils
 import functools
 import random
@@ -74,6 +75,11 @@ class Limiter:
         # Quotas over longer windows (e.g. 20,000 an hour besides 2,000 a minute): an exact sliding log each.
         self.windows = [(int(n), float(s), collections.deque()) for n, s in (windows or [])]
 
+    def _window_full(self, now: float) -> tuple[str, int]:
+        """Which quota window is full (for the log line): its span in words and its number of requests."""
+        limit, seconds = max(((n, w) for n, w, log in self.windows if len(log) >= n), key=lambda x: x[1])
+        return {3600.0: "hourly", 86400.0: "daily"}.get(seconds, f"{seconds:g}-second"), limit
+
     def _window_wait(self, now: float) -> float:
         wait = 0.0
         for limit, seconds, log in self.windows:
@@ -94,6 +100,9 @@ class Limiter:
                     continue
                 wait = self._window_wait(now)
                 if wait > 0:
+                    if wait >= QUOTA_WAIT_LOGGED_S:  # an hourly or daily quota: the run would look hung
+                        logger.warning("the {} quota of {} requests is used up: waiting {} before the next request",
+                                       *self._window_full(now), _duration(wait))
                     await asyncio.sleep(wait)
                     continue
                 if self.rate is not None:
@@ -108,11 +117,19 @@ class Limiter:
                 return
 
     def pause(self, seconds: float) -> None:
-        """A 429 told us to wait: every request sharing this budget waits, not only the one refused."""
+        """A 429 told us to wait: every request sharing this budget waits, not only the one refused. The
+        bucket starts empty when the pause ends: a pause must not earn tokens for a burst right after it,
+        the moment the provider asked for less."""
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self.tokens, self.stamp = 0.0, self.paused_until
 
 
 _limiters: dict[tuple, Limiter] = {}
+QUOTA_WAIT_LOGGED_S = 5.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 WINDOWS = {"requests_per_hour": 3600.0, "requests_per_day": 86400.0}
@@ -398,6 +415,22 @@ _TARGET_OK = re.compile(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]*")
 
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
+# What a header value may not hold: line breaks and NUL (h11 refuses them; they would split the header),
+# and, as the runner sends values, anything outside ASCII.
+_BAD_HEADER_CHARS = re.compile(r"[\r\n\x00]|[^\x00-\x7f]")
+
+
+def _header_value(name: str, value: str) -> bytes:
+    """A header value as bytes, or an error that names the header and where the bad character is, never
+    the value: it is usually a key (a line break from a Windows .env file, a quote pasted from a document)."""
+    bad = _BAD_HEADER_CHARS.search(value)
+    if bad is None:
+        return value.encode("ascii")
+    what = {"\r": "a carriage return", "\n": "a line break", "\x00": "a NUL character"}.get(bad.group(), "a non-ASCII character")
+    raise UnsafeRequest(f"the {name} header holds {what} at position {bad.start() + 1}, which HTTP cannot send; "
+                        f"it usually comes from a secret (an API key or token)",
+                        fix="copy the key again into its environment variable or file, without line breaks or "
+                            "typographic quotes")
 
 
 def _address(split) -> tuple[bytes, bytes, int | None, bytes]:
@@ -422,8 +455,9 @@ def _pair(name: str, value: str) -> str:
 
 
 def _decoded(content: bytes, encoding: str | None) -> bytes:
-    """The body as sent before the Content-Encoding the runner asked for (gzip, deflate) was applied."""
-    if not encoding:
+    """The body as sent before the Content-Encoding the runner asked for (gzip, deflate) was applied. An
+    empty body is empty whatever the header says (as httpx reads it: a 204, or a 503 from a proxy)."""
+    if not encoding or not content:
         return content
     for coding in reversed([c.strip().lower() for c in encoding.split(",")]):
         if coding in ("gzip", "x-gzip"):
@@ -481,10 +515,11 @@ class Http:
                       json: Any = None, content: bytes | None = None, ok: tuple = ()) -> Response:
         """Send with retries. Returns the response for 2xx and for statuses in `ok`; raises otherwise."""
         url = self.url(path)
-        hdrs = {**DEFAULT_HEADERS, **self.headers, **(headers or {})}
+        hdrs = _merged(DEFAULT_HEADERS, self.headers, headers or {})
         body = orjson.dumps(json) if json is not None else content
         if json is not None:
-            hdrs.setdefault("Content-Type", "application/json")
+            if not any(k.lower() == "content-type" for k in hdrs):
+                hdrs["Content-Type"] = "application/json"
         attempt = 0
         while True:
             attempt += 1
@@ -498,6 +533,10 @@ class Http:
                 else:
                     status, resp_headers, content, sent = await self._send(method, url, params, hdrs, body)
                 self.requests += 1
+            except httpcore.LocalProtocolError as exc:  # nothing was sent, and sending it again cannot help
+                # h11's own words may quote a header's value (a key): only the kind of error is shown.
+                raise UnsafeRequest(f"the request to {self.label} is not valid HTTP ({type(exc).__name__}), so it "
+                                    f"was not sent", fix="check the spec's headers and the secrets they use") from None
             except UNANSWERED as exc:
                 self.requests += 1
                 if attempt >= self.policy.attempts:
@@ -550,7 +589,11 @@ class Http:
             httpx = _with_httpx()
             target = httpx.URL(url).raw_path.decode("ascii")
             url = str(httpx.URL(url))
-        hdrs = [self._host_header, *((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())]
+        try:
+            hdrs = [self._host_header, *((k.encode("ascii"), _header_value(k, v)) for k, v in headers.items())]
+        except UnicodeEncodeError:
+            raise UnsafeRequest(f"a header name of the request to {self.label} has a non-ASCII character",
+                                fix="check the spec's `auth.headers`") from None
         if body is not None:
             hdrs.append((b"Content-Length", str(len(body)).encode("ascii")))
         raw = await self._pool.request(method, httpcore.URL(scheme=self._scheme, host=self._host, port=self._port,
@@ -560,6 +603,8 @@ class Http:
         try:
             content = _decoded(raw.content, resp_headers.get("content-encoding"))
         except zlib.error as exc:
+            if not 200 <= raw.status < 300:  # an error's body is only read for its message: the status decides
+                return raw.status, resp_headers, raw.content, url
             raise ProviderError(f"{self.label}'s answer could not be decompressed "
                                 f"({resp_headers.get('content-encoding')}: {exc})",
                                 status=raw.status, fix="run again; if it persists, the provider or a proxy "
@@ -577,7 +622,10 @@ class Http:
                 return min(120.0, max(0.0, float(ra)))
             except ValueError:
                 try:
-                    when = email.utils.parsedate_to_datetime(ra).timestamp()
+                    moment = email.utils.parsedate_to_datetime(ra)
+                    if moment.tzinfo is None:  # "-0000": UTC, with no statement of the local zone (RFC 5322)
+                        moment = moment.replace(tzinfo=datetime.timezone.utc)
+                    when = moment.timestamp()
                     return min(120.0, max(0.0, when - time.time()))
                 except Exception:
                     pass
@@ -591,6 +639,20 @@ class Http:
             except Exception:
                 pass
         return self._backoff(attempt)
+
+
+def _merged(*layers: dict) -> dict:
+    """Header dicts merged as HTTP names compare, in any case: a later `accept` replaces an earlier `Accept`."""
+    out: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            old = names.get(k.lower())
+            if old is not None and old != k:
+                del out[old]
+            names[k.lower()] = k
+            out[k] = v
+    return out
 
 
 def _status_error(label: str, resp: Response, attempts: int) -> ProviderError:

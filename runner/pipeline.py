@@ -805,6 +805,22 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
     return result
 
 
+def _record_unfinished(store, run_id: int, mode: str, started: float, exc: BaseException) -> None:
+    from runner.redact import redact
+
+    if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+        why = "interrupted (Ctrl-C or a stop signal); everything committed so far is kept"
+    elif isinstance(exc, RunnerError):
+        why = exc.message
+    else:
+        why = f"unexpected error: {type(exc).__name__}: {exc}"
+    try:
+        store.finish_run(run_id, "failed", {"run_id": run_id, "mode": mode, "started": started,
+                                            "finished": time.time(), "error": redact(why)})
+    except Exception as inner:  # noqa: BLE001 - the original error is the one to report
+        logger.opt(exception=inner).debug("could not record the end of run {}", run_id)
+
+
 def _count(result: ConnectionResult, verdicts: list[Verdict], details: bool) -> None:
     tally(result, verdicts)
     if details:
@@ -893,6 +909,10 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
                             run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool,
                             writer=writer, connections=len(conns))
             for c in conns))
+    except BaseException as exc:
+        if run_id is not None:  # never leave the run's row 'running': say how it ended (redacted)
+            _record_unfinished(store, run_id, mode, started, exc)
+        raise
     finally:
         pool.close()
         writer.shutdown(wait=True)

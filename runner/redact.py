@@ -27,10 +27,13 @@ def register(value: str | None) -> None:
     global _pattern
     if not value or len(value) < 4:
         return
+    # Also as Python writes it in a repr (an error message quoting the value): "\r" for a carriage return.
+    escaped = repr(value)[1:-1]
     with _lock:
-        if value not in _secrets:
-            _secrets.add(value)
-            _pattern = None  # compiled again when next needed: a config with fifty keys registers fifty
+        for form in {value, escaped}:
+            if form not in _secrets:
+                _secrets.add(form)
+                _pattern = None  # compiled again when next needed: a config with fifty keys registers fifty
 
 
 def _compiled() -> re.Pattern | None:

@@ -67,7 +67,10 @@ def looks_secret(value: object, path: tuple = ()) -> bool:
 def resolve(ref: SecretRef, base_dir: Path, environ=os.environ) -> str | None:
     """Return the secret's value, or None when it is not set. Registers the value for redaction."""
     if ref.kind == "env":
+        # Stripped like a file's: a value from a Windows .env file or `kubectl create secret --from-file`
+        # ends in a line break that is no part of the key (and HTTP cannot send in a header).
         value = environ.get(ref.name)
+        value = value.strip() if value is not None else None
     else:
         path = Path(ref.name).expanduser()
         if not path.is_absolute():
@@ -80,6 +83,23 @@ def resolve(ref: SecretRef, base_dir: Path, environ=os.environ) -> str | None:
         redact.register(value)
         return value
     return None
+
+
+_UNSENDABLE = re.compile(r"[\x00-\x1f\x7f]|[^\x00-\x7f]")
+
+
+def unsendable_problem(ref: SecretRef, value: str, doc, path: tuple) -> Problem | None:
+    """A problem when the secret holds a character an HTTP header cannot carry (where every secret goes: a
+    key in a header, a token, a client secret in basic auth), said by position, never by the value."""
+    bad = _UNSENDABLE.search(value)
+    if bad is None:
+        return None
+    what = "a non-ASCII character" if ord(bad.group()) > 0x7f else "a control character (a tab or line break)"
+    where = f"the environment variable {ref.name}" if ref.kind == "env" else f"the secret file {ref.name}"
+    return doc.problem(path, f"the secret in {where} holds {what} at position {bad.start() + 1}: keys and tokens are "
+                             f"plain ASCII, so it was probably changed when it was copied",
+                       "copy the key again from the provider's dashboard (not from a document or chat, which "
+                       "may turn quotes and dashes into typographic ones)")
 
 
 def missing_problem(ref: SecretRef, doc, path: tuple) -> Problem:

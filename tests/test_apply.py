@@ -218,3 +218,26 @@ def test_keep_runs_must_be_a_positive_number(tmp_path, sandbox_env):
         "state: state/state.db", "state: {type: sqlite, path: state/state.db, keep_runs: 0}"))
     out = run_cli("validate", str(cfg_path))
     assert out.returncode == 2 and "keep_runs" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_failed_not_left_running(tmp_path, monkeypatch, sandbox_env):
+    import pytest
+
+    from conftest import SANDBOX_CONFIG, write_config
+    from runner import destinations
+
+    cfg_path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false"))
+
+    async def broken(self):
+        raise RuntimeError("the destination's check broke")
+
+    monkeypatch.setattr(destinations.DebituraDestination, "check", broken)
+    with pytest.raises(RuntimeError):
+        _run(cfg_path, "apply")
+    store = Store(config.load(cfg_path).state_path)
+    try:
+        status, summary = store.db.execute("SELECT status, summary FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    finally:
+        store.close()
+    assert status == "failed"
+    assert json.loads(summary)["error"] == "unexpected error: RuntimeError: the destination's check broke"

@@ -201,6 +201,10 @@ def test_redaction_masks_registered_and_token_shaped_values():
     for raw in (f"refresh failed for {REFRESH_TOKEN}", f"Authorization: Bearer {ACCESS_TOKEN}",
                 f'{{"access_token": "{ACCESS_TOKEN}"}}', f"key {WRONG_STRIPE} refused", f"api_key={WRONG_DEBITURA}"):
         assert_clean("redact()", redact.redact(raw))
+    # A value with a control character, quoted as Python writes it in an error message (repr: "\r").
+    odd = "dk_odd_Secret4242\r"
+    redact.register(odd)
+    assert "Secret4242" not in redact.redact(f"Illegal header value {odd.encode()!r}")
 
 
 def test_state_files_are_0600_and_tokens_are_encrypted_at_rest(workdir):
@@ -278,3 +282,21 @@ def test_many_registered_secrets_are_all_masked_and_registering_stays_cheap():
         assert len(compiled) == 1, "compiled once until another secret is registered"
     finally:
         r.re.compile = real
+
+
+def test_a_key_from_an_env_file_with_a_line_break_works_and_a_pasted_typographic_quote_is_named(workdir):
+    """A key read from a Windows .env file ends in "\\r": it is no part of the key (as for a secret file), and
+    the run works. A key with a character no HTTP header can carry (a quote turned typographic in a
+    document) is a config problem that says where it is, never what the key is."""
+    crlf = cli(workdir, "apply", "config.yaml", debitura=DEBITURA_KEY + "\r\n", stripe=STRIPE_KEY + "\r")
+    assert crlf.returncode == 0, crlf.stdout + crlf.stderr
+    pasted = DEBITURA_KEY[:10] + "\u2019" + DEBITURA_KEY[10:]
+    SECRETS.append(pasted)
+    try:
+        bad = cli(workdir, "validate", "config.yaml", debitura=pasted)
+    finally:
+        SECRETS.remove(pasted)
+    out = bad.stdout + bad.stderr
+    assert bad.returncode == 2
+    assert "the environment variable DEBITURA_API_KEY holds a non-ASCII character at position 11" in out
+    assert "copy the key again" in out
