@@ -336,6 +336,36 @@ class Connector(httpcore.AsyncNetworkBackend):
         await self._backend.sleep(seconds)
 
 
+def proxy_for(base_url: str) -> str | None:
+    """The proxy for a base URL as the environment names it (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY,
+    in either case; on macOS and Windows also the system's settings), which httpx's clients honour by
+    default: a machine whose only way out is a company's proxy must reach the providers through it."""
+    import urllib.request
+
+    split = urlsplit(base_url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(split.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(split.netloc, proxies):
+        return None
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+def _proxy_parts(proxy: str) -> tuple[str, tuple[str, str] | None]:
+    """A proxy URL without its user and password, and those (for Proxy-Authorization), kept out of the logs."""
+    from urllib.parse import unquote
+
+    from runner import redact
+
+    split = urlsplit(proxy)
+    if split.username is None:
+        return proxy, None
+    password = unquote(split.password or "")
+    redact.register(password)
+    host = f"[{split.hostname}]" if ":" in (split.hostname or "") else split.hostname or ""
+    netloc = host + (f":{split.port}" if split.port else "")
+    return split._replace(netloc=netloc).geturl(), (unquote(split.username), password)
+
+
 class Clients:
     """The connections of one run: httpcore connection pools for the network, the httpx clients that OAuth
     flows use (authlib), and one httpx transport per built-in sandbox simulator."""
@@ -364,14 +394,23 @@ class Clients:
     def pool(self, base_url: str, pool: str = "") -> httpcore.AsyncConnectionPool:
         """The connection pool for a network base URL. `pool` gives a connection its own: httpcore checks every
         pooled socket on each request, so fifty connections sharing one pool spent more time in those checks
-        than in their requests. The TLS context (the costly part) is shared."""
+        than in their requests. The TLS context (the costly part) is shared. Through the proxy the environment
+        names for the URL, as httpx's clients go by default (`proxy_for`)."""
         tls = base_url.startswith("https:")
-        key = f"{'tls' if tls else 'plain'}:{pool}"
+        proxy = proxy_for(base_url)
+        key = f"{'tls' if tls else 'plain'}:{pool}:{proxy or ''}"
         found = self._pools.get(key)
         if found is None:
-            found = self._pools[key] = httpcore.AsyncConnectionPool(
-                ssl_context=self._verify(tls), max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=5.0, network_backend=self._connector)
+            common = dict(ssl_context=self._verify(tls), max_connections=MAX_CONNECTIONS,
+                          max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=5.0, network_backend=self._connector)
+            if proxy is None:
+                found = httpcore.AsyncConnectionPool(**common)
+            else:
+                url, auth = _proxy_parts(proxy)
+                found = httpcore.AsyncHTTPProxy(proxy_url=url, proxy_auth=auth,
+                                                proxy_ssl_context=self._verify(True) if url.startswith("https:") else None,
+                                                **common)
+            self._pools[key] = found
         return found
 
     def resolve(self, base_url: str, pool: str = "") -> tuple[httpx.AsyncClient, str]:
@@ -390,10 +429,12 @@ class Clients:
             rest = base_url[len(SANDBOX_SCHEME) + len(name):]
             return client, f"http://{name}.sandbox.invalid{rest}"
         tls = base_url.startswith("https:")
-        key = f"network:{'tls' if tls else 'plain'}:{pool}"
+        proxy = proxy_for(base_url)
+        key = f"network:{'tls' if tls else 'plain'}:{pool}:{proxy or ''}"
         client = self._clients.get(key)
         if client is None:
-            transport = httpx.AsyncHTTPTransport(verify=self._verify(tls), limits=httpx.Limits(
+            # A transport of our own turns off httpx's reading of the proxy variables: given here instead.
+            transport = httpx.AsyncHTTPTransport(verify=self._verify(tls), proxy=proxy, limits=httpx.Limits(
                 max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE))
             client = self._clients[key] = httpx.AsyncClient(timeout=30.0, transport=transport, follow_redirects=False)
             self._transports[id(client)] = transport
