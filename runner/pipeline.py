@@ -526,6 +526,15 @@ class _RunState:
         self.fatal: DestinationError | None = None
         self.sink_marked = False  # this run has marked its local sink (see Store.mark_sink)
         self.unrecorded = 0  # pages written to the local sink whose ledger rows are not committed yet
+        # The commit of the last page the engine wrote to a local sink (in the ledger thread): any connection's
+        # next page waits for it before its lookup, or two connections of one account would both write an
+        # invoice that both windows hold.
+        self.sink_recording: asyncio.Future | None = None
+
+    async def sink_recorded(self) -> None:
+        """Until no page written to the local sink by the engine waits for its commit."""
+        while self.sink_recording is not None and not self.sink_recording.done():
+            await asyncio.wait([self.sink_recording])  # its error is its own connection's to report
 
     def mark_sink(self, store, destination, run_id: int | None) -> None:
         """A local sink is written without a pending row per invoice: the file's length is marked once, before
@@ -683,6 +692,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
 
         recording: asyncio.Future | None = None
         recording_writes = False  # the page being recorded was written to a local sink
+        local_sink = destination is not None and hasattr(destination, "write_many")
 
         async def recorded() -> None:
             nonlocal recording
@@ -698,6 +708,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
             written: list[tuple] = []
             await recorded()  # the page before is in the ledger before this page is looked up in it
+            if eligible and local_sink:
+                await run.sink_recorded()  # and so is every other connection's page written before it
             if eligible:
                 await _deliver_page(source, result, eligible, store, destination, run, sem, written, writer, run_id)
             _count(result, verdicts, details)
@@ -710,6 +722,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
                                                                            written)
                     recording_writes = bool(written)
+                    if written:
+                        run.sink_recording = recording
                 else:
                     store.record_page(run_id, rows, written)
                     if written:
@@ -918,8 +932,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         writer.shutdown(wait=True)
         await dest.close()
         await clients.aclose()
-    if run.sink_marked and not run.unrecorded:  # every page written is recorded: the mark has done its job
-        store.clear_sink_mark()
+    if run.sink_marked and not run.unrecorded and not pool.unsure:
+        store.clear_sink_mark()  # every page written is recorded: the mark has done its job
     if run.fatal is not None and dest_error is None:
         dest_error = run.fatal.render()
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),

@@ -315,6 +315,7 @@ class Workers:
         self._pool: list[_Worker] = []  # forked at the first page handed over
         self._names = {c.name for c in connections}
         self._recover = recover
+        self.unsure = False  # some page a worker wrote to the local sink may not be recorded (see close)
         if self.enabled:
             _CONNECTIONS.update({c.name: c for c in connections})
             local = hasattr(destination, "write_many")
@@ -406,7 +407,11 @@ class Workers:
                 # recorded, and only then does the engine deliver the page: nothing is written twice.
                 await self._settled()
                 if self._recover is not None:
-                    self._recover()
+                    try:
+                        self._recover()
+                    except BaseException:
+                        self.unsure = True  # the lines stay unrecorded: the run's mark must stay for the next run
+                        raise
             if records is None:  # an answer the engine has not decoded (see take): it says what is wrong with it
                 records = source.page_records(question[4])
             return self.here(source, store, records), None
@@ -482,6 +487,10 @@ class Workers:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join()
+            if w.process.exitcode != 0:
+                # Killed (here, or by anyone) or crashed: it may have written to the local sink what no one
+                # recorded (a page nobody waited for any more). The run's mark stays; the next run repairs.
+                self.unsure = True
         self._pool = []
         for name in self._names:
             _CONNECTIONS.pop(name, None)

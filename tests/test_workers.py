@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 
 import orjson
@@ -288,6 +289,34 @@ def test_a_worker_ends_a_line_another_left_torn_before_it_writes(tmp_path):
         b'{"idempotency_key":"k-d"}']
 
 
+def _same_account_twice(tmp_path: Path) -> Path:
+    """Two connections of one account, the second window inside the first: their invoices overlap."""
+    cfg = _workspace(tmp_path)
+    text = cfg.read_text().replace("    window: {last: 3y}\n", "    window: {last: 3y}\n    account_id: acme\n")
+    second = text[text.index("  - name: s"):].replace("name: s", "name: s-recent").replace("last: 3y", "last: 1y")
+    cfg.write_text(text + second)
+    return cfg
+
+
+def test_two_connections_of_one_account_write_an_invoice_once_when_the_ledger_commits_late(tmp_path, monkeypatch):
+    """The engine writes the file (no workers: macOS, one core, RUNNER_WORKERS=0) and commits each page's
+    ledger rows in its ledger thread. Each connection waited only for its own page before: with the commit
+    late (a busy disk, stood in for by a sleep in the ledger thread), the other connection's page looked the
+    same invoice up before it was recorded and wrote it again (found in review: 31 lines for 16 invoices)."""
+    real = state.Store.record_page
+
+    def late(self, *args, **kwargs):
+        time.sleep(0.1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(state.Store, "record_page", late)
+    result, verdicts, ledger, lines = _apply(_same_account_twice(tmp_path), monkeypatch, workers_setting="0")
+    keys = [orjson.loads(line)["idempotency_key"] for line in lines]
+    older, recent = result.connections
+    assert recent.seen > 10 and older.skipped().get("duplicate", 0) + recent.skipped().get("duplicate", 0) > 0
+    assert len(keys) == len(set(keys)) == older.imported + recent.imported == len(ledger)
+
+
 @pytest.mark.parametrize("setting", ["0", None])
 def test_a_new_accounts_first_run_skips_the_lookup_before_classifying_and_still_delivers_each_invoice_once(
         tmp_path, monkeypatch, setting):
@@ -357,3 +386,42 @@ def test_the_runs_pages_in_flight_are_bounded_across_all_its_connections(tmp_pat
         assert most[0] == 3  # never more than three pages at once, all connections together
     else:
         assert most[0] > 3  # what the six would do unbounded (so the bound above is what holds them back)
+
+
+def test_when_a_dead_workers_lines_cannot_be_recorded_the_mark_stays_and_the_next_run_repairs(tmp_path, monkeypatch):
+    """A worker killed between writing its page and recording it, and the engine's repair of that during the
+    run failing too (the store locked by another process past its timeout): the run used to clear its mark
+    anyway, and the next run wrote those invoices a second time (found in review: 19 lines for 16)."""
+    import sqlite3
+
+    cfg = _workspace(tmp_path)
+    engine, calls = os.getpid(), [0]
+    real_insert = workers.state.insert_imported
+
+    def killed_after_writing(db, destination, rows, run_id):
+        if os.getpid() != engine:
+            calls[0] += 1
+            if calls[0] == 2:
+                os._exit(9)
+        return real_insert(db, destination, rows, run_id)
+
+    real_recover = pipeline._recover_local_sink
+
+    def locked(store, dest, *, clear=True):
+        if not clear:
+            raise sqlite3.OperationalError("database is locked")
+        return real_recover(store, dest, clear=clear)
+
+    monkeypatch.setattr(workers.state, "insert_imported", killed_after_writing)
+    monkeypatch.setattr(pipeline, "_recover_local_sink", locked)
+    first = _apply(cfg, monkeypatch, workers_setting="1")[0]
+    assert first.connections[0].status == "failed" and "database is locked" in first.connections[0].error
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        assert db.execute("SELECT count(*) FROM sink_marks").fetchone()[0] == 1  # kept for the next run
+    finally:
+        db.close()
+    monkeypatch.undo()
+    second, _, ledger, lines = _apply(cfg, monkeypatch, workers_setting="0")
+    keys = [orjson.loads(line)["idempotency_key"] for line in lines]
+    assert len(keys) == len(set(keys)) == len(ledger) > 10
