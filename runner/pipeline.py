@@ -625,7 +625,10 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
         try:
             if hasattr(destination, "flush"):
                 destination.flush()
-            store.mark_delivered(rows, run_id)
+            # A case the destination already had (found by reference, or an idempotency replay of an earlier
+            # run's) was not made by this run: its verdict here is the duplicate one, not the ledger's.
+            store.mark_delivered([r[:4] for r in rows if not r[4]], run_id)
+            store.mark_delivered([r[:4] for r in rows if r[4]], None)
         except BaseException as exc:  # raised after the gather below, as it would have been in place
             commit_error.append(exc)
 
@@ -639,7 +642,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
                 delivery = await destination.deliver(v.invoice, key)
                 if not batch:
                     loop.call_soon(commit)
-                batch.append((source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference))
+                batch.append((source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference,
+                              delivery.existing))
                 return v, delivery, None
             except DestinationError as exc:
                 if exc.fatal:
@@ -657,7 +661,7 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
             deferred.extend((source.account_key, v.invoice_id, source.conn.name, v.number, k, d.case_id,
                              d.case_reference) for (v, k), d in zip(to_send, deliveries))
         else:
-            batch[:] = [(source.account_key, v.invoice_id, d.case_id, d.case_reference)
+            batch[:] = [(source.account_key, v.invoice_id, d.case_id, d.case_reference, d.existing)
                         for (v, _), d in zip(to_send, deliveries)]
     else:
         outcomes = await asyncio.gather(*(one(v, k) for v, k in to_send))

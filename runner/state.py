@@ -377,6 +377,8 @@ class Store:
 
     def mark_delivered(self, rows: list[tuple], run_id: int | None = None) -> None:
         """rows: (account_key, invoice_id, case_id, case_reference), delivered by run `run_id`."""
+        if not rows:
+            return
         now = time.time()
         with self.tx():
             self.db.executemany(

@@ -586,3 +586,12 @@ def test_a_case_that_exists_under_the_same_key_or_reference_is_found_not_created
     eligible = _eligible(stripe)
     assert _refs(deb) == Counter({n: 1 for n in eligible})
     assert ledger == Counter({"delivered": len(eligible)})
+    # The run's recorded verdicts say the same: one each, a duplicate, not also "imported" by this run (the
+    # ledger credited a case the runner never made to the run that found it).
+    store = Store(config.load(cfg).state_path)
+    try:
+        recorded = [(r["number"], r["verdict"], r["reason"]) for r in store.run_verdicts(result.run_id)]
+    finally:
+        store.close()
+    for inv in (same_key, same_ref):
+        assert [(v, r) for n, v, r in recorded if n == inv["number"]] == [("skipped", "duplicate")]
