@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import pickle
 import socket
+import stat
 import sqlite3
 import struct
 import sys
@@ -283,12 +284,37 @@ def _send(sock: socket.socket, answer: tuple) -> None:
     sock.sendall(_HEADER.pack(len(frame)) + frame)
 
 
+def _close_inherited_sockets(keep: int) -> None:
+    """Let go of the engine's sockets this copy of it holds (its connections to the providers and the
+    destination, its event loop's): a connection the engine closes must not stay open in a worker until the
+    run ends. Each descriptor is pointed at /dev/null rather than closed: a Python object of the engine's
+    that still owns the number may close it when collected, and must not close a file the worker opened
+    under a reused number. Files stay as they are: the worker never uses the engine's."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: they go when the worker exits
+        return
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            if fd in (keep, null) or fd < 3:
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+            except OSError:  # the listing's own descriptor, gone already
+                pass
+    finally:
+        os.close(null)
+
+
 def _serve(sock: socket.socket, others: list[socket.socket] = ()) -> None:
     """The worker's loop: read a page, answer it, until the engine closes its end. `others`: the sockets
     of the other workers this one inherited, closed at once."""
     _worker_start()
     for other in others:
         other.close()
+    _close_inherited_sockets(keep=sock.fileno())
     while True:
         header = _read_exactly(sock, _HEADER.size)
         if header is None:

@@ -425,3 +425,26 @@ def test_when_a_dead_workers_lines_cannot_be_recorded_the_mark_stays_and_the_nex
     second, _, ledger, lines = _apply(cfg, monkeypatch, workers_setting="0")
     keys = [orjson.loads(line)["idempotency_key"] for line in lines]
     assert len(keys) == len(set(keys)) == len(ledger) > 10
+
+
+def test_a_worker_holds_no_socket_of_the_engines_but_its_own(tmp_path, monkeypatch):
+    """A forked worker let the engine's sockets (its event loop's, its keep-alive connections to providers)
+    stay open in its copy until the run ended: a connection the engine closed stayed open."""
+    engine, out = os.getpid(), tmp_path / "sockets"
+    real = workers._classify_page
+
+    def spy(*args, **kwargs):
+        if os.getpid() != engine and not out.exists():
+            links = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    pass
+            out.write_text("\n".join(link for link in links if link.startswith("socket:")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "_classify_page", spy)
+    result = _apply(_workspace(tmp_path / "w"), monkeypatch, workers_setting="2")[0]
+    assert result.ok and out.exists()
+    assert len(out.read_text().splitlines()) == 1  # the socket to the engine it answers on
