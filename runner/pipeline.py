@@ -68,7 +68,7 @@ class ConnectionResult:
     def paced_by_limit(self) -> bool:
         """Whether the spec's rate limit set this connection's pace: it sent nearly as many requests a second
         as the limit allows (then more partitions or workers would not make it faster; the limit would)."""
-        return bool(self.rate_limit and self.requests >= 10 and self.seconds > 0
+        return bool(self.rate_limit and self.requests >= 5 and self.seconds > 0
                     and self.requests / self.seconds >= 0.85 * self.rate_limit)
 
     def why_zero(self) -> str | None:

@@ -46,7 +46,8 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
         sk = c.skipped()
         out.print(redact(f"  seen {c.seen} · {verb} {c.imported} · skipped {sum(sk.values())} · failed {c.failed}"))
         if c.requests:
-            pace = f"  {c.requests} request{'s' if c.requests != 1 else ''} in {c.seconds:.1f}s"
+            pace = (f"  {c.requests} request{'s' if c.requests != 1 else ''} to the provider · {c.seconds:.1f}s in all "
+                    f"(fetching and delivering)")
             if c.paced_by_limit():
                 pace += (f" · paced by the {c.integration} spec's rate limit ({c.rate_limit:g} requests/s): faster "
                          f"only if the provider allows more")

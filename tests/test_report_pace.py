@@ -62,7 +62,7 @@ def test_a_run_held_to_the_specs_rate_limit_says_so(tmp_path):
     assert c.requests >= 10 and c.rate_limit == 20
     assert c.requests / c.seconds <= 20 * 1.1  # the limit held
     text = _printed(result)
-    assert f"{c.requests} requests in" in text
+    assert f"{c.requests} requests to the provider · " in text
     assert "paced by the stripe spec's rate limit (20 requests/s)" in text
     assert result.as_dict()["connections"][0]["paced_by_rate_limit"] is True
 
@@ -72,5 +72,5 @@ def test_a_run_without_a_limit_shows_its_requests_and_blames_no_limit(tmp_path):
     (c,) = result.connections
     assert c.requests >= 10 and c.rate_limit is None
     text = _printed(result)
-    assert f"{c.requests} requests in" in text and "rate limit" not in text
+    assert f"{c.requests} requests to the provider · " in text and "rate limit" not in text
     assert result.as_dict()["connections"][0]["paced_by_rate_limit"] is False
