@@ -41,6 +41,9 @@ MAX_CONNECTIONS, MAX_KEEPALIVE = 64, 32
 # New TCP connections to one host being opened at once (every pool of a run), and how long one attempt may go
 # unanswered before a second starts beside it (see Connector).
 CONNECTS_AT_ONCE, BACKUP_CONNECT_S, CONNECT_ATTEMPTS = 8, 0.25, 3
+# A request as a whole (waiting to connect, connecting, sending, reading every byte) may take this many times
+# the per-read timeout.
+DEADLINE_TIMEOUTS = 4
 
 
 @dataclass
@@ -543,11 +546,14 @@ class Http:
         self._host_header = (b"Host", netloc)
 
     def url(self, path_or_url: str) -> str:
-        """Join a path to the base URL; an absolute URL must stay on the base URL's host and path."""
-        if "://" in path_or_url:
+        """Join a path to the base URL; an absolute URL must stay on the base URL's host and path. A path with
+        `.` or `..` segments is refused: a server resolves them, so `/v1/../admin` (an id from the provider or
+        the command line, a next-page link) would leave the declared path with the runner's credentials."""
+        head = path_or_url.split("?", 1)[0].split("#", 1)[0]
+        if "://" in head:  # an absolute link (a "://" in a query value is not one)
             s = urlsplit(path_or_url)
             inside = not self._prefix or s.path == self._prefix or s.path.startswith(self._prefix + "/")
-            if (s.scheme, s.netloc) != self._origin or not inside:
+            if (s.scheme, s.netloc) != self._origin or not inside or _dot_segments(s.path):
                 raise UnsafeRequest(
                     f"{self.label} sent a link to {s.scheme}://{s.netloc}{s.path}, outside its declared address "
                     f"{self.base_url}; the runner does not follow it",
@@ -555,6 +561,10 @@ class Http:
             return path_or_url
         if not path_or_url.startswith("/"):
             path_or_url = "/" + path_or_url
+        if _dot_segments(head):
+            raise UnsafeRequest(f"a request to {self.label} would go to {head}, whose '..' or '.' would leave the "
+                                f"declared address {self.base_url}; the runner does not send it",
+                                fix="check the invoice id or number it was made from")
         return self.base_url + path_or_url
 
     async def request(self, method: str, path: str, *, params: dict | None = None, headers: dict | None = None,
@@ -575,9 +585,9 @@ class Http:
             try:
                 if self.limiter is not None and self.limiter.slots is not None:
                     async with self.limiter.slots:
-                        status, resp_headers, content, sent = await self._send(method, url, params, hdrs, body)
+                        status, resp_headers, content, sent = await self._send_within(method, url, params, hdrs, body)
                 else:
-                    status, resp_headers, content, sent = await self._send(method, url, params, hdrs, body)
+                    status, resp_headers, content, sent = await self._send_within(method, url, params, hdrs, body)
                 self.requests += 1
             except httpcore.LocalProtocolError as exc:  # nothing was sent, and sending it again cannot help
                 # h11's own words may quote a header's value (a key): only the kind of error is shown.
@@ -608,6 +618,16 @@ class Http:
                 await asyncio.sleep(wait)
                 continue
             raise _status_error(self.label, resp, attempt)
+
+    async def _send_within(self, method: str, url: str, params, headers: dict, body) -> tuple[int, Headers, bytes, str]:
+        """One request, as a whole within DEADLINE_TIMEOUTS times the policy's timeout: that timeout is per read,
+        and a server (or a middlebox) sending a byte at a time would otherwise hold the request for ever."""
+        deadline = self.policy.timeout_s * DEADLINE_TIMEOUTS
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._send(method, url, params, headers, body)
+        except TimeoutError:
+            raise httpcore.ReadTimeout(f"no complete answer within {deadline:g} s") from None
 
     async def _send(self, method: str, url: str, params, headers: dict, body) -> tuple[int, Headers, bytes, str]:
         """One request. On the network, straight to httpcore's connection pool (the transport under httpx):
@@ -685,6 +705,15 @@ class Http:
             except Exception:
                 pass
         return self._backoff(attempt)
+
+
+def _dot_segments(path: str) -> bool:
+    """Whether a URL path has a `.` or `..` segment, percent-encoded or not (`%2e%2e` is `..` to a server)."""
+    if "." not in path and "%2e" not in path.lower():
+        return False
+    from urllib.parse import unquote
+
+    return any(unquote(seg) in (".", "..") for seg in path.split("/"))
 
 
 def _merged(*layers: dict) -> dict:

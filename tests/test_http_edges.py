@@ -140,3 +140,68 @@ def test_a_full_quota_window_is_said_in_the_log_not_waited_out_in_silence():
     finally:
         logger.remove(sink)
     assert any("quota of 2 requests is used up: waiting 6 s" in line for line in lines), lines
+
+
+def test_a_server_that_drips_its_answer_is_given_up_on_as_a_whole_not_per_byte():
+    """The timeout is per read: a server (or a middlebox) sending one byte every 0.2 s never trips a 0.5 s
+    read timeout, and held a request for as long as it liked. A request as a whole now has 4 timeouts."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def drip():
+        while not stop.is_set():
+            try:
+                listener.settimeout(0.2)
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            try:
+                while not stop.is_set():
+                    conn.sendall(b"x")
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        async def go():
+            clients = Clients()
+            try:
+                http = Http(clients, f"http://127.0.0.1:{listener.getsockname()[1]}", label="Zoho Books",
+                            policy=Policy(attempts=1, timeout_s=0.5))
+                await http.request("GET", "/invoices")
+            finally:
+                await clients.aclose()
+
+        started = time.monotonic()
+        from runner.errors import ProviderError
+
+        with pytest.raises(ProviderError, match="Zoho Books could not be reached after 1 attempts: ReadTimeout"):
+            asyncio.run(go())
+        assert time.monotonic() - started < 3.5
+    finally:
+        stop.set()
+        listener.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/invoices/../../admin", "/v1/invoices/%2e%2e/%2E%2e/admin", "/v1/./x",
+                                  "http://127.0.0.1:9/v1/../admin"])
+def test_a_path_with_dot_segments_is_refused_before_it_is_sent(path):
+    """A server resolves `..`: an invoice id from the provider or the command line, or a next-page link, must
+    not take the runner's credentials outside the declared address."""
+    http = Http(Clients(), "http://127.0.0.1:9/v1")
+    with pytest.raises(UnsafeRequest):
+        http.url(path)
+
+
+def test_a_query_value_with_a_scheme_in_it_is_a_path_not_a_link():
+    http = Http(Clients(), "http://127.0.0.1:9/v1")
+    assert http.url("/search?q=https://example.com") == "http://127.0.0.1:9/v1/search?q=https://example.com"
+    assert http.url("/invoices/in..1") == "http://127.0.0.1:9/v1/invoices/in..1"  # dots inside a segment are fine
