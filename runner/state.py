@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS sink_marks (
     destination TEXT PRIMARY KEY,    -- a local file an apply run is writing cases to
     offset INTEGER NOT NULL,         -- its length before the run's first write: what follows may be unrecorded
     run_id INTEGER,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    recorded INTEGER                 -- its length after the last page a worker recorded (see sink_recorded)
 );
 CREATE TABLE IF NOT EXISTS tokens (
     connection TEXT PRIMARY KEY,
@@ -213,6 +214,21 @@ def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> N
                    "detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *r, now) for r in rows])
 
 
+def sink_recorded(db: sqlite3.Connection, destination: str) -> tuple[int, int | None] | None:
+    """How much of a local sink is known to be in the ledger (its length after the last page a worker
+    recorded, or the run's mark), and the marking run; None when no run is writing it. A worker reads it
+    under the file's lock: the file being longer means a writer died between writing a page and recording
+    it (see workers._repair)."""
+    r = db.execute("SELECT coalesce(recorded, offset), run_id FROM sink_marks WHERE destination=?",
+                   (destination,)).fetchone()
+    return None if r is None else (r[0], r[1])
+
+
+def set_sink_recorded(db: sqlite3.Connection, destination: str, length: int) -> None:
+    """In the transaction that records a page: the sink is in the ledger up to `length`."""
+    db.execute("UPDATE sink_marks SET recorded=? WHERE destination=?", (length, destination))
+
+
 def insert_imported(db: sqlite3.Connection, destination: str, rows: list[tuple], run_id: int | None) -> None:
     """rows: (account_key, invoice_id, connection, number, idempotency_key, case_id, case_reference) of invoices
     a local sink holds, as delivered by run `run_id` (no pending row before them: see sink_marks), in the
@@ -254,6 +270,8 @@ class Store:
         self.db.executescript(SCHEMA)
         if "run_id" not in {r[1] for r in self.db.execute("PRAGMA table_info(ledger)")}:  # a store from before
             self.db.execute("ALTER TABLE ledger ADD COLUMN run_id INTEGER")
+        if "recorded" not in {r[1] for r in self.db.execute("PRAGMA table_info(sink_marks)")}:
+            self.db.execute("ALTER TABLE sink_marks ADD COLUMN recorded INTEGER")
         self._lockfile = None
 
     def close(self) -> None:
@@ -412,8 +430,9 @@ class Store:
         """Committed before a run's first write to a local sink: what the file holds past `offset` may not be
         in the ledger until the run ends. An earlier mark is kept (it covers more of the file)."""
         with self.tx():
-            self.db.execute("INSERT INTO sink_marks (destination, offset, run_id, at) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT (destination) DO NOTHING", (self.destination, offset, run_id, time.time()))
+            self.db.execute("INSERT INTO sink_marks (destination, offset, run_id, at, recorded) VALUES (?, ?, ?, ?, ?) "
+                            "ON CONFLICT (destination) DO NOTHING",
+                            (self.destination, offset, run_id, time.time(), offset))
 
     def clear_sink_mark(self) -> None:
         """Everything the local sink holds is in the ledger."""

@@ -153,6 +153,7 @@ def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], li
            ended: list[tuple], db: sqlite3.Connection, destination: str) -> None:
     """Under the file's lock: look the eligible invoices up again, write those not delivered (`lines`, by
     invoice id), record the page (`ended`: the verdict rows of the rest)."""
+    _repair(db, destination)
     ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible])
     to_send = to_deliver(eligible, ledger, account_key)
     if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
@@ -167,7 +168,27 @@ def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], li
     with state.transaction(db):
         if written:
             state.insert_imported(db, destination, written, run_id)
+            state.set_sink_recorded(db, destination, _own_sink.length())
         state.insert_verdicts(db, run_id, ended + verdict_rows(name, account_key, eligible))
+
+
+def _repair(db: sqlite3.Connection, destination: str) -> None:
+    """Under the file's lock, before a page is looked up: lines past what the ledger is known to hold were
+    written by a writer that died before recording them (another worker, killed between its write and its
+    commit). They are recorded first, or this page would write the same invoices again; the engine only
+    records them once it learns of the death, which may be after this page."""
+    mark = state.sink_recorded(db, destination)
+    if mark is None:
+        return
+    recorded, run_id = mark
+    length = _own_sink.length()
+    if length <= recorded:
+        return
+    rows = list(_own_sink.recover(recorded))
+    with state.transaction(db):
+        if rows:
+            state.insert_imported(db, destination, rows, run_id)
+        state.set_sink_recorded(db, destination, length)
 
 
 def _worker_start() -> None:

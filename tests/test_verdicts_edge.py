@@ -217,3 +217,25 @@ def test_a_store_from_before_the_ledger_kept_runs_keeps_its_history(tmp_path, sa
     assert [(h["run_id"], h["verdict"], h["reason"]) for h in history] == [
         (second.run_id, "skipped", "duplicate"), (first.run_id, "imported", None)]
     assert sum(v["verdict"] == "imported" for v in by_run) == len(imported), "each old import once"
+
+
+def test_a_store_whose_crashed_run_left_a_mark_from_before_recorded_lengths_is_repaired_from_it(tmp_path):
+    """A mark of a local sink left by a run of the version before `sink_marks.recorded`: opened now, the table
+    gains the column and the mark's offset stands for what is recorded."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE sink_marks (destination TEXT PRIMARY KEY, offset INTEGER NOT NULL,
+                        run_id INTEGER, at REAL NOT NULL);
+                        INSERT INTO sink_marks VALUES ('jsonl:/x/cases.jsonl', 1234, 7, 0);""")
+    db.close()
+    store = Store(path, "jsonl:/x/cases.jsonl")
+    try:
+        from runner import state
+
+        assert "recorded" in {r[1] for r in store.db.execute("PRAGMA table_info(sink_marks)")}
+        assert state.sink_recorded(store.db, "jsonl:/x/cases.jsonl") == (1234, 7)
+        assert store.sink_mark() == (1234, 7)
+    finally:
+        store.close()
