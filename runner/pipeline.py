@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import urljoin
 
 from loguru import logger
 
@@ -380,6 +381,10 @@ class Source:
                 step, refused = pag.next(facts, resp.content), None
             except Exception as exc:  # noqa: BLE001 - raised below, once this page is on its way
                 step, refused = None, exc
+            if step is not None and step.url and "://" not in step.url.split("?", 1)[0]:
+                # A relative next-page link ("?page=2", "/v3/invoices?page=2") is relative to this page's URL,
+                # as a browser reads it, not to the base URL; the result is then held to the base URL (Http.url).
+                step.url = urljoin(resp.url, step.url)
             classified = None
             if records is None:
                 classified = hand_over(resp.content, facts.count, step is not None)

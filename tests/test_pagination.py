@@ -51,6 +51,10 @@ class GenericApi:
             o = int(q.get("o", 0))
             nxt = f"{request.url.scheme}://{request.url.netloc.decode()}/api/links?o={o + SIZE}" if o + SIZE < N else None
             body = {"items": self.data[o:o + SIZE], "next": nxt}
+        elif path in ("/qlinks", "/rlinks", "/plinks"):  # relative next-page links, in the three forms
+            o = int(q.get("o", 0))
+            form = {"/qlinks": "?o={}", "/rlinks": "rlinks?o={}", "/plinks": "/api/plinks?o={}"}[path]
+            body = {"items": self.data[o:o + SIZE], "next": form.format(o + SIZE) if o + SIZE < N else None}
         elif path == "/query":
             m = q["q"]  # e.g. "select * STARTPOSITION 6 MAXRESULTS 5"
             parts = m.split()
@@ -91,6 +95,10 @@ CASES = {
     "offset_short_page": ("/offset", "", "items", "{type: offset, param: offset, size_param: limit, size: 5}", 5),
     "cursor": ("/cursor", "", "items", "{type: cursor, param: after, value: 'items[-1].id', more: has_more}", 5),
     "next_url": ("/links", "", "items", "{type: next_url, value: next}", 5),
+    # relative links are relative to the page's URL, as a browser reads them (the base URL has a path: /api)
+    "next_url_query_only": ("/qlinks", "", "items", "{type: next_url, value: next}", 5),
+    "next_url_relative_path": ("/rlinks", "", "items", "{type: next_url, value: next}", 5),
+    "next_url_absolute_path": ("/plinks", "", "items", "{type: next_url, value: next}", 5),
     # query-language APIs: no param, the template reads page.offset/page.size; a full page (23 of 23) asks
     # once more, and the empty answer has no list key at all, which ends paging without an error
     "query_language": ("/query", ", params: {q: 'select * STARTPOSITION {{ page.offset }} MAXRESULTS {{ page.size }}'}",
