@@ -106,17 +106,23 @@ def imported_message(case_id: str | None, case_reference: str | None) -> str:
     return f"imported as case {case_reference or case_id}"
 
 
-def to_deliver(eligible: list[Verdict], ledger: dict, account_key: str) -> list[tuple[Verdict, str]]:
+def to_deliver(eligible: list[Verdict], ledger: dict, account_key: str,
+               own: tuple[int, str] | None = None) -> list[tuple[Verdict, str]]:
     """The eligible invoices still to deliver, each with its idempotency key: the one an unfinished delivery
     kept in the ledger, else the one derived from the account and id (by the worker already, if it encoded
-    the invoice). Those the ledger has as delivered are turned into duplicates here."""
-    from runner.destinations import idempotency_key
+    the invoice). Those the ledger has as delivered are turned into duplicates here. `own` (run id,
+    connection), for a page classified again after its worker died: what the ledger has as delivered by that
+    run for that connection is the dead worker's delivery of this very page, an import, not a duplicate."""
+    from runner.destinations import Delivery, idempotency_key
 
     out = []
     for v in eligible:
         row = ledger.get(v.invoice_id)
         if row is not None and row.status == "delivered":
-            duplicate(v, row)
+            if own is not None and row.run_id == own[0] and row.connection == own[1]:
+                delivered(v, Delivery(case_id=row.case_id, case_reference=row.case_reference))
+            else:
+                duplicate(v, row)
         else:
             out.append((v, row.idempotency_key if row else v.key or idempotency_key(account_key, v.invoice_id)))
     return out

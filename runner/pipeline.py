@@ -584,14 +584,15 @@ def _recover_local_sink(store, destination, *, clear: bool = True) -> None:
 
 async def _deliver_page(source: Source, result: ConnectionResult, eligible: list[Verdict], store, destination,
                         run: _RunState, sem: asyncio.Semaphore, deferred: list | None = None,
-                        writer: ThreadPoolExecutor | None = None, run_id: int | None = None) -> None:
+                        writer: ThreadPoolExecutor | None = None, run_id: int | None = None,
+                        own: tuple[int, str] | None = None) -> None:
     """Dedupe against the ledger and deliver. With `deferred`, a local sink's page is written without pending
     rows (the run's mark covers it) and its ledger rows are left there for the caller to record with the
     page's verdicts."""
     # Looked up again, not taken from the lookup before classifying: the page before this one may have delivered
     # the same invoice since (offset paging shifts under changes).
     ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
-    to_send = to_deliver(eligible, ledger, source.account_key)
+    to_send = to_deliver(eligible, ledger, source.account_key, own)
     if destination is None:  # plan: say what would happen, touch nothing
         for v, _ in to_send:
             v.verdict = IMPORTED
@@ -711,8 +712,9 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 if recording_writes:
                     run.unrecorded -= 1
 
-        async def finish(verdicts: list[Verdict], counted: Tally | None) -> None:
-            """Deliver the eligible, count and record the verdicts (those the worker has not recorded)."""
+        async def finish(verdicts: list[Verdict], counted: Tally | None, again: bool = False) -> None:
+            """Deliver the eligible, count and record the verdicts (those the worker has not recorded). `again`:
+            a page the worker may have recorded (and delivered) before it died, classified by the engine."""
             nonlocal recording, recording_writes
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
             written: list[tuple] = []
@@ -720,21 +722,24 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             if eligible and local_sink:
                 await run.sink_recorded()  # and so is every other connection's page written before it
             if eligible:
-                await _deliver_page(source, result, eligible, store, destination, run, sem, written, writer, run_id)
+                await _deliver_page(source, result, eligible, store, destination, run, sem, written, writer, run_id,
+                                    own=(run_id, conn.name) if again and run_id is not None else None)
             _count(result, verdicts, details)
             if counted is not None:
                 merge(result, counted)
             rows = verdict_rows(conn.name, source.account_key, verdicts) if (
                 run_id is not None and destination is not None) else []
-            if store is not None and (rows or written):
+            replacing = ((source.account_key, [v.invoice_id for v in verdicts])
+                         if again and run_id is not None and destination is not None else None)
+            if store is not None and (rows or written or replacing):
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,
-                                                                           written)
+                                                                           written, replacing)
                     recording_writes = bool(written)
                     if written:
                         run.sink_recording = recording
                 else:
-                    store.record_page(run_id, rows, written)
+                    store.record_page(run_id, rows, written, replacing)
                     if written:
                         run.unrecorded -= 1
             if progress:

@@ -111,6 +111,7 @@ class LedgerRow:
     error: str | None
     first_seen: float
     updated: float
+    run_id: int | None = None  # the run that recorded the delivery (read by `lookup` only)
 
 
 class _Db(sqlite3.Connection):
@@ -141,7 +142,7 @@ def lookup(db: sqlite3.Connection, destination: str, account_key: str, ids: list
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
         q = ("SELECT account_key, invoice_id, connection, number, status, idempotency_key, case_id, "
-             "case_reference, error, first_seen, updated FROM ledger WHERE destination=? AND account_key=? "
+             "case_reference, error, first_seen, updated, run_id FROM ledger WHERE destination=? AND account_key=? "
              "AND invoice_id IN (%s)" % ",".join("?" * len(chunk)))
         for row in db.execute(q, (destination, account_key, *chunk)):
             out[row[1]] = LedgerRow(*row)
@@ -444,10 +445,18 @@ class Store:
         """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json)."""
         self.record_page(run_id, rows)
 
-    def record_page(self, run_id: int, verdicts: list[tuple], imported: list[tuple] = ()) -> None:
+    def record_page(self, run_id: int, verdicts: list[tuple], imported: list[tuple] = (),
+                    replacing: tuple[str, list[str]] | None = None) -> None:
         """One page's verdicts, and the invoices it wrote to a local sink (see record_imported), in one
-        transaction."""
+        transaction. `replacing` (account key, invoice ids): a page a worker may have recorded before it died,
+        classified again by the engine: the worker's verdict rows of it in this run give way to these."""
         with self.tx():
+            if replacing is not None and replacing[1]:
+                account_key, ids = replacing
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    self.db.execute("DELETE FROM verdicts WHERE run_id=? AND account_key=? AND invoice_id IN (%s)"
+                                    % ",".join("?" * len(chunk)), (run_id, account_key, *chunk))
             if imported:
                 insert_imported(self.db, self.destination, imported, run_id)
             insert_verdicts(self.db, run_id, verdicts)

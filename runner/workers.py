@@ -461,7 +461,8 @@ class Workers:
                         raise
             if records is None:  # an answer the engine has not decoded (see take): it says what is wrong with it
                 records = source.page_records(question[4])
-            return self.here(source, store, records), None
+            # The worker may have recorded this page before it died: the engine's record of it replaces that.
+            return self.here(source, store, records), None, True
         return [Verdict(*t) for t in tuples], counted
 
     async def _channel_for(self) -> _Channel:
