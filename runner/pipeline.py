@@ -729,7 +729,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 merge(result, counted)
             rows = verdict_rows(conn.name, source.account_key, verdicts) if (
                 run_id is not None and destination is not None) else []
-            replacing = ((source.account_key, [v.invoice_id for v in verdicts])
+            replacing = ((conn.name, source.account_key, [v.invoice_id for v in verdicts])
                          if again and run_id is not None and destination is not None else None)
             if store is not None and (rows or written or replacing):
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile

@@ -446,17 +446,19 @@ class Store:
         self.record_page(run_id, rows)
 
     def record_page(self, run_id: int, verdicts: list[tuple], imported: list[tuple] = (),
-                    replacing: tuple[str, list[str]] | None = None) -> None:
+                    replacing: tuple[str, str, list[str]] | None = None) -> None:
         """One page's verdicts, and the invoices it wrote to a local sink (see record_imported), in one
-        transaction. `replacing` (account key, invoice ids): a page a worker may have recorded before it died,
-        classified again by the engine: the worker's verdict rows of it in this run give way to these."""
+        transaction. `replacing` (connection, account key, invoice ids): a page a worker may have recorded
+        before it died, classified again by the engine: the worker's verdict rows of it in this run give way
+        to these (another connection's verdicts of the same invoices stay)."""
         with self.tx():
-            if replacing is not None and replacing[1]:
-                account_key, ids = replacing
+            if replacing is not None and replacing[2]:
+                connection, account_key, ids = replacing
                 for i in range(0, len(ids), 500):
                     chunk = ids[i:i + 500]
-                    self.db.execute("DELETE FROM verdicts WHERE run_id=? AND account_key=? AND invoice_id IN (%s)"
-                                    % ",".join("?" * len(chunk)), (run_id, account_key, *chunk))
+                    self.db.execute("DELETE FROM verdicts WHERE run_id=? AND connection=? AND account_key=? AND "
+                                    "invoice_id IN (%s)" % ",".join("?" * len(chunk)),
+                                    (run_id, connection, account_key, *chunk))
             if imported:
                 insert_imported(self.db, self.destination, imported, run_id)
             insert_verdicts(self.db, run_id, verdicts)
