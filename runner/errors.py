@@ -51,6 +51,14 @@ class RunnerError(Exception):
         return self.message + (f"\n    fix: {self.fix}" if self.fix else "")
 
 
+def failure_words(exc: BaseException) -> str:
+    """What a run's record says of the error that ended it, redacted: a RunnerError's own message, anything
+    else as an unexpected error (its type and text; the traceback is for -vv)."""
+    from runner.redact import redact
+
+    return redact(exc.message if isinstance(exc, RunnerError) else f"unexpected error: {type(exc).__name__}: {exc}")
+
+
 class ConfigError(RunnerError):
     """The config file or an integration spec is invalid. Exit code 2."""
 

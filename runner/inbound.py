@@ -34,7 +34,7 @@ from loguru import logger
 
 from runner import apikeys, config as config_mod, destinations, pipeline, validation
 from runner.config import Config, Connection
-from runner.errors import ConfigError, DestinationError, Problem, RunnerError
+from runner.errors import ConfigError, DestinationError, Problem, RunnerError, failure_words
 from runner.http import Clients
 from runner.pipeline import ELIGIBLE, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
 from runner.classify import verdict_rows
@@ -253,7 +253,7 @@ class InboundServer:
             except Exception as exc:  # noqa: BLE001 - a bug must answer JSON, never a plain-text traceback
                 logger.opt(exception=exc).debug("unexpected error while importing a payload")
                 return self._json(500, {"error": "internal_error",
-                                        "message": redact(f"unexpected error: {type(exc).__name__}: {exc}"),
+                                        "message": failure_words(exc),
                                         "fix": "try again; if it persists, run `runner serve -vv` to see where, and report it"})
             if idem and status == 200:
                 with self.store.tx():
@@ -336,8 +336,7 @@ class InboundServer:
             return await self._import_run(records, source, conn, verdicts, result, started, run_id)
         except BaseException as exc:
             # Never leave the run row 'running': record why it failed (redacted), then let the caller answer.
-            why = exc.message if isinstance(exc, RunnerError) else f"unexpected error: {type(exc).__name__}: {exc}"
-            why = redact(why)
+            why = failure_words(exc)
             try:
                 store.finish_run(run_id, "failed", {"run_id": run_id, "mode": "serve", "started": started,
                                                     "finished": time.time(), "error": why,

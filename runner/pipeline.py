@@ -28,7 +28,7 @@ from runner.config import Config, Connection
 from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
                              Tally, _truthy, delivered, merge, tally, to_deliver, verdict_rows)
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
-                           UnsafeRequest)
+                           UnsafeRequest, failure_words)
 from runner.http import Clients, Http, Policy, limiter_for, parse_json
 from runner.specs import PageTooLarge
 from runner.workers import Workers
@@ -819,9 +819,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
     except Exception as exc:  # never lose what was done because of an unexpected error: record it and go on
         # The summary carries the message; the traceback is for a developer (-vv), never for the person reading.
         logger.opt(exception=exc).debug("unexpected error in connection {}", conn.name)
-        from runner.redact import redact
-
-        result.status, result.error = "failed", redact(f"unexpected error: {type(exc).__name__}: {exc}")
+        result.status, result.error = "failed", failure_words(exc)
     result.requests = source.http.requests if source is not None else 0
     result.seconds = time.monotonic() - started
     if source is not None and source.http.limiter is not None:
@@ -834,17 +832,13 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
 
 
 def _record_unfinished(store, run_id: int, mode: str, started: float, exc: BaseException) -> None:
-    from runner.redact import redact
-
     if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
         why = "interrupted (Ctrl-C or a stop signal); everything committed so far is kept"
-    elif isinstance(exc, RunnerError):
-        why = exc.message
     else:
-        why = f"unexpected error: {type(exc).__name__}: {exc}"
+        why = failure_words(exc)
     try:
         store.finish_run(run_id, "failed", {"run_id": run_id, "mode": mode, "started": started,
-                                            "finished": time.time(), "error": redact(why)})
+                                            "finished": time.time(), "error": why})
     except Exception as inner:  # noqa: BLE001 - the original error is the one to report
         logger.opt(exception=inner).debug("could not record the end of run {}", run_id)
 
