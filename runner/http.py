@@ -17,7 +17,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus, unquote, urlsplit
 
 import httpcore
 import orjson
@@ -360,8 +360,6 @@ def proxy_for(base_url: str) -> str | None:
 
 def _proxy_parts(proxy: str) -> tuple[str, tuple[str, str] | None]:
     """A proxy URL without its user and password, and those (for Proxy-Authorization), kept out of the logs."""
-    from urllib.parse import unquote
-
     from runner import redact
 
     split = urlsplit(proxy)
@@ -550,7 +548,7 @@ class Http:
         `.` or `..` segments is refused: a server resolves them, so `/v1/../admin` (an id from the provider or
         the command line, a next-page link) would leave the declared path with the runner's credentials."""
         head = path_or_url.split("?", 1)[0].split("#", 1)[0]
-        if "://" in head:  # an absolute link (a "://" in a query value is not one)
+        if is_link(path_or_url):
             s = urlsplit(path_or_url)
             inside = not self._prefix or s.path == self._prefix or s.path.startswith(self._prefix + "/")
             if (s.scheme, s.netloc) != self._origin or not inside or _dot_segments(s.path):
@@ -707,12 +705,16 @@ class Http:
         return self._backoff(attempt)
 
 
+def is_link(path_or_url: str) -> bool:
+    """Whether this is an absolute link (scheme and host) rather than a path: a "://" in a query value does
+    not make one."""
+    return "://" in path_or_url.split("?", 1)[0].split("#", 1)[0]
+
+
 def _dot_segments(path: str) -> bool:
     """Whether a URL path has a `.` or `..` segment, percent-encoded or not (`%2e%2e` is `..` to a server)."""
     if "." not in path and "%2e" not in path.lower():
         return False
-    from urllib.parse import unquote
-
     return any(unquote(seg) in (".", "..") for seg in path.split("/"))
 
 

@@ -29,7 +29,7 @@ from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Class
                              Tally, _truthy, delivered, merge, tally, to_deliver, verdict_rows)
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest, failure_words)
-from runner.http import Clients, Http, Policy, limiter_for, parse_json
+from runner.http import Clients, Http, Policy, is_link, limiter_for, parse_json
 from runner.specs import PageTooLarge
 from runner.workers import Workers
 
@@ -381,7 +381,7 @@ class Source:
                 step, refused = pag.next(facts, resp.content), None
             except Exception as exc:  # noqa: BLE001 - raised below, once this page is on its way
                 step, refused = None, exc
-            if step is not None and step.url and "://" not in step.url.split("?", 1)[0]:
+            if step is not None and step.url and not is_link(step.url):
                 # A relative next-page link ("?page=2", "/v3/invoices?page=2") is relative to this page's URL,
                 # as a browser reads it, not to the base URL; the result is then held to the base URL (Http.url).
                 step.url = urljoin(resp.url, step.url)
