@@ -718,19 +718,19 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             nonlocal recording, recording_writes
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
             written: list[tuple] = []
+            again = again and run_id is not None and destination is not None  # only an apply records pages
             await recorded()  # the page before is in the ledger before this page is looked up in it
             if eligible and local_sink:
                 await run.sink_recorded()  # and so is every other connection's page written before it
             if eligible:
                 await _deliver_page(source, result, eligible, store, destination, run, sem, written, writer, run_id,
-                                    own=(run_id, conn.name) if again and run_id is not None else None)
+                                    own=(run_id, conn.name) if again else None)
             _count(result, verdicts, details)
             if counted is not None:
                 merge(result, counted)
             rows = verdict_rows(conn.name, source.account_key, verdicts) if (
                 run_id is not None and destination is not None) else []
-            replacing = ((conn.name, source.account_key, [v.invoice_id for v in verdicts])
-                         if again and run_id is not None and destination is not None else None)
+            replacing = (conn.name, source.account_key, [v.invoice_id for v in verdicts]) if again else None
             if store is not None and (rows or written or replacing):
                 if writer is not None:  # SQLite works without the GIL: the next page is fetched meanwhile
                     recording = asyncio.get_running_loop().run_in_executor(writer, store.record_page, run_id, rows,

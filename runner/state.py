@@ -269,10 +269,10 @@ class Store:
         self._reader: sqlite3.Connection | None = None
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
-        if "run_id" not in {r[1] for r in self.db.execute("PRAGMA table_info(ledger)")}:  # a store from before
-            self.db.execute("ALTER TABLE ledger ADD COLUMN run_id INTEGER")
-        if "recorded" not in {r[1] for r in self.db.execute("PRAGMA table_info(sink_marks)")}:
-            self.db.execute("ALTER TABLE sink_marks ADD COLUMN recorded INTEGER")
+        # Columns a store from before lacks.
+        for table, column in (("ledger", "run_id"), ("sink_marks", "recorded")):
+            if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
         self._lockfile = None
 
     def close(self) -> None:
