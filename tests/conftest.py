@@ -47,6 +47,40 @@ connections:
 """
 
 
+def stripe_workspace(tmp: Path, edit=None, window: str = "{last: 3y}", extra: str = "") -> Path:
+    """A config beside a copy of the built-in Stripe spec (changed by `edit(spec)` first) and the sandbox's
+    secrets: one connection `s` to the Stripe simulator, cases to a jsonl file. `extra`: more of its keys."""
+    import yaml
+
+    (tmp / "integrations.d").mkdir(parents=True)
+    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
+    if edit is not None:
+        edit(spec)
+    (tmp / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
+    cfg = tmp / "config.yaml"
+    cfg.write_text(f"""version: 1
+state: state.db
+integrations_dir: integrations.d
+destination: {{type: jsonl, path: out.jsonl}}
+connections:
+  - name: s
+    integration: stripe
+    environment: sandbox
+    credentials: {{api_key: "${{file:sandbox-secrets/stripe_api_key}}"}}
+    window: {window}
+{extra}""")
+    return cfg
+
+
+def page_size(n: int):
+    """An edit for stripe_workspace: pages of n invoices."""
+    def edit(spec: dict) -> None:
+        spec["invoices"]["request"]["params"]["limit"] = str(n)
+        spec["invoices"]["max_page_size"] = n
+    return edit
+
+
 @pytest.fixture
 def sandbox_env(monkeypatch):
     monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)

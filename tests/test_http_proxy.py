@@ -20,33 +20,30 @@ def _serve(handler):
     return httpd
 
 
+class _Answering(BaseHTTPRequestHandler):
+    def answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
 @pytest.fixture
 def target_and_proxy():
-    class Target(BaseHTTPRequestHandler):
+    class Target(_Answering):
         def do_GET(self):
-            body = b'{"ok": true}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
+            self.answer(b'{"ok": true}')
 
     through: list[dict] = []
 
-    class Proxy(BaseHTTPRequestHandler):
+    class Proxy(_Answering):
         def do_GET(self):  # a forwarding proxy: the request line holds the whole URL
             through.append({"line": self.requestline, "auth": self.headers.get("Proxy-Authorization")})
             with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(self.path) as r:
-                body = r.read()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
+                self.answer(r.read())
 
     target, proxy = _serve(Target), _serve(Proxy)
     try:

@@ -6,38 +6,21 @@ real integrations.d/stripe.yaml plus a partition, and compares with the same syn
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
-
-import yaml
 
 from runner import config, pipeline
 from runner.http import Clients, reset_limiters
 from runner.state import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import stripe_workspace
 
 
 def _workspace(tmp: Path, partition: dict | None, window: str = "{last: 3y}") -> Path:
-    (tmp / "integrations.d").mkdir(parents=True)
-    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
-    if partition is not None:
-        spec["invoices"]["partition"] = partition
-    (tmp / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
-    cfg = tmp / "config.yaml"
-    cfg.write_text(f"""version: 1
-state: state.db
-integrations_dir: integrations.d
-destination: {{type: jsonl, path: out.jsonl}}
-connections:
-  - name: s
-    integration: stripe
-    environment: sandbox
-    credentials: {{api_key: "${{file:sandbox-secrets/stripe_api_key}}"}}
-    window: {window}
-""")
-    return cfg
+    def edit(spec: dict) -> None:
+        if partition is not None:
+            spec["invoices"]["partition"] = partition
+
+    return stripe_workspace(tmp, edit=edit, window=window)
 
 
 def _plan(cfg_path: Path):

@@ -4,42 +4,24 @@ slow run asks first. Against the built-in Stripe simulator, pages of 2 invoices.
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
-
-import yaml
 
 from runner import config, pipeline, report
 from runner.http import reset_limiters
 from runner.state import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import page_size, stripe_workspace
 
 
 def _plan(tmp: Path, rate_limit: dict | None):
-    (tmp / "integrations.d").mkdir(parents=True)
-    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
-    spec["invoices"]["request"]["params"]["limit"] = "2"
-    spec["invoices"]["max_page_size"] = 2
-    if rate_limit is None:
-        spec["environments"]["sandbox"].pop("rate_limit", None)
-    else:
-        spec["environments"]["sandbox"]["rate_limit"] = rate_limit
-    (tmp / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
-    cfg = tmp / "config.yaml"
-    cfg.write_text("""version: 1
-state: state.db
-integrations_dir: integrations.d
-destination: {type: jsonl, path: out.jsonl}
-connections:
-  - name: s
-    integration: stripe
-    environment: sandbox
-    credentials: {api_key: "${file:sandbox-secrets/stripe_api_key}"}
-    window: {last: 3y}
-    server_filters: false
-""")
+    def edit(spec: dict) -> None:
+        page_size(2)(spec)
+        if rate_limit is None:
+            spec["environments"]["sandbox"].pop("rate_limit", None)
+        else:
+            spec["environments"]["sandbox"]["rate_limit"] = rate_limit
+
+    cfg = stripe_workspace(tmp, edit=edit, extra="    server_filters: false\n")
     reset_limiters()
     store = Store(":memory:")
     try:

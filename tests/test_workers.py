@@ -8,41 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 
 from runner import classify, config, pagination, pipeline, state, workers
 from runner.http import reset_limiters
 from runner.state import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import page_size, stripe_workspace
 
 
 def _workspace(tmp: Path) -> Path:
-    (tmp / "integrations.d").mkdir(parents=True)
-    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
-    spec["invoices"]["request"]["params"]["limit"] = "5"
-    spec["invoices"]["max_page_size"] = 5
-    (tmp / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
-    cfg = tmp / "config.yaml"
-    cfg.write_text("""version: 1
-state: state.db
-integrations_dir: integrations.d
-destination: {type: jsonl, path: out.jsonl}
-connections:
-  - name: s
-    integration: stripe
-    environment: sandbox
-    credentials: {api_key: "${file:sandbox-secrets/stripe_api_key}"}
-    window: {last: 3y}
-""")
-    return cfg
+    return stripe_workspace(tmp, edit=page_size(5))
 
 
 class _Recording(workers.Workers):
