@@ -215,8 +215,13 @@ class Classifier:
         # A unix timestamp is in the window exactly when it lies between the window's own timestamps: the
         # common case is decided without making a datetime (the rest takes the general path below).
         rule = self.stream.date
-        self._unix = rule.value.search if rule is not None and rule.format == "unix" else None
+        self._unix = rule.value.compiled() if rule is not None and rule.format == "unix" else None
         self._span = (conn.window.start.timestamp(), conn.window.end.timestamp())
+        # The per-record path calls these a few times for each invoice: bound once, compiled (specs.Expression).
+        self._lets = tuple((name, expr.compiled()) for name, expr in self.stream.let)
+        self._map = self.stream.mapping.compiled()
+        self._unpaid = self.stream.unpaid.compiled()
+        self._check = validation.check
 
     def invoice_id(self, rec: Any) -> str | None:
         """The id `evaluate` gives this record, without mapping the rest: to skip invoices already imported."""
@@ -240,8 +245,12 @@ class Classifier:
             return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
 
     def _evaluate(self, rec: Any) -> Verdict:
-        rec = self.stream.prepare(rec)
-        inv = self.stream.mapping.apply(rec)
+        if self._lets and type(rec) is dict:  # Stream.prepare, inline
+            for name, search in self._lets:
+                rec[name] = search(rec)
+        else:
+            rec = self.stream.prepare(rec)
+        inv = self._map(rec)
         ext = inv.get("external_id")
         number = inv.get("number")
         if isinstance(number, (int, float)):
@@ -250,7 +259,7 @@ class Classifier:
             return Verdict("<no id>", number, SKIPPED, "invalid",
                            "the record has no id (the spec's external_id mapping found nothing)")
         ext = inv["external_id"] = str(ext)
-        if not _truthy(self.stream.unpaid.search(rec)):
+        if not _truthy(self._unpaid(rec)):
             status = self.stream.status_text.search(rec) if self.stream.status_text else None
             return Verdict(ext, number, SKIPPED, "not_unpaid",
                            f"status is {status}: only unpaid invoices are imported" if status
@@ -267,7 +276,7 @@ class Classifier:
         debtor = inv.get("debtor")
         if isinstance(debtor, dict) and "type" not in debtor:
             debtor["type"] = self.conn.debtor_type
-        outcome = validation.check(inv)
+        outcome = self._check(inv)
         if not outcome.ok:
             detail = {"errors": outcome.errors}
             if outcome.missing:

@@ -44,7 +44,13 @@ def ledger_id(cfg: DestinationConfig) -> str:
 
 def idempotency_key(account_key: str, invoice_id: str) -> str:
     """Derived, so every retry and every rerun of the same invoice sends the same key."""
-    return "runner-" + hashlib.sha256(f"{account_key}\x1f{invoice_id}".encode()).hexdigest()[:40]
+    return idempotency_keys(account_key, (invoice_id,))[0]
+
+
+def idempotency_keys(account_key: str, invoice_ids) -> list[str]:
+    """idempotency_key of each of these invoices of one account (a page's: the account's part encoded once)."""
+    head, sha256 = f"{account_key}\x1f".encode(), hashlib.sha256
+    return ["runner-" + sha256(head + i.encode()).hexdigest()[:40] for i in invoice_ids]
 
 
 def _json_default(obj):

@@ -288,22 +288,34 @@ def _functions_module():
     return functions
 
 
-def compile(parsed: dict, functions) -> Callable[[Any], Any] | None:  # noqa: A001
-    """A callable equivalent to evaluating the AST `parsed` with `functions`, or None if unsupported."""
+def compile(parsed: dict, functions, slow: Callable[[Any], Any] | None = None) -> Callable[[Any], Any] | None:  # noqa: A001
+    """A callable equivalent to evaluating the AST `parsed` with `functions`, or None if unsupported. With
+    `slow`, a record the generated code raises on is handed to slow(data) from inside it (see `wrap`)."""
     gen = _Gen(functions)
     body: list[str] = []
+    ind = "        " if slow is not None else "    "
     try:
-        r = gen.node(parsed, "data", body, "    ")
+        r = gen.node(parsed, "data", body, ind)
     except Unsupported:
         return None
-    return gen.build(["def _search(data):", *body, f"    return {r}"], "_search")
+    return gen.build(_guarded("_search", body + [f"{ind}return {r}"], gen, slow), "_search")
 
 
-def mapping_function(fields: list[tuple[tuple, dict]], functions) -> Callable[[Any], dict] | None:
+def _guarded(name: str, body: list[str], gen: _Gen, slow: Callable[[Any], Any] | None) -> list[str]:
+    """The function's lines: the body as it is, or (with `slow`) inside a try whose except hands the record
+    to slow(data). The same as wrap(fast, slow) without a second Python call per record."""
+    if slow is None:
+        return [f"def {name}(data):", *body]
+    return [f"def {name}(data):", "    try:", *body, "    except Exception:", f"        return {gen.const(slow)}(data)"]
+
+
+def mapping_function(fields: list[tuple[tuple, dict]], functions,
+                     slow: Callable[[Any], dict] | None = None) -> Callable[[Any], dict] | None:
     """One function for a whole mapping: (canonical path, AST) pairs in, the nested canonical dict out.
-    Missing, null and blank values are left out (strings stripped), exactly as specs.Mapping.apply does."""
+    Missing, null and blank values are left out (strings stripped), exactly as specs.Mapping.apply does.
+    `slow`: as for `compile`."""
     gen = _Gen(functions)
-    lines = ["def _map(data):", "    out = {}"]
+    lines = ["    out = {}"]
     try:
         for path, parsed in fields:
             r = gen.node(parsed, "data", lines, "    ")
@@ -321,11 +333,14 @@ def mapping_function(fields: list[tuple[tuple, dict]], functions) -> Callable[[A
     except Unsupported:
         return None
     lines.append("    return out")
-    return gen.build(lines, "_map")
+    if slow is not None:
+        lines = ["    " + line for line in lines]
+    return gen.build(_guarded("_map", lines, gen, slow), "_map")
 
 
 def wrap(fast: Callable[[Any], Any] | None, slow: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """fast(data), and on any exception slow(data): jmespath raises (or answers) exactly as it would have."""
+    """fast(data), and on any exception slow(data): jmespath raises (or answers) exactly as it would have.
+    (compile and mapping_function do the same inside the generated function when given `slow`.)"""
     if fast is None:
         return slow
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner import fastpath, functions, schemas
 from runner.errors import ConfigError, Problem
@@ -35,14 +35,18 @@ class Expression:
         self.search = self._first_search
 
     def _first_search(self, data):
-        # Compiled to Python on first use (runner/fastpath.py), not at load: `runner validate` and a run that
-        # never reaches this expression do not pay for it. jmespath for anything the compiler does not cover.
+        return self.compiled()(data)
+
+    def compiled(self) -> Callable[[Any], Any]:
+        """The expression as a plain function (what `search` becomes once used): for callers that keep it.
+        Compiled to Python on first use (runner/fastpath.py), not at load: `runner validate` and a run that
+        never reaches this expression do not pay for it. jmespath for anything the compiler does not cover."""
         if self._compiled is None:
             parsed, options = self._parsed, functions.OPTIONS
-            self._compiled = fastpath.wrap(fastpath.compile(self.ast, options.custom_functions),
-                                           lambda d: parsed.search(d, options=options))
+            slow = lambda d: parsed.search(d, options=options)  # noqa: E731
+            self._compiled = fastpath.compile(self.ast, options.custom_functions, slow) or slow
             self.search = self._compiled
-        return self._compiled(data)
+        return self._compiled
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -128,14 +132,18 @@ class Mapping:
         self.apply = self._first_apply
 
     def _first_apply(self, record: Any) -> dict:
-        # The whole mapping as one generated function (runner/fastpath.py), made on first use; a record it
-        # cannot handle (a function raising on a hostile value, say) goes through apply_each.
+        return self.compiled()(record)
+
+    def compiled(self) -> Callable[[Any], dict]:
+        """`apply` as a plain function. The whole mapping as one generated function (runner/fastpath.py),
+        made on first use; a record it cannot handle (a function raising on a hostile value, say) goes
+        through apply_each."""
         if self._compiled is None:
-            self._compiled = fastpath.wrap(
-                fastpath.mapping_function([(path, expr.ast) for path, expr in self.fields],
-                                          functions.OPTIONS.custom_functions), self.apply_each)
+            self._compiled = fastpath.mapping_function([(path, expr.ast) for path, expr in self.fields],
+                                                       functions.OPTIONS.custom_functions,
+                                                       self.apply_each) or self.apply_each
             self.apply = self._compiled
-        return self._compiled(record)
+        return self._compiled
 
     def apply_each(self, record: Any) -> dict:
         """Missing, null and blank values are left out, so the schema names them as missing."""

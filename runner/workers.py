@@ -49,7 +49,7 @@ from runner import state
 from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
                              to_deliver, verdict_rows)
 from runner.config import Connection
-from runner.destinations import idempotency_key
+from runner.destinations import idempotency_key, idempotency_keys
 
 # Set in the engine's process before the worker forks; the worker reads its connections from here.
 _CONNECTIONS: dict[str, Connection] = {}
@@ -135,10 +135,10 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
     if eligible:
         # Encoded before the lock (the other workers wait for it): each with the key derived from its
         # account and id, which is the one written unless the ledger keeps another (see to_deliver).
-        lines = {}
-        for v in eligible:
-            v.key = idempotency_key(account_key, v.invoice_id)
-            lines[v.invoice_id] = _own_sink.encode(v.invoice, v.key)
+        lines, encode = {}, _own_sink.encode
+        for v, key in zip(eligible, idempotency_keys(account_key, [v.invoice_id for v in eligible])):
+            v.key = key
+            lines[v.invoice_id] = encode(v.invoice, key)
         with _own_sink.exclusive():
             _write(name, account_key, run_id, eligible, lines, ended, db, destination)
     else:  # nothing to write (a second run: every invoice a duplicate): the file is not touched

@@ -169,7 +169,11 @@ def test_the_stripe_mapping_is_one_generated_function():
     assert fastpath.mapping_function([(p, e.ast) for p, e in fields], functions.OPTIONS.custom_functions)
     mapping = Mapping(fields=fields)
     mapping.apply({"id": "in_1"})  # made on first use
-    assert mapping.apply.__name__ == "search"  # the generated function, jmespath as fallback
+    assert mapping.apply.__name__ == "_map"  # the generated function itself, jmespath as its fallback
+    # A record the generated code raises on (a list where minor_to_major wants a number) goes to jmespath
+    # from inside it: the same error as mapping field by field.
+    hostile = {"id": "in_2", "amount_remaining": [1], "currency": "eur"}
+    assert _outcome(mapping.apply, hostile) == _outcome(mapping.apply_each, hostile) == ("error", "JMESPathTypeError")
 
 
 def test_a_field_read_by_several_expressions_is_read_once_and_never_changed_by_the_mapping():
