@@ -24,34 +24,41 @@ def print_json(obj) -> None:
 
 
 def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     out = out or console()
+    # Everything is printed at once, as one group: a print per line cost ~1 ms a connection (0.5 s for 500).
+    items: list = []
+
+    def say(text: str = "", style: str = "") -> None:
+        items.append(Text(text, style=style))
+
     verb = "would import" if result.mode == "plan" else "imported"
     head = "plan (dry run: nothing is created)" if result.mode == "plan" else f"apply (run {result.run_id})"
-    out.print(Text(redact(f"runner {head} → {result.destination}"), style="bold"))
+    say(redact(f"runner {head} → {result.destination}"), style="bold")
     if result.destination_error:
-        out.print(Text(redact("destination: " + result.destination_error), style="red"))
+        say(redact("destination: " + result.destination_error), style="red")
     for c in result.connections:
-        out.print()
+        say()
         acct = f", account {c.account_name or c.account_id}" if (c.account_name or c.account_id) else ""
-        out.print(Text(redact(f"● {c.name} ({c.integration}, {c.environment}{acct})"), style="bold"))
-        out.print(redact(f"  window: {c.window_text}"))
+        say(redact(f"● {c.name} ({c.integration}, {c.environment}{acct})"), style="bold")
+        say(redact(f"  window: {c.window_text}"))
         if c.status != "ok":
             label = "NEEDS RECONNECT" if c.status == "needs_reconnect" else "FAILED"
-            out.print(Text(redact(f"  {label}: {c.error}"), style="red"))
+            say(redact(f"  {label}: {c.error}"), style="red")
             if c.fix:
-                out.print(Text(redact("  fix: " + c.fix.replace("\n", "\n  ")), style="yellow"))
+                say(redact("  fix: " + c.fix.replace("\n", "\n  ")), style="yellow")
         sk = c.skipped()
-        out.print(redact(f"  seen {c.seen} · {verb} {c.imported} · skipped {sum(sk.values())} · failed {c.failed}"))
+        say(redact(f"  seen {c.seen} · {verb} {c.imported} · skipped {sum(sk.values())} · failed {c.failed}"))
         if c.requests:
             pace = (f"  {c.requests} request{'s' if c.requests != 1 else ''} to the provider · {c.seconds:.1f}s in all "
                     f"(fetching and delivering)")
             if c.paced_by_limit():
                 pace += (f" · paced by the {c.integration} spec's rate limit ({c.rate_limit:g} requests/s): faster "
                          f"only if the provider allows more")
-            out.print(Text(redact(pace), style="dim"))
+            say(redact(pace), style="dim")
         if sk or c.failed:
             t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
             t.add_column("reason")
@@ -68,10 +75,10 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
                 ex = (c.samples.get("delivery_failed") or c.samples.get("destination_unavailable") or [None])[0]
                 t.add_row(Text("failed", style="red"), str(c.failed),
                           redact(f"{ex.number or ex.invoice_id}: {ex.message}") if ex else "")
-            out.print(t)
+            items.append(t)
         why = c.why_zero()
         if why:
-            out.print(Text(redact(f"  0 {verb}: {why}"), style="yellow"))
+            say(redact(f"  0 {verb}: {why}"), style="yellow")
         if details and c.verdicts:
             t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
             for col in ("invoice", "number", "verdict", "reason", "why"):
@@ -80,16 +87,17 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
                 style = {"imported": "green", "failed": "red"}.get(v.verdict)
                 t.add_row(v.invoice_id, v.number or "", Text(v.verdict, style=style or ""), v.reason or "",
                           redact(v.message))
-            out.print(t)
+            items.append(t)
     for name in result.inbound:
-        out.print()
-        out.print(Text(f"● {name} (inbound)", style="bold"))
-        out.print(f"  receives pushed invoices through `runner serve`; plan and apply do not fetch it "
-                  f"(see `runner status` for what arrived)")
+        say()
+        say(f"● {name} (inbound)", style="bold")
+        say(f"  receives pushed invoices through `runner serve`; plan and apply do not fetch it "
+            f"(see `runner status` for what arrived)")
     tot = result.totals()
     sk = ", ".join(f"{n} {r}" for r, n in sorted(tot["skipped"].items(), key=lambda x: -x[1]))
-    out.print()
+    say()
     line = f"total: {verb} {tot['imported']}, skipped {sum(tot['skipped'].values())}" + (f" ({sk})" if sk else "")
     line += f", failed {tot['failed']} · {result.finished - result.started:.1f}s"
-    out.print(Text(redact(line), style="bold"))
+    say(redact(line), style="bold")
+    out.print(Group(*items))
 
