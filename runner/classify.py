@@ -221,7 +221,6 @@ class Classifier:
         self._lets = tuple((name, expr.compiled()) for name, expr in self.stream.let)
         self._map = self.stream.mapping.compiled()
         self._unpaid = self.stream.unpaid.compiled()
-        self._check = validation.check
 
     def invoice_id(self, rec: Any) -> str | None:
         """The id `evaluate` gives this record, without mapping the rest: to skip invoices already imported."""
@@ -276,7 +275,7 @@ class Classifier:
         debtor = inv.get("debtor")
         if isinstance(debtor, dict) and "type" not in debtor:
             debtor["type"] = self.conn.debtor_type
-        outcome = self._check(inv)
+        outcome = validation.check(inv)
         if not outcome.ok:
             detail = {"errors": outcome.errors}
             if outcome.missing:
