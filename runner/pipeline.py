@@ -327,12 +327,20 @@ class Source:
         # through a small queue, so memory stays flat while processing overlaps the next requests.
         queue: asyncio.Queue = asyncio.Queue(maxsize=len(windows))
         done = object()
+        held: list[tuple] = []  # pages a sub-window had fetched when it was stopped, not yet queued
 
         async def produce(window: dict) -> None:
+            page = None
             try:
                 async for records, answer, classified, _ in self._pages_in(window, hand_over):
-                    await queue.put((records, answer, classified, True))
+                    page = (records, answer, classified, True)
+                    await queue.put(page)
+                    page = None
                 await queue.put(done)
+            except asyncio.CancelledError:
+                if page is not None:
+                    held.append(page)
+                raise
             except Exception as exc:
                 await queue.put(exc)
 
@@ -344,6 +352,19 @@ class Source:
                 if item is done:
                     left -= 1
                 elif isinstance(item, BaseException):
+                    # One sub-window failed: the others stop fetching, and the pages they had fetched are
+                    # finished before the failure is raised, like the pages before a failure in one window. A
+                    # worker may have such a page already, and delivers and records it whatever happens:
+                    # dropped here, it would be missing from the run's summary.
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    while not queue.empty():
+                        page = queue.get_nowait()
+                        if page is not done and not isinstance(page, BaseException):
+                            yield page
+                    for page in held:
+                        yield page
                     raise item
                 else:
                     yield item
