@@ -219,54 +219,67 @@ def apply_cpu(work: Path, server: FakeServer) -> dict:
             "server": (_cpu(server.proc.pid) or 0.0) - s0, "rc": proc.returncode}
 
 
+def measure(server: FakeServer, tmp: Path, rounds: int, log=None) -> dict:
+    """The medians over `rounds` (see the module's docstring) against `server` (target 5's: 2,000 invoices,
+    50 ms a request): worker path and floor per invoice (us), the floor's stages, and the one and fifty
+    connection runs (wall and CPU seconds); `budget`: the CPU two cores give within 1.5x of the one connection,
+    `at_floor`: what the fifty would need with their workers at the floor."""
+    med = statistics.median
+    one = tmp / "one"
+    workspace.make(one, server.url, connections=1)
+    cfg = workspace.make(tmp / "many", server.url, connections=CONNECTIONS)
+    paths = Paths(cfg, fetch_pages(server.url), tmp / "paths")
+    n = paths.invoices
+    paths.worker()  # warm-up: compiles the mapping and the validators once
+    worker, floor, stages, ones, fifties = [], [], {}, [], []
+    for i in range(rounds):
+        worker.append(paths.worker() / n * 1e6)
+        floor.append(paths.floor(stages) / n * 1e6)
+        ones.append(apply_cpu(one, server))
+        fifties.append(apply_cpu(tmp / "many", server))
+        if log is not None:
+            log(f"floor round {i}: worker path {worker[-1]:.1f} us, floor {floor[-1]:.1f} us, one "
+                f"{ones[-1]['wall']:.2f}s, fifty {fifties[-1]['wall']:.2f}s")
+    if any(m["rc"] not in (0, 1) for m in ones + fifties):
+        raise RuntimeError("a runner apply failed")
+    out = {"invoices": n, "rounds": rounds, "worker_us": med(worker), "floor_us": med(floor),
+           "stages_us": {k: v / rounds / n * 1e6 for k, v in stages.items()},
+           "one": med(m["wall"] for m in ones), "fifty": med(m["wall"] for m in fifties),
+           **{k: med(m[k] for m in fifties) for k in ("engine", "workers", "server")}}
+    out["cpu"] = out["engine"] + out["workers"] + out["server"]
+    out["budget"] = 2 * 1.5 * out["one"]
+    out["at_floor"] = out["engine"] + out["server"] + out["workers"] * out["floor_us"] / out["worker_us"]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    med = statistics.median
     tmp = Path(tempfile.mkdtemp(prefix="runner-floor-"))
     try:
         with FakeServer(2000, latency_ms=50) as server:
-            one = tmp / "one"
-            workspace.make(one, server.url, connections=1)
-            many = tmp / "many"
-            cfg = workspace.make(many, server.url, connections=CONNECTIONS)
-            paths = Paths(cfg, fetch_pages(server.url), tmp / "paths")
-            n = paths.invoices
-            paths.worker()  # warm-up: compiles the mapping and the validators once
-            worker, floor, stages, ones, fifties = [], [], {}, [], []
-            for i in range(args.rounds):
-                worker.append(paths.worker() / n * 1e6)
-                floor.append(paths.floor(stages) / n * 1e6)
-                ones.append(apply_cpu(one, server))
-                fifties.append(apply_cpu(many, server))
-                print(f"[floor] round {i}: worker path {worker[-1]:.1f} us, floor {floor[-1]:.1f} us, one "
-                      f"{ones[-1]['wall']:.2f}s, fifty {fifties[-1]['wall']:.2f}s", file=sys.stderr, flush=True)
+            m = measure(server, tmp, args.rounds, log=lambda s: print(f"[floor] {s}", file=sys.stderr, flush=True))
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    if any(m["rc"] not in (0, 1) for m in ones + fifties):
-        print("a runner apply failed", file=sys.stderr)
-        return 1
-    rounds = args.rounds
-    w1, w50 = med(m["wall"] for m in ones), med(m["wall"] for m in fifties)
-    eng, wrk, srv = (med(m[k] for m in fifties) for k in ("engine", "workers", "server"))
-    wpath, fl = med(worker), med(floor)
+    n = m["invoices"]
     print(f"Per invoice, {n:,} invoices ({CONNECTIONS} connections x {n // CONNECTIONS:,}), one process, "
-          f"median of {rounds} rounds:\n")
+          f"median of {m['rounds']} rounds:\n")
     print("| path | CPU us per invoice |\n|---|---|")
-    print(f"| the runner's worker path (workers._classify_page, delivering to jsonl) | {wpath:.1f} |")
-    print(f"| the floor: the same libraries, only the unavoidable work | {fl:.1f} |")
-    for stage, spent in stages.items():
-        print(f"| &nbsp;&nbsp;floor: {stage} | {spent / rounds / n * 1e6:.1f} |")
-    print(f"\nTarget 5's runs (median of {rounds}): one connection {w1:.2f} s; fifty {w50:.2f} s = "
-          f"{w50 / w1:.2f}x. CPU of the fifty: engine {eng:.2f} s, workers {wrk:.2f} s, server {srv:.2f} s, "
-          f"{eng + wrk + srv:.2f} s in all.")
-    at_floor = eng + srv + wrk * fl / wpath
-    budget = 2 * 1.5 * w1
-    print(f"Within 1.5x of one connection ({1.5 * w1:.2f} s) two cores give at most {budget:.2f} CPU seconds, "
-          f"start-up included. With the workers at the floor the fifty would still need {at_floor:.2f} "
-          f"({at_floor / budget:.0%} of it); the engine's share alone is {eng:.2f}.")
+    print(f"| the runner's worker path (workers._classify_page, delivering to jsonl) | {m['worker_us']:.1f} |")
+    print(f"| the floor: the same libraries, only the unavoidable work | {m['floor_us']:.1f} |")
+    for stage, us in m["stages_us"].items():
+        print(f"| &nbsp;&nbsp;floor: {stage} | {us:.1f} |")
+    print(f"\nTarget 5's runs (median of {m['rounds']}): one connection {m['one']:.2f} s; fifty {m['fifty']:.2f} s = "
+          f"{m['fifty'] / m['one']:.2f}x. CPU of the fifty: engine {m['engine']:.2f} s, workers {m['workers']:.2f} s, "
+          f"server {m['server']:.2f} s, {m['cpu']:.2f} s in all.")
+    print(f"Within 1.5x of one connection ({1.5 * m['one']:.2f} s) two cores give at most {m['budget']:.2f} CPU "
+          f"seconds, start-up included. With the workers at the floor the fifty would still need "
+          f"{m['at_floor']:.2f} ({m['at_floor'] / m['budget']:.0%} of it); the engine's share alone is "
+          f"{m['engine']:.2f}.")
     return 0
 
 

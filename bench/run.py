@@ -375,6 +375,17 @@ def target_5(args, tmp: Path, peers: set):
         row(5, "50 connections x 2,000 invoices, 50 ms/request", w50, records=wl["records"] * 50,
             rss=[m["rss"] for m in ms], requests=ms[0]["requests"], ratio=f"{ratio:.2f}x one connection",
             goal="<1.5x", met=ratio < 1.5 and ms[0]["counts"].get("imported") == 50 * wl["records"])
+        # Where the time goes (bench/floor.py): the fifty's CPU against what 1.5x leaves two cores, and the
+        # runner's worker path per invoice against the least work the same libraries can do.
+        from bench import floor
+
+        f = floor.measure(server, tmp / "t5floor", args.runs, log=log)
+        row(5, "where target 5's time goes (`bench/floor.py`): CPU of the 50 connections; a worker's path per invoice "
+               "against the floor (the same libraries doing only the unavoidable work)", [],
+            ratio=f"engine {f['engine']:.2f} s + workers {f['workers']:.2f} s + server {f['server']:.2f} s = "
+                  f"{f['cpu']:.2f} s of CPU; 1.5x one connection allows at most {f['budget']:.2f} s on 2 cores; "
+                  f"worker path {f['worker_us']:.1f} us/invoice, floor {f['floor_us']:.1f}: at the floor "
+                  f"{f['at_floor']:.2f} s", goal="profile")
         if args.many:  # not a target: how memory and time go with hundreds of connections
             work = tmp / "t5hundreds"
             workspace.make(work, server.url, connections=args.many)
