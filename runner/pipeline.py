@@ -25,6 +25,7 @@ from loguru import logger
 from runner import auth as auth_mod
 from runner import pagination, secrets
 from runner.config import Config, Connection
+from runner.state import RECENT_RUNS
 from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
                              Tally, _truthy, delivered, merge, tally, to_deliver, verdict_rows)
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
@@ -972,4 +973,5 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         status = "ok" if result.ok else "partial" if working and not result.destination_error else "failed"
         store.finish_run(run_id, status, result.stored())
         store.prune_verdicts(command or "apply", cfg.keep_runs)
+        store.trim_summaries(command or "apply", max(cfg.keep_runs, RECENT_RUNS))
     return result
