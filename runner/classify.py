@@ -217,8 +217,7 @@ class Classifier:
         rule = self.stream.date
         self._unix = rule.value.compiled() if rule is not None and rule.format == "unix" else None
         self._span = (conn.window.start.timestamp(), conn.window.end.timestamp())
-        # The per-record path calls these a few times for each invoice: bound once, compiled (specs.Expression).
-        self._lets = tuple((name, expr.compiled()) for name, expr in self.stream.let)
+        # The per-record path calls these for each invoice: bound once, compiled (specs.Expression, Mapping).
         self._map = self.stream.mapping.compiled()
         self._unpaid = self.stream.unpaid.compiled()
 
@@ -244,11 +243,7 @@ class Classifier:
             return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
 
     def _evaluate(self, rec: Any) -> Verdict:
-        if self._lets and type(rec) is dict:  # Stream.prepare, inline
-            for name, search in self._lets:
-                rec[name] = search(rec)
-        else:
-            rec = self.stream.prepare(rec)
+        rec = self.stream.prepare(rec)
         inv = self._map(rec)
         ext = inv.get("external_id")
         number = inv.get("number")

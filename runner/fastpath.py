@@ -9,7 +9,7 @@ function. Generated from the AST only (names become string constants in a namesp
 so a spec cannot inject code. `mapping_function` puts every field of a mapping into one such function.
 
 Exactness: anything outside the subset is not compiled (`compile` returns None and the caller keeps
-jmespath). A compiled function that raises for any reason is re-run by jmespath itself (see `wrap`), so
+jmespath). A compiled function that raises for any reason hands the record to jmespath itself (see `_guarded`), so
 error types and messages are jmespath's own; the compiled function only has to agree on the values it
 returns, and tests/test_fastpath.py property-tests that against jmespath with hypothesis.
 """
@@ -290,7 +290,7 @@ def _functions_module():
 
 def compile(parsed: dict, functions, slow: Callable[[Any], Any] | None = None) -> Callable[[Any], Any] | None:  # noqa: A001
     """A callable equivalent to evaluating the AST `parsed` with `functions`, or None if unsupported. With
-    `slow`, a record the generated code raises on is handed to slow(data) from inside it (see `wrap`)."""
+    `slow`, a record the generated code raises on is handed to slow(data) from inside it (see `_guarded`)."""
     gen = _Gen(functions)
     body: list[str] = []
     ind = "        " if slow is not None else "    "
@@ -303,7 +303,8 @@ def compile(parsed: dict, functions, slow: Callable[[Any], Any] | None = None) -
 
 def _guarded(name: str, body: list[str], gen: _Gen, slow: Callable[[Any], Any] | None) -> list[str]:
     """The function's lines: the body as it is, or (with `slow`) inside a try whose except hands the record
-    to slow(data). The same as wrap(fast, slow) without a second Python call per record."""
+    to slow(data): jmespath then raises (or answers) exactly as it would have, without a second Python call per
+    record."""
     if slow is None:
         return [f"def {name}(data):", *body]
     return [f"def {name}(data):", "    try:", *body, "    except Exception:", f"        return {gen.const(slow)}(data)"]
@@ -336,18 +337,3 @@ def mapping_function(fields: list[tuple[tuple, dict]], functions,
     if slow is not None:
         lines = ["    " + line for line in lines]
     return gen.build(_guarded("_map", lines, gen, slow), "_map")
-
-
-def wrap(fast: Callable[[Any], Any] | None, slow: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """fast(data), and on any exception slow(data): jmespath raises (or answers) exactly as it would have.
-    (compile and mapping_function do the same inside the generated function when given `slow`.)"""
-    if fast is None:
-        return slow
-
-    def search(data):
-        try:
-            return fast(data)
-        except Exception:
-            return slow(data)
-
-    return search

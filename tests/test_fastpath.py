@@ -82,10 +82,10 @@ def test_compiled_equals_jmespath(source, value):
     except jmespath.exceptions.JMESPathError:
         return  # not an expression (the grammar can produce a few); nothing to compare
     slow = _outcome(lambda v: parsed.search(v, options=functions.OPTIONS), value)
-    fast_fn = fastpath.compile(parsed.parsed, functions.OPTIONS.custom_functions)
+    fast_fn = fastpath.compile(parsed.parsed, functions.OPTIONS.custom_functions,
+                               lambda v: parsed.search(v, options=functions.OPTIONS))
     if fast_fn is not None:
-        wrapped = fastpath.wrap(fast_fn, lambda v: parsed.search(v, options=functions.OPTIONS))
-        assert _same(_outcome(wrapped, value), slow), source
+        assert _same(_outcome(fast_fn, value), slow), source
     try:
         expr = Expression(source)
     except ValueError:
