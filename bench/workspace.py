@@ -33,11 +33,14 @@ def make(work: Path, url: str, *, connections: int = 1, rate_limit: dict | None 
     spec["environments"] = {"bench": env, **spec["environments"]}
     if partition is not None:
         spec["invoices"]["partition"] = partition
+    # The fake server answers /v1/invoices only, so it cannot name its account (GET /v1/account): each connection
+    # pins its own, as a config does for a provider that cannot say.
+    spec.pop("account", None)
     (work / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     for i in range(connections):
         (work / "secrets" / f"stripe_{i}").write_text(f"sk_test_bench{i}")
     conns = "".join(
-        f"  - name: bench-{i}\n    integration: stripe\n    environment: bench\n"
+        f"  - name: bench-{i}\n    integration: stripe\n    environment: bench\n    account_id: bench-{i}\n"
         f"    credentials: {{api_key: \"${{file:secrets/stripe_{i}}}\"}}\n"
         f"    window: {{from: \"{window[0]}\", to: \"{window[1]}\"}}\n" for i in range(connections))
     cfg = work / "config.yaml"

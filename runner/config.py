@@ -222,6 +222,10 @@ def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ
         conn = _connection(doc, raw, p, i, defaults, base, integrations_dir, problems, resolve, environ, now)
         if conn is not None:
             connections.append(conn)
+    for c in connections:  # real collection cases against test-mode debtors: refused before anything runs
+        refused = _test_into_production(doc, c, data["connections"][c.index], dest)
+        if refused is not None:
+            problems.append(refused)
     if strict:
         for c in connections:
             problems += c.problems
@@ -298,6 +302,12 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
                       account_id=raw.get("account_id"), expect=raw.get("expect") or {},
                       options=_options(doc, spec, raw.get("options") or {}, p, problems),
                       enabled=raw.get("enabled", True), index=index)
+    if not spec.names_account and not conn.account_id:
+        conn.problems.append(doc.problem(
+            p, f"integration '{spec.id}' cannot tell which account its invoices come from, and the ledger must "
+               f"know it (a connection's name is not used: renaming the connection would import everything again)",
+            f"add `account_id: <a stable name for the source, e.g. the app's account or company>` to the "
+            f"connection '{conn.name}'", key=True))
     for name in spec.auth.credentials:
         if name not in conn.credential_refs:
             conn.problems.append(doc.problem(p, f"integration '{spec.id}' needs the credential '{name}'",
@@ -313,6 +323,25 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
             conn.problems.append(doc.problem(p + ("credentials", name), rule.message,
                                              f"use the {env} credential here, or set `environment:` to match the key"))
     return conn
+
+
+def _test_into_production(doc, conn: Connection, raw: dict, dest: Destination) -> Problem | None:
+    """A connection reading an environment of test data (a Stripe test-mode key, a QuickBooks sandbox company)
+    must not create real collection cases: refused when the destination is Debitura production without isTest."""
+    env = conn.spec.environments[conn.environment]
+    if not env.test or env.test_cases or raw.get("allow_test_source"):
+        return None
+    if dest.type != "debitura" or dest.environment != "production" or dest.is_test:
+        return None
+    dest_line, _ = doc.mark(("destination", "environment"))
+    return doc.problem(
+        ("connections", conn.index, "environment"),
+        f"the connection '{conn.name}' reads {conn.spec.name}'s {conn.environment} environment, which holds test "
+        f"data, but the destination ({doc.file}:{dest_line}) is Debitura production: its debtors would get real "
+        f"collection cases",
+        "use the connection's live/production environment, or send test cases: `is_test: true` under "
+        "destination (or `environment: test`); if this really is real data, set `allow_test_source: true` "
+        "on the connection")
 
 
 def _options(doc, spec, given: dict, p, problems) -> dict:

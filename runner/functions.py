@@ -49,6 +49,8 @@ FUNCTION_DOCS: dict[str, str] = {
     "unix_to_datetime": "unix_to_datetime(seconds) -> ISO 8601 UTC \"YYYY-MM-DDTHH:MM:SSZ\".",
     "to_date": "to_date(value, format?) -> \"YYYY-MM-DD\" from an ISO date/datetime (the date as written, offset "
     "not applied) or a strptime format such as \"%d/%m/%Y\"; unparseable -> null.",
+    "regex_group": "regex_group(text, pattern) -> the first group of the pattern's first match in text (the whole "
+    "match if it has no group); no match, null or non-string -> null. Reads at most the first 2,000 characters.",
     "upper": "upper(s) -> upper-cased string; null -> null.",
     "lower": "lower(s) -> lower-cased string; null -> null.",
     "trim": "trim(s) -> string without leading/trailing whitespace; null -> null.",
@@ -378,6 +380,24 @@ def country_code(value):
     return _country_slow(value)
 
 
+REGEX_INPUT = 2000  # a spec's pattern reads messages and ids, never whole documents
+
+
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str):
+    return re.compile(pattern)
+
+
+def regex_group(text, pattern):
+    """The first group of the pattern's first match (e.g. an account id named in an error message)."""
+    if not isinstance(text, str):
+        return None
+    m = _regex(pattern).search(text[:REGEX_INPUT])
+    if m is None:
+        return None
+    return m.group(1) if m.re.groups else m.group(0)
+
+
 def _is_blank(value) -> bool:
     if value is None:
         return True
@@ -516,6 +536,10 @@ class RunnerFunctions(_jfunc.Functions):
     @signature(_STR)
     def _func_currency_exponent(self, code):
         return currency_exponent(code)
+
+    @signature({"types": []}, {"types": ["string"]})
+    def _func_regex_group(self, text, pattern):
+        return regex_group(text, pattern)
 
 
 _missing_docs = (set(RunnerFunctions.FUNCTION_TABLE) - set(_jfunc.Functions.FUNCTION_TABLE)) ^ set(FUNCTION_DOCS)

@@ -111,6 +111,14 @@ class ConnectionResult:
         return out
 
 
+def _text(expr, view) -> str | None:
+    """A spec expression's value as an account id or name (None when absent)."""
+    if expr is None:
+        return None
+    v = expr.search(view)
+    return None if v is None or v == "" else str(v)
+
+
 def credential_fingerprint(conn: Connection) -> str | None:
     """One short, non-reversible name for a connection's credentials: a rotated key shows up as a change,
     and connections with the same credentials share one rate limit."""
@@ -134,7 +142,7 @@ class Source:
         self.saved = saved
         self.options = dict(conn.options)
         self._ctx_base = {"secrets": dict(conn.credentials), "options": self.options,
-                          "connection": {"name": conn.name, **(saved.get("data") or {})},
+                          "connection": {"name": conn.name, "account_id": conn.account_id, **(saved.get("data") or {})},
                           "environment": conn.environment, "window": conn.window.context()}
         env = self.spec.environments[conn.environment]
         # An inbound-only spec has no base URL: nothing is fetched, posted payloads are only evaluated.
@@ -180,6 +188,9 @@ class Source:
                                      label=self.http.label, pool=self.conn.name)
         await self._identify()
         if self.store is not None:
+            # Ledgers from before sources were keyed by the provider's account keyed them by the connection's name.
+            self.store.adopt_account(self.account_key, (f"{self.spec.id}:{self.conn.name}",
+                                                        f"{self.spec.id}:{self.conn.name}:{self.conn.environment}"))
             self.known = self.store.has_ledger(self.account_key)
 
     def _reconnect_cleared(self) -> bool:
@@ -206,42 +217,53 @@ class Source:
                                headers=req["headers"] or None, json=req["json"], ok=ok)
 
     async def _identify(self) -> None:
+        """Which account of the provider this connection reads: the ledger's key for its invoices."""
         acc = self.spec.account
         if "request" in acc:
-            resp = await self.send_spec(acc["request"], self.context())
-            view = {"response": resp.json(f"{self.spec.name}'s account answer"), "connection": self.context()["connection"],
-                    "options": self.options}
-            if "choose" in acc:
-                self._choose(acc["choose"], view["response"])
-                view["options"] = self.options
-            if acc.get("id") is not None:
-                v = acc["id"].search(view)
-                self.account_id = None if v is None else str(v)
-            if acc.get("name") is not None:
-                v = acc["name"].search(view)
-                self.account_name = None if v is None else str(v)
-            elif "choose" in acc:  # the chosen entry's name
-                chosen = str(self.options.get(acc["choose"].get("option")))
-                self.account_name = next((a["name"] for a in self.accounts if a["id"] == chosen), None)
+            refused = acc.get("refused")
+            resp = await self.send_spec(acc["request"], self.context(), ok=tuple(refused["status"]) if refused else ())
+            body = resp.json(f"{self.spec.name}'s account answer")
+            if refused and resp.status in refused["status"]:
+                # e.g. a restricted key that may read invoices but not the account: the refusal may still name it
+                view = {"response": body, "status": resp.status}
+                self.account_id, self.account_name = _text(refused.get("id"), view), _text(refused.get("name"), view)
+            else:
+                view = {"response": body, "connection": self.context()["connection"], "options": self.options}
+                if "choose" in acc:
+                    self._choose(acc["choose"], view["response"])
+                    view["options"] = self.options
+                self.account_id = _text(acc.get("id"), view)
+                self.account_name = _text(acc.get("name"), view)
+                if acc.get("name") is None and "choose" in acc:  # the chosen entry's name
+                    chosen = str(self.options.get(acc["choose"].get("option")))
+                    self.account_name = next((a["name"] for a in self.accounts if a["id"] == chosen), None)
         else:
             if acc.get("id") is not None:
                 self.account_id = acc["id"].render(self.context()) or None
             if acc.get("name") is not None:
                 self.account_name = acc["name"].render(self.context()) or None
         # `expect:` pins what the provider says it is connected to, so compare before a configured
-        # `account_id:` (a ledger name of the user's choosing) replaces it.
-        reported = self.account_id or self.conn.name
-        self.account_id = self.conn.account_id or reported
+        # `account_id:` (the user's own stable name for the source) replaces it. Never the connection's name:
+        # renaming a connection must not make its invoices new.
+        reported = self.account_id
+        if not acc.get("from_config"):
+            self.account_id = self.conn.account_id or reported
+        if self.account_id is None:
+            raise AccountMismatch(
+                f"{self.spec.name} did not say which account '{self.conn.name}' is connected to, and the ledger keys "
+                f"every invoice by its account; nothing was imported from it",
+                fix=f"set `account_id:` on the connection '{self.conn.name}' to the provider's account id (or another "
+                    f"stable name for this source)")
         exp = self.conn.expect
-        if exp.get("account_id") and exp["account_id"] != reported or (
+        if exp.get("account_id") and exp["account_id"] != (reported or self.account_id) or (
                 exp.get("account_name") and exp["account_name"] != self.account_name):
             want = " / ".join(x for x in (exp.get("account_id"), exp.get("account_name")) if x)
-            got = " / ".join(x for x in (reported, self.account_name) if x)
+            got = " / ".join(x for x in (reported, self.account_name) if x) or "an account it does not name"
+            fix = (f"run `runner connect {self.conn.name}` and choose {want!r}" if self.spec.auth.type == "oauth2" else
+                   f"use credentials of the account {want!r} for '{self.conn.name}'")
             raise AccountMismatch(
                 f"'{self.conn.name}' is connected to {self.spec.name} account {got!r}, but the config expects {want!r}; "
-                f"nothing was imported from it",
-                fix=f"run `runner connect {self.conn.name}` and choose {want!r}, or change `expect:` if the "
-                    f"connected account is the right one")
+                f"nothing was imported from it", fix=f"{fix}, or change `expect:` if the connected account is the right one")
 
     def _choose(self, choose: dict, body: Any) -> None:
         items = choose["list"].search(body) or []

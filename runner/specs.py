@@ -237,6 +237,7 @@ class Environment:
     rate_limit: dict | None
     description: str = ""
     test_cases: bool = False  # cases from this environment are test cases at the destination
+    test: bool = False  # holds test data: never delivered to a production destination as real cases
 
 
 @dataclass
@@ -269,6 +270,12 @@ class Spec:
     @property
     def default_environment(self) -> str:
         return next(iter(self.environments))
+
+    @property
+    def names_account(self) -> bool:
+        """Whether the provider says which account a connection reads; if not, each connection must pin one
+        with `account_id:` (the ledger keys invoices by it, never by the connection's name)."""
+        return self.account.get("id") is not None and not self.account.get("from_config")
 
     @property
     def pull(self) -> bool:
@@ -413,7 +420,8 @@ def parse(doc: Document) -> Spec:
                                  if "base_url" in env else None),
             credentials={k: CredentialRule(**v) for k, v in (env.get("credentials") or {}).items()},
             oauth2=env.get("oauth2") or {}, rate_limit=env.get("rate_limit"),
-            description=env.get("description", ""), test_cases=bool(env.get("test_cases", False)))
+            description=env.get("description", ""), test_cases=bool(env.get("test_cases", False)),
+            test=bool(env.get("test", False)))
     a = data["auth"]
     auth = Auth(type=a["type"], credentials=list(a.get("credentials") or []),
                 headers={k: c.template(v, ("auth", "headers", k), REQUEST_NAMES) for k, v in (a.get("headers") or {}).items()},
@@ -437,6 +445,9 @@ def parse(doc: Document) -> Spec:
         for k in ("id", "name"):
             if k in account:
                 account[k] = c.template(account[k], ("account", k), REQUEST_NAMES)
+    if "refused" in account:
+        account["refused"] = {k: (c.expression(v, ("account", "refused", k)) if k != "status" else v)
+                              for k, v in account["refused"].items()}
     if "choose" in account:
         ch = account["choose"]
         account["choose"] = {k: (c.expression(v, ("account", "choose", k)) if k != "option" else v) for k, v in ch.items()}

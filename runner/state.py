@@ -381,6 +381,21 @@ class Store:
             return self.db.execute("SELECT 1 FROM ledger WHERE destination=? AND account_key=? LIMIT 1",
                                    (self.destination, account_key)).fetchone() is not None
 
+    def adopt_account(self, account_key: str, legacy_keys: Iterable[str]) -> int:
+        """Move this destination's ledger rows (and verdicts) recorded under a connection-name key, from before
+        sources were keyed by the provider's account, to the account's key: the next run finds them and
+        imports nothing again. A row the account already has stays as it is. Returns the rows moved."""
+        moved = 0
+        for old in legacy_keys:
+            if old == account_key or not self.has_ledger(old):
+                continue
+            with self.tx() as db:
+                moved += db.execute("UPDATE OR IGNORE ledger SET account_key=? WHERE destination=? AND account_key=?",
+                                    (account_key, self.destination, old)).rowcount
+                db.execute("DELETE FROM ledger WHERE destination=? AND account_key=?", (self.destination, old))
+                db.execute("UPDATE verdicts SET account_key=? WHERE account_key=?", (account_key, old))
+        return moved
+
     def _lookup(self, db, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
         return lookup(db, self.destination, account_key, ids)
 

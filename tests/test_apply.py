@@ -123,7 +123,7 @@ def test_server_filters_send_status_and_window_to_the_provider(tmp_path, sandbox
     assert "outside_date_window" not in conn.skipped()
     assert all(v.detail.get("status") in (None, "open, partially paid") for v in conn.verdicts if v.reason == "not_unpaid")
     sim = sandbox.get_simulator("stripe", cfg.state_path.parent / "sandbox")
-    first = sim.request_log[0][1]
+    first = next(path for _, path in sim.request_log if path.startswith("/v1/invoices"))
     assert "status=open" in first
     assert "created%5Bgte%5D=" in first or "created[gte]=" in first
 

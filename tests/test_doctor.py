@@ -290,7 +290,7 @@ def test_doctor_over_real_sockets(tmp_path, monkeypatch):
     with SandboxServer({"stripe": stripe, "debitura": deb}) as srv:
         e = Env(tmp_path, monkeypatch, dest_env="production",
                 dest_extra=f"\n  base_url: {srv.url('debitura')}",
-                env="test", conn_extra=f"\n    base_url: {srv.url('stripe')}")
+                env="test", conn_extra=f"\n    base_url: {srv.url('stripe')}\n    allow_test_source: true")
         code, rep = e.doctor()
         assert flagged(rep) == {("acme-stripe", "addresses"): "failed"}
         assert stripe.requests > 0 and deb.requests > 0
@@ -498,7 +498,7 @@ ZAP_CONFIG = """
 state: state/state.db
 destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
 connections:
-  - {name: zaps, integration: zapier, environment: production, window: {last: 180d}}
+  - {name: zaps, integration: zapier, environment: production, account_id: acme-crm, window: {last: 180d}}
 """
 
 

@@ -38,6 +38,7 @@ connections:
   - name: acme-stripe
     integration: stripe
     environment: test
+    allow_test_source: true          # the production simulator stands in for Debitura production
     base_url: {base}/stripe
     credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
     window: {{last: 90d}}

@@ -239,7 +239,7 @@ def test_5xx_are_retried_and_nothing_is_lost(tmp_path, monkeypatch, served, fast
     s = served(stripe=stripe, debitura=deb)
     result, conn, ledger = _apply(_config(tmp_path, monkeypatch, s.url("stripe"), s.url("debitura")))
     assert result.ok and conn.failed == 0
-    assert stripe.requests == 4 and conn.requests == 4  # 3 refused + the page
+    assert stripe.requests == 5 and conn.requests == 5  # 3 refused + the account + the page
     assert _refs(deb) == Counter({n: 1 for n in _eligible(stripe)})
     assert ledger == Counter({"delivered": len(_eligible(stripe))})
 
@@ -555,6 +555,7 @@ def test_a_lost_answer_after_the_case_was_created_is_replayed_not_duplicated(tmp
 def test_a_case_that_exists_under_the_same_key_or_reference_is_found_not_created_again(tmp_path, monkeypatch,
                                                                                        served):
     from runner.destinations import idempotency_key
+    from runner.sandbox.stripe import ACCOUNT_ID
 
     stripe, deb = HostileStripe(), TimedDebitura()
     s = served(stripe=stripe, debitura=deb)
@@ -567,7 +568,7 @@ def test_a_case_that_exists_under_the_same_key_or_reference_is_found_not_created
     with httpx.Client(base_url=s.url("debitura"), headers={"XApiKey": DEBITURA_KEY}) as c:
         # An earlier attempt under the runner's key, with a different body (the invoice changed since):
         # Debitura answers IdempotencyConflict to the runner's request.
-        key = idempotency_key(f"stripe:{'faulty'}", same_key["id"])
+        key = idempotency_key(f"stripe:{ACCOUNT_ID}", same_key["id"])
         assert c.post("/cases", json={**body, "creditorReference": same_key["number"]},
                       headers={"Idempotency-Key": key}).status_code == 200
         # A case made by hand for the same invoice (same reference and debtor): Debitura answers DuplicateReference.

@@ -30,6 +30,7 @@ connections:
   - name: zaps
     integration: zapier
     environment: {environment}
+    account_id: acme-crm
 """
 
 

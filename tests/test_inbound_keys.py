@@ -19,7 +19,7 @@ CONFIG = """
 state: state/state.db
 destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
 connections:
-  - {name: zaps, integration: zapier, environment: production}
+  - {name: zaps, integration: zapier, environment: production, account_id: acme-crm}
 """
 
 
@@ -151,7 +151,7 @@ ZAP_CONFIG = """
 state: state/state.db
 destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
 connections:
-  - {name: zaps, integration: zapier, environment: production, window: {last: 180d}}
+  - {name: zaps, integration: zapier, environment: production, account_id: acme-crm, window: {last: 180d}}
 """
 
 

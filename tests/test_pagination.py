@@ -127,6 +127,7 @@ destination: {{type: jsonl, path: out/cases.jsonl}}
 connections:
   - name: gen
     integration: generic
+    account_id: gen
     base_url: {base}/api
     window: {{from: "2000-01-01"}}
 """)
@@ -153,7 +154,7 @@ def test_more_pages_without_a_cursor_is_an_error_not_a_silent_stop(tmp_path, ser
     (tmp_path / "config.yaml").write_text(f"""
 destination: {{type: jsonl, path: out/cases.jsonl}}
 connections:
-  - {{name: gen, integration: generic, base_url: "{base}/api", window: {{from: "2000-01-01"}}}}
+  - {{name: gen, integration: generic, account_id: gen, base_url: "{base}/api", window: {{from: "2000-01-01"}}}}
 """)
     cfg = config.load(tmp_path / "config.yaml")
     store = Store(cfg.state_path)

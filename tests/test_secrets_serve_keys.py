@@ -14,7 +14,7 @@ CONFIG = """
 state: state/state.db
 destination: {type: debitura, environment: sandbox, api_key: "${DEBITURA_API_KEY}"}
 connections:
-  - {name: zaps, integration: zapier, environment: production}
+  - {name: zaps, integration: zapier, environment: production, account_id: acme-crm}
 """
 
 

@@ -25,7 +25,7 @@ def test_status_before_and_after_runs(tmp_path, monkeypatch):
     [c] = json.loads(out)["connections"]
     assert c["last_success"] and c["last_error"] is None
     assert c["last_run"]["imported"] == 13 and c["last_run"]["skipped"] == {"incomplete_address": 3}
-    assert c["account"]["id"] == "acme-stripe"
+    assert c["account"]["id"] == ssim.ACCOUNT_ID  # the Stripe account the key reads, not the connection's name
     # a failing run: the last error is shown, the last success kept
     e.stripe.revoke(ssim.TEST_SECRET_KEY)
     code, _ = e.cli("apply", str(e.path))

@@ -111,7 +111,7 @@ def test_invalid_and_not_yet_due(tmp_path):
         (tmp_path / "config.yaml").write_text(f"""
 destination: {{type: jsonl, path: out.jsonl}}
 connections:
-  - {{name: tiny, integration: tiny, base_url: "{base}/api", window: {{last: 1y}}}}
+  - {{name: tiny, integration: tiny, account_id: tiny, base_url: "{base}/api", window: {{last: 1y}}}}
 """)
         _, result = _apply(tmp_path / "config.yaml")
     finally:
@@ -144,8 +144,8 @@ def test_same_invoice_number_in_two_accounts_is_not_taken_for_a_duplicate(tmp_pa
 state: state/state.db
 destination: {{type: debitura, environment: sandbox, api_key: "${{DEBITURA_API_KEY}}"}}
 connections:
-  - {{name: books-a, integration: tiny, base_url: "{base}/a", window: {{last: 1y}}}}
-  - {{name: books-b, integration: tiny, base_url: "{base}/b", window: {{last: 1y}}}}
+  - {{name: books-a, integration: tiny, account_id: books-a, base_url: "{base}/a", window: {{last: 1y}}}}
+  - {{name: books-b, integration: tiny, account_id: books-b, base_url: "{base}/b", window: {{last: 1y}}}}
 """)
         cfg, result = _apply(tmp_path / "config.yaml")
     finally:

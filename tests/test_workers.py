@@ -304,7 +304,13 @@ def test_a_new_accounts_first_run_skips_the_lookup_before_classifying_and_still_
     """An account the ledger has no row of is classified without looking its invoices up first (issue 7): all
     that lookup could find is what this run delivers, and delivery looks every invoice up again. Two
     connections of the same account with overlapping windows show it: the overlap is delivered once."""
-    cfg = _workspace(tmp_path)
+    def edit(spec: dict) -> None:
+        page_size(5)(spec)
+        # Both connections must open before either delivers (the account request would stagger them), so the
+        # ledger has no row of the account when each starts.
+        spec.pop("account")
+
+    cfg = stripe_workspace(tmp_path, edit=edit)
     text = cfg.read_text().replace("    window: {last: 3y}\n", "    window: {last: 3y}\n    account_id: acme\n")
     second = text[text.index("  - name: s"):].replace("name: s", "name: s-recent").replace("last: 3y", "last: 1y")
     cfg.write_text(text + second)

@@ -6,7 +6,8 @@ every response, cursor pagination (newest first), ``created`` range filters, ``e
 the Search API, and 429s in Stripe's shape (no Retry-After header).
 
 Endpoints: ``GET /v1/invoices``, ``GET /v1/invoices/search``, ``GET /v1/invoices/{id}``,
-``GET /v1/customers/{id}``.
+``GET /v1/customers/{id}``, ``GET /v1/account`` (a restricted key without the account permission gets Stripe's
+403, which names the account).
 
 API keys (``StripeSimulator.keys``; add with ``sim.add_key(...)``, revoke with ``sim.revoke(key)``):
 
@@ -51,6 +52,17 @@ LIVE_SECRET_KEY = "sk_live_sandbox_9Zq2"
 
 PERM_INVOICE_READ = "rak_invoice_read"
 PERM_CUSTOMER_READ = "rak_customer_read"
+# GET /v1/account: a restricted key needs this permission; without it Stripe answers 403 and names the account.
+PERM_ACCOUNT_READ = "rak_accounts_kyc_basic_read"
+ACCOUNT_NAME = "Acme Sandbox ApS"
+
+
+def account_obj() -> dict[str, Any]:
+    """The account the sandbox's keys belong to (test and live mode of one account share its id)."""
+    return {"id": ACCOUNT_ID, "object": "account", "type": "standard", "country": "DK", "default_currency": "dkk",
+            "email": "finance@acme-sandbox.example", "charges_enabled": True, "details_submitted": True,
+            "business_profile": {"name": ACCOUNT_NAME, "url": None, "support_email": None},
+            "settings": {"dashboard": {"display_name": ACCOUNT_NAME, "timezone": "Europe/Copenhagen"}}}
 
 DEFAULT_RATE = {"test": 25.0, "live": 100.0}
 SEARCH_RATE = 20.0
@@ -629,6 +641,8 @@ class StripeSimulator(Simulator):
                 route, perm = ("invoice", PERM_INVOICE_READ)
         elif method == "GET" and parts[:2] == ["v1", "customers"] and len(parts) == 3:
             route, perm = ("customer", PERM_CUSTOMER_READ)
+        elif method == "GET" and parts == ["v1", "account"]:
+            route, perm = ("account", PERM_ACCOUNT_READ)
         if route is None:
             raise StripeError(404, f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs "
                                    "or we can help at https://support.stripe.com/.")
@@ -645,6 +659,8 @@ class StripeSimulator(Simulator):
             return self._ok(self._search(mode, params))
         if route == "invoice":
             return self._ok(self._retrieve_invoice(mode, parts[2], params))
+        if route == "account":
+            return self._ok(account_obj())
         return self._ok(self._retrieve_customer(mode, parts[2], params))
 
     # -- helpers
