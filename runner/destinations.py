@@ -74,6 +74,9 @@ def case_body(invoice: dict, cfg: DestinationConfig) -> dict:
                          ("city", addr.get("city")), ("countryAlpha2", addr.get("country"))):
         if value is not None:
             d[field] = value
+    # Debitura's DebtorDto: the contact person is "required for companies, not used for persons".
+    if debtor.get("contact_person") and debtor["type"] == "Company":
+        d["contactPerson"] = debtor["contact_person"]
     if debtor.get("email"):
         d["email"] = debtor["email"]
     if debtor.get("phone"):

@@ -169,3 +169,82 @@ def test_the_simulator_deletes_test_cases_only_as_documented(tmp_path):
     assert r.status_code == 400 and "only test cases" in r.json()["message"]
     assert debitura_call(state, "DELETE", "/test/cases/00000000-0000-0000-0000-000000000000").status_code == 404
     assert debitura_call(state, "DELETE", "/test/cases?tag=").status_code == 400
+
+
+# --- issue 18.10: the debtor's type and contact person; the provider's API version --------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sample(tmp_path: Path) -> Path:
+    """The repository's sample config (Stripe, QuickBooks and Zoho simulators into the Debitura simulator)."""
+    import shutil
+
+    shutil.copy(ROOT / "sample-config.yaml", tmp_path / "sample-config.yaml")
+    shutil.copytree(ROOT / "sandbox-secrets", tmp_path / "sandbox-secrets")
+    return tmp_path / "sample-config.yaml"
+
+
+def test_the_sample_config_sends_each_debtor_as_company_or_private_with_its_contact_person(tmp_path, monkeypatch):
+    """Issue 18.10: every Stripe debtor was a Company unless metadata or tax ids said otherwise (private persons
+    were sent as companies), no case had a contactPerson, and no Stripe-Version was sent. The documented rules
+    (README, "Company or private person"), through the simulators' own data and a few customers edited the
+    way a user would in the Stripe dashboard."""
+    from runner import config, pipeline
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(_sample(tmp_path))
+    data_dir = cfg.state_path.parent / "sandbox"
+    stripe = sandbox.get_simulator("stripe", data_dir)
+    customers = {c["name"]: c for c in stripe.data["test"]["customers"].values()}
+    customers["Nordlys ApS"]["metadata"] = {"debtor_type": "individual"}  # metadata decides, in any case
+    customers["Boulangerie Dupont SARL"]["metadata"] = {"contact_person": "Marie Dupont"}
+    customers["Pacific Trading LLC"]["metadata"] = {"debtor_type": "LLC"}  # not a type: reported, not guessed
+
+    store = Store(cfg.state_path)
+    try:
+        result = asyncio.run(pipeline.sync(cfg, mode="apply", store=store, details=True))
+    finally:
+        store.close()
+    assert not any(c.failed for c in result.connections)
+    cases = {c["creditorReference"]: c["debtor"] for c in sandbox.get_simulator("debitura", data_dir).cases()}
+    by_name = {}
+    for debtor in cases.values():
+        by_name.setdefault(debtor["name"], set()).add((debtor["type"], debtor["contactPerson"]))
+
+    # Stripe: individual_name (no business_name) is a private person; business_name + individual_name is a
+    # company and its contact person; metadata overrides both; nothing said means the connection's default.
+    assert by_name["Jane Doe"] == {("Private", None)} and by_name["Lars Jensen"] == {("Private", None)}
+    assert by_name["Müller Maschinenbau GmbH"] == {("Company", "Klaus Müller")}
+    assert by_name["Nordlys ApS"] == {("Private", None)}
+    assert by_name["Boulangerie Dupont SARL"] == {("Company", "Marie Dupont")}
+    assert by_name["Acme Widgets Inc."] == {("Company", None)}
+    stripe_conn = next(c for c in result.connections if c.integration == "stripe")
+    (pacific,) = [v for v in stripe_conn.verdicts if v.reason == "invalid"]
+    assert "debtor.type" in pacific.message and "LLC" in pacific.message
+    # Every request to Stripe named the pinned API version (integrations.d/stripe.yaml).
+    assert stripe.api_versions and set(stripe.api_versions) == {"2025-09-30.clover"}
+
+    # QuickBooks: the customer record (read for a sparse invoice address) names the company's contact person.
+    assert cases["1002"] == {**cases["1002"], "type": "Company", "contactPerson": "Bill Lucchini"}
+    # Zoho: the contact's primary contact person, not the first one listed.
+    assert by_name["Acme Corp"] == {("Company", "Wilma Coyote")}
+
+
+def test_a_zap_sends_the_contact_person_and_a_private_debtor_gets_none(tmp_path):
+    cfg = write_config(tmp_path, ZAPIER.format(environment="production"))
+    key = make_key(cfg, "production")
+    company = invoice(1)
+    company["customer"]["contact_person"] = "Hans Mueller"
+    private = invoice(2)
+    private["customer"].update(type="Private", name="Erika Musterfrau", contact_person="Erika Musterfrau")
+    srv = Server(cfg)
+    try:
+        r = srv.post(key, {"invoices": [company, private]})
+    finally:
+        srv.stop()
+    assert r.status_code == 200 and r.json()["imported"] == 2, r.text
+    debtors = {c["creditorReference"]: c["debtor"] for c in debitura(tmp_path / "state").cases()}
+    assert (debtors["1001"]["type"], debtors["1001"]["contactPerson"]) == ("Company", "Hans Mueller")
+    # DebtorDto: contactPerson is "required for companies, not used for persons".
+    assert (debtors["1002"]["type"], debtors["1002"]["contactPerson"]) == ("Private", None)
