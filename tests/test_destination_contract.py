@@ -248,3 +248,31 @@ def test_a_zap_sends_the_contact_person_and_a_private_debtor_gets_none(tmp_path)
     assert (debtors["1001"]["type"], debtors["1001"]["contactPerson"]) == ("Company", "Hans Mueller")
     # DebtorDto: contactPerson is "required for companies, not used for persons".
     assert (debtors["1002"]["type"], debtors["1002"]["contactPerson"]) == ("Private", None)
+
+
+def _debtor(spec_id: str, record: dict) -> dict:
+    """The debtor the built-in spec maps from one record (its `let` values computed first, as in a sync)."""
+    from runner import specs
+
+    stream = specs.load_spec(spec_id).invoices
+    return stream.mapping.apply(stream.prepare(record)).get("debtor", {})
+
+
+def test_each_spec_states_company_or_private_and_the_contact_person():
+    person = {"first_name": "Ola", "last_name": "Nordmann"}
+    zoho = {"customer_id": "c9", "contact": {"company_name": "Fjord Fisk A/S", "customer_sub_type": "business",
+                                             "contact_persons": [person, {"first_name": "Kari", "last_name": "Berg"}]}}
+    # No primary contact person: the first one listed.
+    assert _debtor("zoho_books", zoho) == {"id": "c9", "type": "Company", "name": "Fjord Fisk A/S",
+                                          "contact_person": "Ola Nordmann"}
+    zoho["contact"].update(customer_sub_type="individual", company_name=None, contact_name="Kari Berg")
+    assert _debtor("zoho_books", zoho)["type"] == "Private"
+    qbo = {"CustomerRef": {"value": "4", "name": "Diego Rodriguez"},
+           "customer": {"DisplayName": "Diego Rodriguez", "GivenName": "Diego", "FamilyName": "Rodriguez"}}
+    assert _debtor("quickbooks_online", qbo)["type"] == "Private"
+    assert "contact_person" not in _debtor("quickbooks_online", qbo)
+    # Nothing said: no type, so the connection's `debtor_type` (default Company) applies.
+    assert "type" not in _debtor("stripe", {"customer": {"id": "cus_1", "name": "Acme"}, "customer_tax_ids": []})
+    assert _debtor("stripe", {"customer": {"individual_name": "Jo Li"}, "customer_tax_ids": [{"type": "eu_vat"}]}
+                   )["type"] == "Company"  # a tax id outweighs an individual name
+    assert _debtor("zapier", {"customer": {"name": "X", "type": "Private"}})["type"] == "Private"

@@ -526,6 +526,9 @@ class DebituraSimulator(Simulator):
             if v is None or not v.strip():
                 if f"$.debtor.{fld}" not in errors:
                     add(f"Debtor.{label}", f"The {label} field is required.")
+        # contactPerson is described as "required for companies, not used for persons", but DebtorDto's
+        # `required` lists only type and name, and the POST /cases rules make only the name mandatory for a
+        # Company: a company without one is accepted, as documented.
         for fld in ("zipCode", "state", "country", "email", "phone", "contactPerson", "companyRegistrationNumber"):
             text(debtor, fld, f"debtor.{fld}")
         return errors

@@ -550,6 +550,7 @@ class StripeSimulator(Simulator):
         self.keys = default_keys()
         self.data = build_dataset(self.anchor)
         self.synthetic = 0
+        self.api_versions.clear()
 
     def on_faults_changed(self) -> None:
         self._buckets.clear()
