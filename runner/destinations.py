@@ -74,6 +74,9 @@ def case_body(invoice: dict, cfg: DestinationConfig) -> dict:
                          ("city", addr.get("city")), ("countryAlpha2", addr.get("country"))):
         if value is not None:
             d[field] = value
+    # Debitura's DebtorDto: the contact person is "required for companies, not used for persons".
+    if debtor.get("contact_person") and debtor["type"] == "Company":
+        d["contactPerson"] = debtor["contact_person"]
     if debtor.get("email"):
         d["email"] = debtor["email"]
     if debtor.get("phone"):
@@ -142,11 +145,47 @@ class DebituraDestination:
                 status=401, fatal=True)
         return DestinationError(str(exc.message), fix=exc.fix, status=exc.status, fatal=exc.status == 403)
 
+    def _wire_key(self, key: str) -> str:
+        """The Idempotency-Key sent for this invoice. Keys are derived from the source account and invoice only,
+        and Debitura remembers a key with the body it first came with: a test case (isTest) and the production
+        case of the same invoice must not share one, or the production case would be refused as an
+        IdempotencyConflict for as long as Debitura keeps the test request, even after the test case is deleted."""
+        return key + "-test" if self.cfg.is_test else key
+
+    def _matches_mode(self, case: dict) -> bool:
+        """Is this case of the kind this destination creates (a test case for is_test, else a real one)?"""
+        return bool(case.get("isTestCase")) == bool(self.cfg.is_test)
+
+    def _held_by_other_mode(self, case: dict, invoice: dict, status: int) -> DestinationError:
+        """Debitura documents creditorReference as unique per creditor ("enforced at case creation — a duplicate
+        value returns a DuplicateReference validation error", docs.debitura.com/developer-concepts/case-identifiers)
+        and no test-mode scope for it: a test case (isTest) and a production case of one creditor share the
+        references. So a case of the other kind holding the reference is neither this invoice's case nor a
+        reason to record the invoice as imported: the invoice fails, with what to do."""
+        number, cid = invoice["number"], case.get("id")
+        shown = f"case {case.get('reference') or cid}" + (f", id {cid}" if cid and case.get("reference") else "")
+        if case.get("isTestCase"):
+            return DestinationError(
+                f"Debitura already has a TEST case with creditor reference {number!r} ({shown}), made by a test "
+                f"run; Debitura keeps creditor references unique across test and production cases, so no "
+                f"production case was created and this invoice is not imported",
+                status=status, details={"case_id": cid, "is_test_case": True},
+                fix=f"delete the test case in Debitura (DELETE /test/cases/{cid} in the Customer API, or "
+                    f"DELETE /test/cases?tag=<tag> for every test case of a test run's tag); the next run "
+                    f"imports this invoice")
+        return DestinationError(
+            f"Debitura already has a production case with creditor reference {number!r} ({shown}); a test case "
+            f"cannot use the same reference, so no test case was created",
+            status=status, details={"case_id": cid, "is_test_case": False},
+            fix="this invoice is already in collection for real: test with invoices that were never imported to "
+                "production, or give test invoices numbers of their own")
+
     async def deliver(self, invoice: dict, key: str) -> Delivery:
         body = case_body(invoice, self.cfg)
         try:
             resp = await self.http.request("POST", "/cases", content=dumps(body),
-                                           headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+                                           headers={"Idempotency-Key": self._wire_key(key),
+                                                    "Content-Type": "application/json"},
                                            ok=(400, 409, 422))
         except ProviderError as exc:
             if exc.status in (401, 403):
@@ -158,7 +197,7 @@ class DebituraDestination:
                 return Delivery(case_id=str(data["id"]), case_reference=data.get("reference"))
             # Accepted, but the answer does not say which case: find it rather than record a case "None".
             existing = await self.find(invoice["number"])
-            if existing is not None and existing.get("id"):
+            if existing is not None and existing.get("id") and self._matches_mode(existing):
                 return Delivery(case_id=str(existing["id"]), case_reference=existing.get("reference"))
             raise DestinationError("Debitura accepted the case but its answer names no case id; the invoice stays "
                                    "pending and is sent again (with the same idempotency key) by the next run",
@@ -166,6 +205,9 @@ class DebituraDestination:
         kinds = _business_types(data)
         if "IdempotencyConflict" in kinds or "DuplicateReference" in kinds or _mentions_duplicate(data):
             existing = await self.find(invoice["number"])
+            # A test case never stands for a production one, nor the reverse (whatever else matches).
+            if existing is not None and not self._matches_mode(existing):
+                raise self._held_by_other_mode(existing, invoice, resp.status)
             # Our own idempotency key (derived from this account and invoice) proves the case is this invoice's;
             # a reference alone does not: another account may use the same invoice number.
             ours = "IdempotencyConflict" in kinds

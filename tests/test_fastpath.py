@@ -100,6 +100,15 @@ SPEC_EXPRESSIONS = [
     "_address.line1 && concat_ws(', ', _address.line1, _address.line2)", "country_code(_address.country)",
     "status == 'open' && amount_paid == `0` && amount_remaining > `0`", "data[-1].id", "has_more",
     "status == 'open' && amount_paid > `0` && 'open, partially paid' || status",
+    # The debtor's type and contact person (integrations.d/stripe.yaml, zoho_books.yaml, quickbooks_online.yaml).
+    "customer.metadata.debtor_type && (contains(['company', 'business'], lower(customer.metadata.debtor_type)) "
+    "&& 'Company' || contains(['private', 'individual', 'person'], lower(customer.metadata.debtor_type)) && "
+    "'Private' || customer.metadata.debtor_type) || customer.business_name && 'Company' || "
+    "length(customer_tax_ids || `[]`) > `0` && 'Company' || customer.individual_name && 'Private' || null",
+    "coalesce(customer.metadata.contact_person, customer.business_name && customer.individual_name)",
+    "(contact.contact_persons[?is_primary_contact] | [0]) || contact.contact_persons[0]",
+    "concat_ws(' ', _contact_person.first_name, _contact_person.last_name)",
+    "customer.CompanyName && 'Company' || (customer.GivenName || customer.FamilyName) && 'Private' || null",
 ]
 
 
@@ -113,9 +122,20 @@ def test_spec_expressions_are_compiled(source):
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(SPEC_EXPRESSIONS), st.dictionaries(
     st.sampled_from(["id", "number", "created", "effective_at", "currency", "amount_remaining", "amount_paid",
-                     "status", "customer", "customer_tax_ids", "_address", "data", "has_more"]),
+                     "status", "customer", "customer_tax_ids", "_address", "data", "has_more", "contact",
+                     "_contact_person"]),
     st.one_of(data, st.sampled_from(["usd", "ISK", "open", 1700000000, 0, 1999]),
-              st.fixed_dictionaries({"line1": scalars, "line2": scalars, "country": scalars})), max_size=8))
+              st.fixed_dictionaries({"line1": scalars, "line2": scalars, "country": scalars}),
+              # a customer or contact: debtor type, names and contact persons
+              st.fixed_dictionaries({}, optional={
+                  "metadata": st.fixed_dictionaries({}, optional={
+                      "debtor_type": st.one_of(scalars, st.sampled_from(["Private", "company", "LLC"])),
+                      "contact_person": scalars}),
+                  "business_name": scalars, "individual_name": scalars, "CompanyName": scalars,
+                  "GivenName": scalars, "FamilyName": scalars, "first_name": scalars, "last_name": scalars,
+                  "contact_persons": st.lists(st.fixed_dictionaries({}, optional={
+                      "is_primary_contact": st.one_of(st.booleans(), scalars), "first_name": scalars,
+                      "last_name": scalars}), max_size=3)})), max_size=8))
 def test_spec_expressions_equal_jmespath(source, record):
     parsed = functions.compile(source)
     slow = _outcome(lambda v: parsed.search(v, options=functions.OPTIONS), record)

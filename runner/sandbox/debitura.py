@@ -18,7 +18,9 @@ Endpoints: ``GET /me``, ``POST /cases``, ``GET /cases``, ``GET /cases/{id}``,
 ``GET /cases/by-creditor-reference/{ref}``, ``DELETE /test/cases/{id}``, ``DELETE /test/cases?tag=``.
 
 ``POST /cases`` validates like the real API (400 ASP.NET ProblemDetails with ``errors`` keyed by field path,
-e.g. ``Debtor.City``), enforces a unique ``creditorReference`` per creditor (400 ``DuplicateReference``),
+e.g. ``Debtor.City``), enforces a unique ``creditorReference`` per creditor (400 ``DuplicateReference``; test
+cases (``isTest``) and production cases share one set of references: the docs scope the uniqueness to the
+creditor only, and ``DELETE /test/cases/{id}`` is how a test case gives its reference back),
 honours ``Idempotency-Key`` (replay of the stored terminal response; 422 ``IdempotencyConflict`` when the body
 differs; 400s are not stored) and answers **200** with an ``InvoiceDto``.
 
@@ -167,6 +169,7 @@ class _Store:
                 body TEXT NOT NULL
             );
             CREATE INDEX IF NOT EXISTS cases_cref ON cases(creditor_reference);
+            CREATE TABLE IF NOT EXISTS deleted_test_cases (id TEXT PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS idempotency (
                 api_key TEXT NOT NULL,
                 idem_key TEXT NOT NULL,
@@ -221,6 +224,7 @@ class DebituraSimulator(Simulator):
         self.revoked = {REVOKED_KEY}
         self.store.conn.execute("DELETE FROM cases")
         self.store.conn.execute("DELETE FROM idempotency")
+        self.store.conn.execute("DELETE FROM deleted_test_cases")
 
     def on_faults_changed(self) -> None:
         self._limiters.clear()
@@ -380,17 +384,33 @@ class DebituraSimulator(Simulator):
                                 "cases": chunk})
 
     def _delete_test(self, request: httpx.Request, case_id: str | None) -> httpx.Response:
+        """As documented: 204 (also for a test case already deleted), 400 for a production case (by tag: if any
+        matched case is one, and then nothing is deleted), 404 for a case this creditor never had."""
         conn = self.store.conn
         if case_id is not None:
-            cur = conn.execute("DELETE FROM cases WHERE id = ? AND is_test = 1", (case_id.lower(),))
-            if cur.rowcount == 0:
-                return self._api_error(404, "Not Found", f"Test case '{case_id}' was not found.", "NotFound")
-            return self._json(200, {"deleted": 1})
-        tags = self._qp(request, "tag")
+            cid = case_id.strip().lower()
+            row = conn.execute("SELECT is_test FROM cases WHERE id = ?", (cid,)).fetchone()
+            if row is None:
+                if conn.execute("SELECT 1 FROM deleted_test_cases WHERE id = ?", (cid,)).fetchone():
+                    return httpx.Response(204)
+                return self._api_error(404, "Not Found", f"Case '{case_id}' was not found.", "NotFound")
+            if not row["is_test"]:
+                return self._api_error(400, "Bad Request", f"Case '{case_id}' is a production case: only test "
+                                                           "cases can be deleted.", "NotATestCase")
+            conn.execute("DELETE FROM cases WHERE id = ?", (cid,))
+            conn.execute("INSERT OR IGNORE INTO deleted_test_cases (id) VALUES (?)", (cid,))
+            return httpx.Response(204)
+        tags = [t for t in self._qp(request, "tag") if t.strip()]
         if not tags:
             return self._problem({"tag": ["The tag field is required."]})
-        cur = conn.execute("DELETE FROM cases WHERE is_test = 1 AND tag = ?", (tags[-1],))
-        return self._json(200, {"deleted": cur.rowcount})
+        tag = tags[-1]
+        if conn.execute("SELECT 1 FROM cases WHERE tag = ? AND is_test = 0", (tag,)).fetchone():
+            return self._api_error(400, "Bad Request", f"Cases tagged '{tag}' include production cases: nothing "
+                                                       "was deleted.", "NotATestCase")
+        ids = [r["id"] for r in conn.execute("SELECT id FROM cases WHERE tag = ? AND is_test = 1", (tag,))]
+        conn.execute("DELETE FROM cases WHERE tag = ? AND is_test = 1", (tag,))
+        conn.executemany("INSERT OR IGNORE INTO deleted_test_cases (id) VALUES (?)", [(i,) for i in ids])
+        return httpx.Response(204)
 
     # -- POST /cases
     def _validate(self, body: Any) -> dict[str, list[str]]:
@@ -506,6 +526,9 @@ class DebituraSimulator(Simulator):
             if v is None or not v.strip():
                 if f"$.debtor.{fld}" not in errors:
                     add(f"Debtor.{label}", f"The {label} field is required.")
+        # contactPerson is described as "required for companies, not used for persons", but DebtorDto's
+        # `required` lists only type and name, and the POST /cases rules make only the name mandatory for a
+        # Company: a company without one is accepted, as documented.
         for fld in ("zipCode", "state", "country", "email", "phone", "contactPerson", "companyRegistrationNumber"):
             text(debtor, fld, f"debtor.{fld}")
         return errors

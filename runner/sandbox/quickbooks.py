@@ -75,7 +75,17 @@ def _customers(realm: str) -> dict[str, dict]:
         out[cid] = {"Id": cid, "SyncToken": "0", "DisplayName": name, "CompanyName": name, "Active": True,
                     "PrimaryEmailAddr": {"Address": email}, "BillAddr": addr, "Balance": 0,
                     "MetaData": {"CreateTime": "2024-01-05T10:00:00-08:00", "LastUpdatedTime": "2024-01-05T10:00:00-08:00"}}
+        if realm != REALM_DK:
+            out[cid].update(_PEOPLE.get(name, {}))
+            if out[cid]["CompanyName"] is None:  # QuickBooks leaves an empty field out
+                del out[cid]["CompanyName"]
     return out
+
+
+# As in Intuit's sample company: a company customer with the name of the person to contact, and a private
+# person (a GivenName and FamilyName, no CompanyName).
+_PEOPLE = {"Bill's Windsurf Shop": {"GivenName": "Bill", "FamilyName": "Lucchini"},
+           "Diego Rodriguez": {"GivenName": "Diego", "FamilyName": "Rodriguez", "CompanyName": None}}
 
 
 def _invoices(realm: str, today: date) -> list[dict]:

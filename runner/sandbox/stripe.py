@@ -3,7 +3,8 @@
 Faithful to the real API where the runner cares: auth (Bearer or HTTP Basic with the key as user name),
 error envelope ``{"error": {"type", "message", "code"?, "param"?, "doc_url"?}}``, a ``Request-Id`` header on
 every response, cursor pagination (newest first), ``created`` range filters, ``expand[]=data.customer``,
-the Search API, and 429s in Stripe's shape (no Retry-After header).
+the Search API, and 429s in Stripe's shape (no Retry-After header). The ``Stripe-Version`` request header is
+recorded (``StripeSimulator.api_versions``) and echoed; without one the account's default version is named.
 
 Endpoints: ``GET /v1/invoices``, ``GET /v1/invoices/search``, ``GET /v1/invoices/{id}``,
 ``GET /v1/customers/{id}``, ``GET /v1/account`` (a restricted key without the account permission gets Stripe's
@@ -64,6 +65,8 @@ def account_obj() -> dict[str, Any]:
             "business_profile": {"name": ACCOUNT_NAME, "url": None, "support_email": None},
             "settings": {"dashboard": {"display_name": ACCOUNT_NAME, "timezone": "Europe/Copenhagen"}}}
 
+ACCOUNT_API_VERSION = "2024-06-20"  # the account's default, used when a request names no Stripe-Version
+API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(\.[a-z]+)?")
 DEFAULT_RATE = {"test": 25.0, "live": 100.0}
 SEARCH_RATE = 20.0
 
@@ -225,6 +228,10 @@ _DESCRIPTIONS = ["Consulting services", "Hardware delivery", "Annual software li
                  "Implementation project", "Support retainer"]
 
 
+_INDIVIDUALS = {"janedoe", "jensen", "martin", "weber", "noaddr"}  # private persons, not companies
+_CONTACTS = {"mueller": "Klaus Müller", "live_hansen": "Mette Hansen"}  # a company's contact person
+
+
 def _customer_obj(key: str, name: str, email: str, address: dict | None, phone: str | None,
                   created: int, currency: str, livemode: bool, mode_tag: str) -> dict[str, Any]:
     cid = _stable_id("cus_", f"{mode_tag}:customer:{key}")
@@ -246,6 +253,10 @@ def _customer_obj(key: str, name: str, email: str, address: dict | None, phone: 
         "livemode": livemode,
         "metadata": {},
         "name": name,
+        # Since API version 2025-09-30.clover: a private person's name is an individual_name; a company may
+        # name the person to contact beside its business_name.
+        "business_name": name if key in _CONTACTS else None,
+        "individual_name": _CONTACTS.get(key, name if key in _INDIVIDUALS else None),
         "next_invoice_sequence": 1,
         "phone": phone,
         "preferred_locales": [],
@@ -503,6 +514,8 @@ class StripeSimulator(Simulator):
             self.set_synthetic(synthetic)
         self.keys: dict[str, StripeKey] = default_keys()
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.api_versions: list[str | None] = []  # the Stripe-Version header of each request (None: not sent)
+        self._version = ACCOUNT_API_VERSION
 
     # -- test helpers
     def add_key(self, key: str, mode: str = "test", permissions: set[str] | frozenset[str] | None = None) -> None:
@@ -549,6 +562,7 @@ class StripeSimulator(Simulator):
         self.keys = default_keys()
         self.data = build_dataset(self.anchor)
         self.synthetic = 0
+        self.api_versions.clear()
 
     def on_faults_changed(self) -> None:
         self._buckets.clear()
@@ -556,7 +570,7 @@ class StripeSimulator(Simulator):
     # -- responses
     def _headers(self) -> dict[str, str]:
         return {"Request-Id": "req_" + secrets.token_urlsafe(10).replace("-", "x").replace("_", "y")[:14],
-                "Stripe-Version": "2024-06-20", "Cache-Control": "no-cache, no-store"}
+                "Stripe-Version": self._version, "Cache-Control": "no-cache, no-store"}
 
     def _ok(self, body: Any) -> httpx.Response:
         return json_response(200, body, self._headers())
@@ -622,6 +636,16 @@ class StripeSimulator(Simulator):
     def _route(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path.rstrip("/") or "/"
         method = request.method.upper()
+        # Stripe answers in the version the request names (echoed in the response's Stripe-Version), else in
+        # the account's default; a malformed version is refused. The data set is the same in every version.
+        version = request.headers.get("stripe-version")
+        self.api_versions.append(version)
+        if len(self.api_versions) > 1000:
+            del self.api_versions[:-1000]
+        self._version = version or ACCOUNT_API_VERSION
+        if version is not None and not API_VERSION.fullmatch(version.strip()):
+            self._version = ACCOUNT_API_VERSION
+            raise StripeError(400, f"Invalid Stripe API version: {version}")
         key = self._key_from(request)
         if key is None:
             raise StripeError(401, NO_KEY_MESSAGE)

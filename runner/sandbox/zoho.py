@@ -74,8 +74,16 @@ def _contacts(country: str) -> dict[str, dict]:
                     "customer_sub_type": "business", "status": "active", "email": f"ap@{re.sub(r'[^a-z]', '', name.lower())}.example",
                     "billing_address": {"attention": "", "address": street, "street2": "", "state_code": state, "city": city,
                                         "state": state, "zip": zip_, "country": ctry, "fax": "", "phone": ""},
-                    "contact_persons": []}
+                    "contact_persons": [dict(cp) for cp in _CONTACT_PERSONS.get(name, [])]}
     return out
+
+
+# Contact persons of a contact, as GET /contacts/{id} lists them (one of them the primary contact).
+_CONTACT_PERSONS = {"Acme Corp": [
+    {"contact_person_id": "cp1", "salutation": "", "first_name": "Accounts", "last_name": "Payable",
+     "email": "ap@acmecorp.example", "phone": "", "mobile": "", "is_primary_contact": False},
+    {"contact_person_id": "cp2", "salutation": "Ms.", "first_name": "Wilma", "last_name": "Coyote",
+     "email": "wilma@acmecorp.example", "phone": "", "mobile": "", "is_primary_contact": True}]}
 
 
 def _invoices(org: str, currency: str, contacts: dict, today: date) -> list[dict]:
