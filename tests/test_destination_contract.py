@@ -31,6 +31,7 @@ connections:
   - name: zaps
     integration: zapier
     environment: {environment}
+    account_id: acme-crm
 """
 
 STRIPE = """
