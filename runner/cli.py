@@ -6,6 +6,7 @@ Exit codes (also in the README):
   2  the config or a spec is invalid, or the command was used wrongly
   3  another `runner apply` holds the state store's lock
   130 interrupted (Ctrl-C); everything committed so far is kept
+  143 stopped by SIGTERM (as Ctrl-C: the pages fetched are finished and recorded, the summary printed)
 """
 from __future__ import annotations
 
@@ -130,14 +131,52 @@ def load_config(path: str, *, strict: bool = True):
         fail(exc)
 
 
-def run(coro):
+def run(coro, stop=None):
+    """Run a command's coroutine. SIGTERM (a service manager, `kill`) is handled like Ctrl-C, not as a sudden
+    death: with `stop` (a pipeline.StopRequest) the first signal asks the run to finish the pages it has and
+    end with its summary, and a second one cancels it; without, the first cancels. Either way whatever was
+    committed is kept and the run is recorded as ended. Exit 128 + the signal's number (130, 143)."""
     import asyncio  # only commands that talk to an API pay for it (start-up time of `validate`)
+    import signal
+
+    received: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            if stop is not None and len(received) == 1:
+                stop.set(signal.Signals(signum).name)
+            else:
+                task.cancel()
+
+        handled = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, on_signal, signum)
+                handled.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not on this platform
+                pass
+        try:
+            return await coro
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
 
     try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("interrupted: everything committed so far is kept; run the same command again to continue", err=True)
-        sys.exit(130)
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+
+
+def stopped_code(stop) -> int | None:
+    """The exit code of a run a stop signal ended early (see run), or None."""
+    import signal
+
+    return 128 + signal.Signals[stop.why].value if stop is not None and stop.why else None
 
 
 def select(cfg, names: tuple[str, ...]):
@@ -222,11 +261,12 @@ def _sync(config_file, mode, details, output, verbose, connections):
             live.update(tasks[name], description=f"{name}: {res.seen} seen, {res.imported} imported")
 
         live.start()
+    stop = pipeline.StopRequest()
     try:
         result = run(pipeline.sync(cfg, mode=mode, store=store, connections=select(cfg, connections),
                                    # every verdict is kept only to be shown: with --details, and in a plan's JSON
                                    details=details or (output == "json" and mode == "plan"), progress=progress,
-                                   command=mode))
+                                   command=mode, stop=stop), stop=stop)
     finally:
         if live is not None:
             live.stop()
@@ -239,7 +279,7 @@ def _sync(config_file, mode, details, output, verbose, connections):
         report.print_json(data)
     else:
         report.render_run(result, details=details)
-    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+    sys.exit(stopped_code(stop) or (EXIT_OK if result.ok else EXIT_FAILED))
 
 
 def sync_options(f):
@@ -328,7 +368,24 @@ def sandbox_serve(host, port, data_dir):
 
     from runner.sandbox import server
 
-    server.serve(host=host, port=port, data_dir=Path(data_dir) if data_dir else None)
+    try:
+        server.serve(host=host, port=port, data_dir=Path(data_dir) if data_dir else None)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            click.echo(f"error: port {port} is in use; choose another with --port", err=True)
+        elif exc.errno in (errno.EACCES, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket_error()):
+            click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}\n"
+                       f"    fix: choose another --host or --port (ports below 1024 need root)", err=True)
+        else:
+            raise
+        sys.exit(EXIT_INVALID)
+
+
+def socket_error() -> type:
+    """What an unknown --host raises (a failed name lookup)."""
+    import socket
+
+    return socket.gaierror
 
 
 if __name__ == "__main__":  # pragma: no cover

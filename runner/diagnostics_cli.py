@@ -209,7 +209,9 @@ def support_bundle(config_file, out_path, offline, connections):
     path = Path(out_path) if out_path else cfg.base_dir / f"runner-support-{_time.strftime('%Y%m%d-%H%M%S')}.json"
     text = redact(json.dumps(bundle, indent=2, default=str, ensure_ascii=False))
     try:
-        path.write_text(text + "\n")
+        from runner.state import write_private
+
+        write_private(path, text + "\n")  # 0600, as the state store: it describes the same accounts
     except OSError as exc:
         click.echo(redact(f"error: cannot write {path}: {exc}"), err=True)
         sys.exit(EXIT_INVALID)

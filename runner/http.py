@@ -41,9 +41,12 @@ MAX_CONNECTIONS, MAX_KEEPALIVE = 64, 32
 # New TCP connections to one host being opened at once (every pool of a run), and how long one attempt may go
 # unanswered before a second starts beside it (see Connector).
 CONNECTS_AT_ONCE, BACKUP_CONNECT_S, CONNECT_ATTEMPTS = 8, 0.25, 3
-# A request as a whole (waiting to connect, connecting, sending, reading every byte) may take this many times
+# One attempt as a whole (waiting to connect, connecting, sending, reading every byte) may take this many times
 # the per-read timeout.
 DEADLINE_TIMEOUTS = 4
+# A request with all its attempts and the backoff between them (retry.deadline_s): without it, a server
+# dripping a byte at a time held each request for attempts × 4 × timeout_s (12.5 min at the defaults).
+DEADLINE_S = 120.0
 
 
 @dataclass
@@ -53,13 +56,15 @@ class Policy:
     max_backoff_s: float = 30.0
     timeout_s: float = 30.0
     retry_after_body: Callable[[Any], Any] | None = None  # JMESPath search on a 429 body
+    deadline_s: float = DEADLINE_S  # the request with every retry (waits the server asks for are not counted)
 
     @classmethod
     def from_spec(cls, raw: dict | None, expression=None) -> "Policy":
         raw = raw or {}
         return cls(attempts=raw.get("attempts", 5), backoff_s=raw.get("backoff_s", 0.5),
                    max_backoff_s=raw.get("max_backoff_s", 30.0), timeout_s=raw.get("timeout_s", 30.0),
-                   retry_after_body=expression.search if expression is not None else None)
+                   retry_after_body=expression.search if expression is not None else None,
+                   deadline_s=raw.get("deadline_s", DEADLINE_S))
 
 
 class Limiter:
@@ -575,6 +580,9 @@ class Http:
             if not any(k.lower() == "content-type" for k in hdrs):
                 hdrs["Content-Type"] = "application/json"
         attempt = 0
+        # The whole request, retries and backoff included, ends by this moment; a wait the server asked for
+        # (Retry-After) moves it on by that wait, since the server said when to come back.
+        deadline = time.monotonic() + self.policy.deadline_s
         while True:
             attempt += 1
             if self.limiter is not None:
@@ -583,9 +591,11 @@ class Http:
             try:
                 if self.limiter is not None and self.limiter.slots is not None:
                     async with self.limiter.slots:
-                        status, resp_headers, content, sent = await self._send_within(method, url, params, hdrs, body)
+                        status, resp_headers, content, sent = await self._send_within(method, url, params, hdrs, body,
+                                                                                      deadline)
                 else:
-                    status, resp_headers, content, sent = await self._send_within(method, url, params, hdrs, body)
+                    status, resp_headers, content, sent = await self._send_within(method, url, params, hdrs, body,
+                                                                                  deadline)
                 self.requests += 1
             except httpcore.LocalProtocolError as exc:  # nothing was sent, and sending it again cannot help
                 # h11's own words may quote a header's value (a key): only the kind of error is shown.
@@ -593,11 +603,17 @@ class Http:
                                     f"was not sent", fix="check the spec's headers and the secrets they use") from None
             except UNANSWERED as exc:
                 self.requests += 1
+                wait, now = self._backoff(attempt), time.monotonic()
+                if now >= deadline or (attempt < self.policy.attempts and now + wait >= deadline):
+                    raise ProviderError(
+                        f"{self.label} gave no complete answer within {self.policy.deadline_s:g} s, the request's "
+                        f"deadline ({attempt} attempts, the last ended in {type(exc).__name__})",
+                        fix="check the network and the provider's status page, then run again; for a provider "
+                            "that is this slow, raise retry.deadline_s in the integration spec") from None
                 if attempt >= self.policy.attempts:
                     raise ProviderError(f"{self.label} could not be reached after {attempt} attempts: "
                                         f"{type(exc).__name__}: {exc}",
                                         fix="check the network and the provider's status page, then run again") from None
-                wait = self._backoff(attempt)
                 logger.warning("{} {}: {} — retrying in {:.1f}s", method, _short(url), type(exc).__name__, wait)
                 self.retries += 1
                 await asyncio.sleep(wait)
@@ -607,7 +623,12 @@ class Http:
             if 200 <= resp.status < 300 or resp.status in ok:
                 return resp
             if resp.status in RETRY_STATUSES and attempt < self.policy.attempts:
-                wait = self._wait_for(resp, attempt)
+                asked = self._asked_wait(resp)
+                wait = self._backoff(attempt) if asked is None else asked
+                if asked is not None:
+                    deadline += wait
+                elif time.monotonic() + wait >= deadline:
+                    raise _status_error(self.label, resp, attempt)
                 if resp.status == 429 and self.limiter is not None:
                     self.limiter.pause(wait)
                 logger.info("{} {}: HTTP {} — retrying in {:.1f}s (attempt {}/{})", method, _short(url),
@@ -617,15 +638,17 @@ class Http:
                 continue
             raise _status_error(self.label, resp, attempt)
 
-    async def _send_within(self, method: str, url: str, params, headers: dict, body) -> tuple[int, Headers, bytes, str]:
-        """One request, as a whole within DEADLINE_TIMEOUTS times the policy's timeout: that timeout is per read,
-        and a server (or a middlebox) sending a byte at a time would otherwise hold the request for ever."""
-        deadline = self.policy.timeout_s * DEADLINE_TIMEOUTS
+    async def _send_within(self, method: str, url: str, params, headers: dict, body,
+                           deadline: float) -> tuple[int, Headers, bytes, str]:
+        """One attempt, as a whole within DEADLINE_TIMEOUTS times the policy's timeout and before the request's
+        `deadline` (a time.monotonic() moment): that timeout is per read, and a server (or a middlebox) sending
+        a byte at a time would otherwise hold the request for ever."""
+        limit = min(self.policy.timeout_s * DEADLINE_TIMEOUTS, max(0.0, deadline - time.monotonic()))
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(limit):
                 return await self._send(method, url, params, headers, body)
         except TimeoutError:
-            raise httpcore.ReadTimeout(f"no complete answer within {deadline:g} s") from None
+            raise httpcore.ReadTimeout(f"no complete answer within {limit:.3g} s") from None
 
     async def _send(self, method: str, url: str, params, headers: dict, body) -> tuple[int, Headers, bytes, str]:
         """One request. On the network, straight to httpcore's connection pool (the transport under httpx):
@@ -680,6 +703,12 @@ class Http:
         return cap * (0.5 + random.random() / 2)  # jitter: many clients must not retry in step
 
     def _wait_for(self, resp: Response, attempt: int) -> float:
+        """The wait before the next attempt: the one the server asked for, or the runner's own backoff."""
+        asked = self._asked_wait(resp)
+        return self._backoff(attempt) if asked is None else asked
+
+    def _asked_wait(self, resp: Response) -> float | None:
+        """The wait the server asked for (Retry-After, or a wait in a 429's body), if it did."""
         ra = resp.headers.get("retry-after")
         if ra:
             try:
@@ -702,7 +731,7 @@ class Http:
                     return min(120.0, float(v))
             except Exception:
                 pass
-        return self._backoff(attempt)
+        return None
 
 
 def is_link(path_or_url: str) -> bool:

@@ -140,12 +140,23 @@ def _steps(ast: dict) -> list[tuple[str, Any]] | None:
 
 
 class _Endless(ProviderError):
-    pass
+    """A looping paginator. `repeated`: the page that showed it is itself one seen before (a cursor or
+    content that repeats), so it is not handed on: its invoices would get a second verdict in the run
+    (imported from the first copy, then duplicate from the second)."""
+
+    repeated = False
 
 
-def _endless(what: str) -> ProviderError:
-    return _Endless(f"the provider's paginator is looping: it returned {what} twice; stopping to avoid an endless run",
-                    fix="this is a provider bug or a wrong `paginate` setting in the spec; what was fetched before is kept")
+def _endless(what: str, repeated: bool = False) -> ProviderError:
+    exc = _Endless(f"the provider's paginator is looping: it returned {what} twice; stopping to avoid an endless run",
+                   fix="this is a provider bug or a wrong `paginate` setting in the spec; what was fetched before is kept")
+    exc.repeated = repeated
+    return exc
+
+
+def repeats_a_page(exc: BaseException) -> bool:
+    """Whether a paginator's refusal says the page it was given repeats one fetched before."""
+    return isinstance(exc, _Endless) and exc.repeated
 
 
 class NoPaging:
@@ -179,8 +190,8 @@ class CursorPaging:
                     f"cursor at '{self.spec.value.source}'; what was fetched before is kept",
                     fix="check `paginate.value` in the integration spec against the provider's answer")
             return None
-        if cursor in self.seen:
-            raise _endless(f"the cursor {cursor!r}")
+        if cursor in self.seen:  # this answer ends where an earlier one did: the cursor did not move it on
+            raise _endless(f"the cursor {cursor!r}", repeated=True)
         self.seen.add(cursor)
         params = {self.spec.param: cursor} if self.spec.param else {}
         return Step(params=params, page={"cursor": cursor, "number": len(self.seen) + 1})
@@ -228,7 +239,7 @@ class _Counting:
 
     def next(self, page: PageFacts, content: bytes) -> Step | None:
         if content == self.last_content and page.count:
-            raise _endless(f"page {self.number} with the same content as page {self.number - 1}")
+            raise _endless(f"page {self.number} with the same content as page {self.number - 1}", repeated=True)
         self.last_content = content
         if not page.count:
             return None

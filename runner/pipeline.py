@@ -44,7 +44,7 @@ class ConnectionResult:
     window_text: str
     account_id: str | None = None
     account_name: str | None = None
-    status: str = "ok"  # ok | failed | needs_reconnect | partial
+    status: str = "ok"  # ok | failed | needs_reconnect | partial | interrupted (a stop signal)
     error: str | None = None
     fix: str | None = None
     counts: Counter = field(default_factory=Counter)  # "imported" | "skipped:<reason>" | "failed"
@@ -77,6 +77,8 @@ class ConnectionResult:
         """When nothing was imported, say why: a sync that 'found 0 invoices' is never left unexplained."""
         if self.imported:
             return None
+        if self.status == "interrupted":
+            return "nothing was imported before the run was stopped"
         if self.status != "ok":
             return f"nothing was imported because the connection failed: {self.error}"
         if self.seen == 0:
@@ -424,6 +426,8 @@ class Source:
             try:
                 step, refused = pag.next(facts, resp.content), None
             except Exception as exc:  # noqa: BLE001 - raised below, once this page is on its way
+                if pagination.repeats_a_page(exc):  # a page fetched before, again: not handed on a second time
+                    raise
                 step, refused = None, exc
             if step is not None and step.url and not is_link(step.url):
                 # A relative next-page link ("?page=2", "/v3/invoices?page=2") is relative to this page's URL,
@@ -533,10 +537,12 @@ class RunResult:
     finished: float
     destination_error: str | None = None
     inbound: list[str] = field(default_factory=list)  # connections that receive pushes (`runner serve`)
+    interrupted: str | None = None  # the stop signal that ended the run early ("SIGTERM"), see StopRequest
 
     @property
     def ok(self) -> bool:
-        return not self.destination_error and all(c.status == "ok" and not c.failed for c in self.connections)
+        return not self.destination_error and not self.interrupted and all(
+            c.status == "ok" and not c.failed for c in self.connections)
 
     def totals(self) -> dict:
         c = Counter()
@@ -548,7 +554,7 @@ class RunResult:
 
     def as_dict(self, samples: bool = True) -> dict:
         return {"mode": self.mode, "run_id": self.run_id, "destination": self.destination, "ok": self.ok,
-                "destination_error": self.destination_error, "totals": self.totals(),
+                "destination_error": self.destination_error, "interrupted": self.interrupted, "totals": self.totals(),
                 "seconds": round(self.finished - self.started, 3), "inbound_connections": self.inbound,
                 "connections": [c.as_dict(samples) for c in self.connections]}
 
@@ -569,8 +575,52 @@ PAGES_AHEAD = 8
 PAGES_IN_FLIGHT = 64
 
 
-class _RunState:
+class StopRequest:
+    """A stop signal (SIGTERM, Ctrl-C) received during a run (set by cli.run): each connection stops fetching,
+    the pages it has are finished (delivered, recorded), and the run ends with its summary. A second signal
+    cancels the run at once (what was committed stays)."""
+
     def __init__(self):
+        self.event = asyncio.Event()
+        self.why: str | None = None  # the signal's name
+
+    def set(self, why: str) -> None:
+        self.why = self.why or why
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+class Stopped(Exception):
+    """A connection stopped fetching because the run was asked to stop (StopRequest)."""
+
+
+async def _unless_stopped(stop: StopRequest | None, awaitable):
+    """Await `awaitable` (a coroutine), or raise Stopped when a stop is requested first; a request or a
+    backoff wait still going on is cancelled: a provider that answers slowly must not hold the stop."""
+    if stop is None:
+        return await awaitable
+    if stop.is_set():
+        awaitable.close()
+        raise Stopped
+    task = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(stop.event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise Stopped
+    return task.result()
+
+
+class _RunState:
+    def __init__(self, stop: StopRequest | None = None):
+        self.stop = stop
         self.pages = asyncio.Semaphore(PAGES_IN_FLIGHT)  # see PAGES_IN_FLIGHT
         self.fatal: DestinationError | None = None
         self.sink_marked = False  # this run has marked its local sink (see Store.mark_sink)
@@ -741,7 +791,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
     sem = sem or asyncio.Semaphore(8)
     try:
         source = Source(conn, clients, store)
-        await source.open()
+        await _unless_stopped(run.stop, source.open())
         result.account_id, result.account_name = source.account_id, source.account_name
 
         recording: asyncio.Future | None = None
@@ -821,7 +871,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             while True:
                 await run.pages.acquire()  # a page of the run's PAGES_IN_FLIGHT, given back when it is finished
                 try:
-                    records, answer, classified, more = await pages.__anext__()
+                    records, answer, classified, more = await _unless_stopped(run.stop, _next(pages))
                 except StopAsyncIteration:  # the last page was fetched before
                     run.pages.release()
                     break
@@ -856,6 +906,11 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     raise first
             finally:
                 await recorded()  # whatever happened, what was delivered is recorded before the connection ends
+    except Stopped:
+        result.status = "interrupted"
+        result.error = (f"the run was stopped ({run.stop.why}) before this connection finished; every page it had "
+                        f"fetched was finished and recorded")
+        result.fix = "run the same command again to continue"
     except NeedsReconnect as exc:
         result.status, result.error, result.fix = "needs_reconnect", exc.message, exc.fix or f"runner connect {conn.name}"
     except (RunnerError, UnsafeRequest) as exc:
@@ -870,9 +925,14 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         result.rate_limit = source.http.limiter.rate
     if result.status == "ok" and result.seen and source.account_id:
         result.account_id = source.account_id
-    if store is not None and destination is not None:
+    if store is not None and destination is not None and result.status != "interrupted":  # not the connection's fault
         _record_health(store, conn, source, result, run_id)
     return result
+
+
+async def _next(pages: AsyncIterator):
+    """The next page, as a coroutine (for _unless_stopped)."""
+    return await pages.__anext__()
 
 
 def _record_unfinished(store, run_id: int, mode: str, started: float, exc: BaseException) -> None:
@@ -928,15 +988,17 @@ def _few_collections():
 
 
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
-               progress: Callable | None = None, command: str | None = None) -> RunResult:
-    """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers."""
+               progress: Callable | None = None, command: str | None = None,
+               stop: StopRequest | None = None) -> RunResult:
+    """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers. `stop`: set
+    by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted)."""
     with _few_collections():
         return await _sync(cfg, mode=mode, store=store, connections=connections, details=details, progress=progress,
-                           command=command)
+                           command=command, stop=stop)
 
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
-                progress: Callable | None, command: str | None) -> RunResult:
+                progress: Callable | None, command: str | None, stop: StopRequest | None = None) -> RunResult:
     from runner import destinations
 
     from runner.http import reset_limiters
@@ -948,7 +1010,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     inbound = [c.name for c in chosen if not c.spec.pull]  # they receive invoices through `runner serve`
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-ledger")  # see sync_connection
-    run = _RunState()
+    run = _RunState(stop)
     dest = destinations.make(cfg.destination, clients)
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)
@@ -962,7 +1024,9 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
                 _recover_local_sink(store, dest)
             run_id = store.begin_run(command or "apply", str(cfg.file))
             try:
-                await dest.check()
+                await _unless_stopped(stop, dest.check())
+            except Stopped:  # every connection then stops before its first request
+                pass
             except DestinationError as exc:
                 # A refused key or an unreachable destination stops every delivery; anything else is only
                 # reported, and each delivery then succeeds or fails on its own.
@@ -989,10 +1053,12 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     if run.fatal is not None and dest_error is None:
         dest_error = run.fatal.render()
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),
-                       started=started, finished=time.time(), destination_error=dest_error, inbound=inbound)
+                       started=started, finished=time.time(), destination_error=dest_error, inbound=inbound,
+                       interrupted=stop.why if stop is not None and stop.is_set() else None)
     if run_id is not None:
         working = [c for c in result.connections if c.status == "ok"]
-        status = "ok" if result.ok else "partial" if working and not result.destination_error else "failed"
+        status = ("interrupted" if result.interrupted else "ok" if result.ok
+                  else "partial" if working and not result.destination_error else "failed")
         store.finish_run(run_id, status, result.stored())
         store.prune_verdicts(command or "apply", cfg.keep_runs)
         store.trim_summaries(command or "apply", max(cfg.keep_runs, RECENT_RUNS))

@@ -40,13 +40,16 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
     say(redact(f"runner {head} → {result.destination}"), style="bold")
     if result.destination_error:
         say(redact("destination: " + result.destination_error), style="red")
+    if result.interrupted:
+        say(f"interrupted ({result.interrupted}): the run stopped early; every page fetched was finished and "
+            f"recorded; run the same command again to continue", style="yellow")
     for c in result.connections:
         say()
         acct = f", account {c.account_name or c.account_id}" if (c.account_name or c.account_id) else ""
         say(redact(f"● {c.name} ({c.integration}, {c.environment}{acct})"), style="bold")
         say(redact(f"  window: {c.window_text}"))
         if c.status != "ok":
-            label = "NEEDS RECONNECT" if c.status == "needs_reconnect" else "FAILED"
+            label = {"needs_reconnect": "NEEDS RECONNECT", "interrupted": "INTERRUPTED"}.get(c.status, "FAILED")
             say(redact(f"  {label}: {c.error}"), style="red")
             if c.fix:
                 say(redact("  fix: " + c.fix.replace("\n", "\n  ")), style="yellow")

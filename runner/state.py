@@ -8,16 +8,20 @@ that finds such a mark left by a crash first records what the file holds past it
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from runner.errors import RunnerError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -46,7 +50,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config TEXT,
     started REAL NOT NULL,
     finished REAL,
-    status TEXT NOT NULL,            -- running | ok | failed | partial
+    status TEXT NOT NULL,            -- running | ok | failed | partial | interrupted
     summary TEXT
 );
 CREATE TABLE IF NOT EXISTS verdicts (  -- every verdict but "imported" (the ledger's delivered rows)
@@ -195,6 +199,15 @@ def _write_lock(db: sqlite3.Connection) -> int | None:
     return fd if fd is not None and fd >= 0 else None
 
 
+def write_private(path: Path | str, text: str) -> None:
+    """Write a file only its owner may read (0600, whatever the umask or an older copy's mode): like the state
+    store, a support bundle describes the accounts and their invoices."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
+
+
 # An imported invoice's verdict is its delivered ledger row: the run that recorded it, the case it became. A
 # verdict row would only repeat it, and writing both was a sixth of a worker's time per invoice. Rows from
 # before the ledger kept the run (run_id NULL) have their verdict rows instead.
@@ -250,15 +263,68 @@ def insert_imported(db: sqlite3.Connection, destination: str, rows: list[tuple],
 RECENT_RUNS = 50
 
 
+class StateFileError(RunnerError):
+    """The config's `state` names something the runner cannot keep its database in. Exit code 2: the fix is
+    in the config (or the folder's permissions), not in the runner."""
+
+    exit_code = 2
+
+
+FIX_PATH = "set `state:` in the config to a file the runner may create and write, for example .runner/state.db"
+
+
+def _unusable(path: Path, exc: BaseException) -> StateFileError:
+    """What is wrong with a state file that could not be opened or set up, said for the person who chose it."""
+    text = str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code == errno.ENOSPC or "disk is full" in text:
+        return StateFileError(f"the state file {path} cannot be written: the disk is full",
+                              fix="free space on that disk, or move `state:` in the config to another disk")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "readonly" in text or "unable to open" in text:
+        return StateFileError(f"the state file {path} cannot be created or written ({text})",
+                              fix="give the runner write access to the file and its folder (SQLite writes files "
+                                  "beside it), or " + FIX_PATH[0].lower() + FIX_PATH[1:])
+    if isinstance(exc, sqlite3.DatabaseError) and "not a database" in text:
+        return StateFileError(f"the state file {path} is not a runner state database (it holds something else)",
+                              fix="set `state:` in the config to the runner's state file, or to a new file name to "
+                                  "start a new one; if it was the runner's and is damaged, restore it from a backup")
+    if isinstance(exc, OSError):
+        return StateFileError(f"the state file {path} cannot be created ({text})", fix=FIX_PATH)
+    return StateFileError(f"the state file {path} cannot be used as a database ({text})", fix=FIX_PATH)
+
+
 class Store:
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
         # The ledger is per destination: an invoice sent to a jsonl file or to Debitura's test environment
         # has not been sent to production. Runs set this from the config (destinations.ledger_id).
         self.destination = destination
+        self._reader: sqlite3.Connection | None = None
+        self._lockfile = None
+        self.db = None
+        try:
+            self._open()
+        except (OSError, sqlite3.Error) as exc:
+            if self.db is not None:
+                self.db.close()
+            raise _unusable(self.path, exc) from None
+
+    def _open(self) -> None:
         if str(self.path) != ":memory:":
+            try:
+                mode = os.stat(self.path).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and stat.S_ISDIR(mode):
+                raise StateFileError(f"the state file {self.path} is a folder",
+                                     fix=f"set `state:` in the config to a file in it, for example "
+                                         f"{self.path / 'state.db'}")
+            if mode is not None and not stat.S_ISREG(mode):
+                # SQLite on /dev/null or a pipe fails later, with an error that names neither the file nor why.
+                raise StateFileError(f"the state file {self.path} is not a regular file (a device, pipe or socket)",
+                                     fix=FIX_PATH)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
+            if mode is None:
                 # Created 0600: the store holds OAuth tokens.
                 fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
                 os.close(fd)
@@ -271,14 +337,12 @@ class Store:
         # (runner/pipeline.py): every transaction holds self._lock. Ledger lookups have their own connection.
         self.db = connect(str(self.path))
         self._lock = threading.RLock()
-        self._reader: sqlite3.Connection | None = None
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
         # Columns a store from before lacks.
         for table, column in (("ledger", "run_id"), ("sink_marks", "recorded")):
             if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
-        self._lockfile = None
 
     def close(self) -> None:
         if self._reader is not None:
@@ -307,7 +371,15 @@ class Store:
 
         if str(self.path) == ":memory:":
             return True
-        f = open(str(self.path) + ".lock", "a+")
+        # Beside the real file: a second config reaching the same database through a symbolic link (or
+        # another spelling of the path) must find the same lock.
+        lockpath = os.path.realpath(self.path) + ".lock"
+        try:
+            f = open(lockpath, "a+")
+        except OSError as exc:
+            raise StateFileError(f"the lock file {lockpath} beside the state file cannot be created "
+                                 f"({exc.strerror or exc})", fix="give the runner write access to that folder, or "
+                                                                 + FIX_PATH[0].lower() + FIX_PATH[1:]) from None
         try:
             # A POSIX lock, not flock(): it is not inherited by a forked classification worker, so a run
             # killed mid-way never leaves its lock held by a child (runner/workers.py).
@@ -316,7 +388,19 @@ class Store:
             f.close()
             return False
         self._lockfile = f
+        self._close_abandoned()
         return True
+
+    ABANDONED = ("its process ended without recording how the run went (killed, or the machine stopped); "
+                 "everything it committed is kept, and the next apply went on from there")
+
+    def _close_abandoned(self) -> None:
+        """Under the run lock no other apply is running: one still `running` in the store lost its process
+        (SIGKILL, a power cut) and would show as running for ever. It is closed as interrupted."""
+        with self.tx():
+            self.db.execute("UPDATE runs SET status='interrupted', finished=?, summary=json_object('run_id', id, "
+                            "'mode', command, 'started', started, 'finished', ?, 'error', ?) "
+                            "WHERE status='running' AND command='apply'", (time.time(), time.time(), self.ABANDONED))
 
     # --- runs ------------------------------------------------------------------------------------------
     def begin_run(self, command: str, config: str) -> int:

@@ -202,6 +202,13 @@ def _worker_start() -> None:
         pass
     if os.getppid() != _engine_pid:  # the engine died before prctl took effect
         os._exit(1)
+    import signal
+
+    # Ctrl-C reaches every process of the terminal's group, and a service manager's SIGTERM every process of
+    # the unit: the engine decides how the run stops (finishing its pages, with these workers) and closes
+    # their sockets at the end; a worker stopped on its own would print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The engine's fetching is one chain of requests that feeds every worker: when the cores are all busy,
     # the scheduler runs it first, and the workers take the rest.
     with contextlib.suppress(OSError):
@@ -336,18 +343,23 @@ def _serve(sock: socket.socket, others: list[socket.socket] = ()) -> None:
     for other in others:
         other.close()
     _close_inherited_sockets(keep=sock.fileno())
-    while True:
-        header = _read_exactly(sock, _HEADER.size)
-        if header is None:
-            return
-        question = _read_exactly(sock, _HEADER.unpack(header)[0])
-        if question is None:
-            return
-        try:
-            answer = (True, _classify_page(*pickle.loads(question)))
-        except Exception as exc:  # sent back: the engine classifies that page itself
-            answer = (False, exc)
-        _send(sock, answer)
+    try:
+        while True:
+            header = _read_exactly(sock, _HEADER.size)
+            if header is None:
+                return
+            question = _read_exactly(sock, _HEADER.unpack(header)[0])
+            if question is None:
+                return
+            try:
+                answer = (True, _classify_page(*pickle.loads(question)))
+            except Exception as exc:  # sent back: the engine classifies that page itself
+                answer = (False, exc)
+            _send(sock, answer)
+    except OSError:
+        # The engine is gone (killed with answers unread: the socket reads as reset, or a write finds it
+        # closed). Nothing is left to answer; what was recorded is in the store. Quietly, not a traceback.
+        return
 
 
 class Workers:
