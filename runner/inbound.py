@@ -21,9 +21,11 @@ Endpoints (all JSON; all but /healthz need the key):
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from datetime import datetime, timezone
@@ -38,7 +40,7 @@ from runner.errors import ConfigError, DestinationError, Problem, RunnerError, f
 from runner.http import Clients
 from runner.pipeline import ELIGIBLE, IMPORTED, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
 from runner.classify import verdict_rows
-from runner.redact import redact, redact_obj
+from runner.redact import MASK, redact, redact_obj
 from runner.state import Store
 
 MAX_BODY = 5 * 1024 * 1024
@@ -647,32 +649,68 @@ class InboundServer:
         return item
 
     # polling triggers ------------------------------------------------------------------------------------------
-    def _limit(self, request) -> int:
-        try:
-            return max(1, min(int(request.query_params.get("limit", TRIGGER_LIMIT)), 500))
-        except ValueError:
-            return TRIGGER_LIMIT
+    # Newest first, `limit` items a page. When more are left, the answer carries the next page's address in
+    # the `X-Next-Cursor` header (and a `Link: <…>; rel="next"` header): `?cursor=` with it returns the items
+    # after the last one of this page, however many arrived in between. The body stays a plain list, which is
+    # what Zapier's polling triggers read.
+    def _page_params(self, request):
+        """(limit, cursor position or None, None) or (None, None, the 422 to answer)."""
+        raw_limit = (request.query_params.get("limit") or "").strip()
+        limit = max(1, min(int(raw_limit), TRIGGER_LIMIT_MAX)) if raw_limit.isdigit() and len(raw_limit) < 10 \
+            else TRIGGER_LIMIT
+        cursor = request.query_params.get("cursor")
+        if not cursor:
+            return limit, None, None
+        position = _decode_cursor(cursor)
+        if position is None:
+            msg = "cursor is not one this server gave out: use the X-Next-Cursor header of the previous page"
+            return None, None, self._unprocessable("invalid_cursor", msg, [{"field": "cursor", "message": msg}])
+        return limit, position, None
+
+    def _page(self, request, items: list, positions: list, limit: int):
+        headers = {}
+        if len(items) > limit:  # one more than a page was read: there is a next page
+            items = items[:limit]
+            cursor = _encode_cursor(positions[limit - 1])
+            headers["X-Next-Cursor"] = cursor
+            nxt = request.url.include_query_params(cursor=cursor, limit=limit)
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        return self._json(200, items, headers=headers)
 
     async def trigger_cases(self, request):
         key, refused = self.authenticate(request, "triggers/cases")
         if refused is not None:
             return refused
-        rows = self.store.delivered(self.account_key, self._limit(request))
-        return self._json(200, [{"id": f"case-{r.case_id or r.idempotency_key}", "case_id": r.case_id,
-                                 "case_reference": r.case_reference, "invoice_id": r.invoice_id,
-                                 "invoice_number": r.number, "connection": r.connection,
-                                 "environment": self.environment, "created_at": _iso(r.updated)} for r in rows])
+        limit, after, problem = self._page_params(request)
+        if problem is not None:
+            return problem
+        sql = ("SELECT rowid, updated, case_id, idempotency_key, case_reference, invoice_id, number, connection "
+               "FROM ledger WHERE destination=? AND account_key=? AND status='delivered'")
+        args: list = [self.store.destination, self.account_key]
+        if after is not None:
+            sql += " AND (updated < ? OR (updated = ? AND rowid < ?))"
+            args += [after[0], after[0], after[1]]
+        rows = self.store.db.execute(sql + " ORDER BY updated DESC, rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        items = [{"id": f"case-{case_id or idem}", "case_id": case_id, "case_reference": ref, "invoice_id": inv,
+                  "invoice_number": number, "connection": conn, "environment": self.environment,
+                  "created_at": _iso(updated)}
+                 for _, updated, case_id, idem, ref, inv, number, conn in rows]
+        return self._page(request, items, [(r[1], r[0]) for r in rows], limit)
 
     async def trigger_skipped(self, request):
         key, refused = self.authenticate(request, "triggers/skipped")
         if refused is not None:
             return refused
+        limit, after, problem = self._page_params(request)
+        if problem is not None:
+            return problem
         # One item per invoice and reason (its latest verdict), so a retried payload is not news twice.
+        having = "HAVING r < ? " if after is not None else ""
         rows = self.store.db.execute(
             "SELECT connection, invoice_id, number, reason, detail, at, MAX(rowid) AS r FROM verdicts "
             "WHERE account_key=? AND verdict='skipped' AND reason IS NOT 'duplicate' "
-            "GROUP BY invoice_id, reason ORDER BY r DESC LIMIT ?",
-            (self.account_key, self._limit(request))).fetchall()
+            f"GROUP BY invoice_id, reason {having}ORDER BY r DESC LIMIT ?",
+            (self.account_key, *([after[1]] if after is not None else []), limit + 1)).fetchall()
         items = []
         for conn, invoice_id, number, reason, detail, at, _ in rows:
             d = json.loads(detail) if detail else {}
@@ -682,7 +720,23 @@ class InboundServer:
             if d.get("missing"):
                 item["missing"] = d["missing"]
             items.append(item)
-        return self._json(200, items)
+        return self._page(request, items, [(0.0, r[-1]) for r in rows], limit)
+
+
+def _encode_cursor(position: tuple[float, int]) -> str:
+    """An opaque page position: the last item's time and row, so a page starts exactly after it."""
+    return base64.urlsafe_b64encode(f"{position[0]!r}/{position[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, int] | None:
+    if len(cursor) > 200:
+        return None
+    try:
+        at, row = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("/")
+        position = (float(at), int(row))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return position if position[0] == position[0] and position[0] not in (float("inf"), float("-inf")) else None
 
 
 def create_app(cfg: Config, conn: Connection):
@@ -710,6 +764,77 @@ def create_app(cfg: Config, conn: Connection):
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = server
     return app
+
+
+# --- logs ------------------------------------------------------------------------------------------------------
+# Every line a server writes goes through loguru, whose sink (cli.setup_logging) redacts: the servers' own
+# libraries (uvicorn, httpx) log through the standard `logging` module, which is routed there, and the access
+# log is ours, with the values of key-like query parameters masked (a key sent as ?XApiKey=… never shows).
+
+_SENSITIVE = ("key", "token", "secret", "password", "passwd", "auth", "signature", "sig", "credential", "session")
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info or None).log(level, "{}", record.getMessage())
+
+
+def route_std_logging(level: int) -> None:
+    """Send the standard library's log records (uvicorn, httpx, …) to loguru, and so through redaction."""
+    root = logging.getLogger()
+    root.handlers[:] = [_ToLoguru()]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+
+
+def shown_target(path: str, query: bytes | str, extra_sensitive: tuple[str, ...] = ()) -> str:
+    """The request target for a log line: the path, and the query with every key-like value masked."""
+    from urllib.parse import parse_qsl, urlencode
+
+    if isinstance(query, bytes):
+        query = query.decode("latin-1")
+    if not query:
+        return path[:300]
+    sensitive = tuple(s.lower() for s in extra_sensitive)
+    pairs = []
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        bare = k.lower().replace("-", "").replace("_", "")
+        masked = any(s in bare for s in _SENSITIVE) or bare in sensitive
+        pairs.append((k, MASK if masked and v else v))
+    return redact(f"{path}?{urlencode(pairs, safe='*')}")[:300]
+
+
+def access_log(app, key_header: str = DEFAULT_KEY_HEADER):
+    """An ASGI wrapper that logs one line per request (method, target with keys masked, status, time)."""
+    sensitive = (key_header.lower().replace("-", "").replace("_", ""),)
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            logger.info("{} {} {} {} ({:.0f} ms)", client[0], scope["method"],
+                        shown_target(scope.get("path", ""), scope.get("query_string", b""), sensitive), status[0],
+                        (time.perf_counter() - started) * 1000)
+
+    return wrapped
 
 
 # --- doctor --------------------------------------------------------------------------------------------------
