@@ -51,9 +51,9 @@ def make_key(cfg_path: Path, environment: str) -> str:
 class Server:
     """`runner serve CONFIG --port 0` in a subprocess; the URL is read from the line it prints once listening."""
 
-    def __init__(self, cfg_path: Path):
+    def __init__(self, cfg_path: Path, *args: str):
         env = {**os.environ, "DEBITURA_API_KEY": DEBITURA_KEY, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(cfg_path), "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(cfg_path), "--port", "0", *args],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "http://" not in line:
