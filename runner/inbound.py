@@ -141,7 +141,8 @@ def payload_problem(body: Any) -> tuple[str, str] | None:
         kind = type(value)
         if kind is str:
             if len(value) > MAX_TEXT:
-                return _where(path), f"{_where(path)} is {len(value):,} characters long; at most {MAX_TEXT:,} are accepted"
+                return _where(path), (f"{_where(path)} is {len(value):,} characters long; at most {MAX_TEXT:,} "
+                                      f"are accepted")
         elif kind is dict or kind is list:
             if len(path) >= MAX_DEPTH:
                 return _where(path), f"the payload is nested more than {MAX_DEPTH} levels deep at {_where(path)}"
@@ -462,7 +463,8 @@ class InboundServer:
         bad = []
         for i, r in enumerate(records):
             if not isinstance(r, dict):
-                bad.append({"invoice": i, "field": "invoice", "message": f"invoice {i} is {_kind(r)}, not a JSON object"})
+                bad.append({"invoice": i, "field": "invoice",
+                            "message": f"invoice {i} is {_kind(r)}, not a JSON object"})
                 continue
             for field, message in record_problems(r, self.reads):
                 bad.append({"invoice": i, "invoice_id": self._readable_id(r), "field": field, "message": message})
@@ -482,7 +484,8 @@ class InboundServer:
                     value = expr.search(record)
                 except Exception:  # noqa: BLE001 - a wrong type is what the error is about
                     return None
-                return value if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)) else None
+                readable = isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                return value if readable else None
         return None
 
     def _field_errors(self, index: int, v: Verdict, record: Any, source: Source) -> list[dict]:
