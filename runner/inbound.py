@@ -316,6 +316,12 @@ class InboundServer:
         """(key, None) when the key is good for this server's environment, else (None, a 401 response)."""
         presented = request.headers.get(self.key_header)
         if not presented:
+            in_url = any(k.lower() == self.key_header.lower() for k in request.query_params.keys())
+            if in_url:  # refused even when valid: a URL is kept by proxies and browser histories
+                return None, self._refuse("key_in_url", f"the API key was sent in the URL, where proxies and logs "
+                                                        f"keep it: send it in the {self.key_header} header instead, "
+                                                        f"and revoke this key (runner keys revoke) and make a new "
+                                                        f"one", endpoint)
             return None, self._refuse("missing_key", f"no API key: send the key from `runner keys create` in the "
                                                      f"{self.key_header} header", endpoint)
         check = apikeys.verify(self.store, presented)
@@ -365,7 +371,8 @@ class InboundServer:
         too_large = self._json(413, {"error": "too_large", "message": f"the payload is over {MAX_BODY // 1024 // 1024}"
                                      f" MB: send at most {MAX_INVOICES} invoices per request, in smaller batches"})
         declared = request.headers.get("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > MAX_BODY:
+        declared = (declared or "").strip()
+        if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY):
             return None, too_large
         buf = bytearray()
         async for chunk in request.stream():
@@ -880,7 +887,8 @@ def doctor_checks(cfg: Config, store: Store | None, connections: list[Connection
         elif recent:
             add(conn, "key_environment", title, "failed",
                 f"the last call ({_iso(refused['at'])}) was refused: " + {
-                    "missing_key": "it sent no API key", "unknown_key": "its API key is not one of this runner's",
+                    "missing_key": "it sent no API key", "key_in_url": "it sent its API key in the URL",
+                    "unknown_key": "its API key is not one of this runner's",
                     "revoked_key": f"its API key {refused.get('key_id')} was revoked"}.get(refused.get("reason"),
                                                                                        refused.get("reason", "")),
                 f"put an active {env} key in the Zap's XApiKey header: `runner keys list {cfg.file}` shows them")
