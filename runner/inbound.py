@@ -410,6 +410,8 @@ class InboundServer:
                 prior = self.store.db.execute(
                     "SELECT body_hash, status, response FROM inbound_requests WHERE connection=? AND idempotency_key=?",
                     (self.conn.name, idem)).fetchone()
+                if prior is not None and not _final(json.loads(prior[2])):
+                    prior = None  # kept by an earlier version of the runner, which kept skips too
                 if prior is not None:
                     if prior[0] != body_hash:
                         return self._json(409, {"error": "idempotency_conflict", "message":
@@ -433,8 +435,7 @@ class InboundServer:
             # Kept under the key only when final: every invoice is a case (imported now or before). Any other
             # answer (a skip to fix, a failure) is worked out again on the next request, so a corrected invoice
             # sent with the same key is imported.
-            if idem and status == 200 and all(i["verdict"] == IMPORTED or i["reason"] == "duplicate"
-                                              for i in answer["invoices"]):
+            if idem and status == 200 and _final(answer):
                 with self.store.tx():
                     self.store.db.execute(
                         "INSERT OR REPLACE INTO inbound_requests (connection, idempotency_key, body_hash, status, "
@@ -731,6 +732,12 @@ class InboundServer:
                 item["missing"] = d["missing"]
             items.append(item)
         return self._page(request, items, [(0.0, r[-1]) for r in rows], limit)
+
+
+def _final(answer: dict) -> bool:
+    """Every invoice of the answer is a case (imported by this request, or before it)."""
+    items = answer.get("invoices")
+    return bool(items) and all(i.get("verdict") == IMPORTED or i.get("reason") == "duplicate" for i in items)
 
 
 def _encode_cursor(position: tuple[float, int]) -> str:

@@ -164,6 +164,22 @@ def test_a_corrected_invoice_sent_with_the_same_idempotency_key_is_imported(srv)
     assert len(cases(srv.cfg)) == 1
 
 
+def test_a_skip_kept_under_a_key_by_an_earlier_version_does_not_block_the_correction(srv):
+    from runner.state import Store
+
+    skipped = {"ok": True, "received": 1, "imported": 0, "invoices": [
+        {"invoice_id": "INV-8", "verdict": "skipped", "reason": "incomplete_address", "message": "missing city"}]}
+    store = Store(srv.cfg.parent / "state" / "state.db")
+    try:
+        with store.tx():
+            store.db.execute("INSERT INTO inbound_requests VALUES ('zaps', 'INV-8', 'old-hash', 200, ?, 0)",
+                             (json.dumps(skipped),))
+    finally:
+        store.close()
+    r = srv.post(srv.key, invoice(8), headers={"Idempotency-Key": "INV-8"})
+    assert r.status_code == 200 and r.json()["verdict"] == "imported", r.text
+
+
 # --- 18.9 paged polling triggers ------------------------------------------------------------------------------
 
 def _all_pages(srv, path: str, limit: int) -> list[dict]:
