@@ -165,12 +165,14 @@ def test_a_corrected_invoice_sent_with_the_same_idempotency_key_is_imported(srv)
 
 
 def test_a_skip_kept_under_a_key_by_an_earlier_version_does_not_block_the_correction(srv):
+    from runner import inbound
     from runner.state import Store
 
     skipped = {"ok": True, "received": 1, "imported": 0, "invoices": [
         {"invoice_id": "INV-8", "verdict": "skipped", "reason": "incomplete_address", "message": "missing city"}]}
     store = Store(srv.cfg.parent / "state" / "state.db")
     try:
+        inbound.ensure(store)
         with store.tx():
             store.db.execute("INSERT INTO inbound_requests VALUES ('zaps', 'INV-8', 'old-hash', 200, ?, 0)",
                              (json.dumps(skipped),))
