@@ -33,6 +33,11 @@ describe('runner serve, through the example Zapier app', function () {
     }
   });
 
+  it('the app definition passes Zapier\'s schema validation', () => {
+    const { prepareApp, validateApp } = require('zapier-platform-core/src/tools/schema');
+    assert.deepStrictEqual(validateApp(prepareApp(App)), []);
+  });
+
   it('authentication test: GET /v1/me names the connection and environment', async () => {
     const me = await appTester(App.authentication.test, { authData: production });
     assert.strictEqual(me.environment, 'production');
