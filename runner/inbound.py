@@ -21,9 +21,11 @@ Endpoints (all JSON; all but /healthz need the key):
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from datetime import datetime, timezone
@@ -36,14 +38,30 @@ from runner import apikeys, config as config_mod, destinations, pipeline, valida
 from runner.config import Config, Connection
 from runner.errors import ConfigError, DestinationError, Problem, RunnerError, failure_words
 from runner.http import Clients
-from runner.pipeline import ELIGIBLE, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
+from runner.pipeline import ELIGIBLE, IMPORTED, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
 from runner.classify import verdict_rows
-from runner.redact import redact, redact_obj
+from runner.redact import MASK, redact, redact_obj
 from runner.state import Store
 
 MAX_BODY = 5 * 1024 * 1024
 DEFAULT_KEY_HEADER = "XApiKey"
 TRIGGER_LIMIT = 100
+TRIGGER_LIMIT_MAX = 500
+# Bounds on what one request may hold, checked before anything else looks at it: every later step (mapping,
+# messages, redaction, the ledger) then works on small, flat, typed values.
+MAX_INVOICES = 1000         # invoices per request
+MAX_DEPTH = 32              # nesting of objects and lists
+MAX_NODES = 200_000         # values in the whole payload
+MAX_TEXT = 10_000           # characters in any one string (or key) of the payload
+MAX_FIELD = 1000            # characters in a field the spec reads (an id, a name, an address line)
+MAX_ERRORS = 50             # errors listed in a 422; the rest are counted
+
+# Skips the sender can act on: answered 422, so a Zap step fails and shows the reason and the fix. The other
+# skips are decisions, not problems (paid or void, outside the configured window, already a case): 200.
+FIXABLE = {
+    "incomplete_address": "add the debtor's {missing} to the invoice (or map it in the Zap) and send it again",
+    "not_yet_due": "send it again after {due_date} (in a Zap: a Delay Until step set to the due date)",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbound_requests (
@@ -95,6 +113,133 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# --- what a payload may hold ---------------------------------------------------------------------------------
+
+def _where(path: tuple) -> str:
+    """A payload position as people write it: invoices[3].customer.address.city."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: f"{'true' if value else 'false'} (a yes/no value)",
+            str: "text", type(None): "null"}.get(type(value), "a number")
+
+
+def payload_problem(body: Any) -> tuple[str, str] | None:
+    """(where, what) for the first bound the parsed payload breaks: nesting, number of values, the length of
+    a string or key. One pass with an explicit stack, so a deep or wide payload costs its size, no more."""
+    stack = [(body, ())]
+    nodes = 0
+    while stack:
+        value, path = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            return "body", f"the payload holds more than {MAX_NODES:,} values: send the invoices in smaller batches"
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_TEXT:
+                return _where(path), (f"{_where(path)} is {len(value):,} characters long; at most {MAX_TEXT:,} "
+                                      f"are accepted")
+        elif kind is dict or kind is list:
+            if len(path) >= MAX_DEPTH:
+                return _where(path), f"the payload is nested more than {MAX_DEPTH} levels deep at {_where(path)}"
+            if kind is dict:
+                for k, v in value.items():
+                    if len(k) > MAX_TEXT:
+                        return _where(path), f"{_where(path)} has a key {len(k):,} characters long"
+                    stack.append((v, path + (k,)))
+            else:
+                stack.extend((v, path + (i,)) for i, v in enumerate(value))
+    return None
+
+
+# Functions whose argument is a list or an object, not one value: a field passed to them is a container.
+_CONTAINER_FUNCTIONS = {"length", "join", "keys", "values", "sort", "sort_by", "max", "min", "max_by", "min_by",
+                        "sum", "avg", "map", "merge", "reverse", "to_array", "type", "not_null", "contains"}
+_CONDITIONS = {"comparator", "and_expression", "or_expression", "not_expression"}
+_CONTAINERS = {"index_expression", "projection", "filter_projection", "value_projection", "flatten", "slice",
+               "index"}
+
+
+def _chain(node) -> tuple | None:
+    """The field path of a plain `a.b.c` expression, else None."""
+    t = node.get("type")
+    if t == "field":
+        return (node["value"],)
+    if t == "subexpression":
+        parts = [_chain(c) for c in node["children"]]
+        return sum(parts, ()) if parts and all(parts) else None
+    return None
+
+
+def fields_read(expressions, computed: set[str]) -> dict[tuple, str]:
+    """Every payload field a spec's expressions read, with how: 'value' (a piece of the invoice: text or a
+    number), 'condition' (also true/false) or 'container' (an object or list the expression looks into).
+    Derived from the expressions themselves, so it holds for every inbound integration."""
+    out: dict[tuple, str] = {}
+    rank = {"condition": 0, "value": 1, "container": 2}
+
+    def note(path, role):
+        if path[0] in computed:
+            return
+        for i in range(1, len(path)):  # a.b.c: a and a.b are objects
+            out[path[:i]] = "container"
+        if rank[role] > rank[out.get(path, "condition")] or path not in out:
+            out[path] = role
+
+    def walk(node, role):
+        if not isinstance(node, dict):
+            return
+        path = _chain(node)
+        if path:
+            note(path, role)
+            return
+        t = node.get("type")
+        if t in _CONTAINERS:
+            child_role = "container"
+        elif t in _CONDITIONS:
+            child_role = "condition"
+        elif t == "function_expression":
+            child_role = "container" if node.get("value") in _CONTAINER_FUNCTIONS else "value"
+        else:
+            child_role = "value"
+        for i, child in enumerate(node.get("children") or []):
+            # Only the left side of a projection or index is looked into; the right works on its items.
+            walk(child, child_role if (t not in _CONTAINERS or i == 0) else "container")
+
+    for expr in expressions:
+        walk(expr.ast, "value")
+    return out
+
+
+def record_problems(record: dict, reads: dict[tuple, str]) -> list[tuple[str, str]]:
+    """(field, message) for each field the spec reads that holds the wrong kind of value, or too long a text."""
+    out = []
+    for path, role in reads.items():
+        value: Any = record
+        for i, key in enumerate(path):
+            if not isinstance(value, dict):
+                value = None
+                break
+            value = value.get(key)
+        if value is None:
+            continue
+        name = ".".join(path)
+        kind = type(value)
+        if role == "container":
+            if kind is not dict and kind is not list:
+                inner = [p[-1] for p in reads if len(p) == len(path) + 1 and p[:len(path)] == path]
+                out.append((name, f"{name} is {_kind(value)}; it must be an object (with {', '.join(inner)})"))
+        elif kind is dict or kind is list or (kind is bool and role == "value"):
+            out.append((name, f"{name} is {_kind(value)}; it must be text or a number"))
+        elif kind is str and len(value) > MAX_FIELD:
+            out.append((name, f"{name} is {len(value):,} characters long; at most {MAX_FIELD:,} are accepted"))
+    return out
+
+
 # --- the server --------------------------------------------------------------------------------------------
 
 class InboundServer:
@@ -106,6 +251,10 @@ class InboundServer:
         self.key_header = self.spec.inbound.get("key_header") or DEFAULT_KEY_HEADER
         self.records_expr = self.spec.inbound["records"]
         self.mapped_from = {".".join(path): expr.source for path, expr in self.spec.invoices.mapping.fields}
+        stream = self.spec.invoices
+        self.reads = fields_read([e for _, e in stream.let] + [e for _, e in stream.mapping.fields]
+                                 + [e for e in (stream.unpaid, stream.status_text) if e is not None],
+                                 {name for name, _ in stream.let})
         self.store: Store | None = None
         self.clients: Clients | None = None
         self.destination = None
@@ -167,6 +316,12 @@ class InboundServer:
         """(key, None) when the key is good for this server's environment, else (None, a 401 response)."""
         presented = request.headers.get(self.key_header)
         if not presented:
+            in_url = any(k.lower() == self.key_header.lower() for k in request.query_params.keys())
+            if in_url:  # refused even when valid: a URL is kept by proxies and browser histories
+                return None, self._refuse("key_in_url", f"the API key was sent in the URL, where proxies and logs "
+                                                        f"keep it: send it in the {self.key_header} header instead, "
+                                                        f"and revoke this key (runner keys revoke) and make a new "
+                                                        f"one", endpoint)
             return None, self._refuse("missing_key", f"no API key: send the key from `runner keys create` in the "
                                                      f"{self.key_header} header", endpoint)
         check = apikeys.verify(self.store, presented)
@@ -210,14 +365,29 @@ class InboundServer:
                                 "key": {"id": key.id, "label": key.label, "environment": key.environment},
                                 "destination": self.destination.describe()})
 
+    async def _body(self, request) -> tuple[bytes | None, Any]:
+        """The request body, read no further than MAX_BODY (also when it is sent chunked): (bytes, None), or
+        (None, the 413 to answer)."""
+        too_large = self._json(413, {"error": "too_large", "message": f"the payload is over {MAX_BODY // 1024 // 1024}"
+                                     f" MB: send at most {MAX_INVOICES} invoices per request, in smaller batches"})
+        declared = request.headers.get("content-length")
+        declared = (declared or "").strip()
+        if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY):
+            return None, too_large
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > MAX_BODY:
+                return None, too_large
+        return bytes(buf), None
+
     async def invoices(self, request):
         key, refused = self.authenticate(request, "invoices")
         if refused is not None:
             return refused
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return self._json(413, {"error": "too_large", "message": f"the payload is over {MAX_BODY // 1024 // 1024} MB: "
-                                                                     f"send the invoices in smaller batches"})
+        raw, too_large = await self._body(request)
+        if too_large is not None:
+            return too_large
         idem = request.headers.get("idempotency-key")
         if idem is not None and not (0 < len(idem) <= 255):
             return self._unprocessable("invalid_idempotency_key", "the Idempotency-Key header must be 1 to 255 "
@@ -230,23 +400,30 @@ class InboundServer:
                 hint = " (it was sent as a form: set the request's payload type to JSON)"
             msg = f"the request body is not valid JSON{hint}: {exc}"
             return self._unprocessable("invalid_json", msg, [{"field": "body", "message": msg}])
+        problem = payload_problem(body)  # before anything else reads the payload: hashing, mapping, messages
+        if problem is not None:
+            return self._unprocessable("invalid_payload", problem[1] + "; nothing was imported",
+                                       [{"field": problem[0], "message": problem[1]}])
         body_hash = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         async with self.lock:
             if idem:
                 prior = self.store.db.execute(
                     "SELECT body_hash, status, response FROM inbound_requests WHERE connection=? AND idempotency_key=?",
                     (self.conn.name, idem)).fetchone()
+                if prior is not None and not _final(json.loads(prior[2])):
+                    prior = None  # kept by an earlier version of the runner, which kept skips too
                 if prior is not None:
                     if prior[0] != body_hash:
                         return self._json(409, {"error": "idempotency_conflict", "message":
-                                                "this Idempotency-Key was already used with a different payload; "
-                                                "use a new key for a new request"})
+                                                "this Idempotency-Key was already used for a request whose invoices "
+                                                "were all imported, with a different payload; use a new key for a "
+                                                "new request (an invoice already imported stays one case)"})
                     return self._json(prior[1], json.loads(prior[2]), headers={"Idempotent-Replayed": "true"})
-            records, problem = self._records(body)
+            records, single, problem = self._records(body)
             if problem is not None:
                 return problem
             try:
-                status, answer = await self._import(records)
+                status, answer = await self._import(records, single)
             except RunnerError as exc:
                 return self._json(500, {"error": "failed", "message": redact(exc.message),
                                         "fix": redact(exc.fix) if exc.fix else None})
@@ -255,7 +432,10 @@ class InboundServer:
                 return self._json(500, {"error": "internal_error",
                                         "message": failure_words(exc),
                                         "fix": "try again; if it persists, run `runner serve -vv` to see where, and report it"})
-            if idem and status == 200:
+            # Kept under the key only when final: every invoice is a case (imported now or before). Any other
+            # answer (a skip to fix, a failure) is worked out again on the next request, so a corrected invoice
+            # sent with the same key is imported.
+            if idem and status == 200 and _final(answer):
                 with self.store.tx():
                     self.store.db.execute(
                         "INSERT OR REPLACE INTO inbound_requests (connection, idempotency_key, body_hash, status, "
@@ -265,28 +445,56 @@ class InboundServer:
         return self._json(status, answer)
 
     def _unprocessable(self, code: str, message: str, errors: list[dict]):
-        return self._json(422, {"error": code, "message": message, "errors": errors})
+        return self._json(422, {"error": code, "message": message, "errors": errors[:MAX_ERRORS],
+                                "errors_total": len(errors)})
 
     def _records(self, body: Any):
+        """(records, whether one invoice was posted on its own, None) or (None, None, the 422 to answer)."""
         try:
             records = self.records_expr.search(body)
         except Exception as exc:  # a JMESPath type error on a hostile payload
             records = exc
-        if isinstance(records, dict):
+        single = isinstance(records, dict)
+        if single:
             records = [records]
         if not isinstance(records, list):
             msg = ("the payload must be one invoice (a JSON object), a list of invoices, or a batch; "
                    f"the spec reads the invoices at '{self.records_expr.source}'")
-            return None, self._unprocessable("invalid_payload", msg, [{"field": "body", "message": msg}])
+            return None, None, self._unprocessable("invalid_payload", msg, [{"field": "body", "message": msg}])
         if not records:
             msg = "the payload holds no invoices"
-            return None, self._unprocessable("invalid_payload", msg, [{"field": "body", "message": msg}])
-        bad = [{"invoice": i, "field": "invoice", "message": f"invoice {i} is a {type(r).__name__}, not a JSON object"}
-               for i, r in enumerate(records) if not isinstance(r, dict)]
+            return None, None, self._unprocessable("invalid_payload", msg, [{"field": "body", "message": msg}])
+        if len(records) > MAX_INVOICES:
+            msg = (f"the payload holds {len(records):,} invoices; at most {MAX_INVOICES:,} are accepted per request: "
+                   f"send them in batches")
+            return None, None, self._unprocessable("too_many_invoices", msg, [{"field": "body", "message": msg}])
+        bad = []
+        for i, r in enumerate(records):
+            if not isinstance(r, dict):
+                bad.append({"invoice": i, "field": "invoice",
+                            "message": f"invoice {i} is {_kind(r)}, not a JSON object"})
+                continue
+            for field, message in record_problems(r, self.reads):
+                bad.append({"invoice": i, "invoice_id": self._readable_id(r), "field": field, "message": message})
         if bad:
-            return None, self._unprocessable("invalid_payload", f"{len(bad)} of the {len(records)} invoices are not "
-                                                                "JSON objects; nothing was imported", bad)
-        return records, None
+            shown = "; ".join(f"invoice {e['invoice']}: {e['message']}" for e in bad[:5])
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            return None, None, self._unprocessable(
+                "invalid_payload", f"{len({e['invoice'] for e in bad})} of the {len(records)} invoices cannot be read: "
+                                   f"{shown}{more}; nothing was imported", bad)
+        return records, single, None
+
+    def _readable_id(self, record: dict) -> str | None:
+        """The invoice's id when it is one (text or a number), to name the invoice in an error."""
+        for path, expr in self.spec.invoices.mapping.fields:
+            if path == ("external_id",):
+                try:
+                    value = expr.search(record)
+                except Exception:  # noqa: BLE001 - a wrong type is what the error is about
+                    return None
+                readable = isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                return value if readable else None
+        return None
 
     def _field_errors(self, index: int, v: Verdict, record: Any, source: Source) -> list[dict]:
         """Every bad field of one invoice, named as in the canonical invoice, with the expression that fed it.
@@ -322,7 +530,7 @@ class InboundServer:
             out.append(item)
         return out
 
-    async def _import(self, records: list) -> tuple[int, dict]:
+    async def _import(self, records: list, single: bool = False) -> tuple[int, dict]:
         started = time.time()
         source = await self._source()
         conn = source.conn
@@ -333,7 +541,7 @@ class InboundServer:
         store = self.store
         run_id = store.begin_run("serve", str(self.cfg.file))
         try:
-            return await self._import_run(records, source, conn, verdicts, result, started, run_id)
+            return await self._import_run(records, source, conn, verdicts, result, started, run_id, single)
         except BaseException as exc:
             # Never leave the run row 'running': record why it failed (redacted), then let the caller answer.
             why = failure_words(exc)
@@ -348,19 +556,26 @@ class InboundServer:
             raise
 
     async def _import_run(self, records: list, source: Source, conn: Connection, verdicts: list, result,
-                          started: float, run_id: int) -> tuple[int, dict]:
+                          started: float, run_id: int, single: bool = False) -> tuple[int, dict]:
         store = self.store
         bad = [(i, v) for i, v in enumerate(verdicts) if v.verdict == SKIPPED and v.reason == "invalid"]
         run = pipeline._RunState()
         if bad:  # nothing is accepted from a malformed payload: the Zap run fails and names every bad field
-            errors = [e for i, v in bad for e in self._field_errors(i, v, records[i], source)]
+            errors = []
+            for i, v in bad:
+                # Each bad invoice costs a second mapping to name all its fields: only for those listed.
+                errors.extend(self._field_errors(i, v, records[i], source) if len(errors) < MAX_ERRORS else
+                              [{"invoice": i, "invoice_id": None if v.invoice_id == "<no id>" else v.invoice_id,
+                                "field": "invoice", "message": v.message}])
             recorded = [v for _, v in bad]
             pipeline._count(result, recorded, False)
             result.status, result.error = "failed", f"{len(bad)} invoice(s) in the payload are malformed"
-            message = (f"{len(bad)} of the {len(records)} invoices in the payload cannot be read: "
-                       + "; ".join(f"invoice {e['invoice']}: {e['message']}" for e in errors)
-                       + "; nothing was imported")
-            answer = {"error": "invalid_invoices", "message": message, "errors": errors}
+            shown = "; ".join(f"invoice {e['invoice']}: {e['message']}" for e in errors[:5])
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            message = (f"{len(bad)} of the {len(records)} invoices in the payload cannot be read: {shown}{more}; "
+                       f"nothing was imported")
+            answer = {"error": "invalid_invoices", "message": message, "errors": errors[:MAX_ERRORS],
+                      "errors_total": len(errors)}
             status = 422
         else:
             recorded = verdicts
@@ -378,16 +593,33 @@ class InboundServer:
             if run.fatal is not None:
                 self.destination_ok = False
             pipeline._count(result, verdicts, False)
-            status = 200 if not result.failed else (503 if run.fatal is not None else 502)
-            if status != 200:
+            items = [self._item(v) for v in verdicts]
+            to_fix = [(i, item) for i, item in enumerate(items) if item.get("reason") in FIXABLE]
+            status = (503 if run.fatal is not None else 502) if result.failed else 422 if to_fix else 200
+            if result.failed:
                 result.status = "partial"
                 result.error = run.fatal.message if run.fatal is not None else f"{result.failed} invoice(s) failed"
             answer = {"ok": status == 200, "connection": conn.name, "environment": self.environment,
                       "received": len(verdicts), "imported": result.imported, "skipped": result.skipped(),
-                      "failed": result.failed, "invoices": [self._item(v) for v in verdicts]}
+                      "failed": result.failed, "invoices": items}
             if run.fatal is not None:
                 answer["error"] = run.fatal.message
                 answer["fix"] = run.fatal.fix
+            elif status == 422:
+                # A Zap step fails on a 4xx, and shows this message: the user learns nothing was created, and why.
+                shown = "; ".join(f"invoice {item['invoice_id']}: {item['message']}: {item['fix']}"
+                                  for _, item in to_fix[:5])
+                more = f" (and {len(to_fix) - 5} more)" if len(to_fix) > 5 else ""
+                others = len(items) - len(to_fix)
+                answer["error"] = "not_imported"
+                answer["message"] = (f"{len(to_fix)} of the {len(items)} invoices were not imported: {shown}{more}"
+                                     + (f"; the other {others} have their verdict in `invoices` (sending the "
+                                        f"request again after the fix imports nothing twice)" if others else ""))
+                answer["errors"] = [{"invoice": i, "invoice_id": item["invoice_id"], "reason": item["reason"],
+                                     "message": item["message"], "fix": item["fix"]} for i, item in to_fix[:MAX_ERRORS]]
+                answer["errors_total"] = len(to_fix)
+            if single:  # one invoice posted on its own: its result at the top, with the `id` a Zapier create expects
+                answer = {"id": items[0]["invoice_id"], **items[0], **answer}
         # Committed before the answer leaves: the verdicts, the run, the connection's health.
         store.record_verdicts(run_id, verdict_rows(conn.name, source.account_key, recorded))
         result.seen = len(recorded)
@@ -395,13 +627,15 @@ class InboundServer:
         summary = RunResult(run_id=run_id, mode="serve", destination=self.destination.describe(), connections=[result],
                             started=started, finished=time.time(),
                             destination_error=run.fatal.render() if run.fatal is not None else None)
-        store.finish_run(run_id, "ok" if status == 200 else ("failed" if status == 422 else "partial"),
+        # Skips the sender must act on are verdicts of a run that worked, as in `runner apply`.
+        worked = status == 200 or answer.get("error") == "not_imported"
+        store.finish_run(run_id, "ok" if worked else ("failed" if status == 422 else "partial"),
                          summary.stored())
         health: dict = {"last_run_id": run_id}
-        if status == 200:
+        if worked:
             health["last_success"] = time.time()
         else:
-            health["last_error"] = answer.get("error") if status != 422 else answer["message"]
+            health["last_error"] = answer["message"] if status == 422 else answer.get("error")
             health["last_error_at"] = time.time()
         store.update_connection(conn.name, **health)
         answer["run_id"] = run_id
@@ -415,35 +649,79 @@ class InboundServer:
         for k in ("case_id", "case_reference", "missing", "fix"):
             if detail.get(k) is not None:
                 item[k] = detail[k]
+        if v.reason == "not_yet_due":
+            # Nothing fetches a pushed invoice again later: the sender is the one to send it once it is due.
+            item["message"] = (f"due on {detail.get('due_date')}: only overdue invoices can become collection cases, "
+                               f"and nothing was created")
+        if v.reason in FIXABLE:
+            missing = ", ".join(m.replace("_", " ") for m in detail.get("missing") or [])
+            item["fix"] = FIXABLE[v.reason].format(missing=missing or "address",
+                                                   due_date=detail.get("due_date"))
         return item
 
     # polling triggers ------------------------------------------------------------------------------------------
-    def _limit(self, request) -> int:
-        try:
-            return max(1, min(int(request.query_params.get("limit", TRIGGER_LIMIT)), 500))
-        except ValueError:
-            return TRIGGER_LIMIT
+    # Newest first, `limit` items a page. When more are left, the answer carries the next page's address in
+    # the `X-Next-Cursor` header (and a `Link: <…>; rel="next"` header): `?cursor=` with it returns the items
+    # after the last one of this page, however many arrived in between. The body stays a plain list, which is
+    # what Zapier's polling triggers read.
+    def _page_params(self, request):
+        """(limit, cursor position or None, None) or (None, None, the 422 to answer)."""
+        raw_limit = (request.query_params.get("limit") or "").strip()
+        limit = max(1, min(int(raw_limit), TRIGGER_LIMIT_MAX)) if raw_limit.isdigit() and len(raw_limit) < 10 \
+            else TRIGGER_LIMIT
+        cursor = request.query_params.get("cursor")
+        if not cursor:
+            return limit, None, None
+        position = _decode_cursor(cursor)
+        if position is None:
+            msg = "cursor is not one this server gave out: use the X-Next-Cursor header of the previous page"
+            return None, None, self._unprocessable("invalid_cursor", msg, [{"field": "cursor", "message": msg}])
+        return limit, position, None
+
+    def _page(self, request, items: list, positions: list, limit: int):
+        headers = {}
+        if len(items) > limit:  # one more than a page was read: there is a next page
+            items = items[:limit]
+            cursor = _encode_cursor(positions[limit - 1])
+            headers["X-Next-Cursor"] = cursor
+            nxt = request.url.include_query_params(cursor=cursor, limit=limit)
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        return self._json(200, items, headers=headers)
 
     async def trigger_cases(self, request):
         key, refused = self.authenticate(request, "triggers/cases")
         if refused is not None:
             return refused
-        rows = self.store.delivered(self.account_key, self._limit(request))
-        return self._json(200, [{"id": f"case-{r.case_id or r.idempotency_key}", "case_id": r.case_id,
-                                 "case_reference": r.case_reference, "invoice_id": r.invoice_id,
-                                 "invoice_number": r.number, "connection": r.connection,
-                                 "environment": self.environment, "created_at": _iso(r.updated)} for r in rows])
+        limit, after, problem = self._page_params(request)
+        if problem is not None:
+            return problem
+        sql = ("SELECT rowid, updated, case_id, idempotency_key, case_reference, invoice_id, number, connection "
+               "FROM ledger WHERE destination=? AND account_key=? AND status='delivered'")
+        args: list = [self.store.destination, self.account_key]
+        if after is not None:
+            sql += " AND (updated < ? OR (updated = ? AND rowid < ?))"
+            args += [after[0], after[0], after[1]]
+        rows = self.store.db.execute(sql + " ORDER BY updated DESC, rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        items = [{"id": f"case-{case_id or idem}", "case_id": case_id, "case_reference": ref, "invoice_id": inv,
+                  "invoice_number": number, "connection": conn, "environment": self.environment,
+                  "created_at": _iso(updated)}
+                 for _, updated, case_id, idem, ref, inv, number, conn in rows]
+        return self._page(request, items, [(r[1], r[0]) for r in rows], limit)
 
     async def trigger_skipped(self, request):
         key, refused = self.authenticate(request, "triggers/skipped")
         if refused is not None:
             return refused
+        limit, after, problem = self._page_params(request)
+        if problem is not None:
+            return problem
         # One item per invoice and reason (its latest verdict), so a retried payload is not news twice.
+        having = "HAVING r < ? " if after is not None else ""
         rows = self.store.db.execute(
             "SELECT connection, invoice_id, number, reason, detail, at, MAX(rowid) AS r FROM verdicts "
             "WHERE account_key=? AND verdict='skipped' AND reason IS NOT 'duplicate' "
-            "GROUP BY invoice_id, reason ORDER BY r DESC LIMIT ?",
-            (self.account_key, self._limit(request))).fetchall()
+            f"GROUP BY invoice_id, reason {having}ORDER BY r DESC LIMIT ?",
+            (self.account_key, *([after[1]] if after is not None else []), limit + 1)).fetchall()
         items = []
         for conn, invoice_id, number, reason, detail, at, _ in rows:
             d = json.loads(detail) if detail else {}
@@ -453,7 +731,29 @@ class InboundServer:
             if d.get("missing"):
                 item["missing"] = d["missing"]
             items.append(item)
-        return self._json(200, items)
+        return self._page(request, items, [(0.0, r[-1]) for r in rows], limit)
+
+
+def _final(answer: dict) -> bool:
+    """Every invoice of the answer is a case (imported by this request, or before it)."""
+    items = answer.get("invoices")
+    return bool(items) and all(i.get("verdict") == IMPORTED or i.get("reason") == "duplicate" for i in items)
+
+
+def _encode_cursor(position: tuple[float, int]) -> str:
+    """An opaque page position: the last item's time and row, so a page starts exactly after it."""
+    return base64.urlsafe_b64encode(f"{position[0]!r}/{position[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, int] | None:
+    if len(cursor) > 200:
+        return None
+    try:
+        at, row = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("/")
+        position = (float(at), int(row))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return position if position[0] == position[0] and position[0] not in (float("inf"), float("-inf")) else None
 
 
 def create_app(cfg: Config, conn: Connection):
@@ -481,6 +781,77 @@ def create_app(cfg: Config, conn: Connection):
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = server
     return app
+
+
+# --- logs ------------------------------------------------------------------------------------------------------
+# Every line a server writes goes through loguru, whose sink (cli.setup_logging) redacts: the servers' own
+# libraries (uvicorn, httpx) log through the standard `logging` module, which is routed there, and the access
+# log is ours, with the values of key-like query parameters masked (a key sent as ?XApiKey=… never shows).
+
+_SENSITIVE = ("key", "token", "secret", "password", "passwd", "auth", "signature", "sig", "credential", "session")
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info or None).log(level, "{}", record.getMessage())
+
+
+def route_std_logging(level: int) -> None:
+    """Send the standard library's log records (uvicorn, httpx, …) to loguru, and so through redaction."""
+    root = logging.getLogger()
+    root.handlers[:] = [_ToLoguru()]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+
+
+def shown_target(path: str, query: bytes | str, extra_sensitive: tuple[str, ...] = ()) -> str:
+    """The request target for a log line: the path, and the query with every key-like value masked."""
+    from urllib.parse import parse_qsl, urlencode
+
+    if isinstance(query, bytes):
+        query = query.decode("latin-1")
+    if not query:
+        return path[:300]
+    sensitive = tuple(s.lower() for s in extra_sensitive)
+    pairs = []
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        bare = k.lower().replace("-", "").replace("_", "")
+        masked = any(s in bare for s in _SENSITIVE) or bare in sensitive
+        pairs.append((k, MASK if masked and v else v))
+    return redact(f"{path}?{urlencode(pairs, safe='*')}")[:300]
+
+
+def access_log(app, key_header: str = DEFAULT_KEY_HEADER):
+    """An ASGI wrapper that logs one line per request (method, target with keys masked, status, time)."""
+    sensitive = (key_header.lower().replace("-", "").replace("_", ""),)
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            logger.info("{} {} {} {} ({:.0f} ms)", client[0], scope["method"],
+                        shown_target(scope.get("path", ""), scope.get("query_string", b""), sensitive), status[0],
+                        (time.perf_counter() - started) * 1000)
+
+    return wrapped
 
 
 # --- doctor --------------------------------------------------------------------------------------------------
@@ -523,7 +894,8 @@ def doctor_checks(cfg: Config, store: Store | None, connections: list[Connection
         elif recent:
             add(conn, "key_environment", title, "failed",
                 f"the last call ({_iso(refused['at'])}) was refused: " + {
-                    "missing_key": "it sent no API key", "unknown_key": "its API key is not one of this runner's",
+                    "missing_key": "it sent no API key", "key_in_url": "it sent its API key in the URL",
+                    "unknown_key": "its API key is not one of this runner's",
                     "revoked_key": f"its API key {refused.get('key_id')} was revoked"}.get(refused.get("reason"),
                                                                                        refused.get("reason", "")),
                 f"put an active {env} key in the Zap's XApiKey header: `runner keys list {cfg.file}` shows them")

@@ -55,8 +55,16 @@ def serve(config_file, connection, host, port, verbose):
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo("warning: listening beyond this machine; put the runner behind an HTTPS proxy so keys are never "
                    "sent in clear text", err=True)
+    import logging
+
     app = inbound.create_app(cfg, conn)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=bool(verbose),
+    # uvicorn's own logging config and access log would write to the terminal past the redaction layer (a key
+    # sent in a query string, in clear): its records go to loguru instead, and the access log is the runner's.
+    inbound.route_std_logging(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        app = inbound.access_log(app, app.state.server.key_header)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                           log_level="debug" if verbose > 1 else "info" if verbose else "warning",
                                            lifespan="on"))
     server.run(sockets=[sock])
 

@@ -535,7 +535,7 @@ def test_zap_with_a_test_key_against_production(tmp_path, monkeypatch):
         assert ok.status_code == 200, ok.text
         missing = _zap_invoice(3)
         del missing["customer"]["address"]["postal_code"]
-        assert client.post("/v1/invoices", json=missing, headers={"XApiKey": prod_key}).status_code == 200
+        assert client.post("/v1/invoices", json=missing, headers={"XApiKey": prod_key}).status_code == 422
         refused = client.post("/v1/invoices", json=_zap_invoice(2), headers={"XApiKey": test_key})
         assert refused.status_code == 401
     e = Env.__new__(Env)

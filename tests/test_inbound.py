@@ -52,9 +52,9 @@ def make_key(cfg_path: Path, environment: str) -> str:
 class Server:
     """`runner serve CONFIG --port 0` in a subprocess; the URL is read from the line it prints once listening."""
 
-    def __init__(self, cfg_path: Path):
+    def __init__(self, cfg_path: Path, *args: str):
         env = {**os.environ, "DEBITURA_API_KEY": DEBITURA_KEY, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(cfg_path), "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(cfg_path), "--port", "0", *args],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "http://" not in line:
@@ -130,8 +130,10 @@ def test_batch_is_imported_with_verdicts_and_a_retry_creates_nothing(tmp_path, s
     batch = {"invoices": [invoice(1), invoice(2), invoice(3, status="paid"),
                           invoice(4, customer={"name": "No Address AB", "address": {"street": "x", "country": "SE"}})]}
     r = srv.post(key, batch)
-    assert r.status_code == 200, r.text
+    # INV-4 needs its address completed by the sender: a 4xx, so a Zap step fails and shows why.
+    assert r.status_code == 422, r.text
     body = r.json()
+    assert body["error"] == "not_imported" and [e["invoice_id"] for e in body["errors"]] == ["INV-4"]
     got = {i["invoice_id"]: (i["verdict"], i["reason"]) for i in body["invoices"]}
     assert got == {"INV-1": ("imported", None), "INV-2": ("imported", None), "INV-3": ("skipped", "not_unpaid"),
                    "INV-4": ("skipped", "incomplete_address")}
