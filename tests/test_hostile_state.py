@@ -108,6 +108,7 @@ connections:
   - name: zaps
     integration: zapier
     environment: production
+    account_id: acme-crm
 """
 
 

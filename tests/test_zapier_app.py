@@ -4,13 +4,18 @@ server, keys made with `runner keys create`. Needs node and npm (one `npm ci` pe
 installed packages already match package-lock.json)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
+import httpx
 import pytest
+
+from runner import sandbox
 
 try:
     from conftest import DEBITURA_KEY, ROOT, run_cli
@@ -34,9 +39,11 @@ connections:
   - name: zaps
     integration: zapier
     environment: production
+    account_id: acme-crm
   - name: zaps-test
     integration: zapier
     environment: test
+    account_id: acme-crm
 """
 
 
@@ -71,7 +78,7 @@ def servers(tmp_path_factory):
     production = Server(cfg, "--connection", "zaps")
     test = Server(cfg, "--connection", "zaps-test")
     try:
-        yield {"RUNNER_URL": production.url, "RUNNER_KEY": keys["production"],
+        yield {"STATE_DIR": str(tmp / "state"), "RUNNER_URL": production.url, "RUNNER_KEY": keys["production"],
                "RUNNER_TEST_URL": test.url, "RUNNER_TEST_KEY": keys["test"], "RUNNER_RUN": str(int(time.time()))}
     finally:
         production.stop()
@@ -93,10 +100,22 @@ def test_zapier_app_tester_auth_create_skip_correction_and_paged_triggers(zapier
         assert secret not in done.stdout + done.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="needs destinations fix (issue 18.3)")
 def test_zapier_app_tester_test_server_then_production(zapier_app, servers):
-    """An invoice tried through the test server (a Debitura test case) is then imported for real by the
-    production server, not answered as a duplicate of the test case."""
-    done = mocha(zapier_app, servers, "--grep", "test server, then production")
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert "1 passing" in done.stdout, done.stdout[-3000:]
+    """An invoice tried through the test server (a Debitura test case) is refused by the production server with
+    the test case named (never answered as a duplicate of it); once the user deletes the test case, as the fix
+    says, the production server imports it for real."""
+    refused = mocha(zapier_app, servers, "--grep", "refused by production")
+    assert refused.returncode == 0 and "1 passing" in refused.stdout, refused.stdout[-3000:]
+    state = Path(servers["STATE_DIR"])
+    debitura = sandbox.get_simulator("debitura", state / "sandbox")
+    tried = [c for c in debitura.cases() if c.get("creditorReference") == f"Z{servers['RUNNER_RUN']}-50"]
+    assert [c.get("isTestCase") for c in tried] == [True]  # the test case only: no production case was made
+    test_cases = tried
+    async def delete():
+        async with httpx.AsyncClient(transport=sandbox.get_transport("debitura", state / "sandbox"),
+                                     base_url="https://customer-api.debitura.com") as client:
+            return await client.delete(f"/test/cases/{test_cases[0]['id']}", headers={"XApiKey": DEBITURA_KEY})
+    sandbox.reset_cache()
+    assert asyncio.run(delete()).status_code == 204
+    imported = mocha(zapier_app, {**servers, "RUNNER_TEST_CASE_DELETED": "1"}, "--grep", "production imports")
+    assert imported.returncode == 0 and "1 passing" in imported.stdout, imported.stdout[-3000:]
