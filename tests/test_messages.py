@@ -49,3 +49,54 @@ def test_a_revoked_grants_saved_error_does_not_grow_run_after_run(sb, tmp_path):
     assert "revoked" in errors[-1]
     assert errors[1] == errors[2], errors
     assert errors[-1].count("needs to be reconnected") <= 1, errors[-1]
+
+
+# --- 19.12: a value that is there but cannot be read is named, with the value, never called missing ----------
+
+from test_inbound import Server, invoice, make_key, write as inbound_config  # noqa: E402
+
+
+@pytest.fixture
+def zap(tmp_path):
+    cfg = inbound_config(tmp_path)
+    key = make_key(cfg, "production")
+    srv = Server(cfg)
+    yield lambda payload: srv.post(key, payload)
+    srv.stop()
+
+
+@pytest.mark.parametrize("change, field, value, source", [
+    ({"due_date": "31/31/2026"}, "due_date", "31/31/2026", "from due_date"),
+    ({"amount_due": "lots"}, "amount", "lots", "from amount_due"),
+    ({"customer": "ACME Corp"}, "debtor", "ACME Corp", "from customer"),
+])
+def test_an_unreadable_field_is_named_with_its_value_not_called_missing(zap, change, field, value, source):
+    r = zap(invoice(1, **change))
+    assert r.status_code == 422, r.text
+    body = r.json()
+    errors = [e for e in body["errors"] if e["field"] == field]
+    assert errors, body
+    text = errors[0]["message"]
+    assert f"could not read {value!r}" in text and source in text, text
+    assert "missing" not in text and "missing" not in body["message"], body["message"]
+
+
+def test_an_unreadable_amount_paid_is_not_silently_not_unpaid(zap):
+    r = zap(invoice(1, status="open", amount_paid="none"))
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert "could not read 'none'" in body["message"] and "amount_paid" in body["message"], body["message"]
+    assert "unpaid" in body["message"]
+    assert [e["field"] for e in body["errors"]] == ["amount_paid"]
+    # A readable amount paid still decides the status as before.
+    r = zap(invoice(2, status="open", amount_paid="10.00"))
+    assert r.status_code == 200, r.text
+    assert r.json()["invoices"][0]["reason"] == "not_unpaid"
+
+
+def test_a_missing_field_is_still_called_missing(zap):
+    inv = invoice(1)
+    del inv["due_date"]
+    r = zap(inv)
+    assert r.status_code == 422, r.text
+    assert "due_date is missing" in r.json()["message"]
