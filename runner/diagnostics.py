@@ -475,14 +475,24 @@ def _skip(checks: dict, ids, why: str) -> None:
 
 
 def _account_check(check: Check, conn: Connection, source: pipeline.Source, store) -> None:
+    acc = conn.spec.account
+    if not any(acc.get(k) is not None for k in ("request", "id", "name", "choose")):
+        # The engine then keeps the account's invoices under the connection's name: that is not an account.
+        check.set(OK, f"{conn.spec.name} does not report which account the credentials belong to (the "
+                      f"integration spec has no `account:` section); its invoices are kept under the connection "
+                      f"'{conn.name}'", account_id=None, account_name=None)
+        return
     shown = source.account_name or source.account_id
+    if source.account_name is None and source.account_id == (conn.account_id or conn.name):
+        shown = None  # nothing came back from the provider: the id is the connection's (or the config's) name
     pinned = []
     if conn.expect:
         pinned.append("expect: " + ", ".join(f"{k}={v}" for k, v in conn.expect.items()))
     opt = (conn.spec.account.get("choose") or {}).get("option")
     if opt and conn.options.get(opt):
         pinned.append(f"options.{opt}={conn.options[opt]}")
-    text = f"connected to {conn.spec.name} account {shown!r}"
+    text = (f"connected to {conn.spec.name} account {shown!r}" if shown is not None else
+            f"connected; {conn.spec.name} did not report which account (no account id or name in its answer)")
     if source.account_name and source.account_id and source.account_id != source.account_name:
         text += f" (id {source.account_id})"
     if len(source.accounts) > 1:
@@ -576,7 +586,14 @@ async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> Non
         await dest.close() if hasattr(dest, "close") else None
     who = (profile or {}).get("companyName") if isinstance(profile, dict) else None
     checks["key"].set(OK, "Debitura accepted the API key" + (f" (creditor {who})" if who else ""))
-    checks["environment"].set(OK, f"the key belongs to the '{d.environment}' environment")
+    if d.base_url and d.base_url.rstrip("/") != destinations.DEBITURA_URLS.get(d.environment):
+        # A custom address answers for whichever environment it serves: acceptance there says nothing about
+        # which one the key belongs to, and there is no standard twin to ask.
+        checks["environment"].set(SKIPPED, f"not checked: `destination.base_url` is set to {d.base_url}, so the key's "
+                                           f"environment cannot be compared with Debitura's '{d.environment}' "
+                                           f"environment (the key works at that address)")
+    else:
+        checks["environment"].set(OK, f"the key belongs to the '{d.environment}' environment")
     checks["reachable"].set(OK, f"{dest.describe()} answered")
 
 

@@ -100,3 +100,44 @@ def test_a_missing_field_is_still_called_missing(zap):
     r = zap(inv)
     assert r.status_code == 422, r.text
     assert "due_date is missing" in r.json()["message"]
+
+
+# --- 19.15: doctor says what it did not check, and never shows a connection's name as an account -------------
+
+from conftest import run_cli, stripe_workspace  # noqa: E402
+
+
+def _doctor(cfg):
+    r = run_cli("doctor", str(cfg), "--output", "json", cwd=cfg.parent)
+    return json.loads(r.stdout)
+
+
+def _check(report, scope, cid):
+    return next(c for c in report["checks"] if c["scope"] == scope and c["check"] == cid)
+
+
+def test_doctor_does_not_claim_the_destination_environment_behind_a_custom_base_url(tmp_path, monkeypatch):
+    from test_doctor import Env
+
+    from runner.sandbox import debitura as dsim
+    from runner.sandbox.core import SandboxServer
+
+    with SandboxServer({"debitura": dsim.DebituraSimulator("production")}) as srv:
+        e = Env(tmp_path, monkeypatch, dest_env="production", dest_extra=f"\n  base_url: {srv.url('debitura')}")
+        code, rep = e.doctor()
+        _, text = e.cli("doctor", str(e.path))
+    c = _check(rep, "destination", "environment")
+    assert c["status"] == "skipped", c
+    assert "not checked" in c["message"] and "base_url" in c["message"], c
+    assert "[ok] destination key belongs to the configured environment" not in text
+    assert _check(rep, "destination", "key")["status"] == "ok"
+
+
+def test_doctor_does_not_show_the_connection_name_as_the_providers_account(tmp_path):
+    def no_account(spec):
+        spec.pop("account", None)  # a spec that does not ask the provider which account it is
+
+    cfg = stripe_workspace(tmp_path, edit=no_account)
+    c = _check(_doctor(cfg), "s", "account")
+    assert "account 's'" not in c["message"], c
+    assert "does not report which account" in c["message"], c
