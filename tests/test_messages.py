@@ -141,3 +141,68 @@ def test_doctor_does_not_show_the_connection_name_as_the_providers_account(tmp_p
     c = _check(_doctor(cfg), "s", "account")
     assert "account 's'" not in c["message"], c
     assert "does not report which account" in c["message"], c
+
+
+# --- 19.16: explain shows what the last apply recorded, and asks the provider only where a key can be -------
+
+def _bergmann(e):
+    return next(i for i in e.all_invoices if i["customer_name"] == "Bergmann Elektro GmbH"
+                and i["_sandbox_kind"] == "open_incomplete_address")
+
+
+def test_explain_shows_the_recorded_verdict_when_the_invoice_is_no_longer_found(tmp_path, monkeypatch):
+    from test_doctor import Env
+
+    e = Env(tmp_path, monkeypatch, kinds={"open_incomplete_address"})
+    e.apply()
+    inv = _bergmann(e)
+    e.stripe.data["test"]["invoices"].remove(inv)  # gone at the provider since (deleted, or another account)
+    code, text = e.explain(inv["number"])
+    assert "was not found" in text
+    assert "incomplete_address" in text and "postal code" in text, text
+    assert "the last apply" in text, text
+
+
+def test_explain_shows_the_recorded_verdict_when_the_provider_cannot_be_asked(tmp_path, monkeypatch):
+    from test_doctor import Env
+
+    from runner.sandbox import stripe as ssim
+
+    e = Env(tmp_path, monkeypatch, kinds={"open_incomplete_address"})
+    e.apply()
+    inv = _bergmann(e)
+    e.stripe.revoke(ssim.TEST_SECRET_KEY)
+    code, text = e.explain(inv["number"])
+    assert "could not look up" in text
+    assert "incomplete_address" in text and "postal code" in text, text
+
+
+def test_explain_looks_an_id_up_by_id_only_and_a_number_by_number_only(tmp_path, monkeypatch):
+    from test_doctor import Env
+
+    e = Env(tmp_path, monkeypatch)
+    log = e.stripe.faults.request_log
+    log.clear()
+    code, text = e.explain("in_1NotAnInvoiceAnywhere")
+    assert "was not found" in text
+    assert [p for _, p in log if "/search" in p] == [], log  # an id is never searched for as a number
+    assert any(p.startswith("/v1/invoices/in_1NotAnInvoiceAnywhere") for _, p in log), log
+    log.clear()
+    number = e.number_of("open")
+    code, text = e.explain(number)
+    assert number in text and "was not found" not in text
+    assert [p for _, p in log if p.startswith(f"/v1/invoices/{number}")] == [], log  # a number is not an id
+
+
+def test_doctor_and_explain_name_an_unreadable_country_with_its_value(tmp_path, monkeypatch):
+    from test_doctor import Env
+
+    e = Env(tmp_path, monkeypatch)
+    inv = next(i for i in e.stripe.data["test"]["invoices"] if i["_sandbox_kind"] == "open" and i["customer_address"])
+    inv["customer_address"] = {**inv["customer_address"], "country": "Narnia"}
+    code, rep = e.doctor()
+    c = _check(rep, "acme-stripe", "addresses")
+    assert "'Narnia'" in c["message"] and "no country" not in c["message"], c["message"]
+    code, text = e.explain(inv["number"])
+    assert "could not read 'Narnia' as a country" in text and "(from customer_address.country)" in text, text
+    assert "no country" not in text and "missing country" not in text, text
