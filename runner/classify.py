@@ -256,7 +256,25 @@ class Classifier:
             return self._evaluate(rec)
         except Exception as exc:  # a mapping function choking on a hostile value: a verdict, not a crash
             rid = rec.get("id") if isinstance(rec, dict) else None
-            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
+            text = self._failure(rec, exc)
+            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", text, {"errors": [text]})
+
+    def _failure(self, rec: Any, exc: Exception) -> str:
+        """Which field's expression failed on which value (an amount given as a list, a date as a number)."""
+        if isinstance(rec, dict):
+            for fpath, expr in self.stream.mapping.fields:
+                try:
+                    expr.search(rec)
+                except Exception as e:  # noqa: BLE001 - the first field that fails is the one to name
+                    value = getattr(e, "current_value", None)
+                    if value is not None and getattr(e, "function_name", None):
+                        shown = repr(value)
+                        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                        return (f"{'.'.join(fpath)}: could not read {shown} ({getattr(e, 'actual_type', '?')}): "
+                                f"{e.function_name}() takes {' or '.join(getattr(e, 'expected_types', []) or ['?'])}"
+                                f" (the spec maps it with {expr.source})")
+                    return f"{'.'.join(fpath)}: could not map it with {expr.source}: {e}"
+        return f"could not map this record: {exc}"
 
     def _evaluate(self, rec: Any) -> Verdict:
         rec = self.stream.prepare(rec)

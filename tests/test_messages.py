@@ -206,3 +206,10 @@ def test_doctor_and_explain_name_an_unreadable_country_with_its_value(tmp_path, 
     code, text = e.explain(inv["number"])
     assert "could not read 'Narnia' as a country" in text and "(from customer_address.country)" in text, text
     assert "no country" not in text and "missing country" not in text, text
+
+
+def test_a_value_of_the_wrong_type_names_its_field(zap):
+    r = zap(invoice(1, due_date=20260131))
+    assert r.status_code == 422, r.text
+    err = r.json()["errors"][0]
+    assert err["field"] == "due_date" and "could not read 20260131" in err["message"], err
