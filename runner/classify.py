@@ -300,7 +300,7 @@ class Classifier:
         ok, shown = self._in_window(rec, inv)
         if ok is None:
             text = self._date_problem(rec, inv, shown)
-            return Verdict(ext, number, SKIPPED, "invalid", text, {"errors": [text]})
+            return Verdict(ext, number, SKIPPED, "invalid", text, {"errors": [text, *self._other_errors(rec, inv)]})
         if not ok:
             w = self.conn.window
             return Verdict(ext, number, SKIPPED, "outside_date_window",
@@ -371,18 +371,32 @@ class Classifier:
                 return why
         return None
 
+    def _other_errors(self, rec: Any, inv: dict) -> list[str]:
+        """The schema's other complaints about an invoice already skipped for its date, so that whoever fixes
+        the record sees every bad field at once (the issue date is told by the date's own message)."""
+        inv = dict(inv, source=self._source.copy())
+        debtor = inv.get("debtor")
+        if isinstance(debtor, dict) and "type" not in debtor:
+            inv["debtor"] = dict(debtor, type=self.conn.debtor_type)
+        if validation.valid(inv):
+            return []
+        seen: dict = {}
+        errors = validation.explain(inv, lambda path: self.why_absent(rec, inv, path, seen)).errors
+        return [e for e in errors if not e.startswith("issue_date")]
+
     def _date_problem(self, rec: Any, inv: dict, value: Any) -> str:
         """Why the window's date cannot be read: absent, or there and unreadable (with the value)."""
         rule = self.stream.date
         if rule is None:  # the window reads the mapped issue_date
             why = self.why_absent(rec, inv, ("issue_date",))
             if why is not None:
-                return "its date cannot be read: " + why.text("issue_date")
+                return why.text("issue_date") + ", so its date cannot be read"
             return "issue_date is missing: the date window needs the invoice's date"
+        # Messages start with the field, as the schema's do (a push sender's errors are keyed by it).
         if value is None or value == "":
-            return f"its date is missing ({rule.value.source} has no value): the date window needs it"
+            return f"{rule.value.source} is missing: the date window needs the invoice's date"
         what = "a unix timestamp" if rule.format == "unix" else "a date"
-        return f"its date cannot be read: {rule.value.source}: could not read {value!r:.80} as {what}"
+        return f"{rule.value.source}: could not read {value!r:.80} as {what}, so its date cannot be read"
 
     def record_date(self, rec: Any, inv: dict | None = None) -> tuple[datetime | None, date | None, Any]:
         """The date the window applies to: (moment, None) for timestamps, (None, day) for dates, and the raw

@@ -213,3 +213,17 @@ def test_a_value_of_the_wrong_type_names_its_field(zap):
     assert r.status_code == 422, r.text
     err = r.json()["errors"][0]
     assert err["field"] == "due_date" and "could not read 20260131" in err["message"], err
+
+
+def test_an_unreadable_issue_date_is_named_with_the_other_bad_fields(zap):
+    r = zap(invoice(1, issue_date="yesterday", amount_due="lots"))
+    assert r.status_code == 422, r.text
+    by_field = {e["field"]: e["message"] for e in r.json()["errors"]}
+    assert "could not read 'yesterday'" in by_field["issue_date"], by_field
+    assert "could not read 'lots'" in by_field["amount"], by_field
+    inv = invoice(2)
+    del inv["issue_date"]
+    r = zap(inv)
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["issue_date"], r.json()
+    assert "issue_date is missing" in r.json()["message"]
