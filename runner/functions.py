@@ -554,8 +554,10 @@ class Unreadable(Exception):
         return f"{name or self.source or 'a value'}: could not read {self.shown()} as {self.what}{where}"
 
     def as_dict(self, name: str | None = None) -> dict:
-        return {"field": name or self.source, "value": self.value if isinstance(self.value, (str, int, float, bool))
-                else self.shown(), "source": self.source, "expected": self.what}
+        v = self.value  # kept as sent when it is a plain value of a sane size (it is stored with the verdict)
+        keep = isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 200)
+        return {"field": name or self.source, "value": v if keep else self.shown(), "source": self.source,
+                "expected": self.what}
 
 
 def _present(value) -> bool:

@@ -227,3 +227,9 @@ def test_an_unreadable_issue_date_is_named_with_the_other_bad_fields(zap):
     assert r.status_code == 422, r.text
     assert [e["field"] for e in r.json()["errors"]] == ["issue_date"], r.json()
     assert "issue_date is missing" in r.json()["message"]
+
+
+def test_a_huge_unreadable_value_is_shown_shortened(zap):
+    r = zap(invoice(1, due_date="9" * 100_000))
+    assert r.status_code == 422, r.text
+    assert len(r.text) < 5_000 and "could not read '999" in r.json()["message"]
