@@ -262,18 +262,25 @@ class Classifier:
     def _failure(self, rec: Any, exc: Exception) -> str:
         """Which field's expression failed on which value (an amount given as a list, a date as a number)."""
         if isinstance(rec, dict):
-            for fpath, expr in self.stream.mapping.fields:
+            rules = [(".".join(f), e, True) for f, e in self.stream.mapping.fields]
+            rules += [(name, e, False) for name, e in (("unpaid", self.stream.unpaid),
+                                                        ("status_text", self.stream.status_text)) if e]
+            for name, expr, mapped in rules:
                 try:
                     expr.search(rec)
-                except Exception as e:  # noqa: BLE001 - the first field that fails is the one to name
+                except Exception as e:  # noqa: BLE001 - the first one that fails is the one to name
+                    how = f"the spec maps it with {expr.source}" if mapped else f"the spec's {name} rule reads it"
                     value = getattr(e, "current_value", None)
-                    if value is not None and getattr(e, "function_name", None):
-                        shown = repr(value)
-                        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-                        return (f"{'.'.join(fpath)}: could not read {shown} ({getattr(e, 'actual_type', '?')}): "
-                                f"{e.function_name}() takes {' or '.join(getattr(e, 'expected_types', []) or ['?'])}"
-                                f" (the spec maps it with {expr.source})")
-                    return f"{'.'.join(fpath)}: could not map it with {expr.source}: {e}"
+                    if value is None or not getattr(e, "function_name", None):
+                        return f"{name}: could not evaluate {expr.source}: {e}"
+                    src = functions._locate(rec, value, self._lets)
+                    shown = repr(value)
+                    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                    head = (f"{name}: could not read {shown}" + (f" (from {src})" if src else "")) if mapped else \
+                        f"{src or name}: could not read {shown}"
+                    return (f"{head}: {e.function_name}() takes "
+                            f"{' or '.join(getattr(e, 'expected_types', []) or ['?'])}, not a "
+                            f"{getattr(e, 'actual_type', '?')} ({how})")
         return f"could not map this record: {exc}"
 
     def _evaluate(self, rec: Any) -> Verdict:

@@ -233,3 +233,10 @@ def test_a_huge_unreadable_value_is_shown_shortened(zap):
     r = zap(invoice(1, due_date="9" * 100_000))
     assert r.status_code == 422, r.text
     assert len(r.text) < 5_000 and "could not read '999" in r.json()["message"]
+
+
+def test_a_status_of_the_wrong_type_names_the_field_not_the_record(zap):
+    r = zap(invoice(1, status=5))
+    assert r.status_code == 422, r.text
+    err = r.json()["errors"][0]
+    assert err["field"] == "status" and "could not read 5" in err["message"], err
