@@ -273,7 +273,7 @@ class Classifier:
                     value = getattr(e, "current_value", None)
                     if value is None or not getattr(e, "function_name", None):
                         return f"{name}: could not evaluate {expr.source}: {e}"
-                    src = functions._locate(rec, value, self._lets)
+                    src = functions.locate(rec, value, self._lets)
                     shown = repr(value)
                     shown = shown if len(shown) <= 80 else shown[:77] + "..."
                     head = (f"{name}: could not read {shown}" + (f" (from {src})" if src else "")) if mapped else \

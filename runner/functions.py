@@ -38,6 +38,7 @@ __all__ = [
     "Unreadable",
     "unreadable",
     "may_be_unreadable",
+    "locate",
 ]
 
 signature = _jfunc.signature
@@ -742,14 +743,14 @@ def unreadable(node, data, hidden=()) -> Unreadable | None:
         _STRICT.visit(node, data)
     except Unreadable as exc:
         if hidden and (exc.source is None or exc.source.split(".", 1)[0].split("[", 1)[0] in hidden):
-            exc.source = _locate(data, exc.value, hidden) or exc.source
+            exc.source = locate(data, exc.value, hidden) or exc.source
         return exc
     except Exception:  # noqa: BLE001 - any other failure is reported where the expression runs normally
         return None
     return None
 
 
-def _locate(data, target, hidden, limit: int = 5000) -> str | None:
+def locate(data, target, hidden, limit: int = 5000) -> str | None:
     """The dotted path of `target` (by identity) in `data`, outside the `hidden` top-level keys; breadth first,
     bounded."""
     if not isinstance(data, dict):
