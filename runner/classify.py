@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Callable
 
-from runner import validation
+from runner import functions, validation
 from runner.config import Connection
 
 IMPORTED, SKIPPED, FAILED, ELIGIBLE = "imported", "skipped", "failed", "eligible"
@@ -188,6 +188,15 @@ def _date_of(value: Any, fmt: str, tz) -> tuple[datetime | None, date | None]:
     return (moment if moment.tzinfo else moment.replace(tzinfo=tz)), None
 
 
+def _lookup(inv: dict, path: tuple) -> Any:
+    node: Any = inv
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
 def _fields(node) -> set[str]:
     """Every field name an expression's AST reads."""
     out: set[str] = set()
@@ -220,6 +229,13 @@ class Classifier:
         # The per-record path calls these for each invoice: bound once, compiled (specs.Expression, Mapping).
         self._map = self.stream.mapping.compiled()
         self._unpaid = self.stream.unpaid.compiled()
+        # To tell a value that is absent from one that is there but unreadable, once an invoice has failed:
+        # the let names (not the record's own fields), and which expressions can read a value they cannot use.
+        self._lets = frozenset(lets)
+        self._let_exprs = dict(self.stream.let)
+        self._flags: dict[int, tuple | None] = {}
+        self._under: dict[tuple, list] = {}
+        self._unpaid_flags = self._may_flag(self.stream.unpaid) is not None
 
     def invoice_id(self, rec: Any) -> str | None:
         """The id `evaluate` gives this record, without mapping the rest: to skip invoices already imported."""
@@ -240,7 +256,32 @@ class Classifier:
             return self._evaluate(rec)
         except Exception as exc:  # a mapping function choking on a hostile value: a verdict, not a crash
             rid = rec.get("id") if isinstance(rec, dict) else None
-            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", f"could not map this record: {exc}")
+            text = self._failure(rec, exc)
+            return Verdict(str(rid or "<unknown>"), None, SKIPPED, "invalid", text, {"errors": [text]})
+
+    def _failure(self, rec: Any, exc: Exception) -> str:
+        """Which field's expression failed on which value (an amount given as a list, a date as a number)."""
+        if isinstance(rec, dict):
+            rules = [(".".join(f), e, True) for f, e in self.stream.mapping.fields]
+            rules += [(name, e, False) for name, e in (("unpaid", self.stream.unpaid),
+                                                        ("status_text", self.stream.status_text)) if e]
+            for name, expr, mapped in rules:
+                try:
+                    expr.search(rec)
+                except Exception as e:  # noqa: BLE001 - the first one that fails is the one to name
+                    how = f"the spec maps it with {expr.source}" if mapped else f"the spec's {name} rule reads it"
+                    value = getattr(e, "current_value", None)
+                    if value is None or not getattr(e, "function_name", None):
+                        return f"{name}: could not evaluate {expr.source}: {e}"
+                    src = functions.locate(rec, value, self._lets)
+                    shown = repr(value)
+                    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                    head = (f"{name}: could not read {shown}" + (f" (from {src})" if src else "")) if mapped else \
+                        f"{src or name}: could not read {shown}"
+                    return (f"{head}: {e.function_name}() takes "
+                            f"{' or '.join(getattr(e, 'expected_types', []) or ['?'])}, not a "
+                            f"{getattr(e, 'actual_type', '?')} ({how})")
+        return f"could not map this record: {exc}"
 
     def _evaluate(self, rec: Any) -> Verdict:
         rec = self.stream.prepare(rec)
@@ -255,12 +296,18 @@ class Classifier:
         ext = inv["external_id"] = str(ext)
         if not _truthy(self._unpaid(rec)):
             status = self.stream.status_text.search(rec) if self.stream.status_text else None
+            why = self._unreadable(self.stream.unpaid, rec) if self._unpaid_flags else None
+            if why is not None:  # not "not unpaid": the rule could not read what it needs to decide
+                text = why.text() + ", so the spec's unpaid rule cannot tell whether the invoice is unpaid"
+                return Verdict(ext, number, SKIPPED, "invalid", text,
+                               {"errors": [text], "unreadable": [why.as_dict()], "status": status})
             return Verdict(ext, number, SKIPPED, "not_unpaid",
                            f"status is {status}: only unpaid invoices are imported" if status
                            else "not unpaid: only unpaid invoices are imported", {"status": status})
         ok, shown = self._in_window(rec, inv)
         if ok is None:
-            return Verdict(ext, number, SKIPPED, "invalid", f"its date cannot be read ({shown!r})")
+            text = self._date_problem(rec, inv, shown)
+            return Verdict(ext, number, SKIPPED, "invalid", text, {"errors": [text, *self._other_errors(rec, inv)]})
         if not ok:
             w = self.conn.window
             return Verdict(ext, number, SKIPPED, "outside_date_window",
@@ -270,11 +317,14 @@ class Classifier:
         debtor = inv.get("debtor")
         if isinstance(debtor, dict) and "type" not in debtor:
             debtor["type"] = self.conn.debtor_type
-        outcome = validation.check(inv)
-        if not outcome.ok:
+        if not validation.valid(inv):
+            seen: dict = {}
+            outcome = validation.explain(inv, lambda path: self.why_absent(rec, inv, path, seen))
             detail = {"errors": outcome.errors}
             if outcome.missing:
                 detail["missing"] = outcome.missing
+            if outcome.unreadable:
+                detail["unreadable"] = outcome.unreadable
             if isinstance(debtor, dict):
                 detail["debtor"] = debtor.get("name")
             return Verdict(ext, number, SKIPPED, outcome.reason, outcome.message(), detail, inv)
@@ -283,6 +333,77 @@ class Classifier:
                            f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
                            f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
         return Verdict(ext, number, ELIGIBLE, invoice=inv)
+
+    # --- why a value is null (only for an invoice that has already failed) ------------------------------------
+    def _may_flag(self, expr) -> tuple | None:
+        """The let names `expr` reads, if it (or one of them) can give null for a value that is there but
+        unreadable; None if it cannot."""
+        key = id(expr)
+        if key not in self._flags:
+            lets = tuple(sorted(_fields(expr.ast) & self._lets))
+            flags = functions.may_be_unreadable(expr.ast) or any(
+                functions.may_be_unreadable(self._let_exprs[n].ast) for n in lets)
+            self._flags[key] = lets if flags else None
+        return self._flags[key]
+
+    def _unreadable(self, expr, rec, seen: dict | None = None) -> "functions.Unreadable | None":
+        """The present value `expr` could not read in the (prepared) record, if that is why it gave null: the
+        let values it reads first (those that came out blank), then the expression itself, evaluated
+        strictly. `seen`: let name -> its finding, shared by the calls for one record."""
+        seen = {} if seen is None else seen
+        for name in self._may_flag(expr) or ():
+            if name not in seen:
+                v = rec.get(name)  # a let that has a value did not fail to read one
+                seen[name] = (functions.unreadable(self._let_exprs[name].ast, rec, self._lets)
+                              if v is None or (type(v) is str and not v.strip()) else None)
+            if seen[name] is not None:
+                return seen[name]
+        return functions.unreadable(expr.ast, rec, self._lets)
+
+    def why_absent(self, rec: Any, inv: dict, path: tuple, seen: dict | None = None) -> "functions.Unreadable | None":
+        """For a canonical path the mapped invoice lacks: the value the record had for it that could not be
+        read, if that is why (None: it is simply absent). `seen`: shared by the calls for one record."""
+        if not isinstance(rec, dict):
+            return None
+        under = self._under.get(path)
+        if under is None:  # the mapping's fields at or under `path` that can read an unreadable value
+            n = len(path)
+            under = self._under[path] = [(f, e) for f, e in self.stream.mapping.fields
+                                         if f[:n] == path and self._may_flag(e) is not None]
+        for fpath, expr in under:
+            if _lookup(inv, fpath) is not None:
+                continue
+            why = self._unreadable(expr, rec, seen)
+            if why is not None:
+                return why
+        return None
+
+    def _other_errors(self, rec: Any, inv: dict) -> list[str]:
+        """The schema's other complaints about an invoice already skipped for its date, so that whoever fixes
+        the record sees every bad field at once (the issue date is told by the date's own message)."""
+        inv = dict(inv, source=self._source.copy())
+        debtor = inv.get("debtor")
+        if isinstance(debtor, dict) and "type" not in debtor:
+            inv["debtor"] = dict(debtor, type=self.conn.debtor_type)
+        if validation.valid(inv):
+            return []
+        seen: dict = {}
+        errors = validation.explain(inv, lambda path: self.why_absent(rec, inv, path, seen)).errors
+        return [e for e in errors if not e.startswith("issue_date")]
+
+    def _date_problem(self, rec: Any, inv: dict, value: Any) -> str:
+        """Why the window's date cannot be read: absent, or there and unreadable (with the value)."""
+        rule = self.stream.date
+        if rule is None:  # the window reads the mapped issue_date
+            why = self.why_absent(rec, inv, ("issue_date",))
+            if why is not None:
+                return why.text("issue_date") + ", so its date cannot be read"
+            return "issue_date is missing: the date window needs the invoice's date"
+        # Messages start with the field, as the schema's do (a push sender's errors are keyed by it).
+        if value is None or value == "":
+            return f"{rule.value.source} is missing: the date window needs the invoice's date"
+        what = "a unix timestamp" if rule.format == "unix" else "a date"
+        return f"{rule.value.source}: could not read {value!r:.80} as {what}, so its date cannot be read"
 
     def record_date(self, rec: Any, inv: dict | None = None) -> tuple[datetime | None, date | None, Any]:
         """The date the window applies to: (moment, None) for timestamps, (None, day) for dates, and the raw

@@ -309,11 +309,13 @@ def _data_checks(checks: dict, conn: Connection, source: pipeline.Source, scan: 
         by_debtor: dict[tuple, list] = {}
         for v in scan.incomplete:
             d = v.detail or {}
-            by_debtor.setdefault((d.get("debtor") or "(no name)", tuple(d.get("missing", []))), []).append(
+            unread = tuple((u.get("field"), str(u.get("value"))) for u in d.get("unreadable") or ())
+            by_debtor.setdefault((d.get("debtor") or "(no name)", tuple(d.get("missing", [])), unread), []).append(
                 v.number or v.invoice_id)
-        names = [f"'{debtor}' has {_missing_words(list(missing))} ({', '.join(map(str, nums[:3]))}"
+        names = [f"'{debtor}' has {_missing_words(list(missing), [{'field': f, 'value': x} for f, x in unread])} "
+                 f"({', '.join(map(str, nums[:3]))}"
                  + (f" and {len(nums) - 3} more" if len(nums) > 3 else "") + ")"
-                 for (debtor, missing), nums in sorted(by_debtor.items(), key=lambda x: -len(x[1]))]
+                 for (debtor, missing, unread), nums in sorted(by_debtor.items(), key=lambda x: -len(x[1]))]
         checks["addresses"].set(
             FAILED, f"{len(scan.incomplete)} unpaid invoice(s) in the window are skipped because the debtor's address "
                     f"is incomplete ({len(by_debtor)} customer(s)): {_listing(names)}",
@@ -475,14 +477,24 @@ def _skip(checks: dict, ids, why: str) -> None:
 
 
 def _account_check(check: Check, conn: Connection, source: pipeline.Source, store) -> None:
+    acc = conn.spec.account
+    if not any(acc.get(k) is not None for k in ("request", "id", "name", "choose")):
+        # The engine then keeps the account's invoices under the connection's name: that is not an account.
+        check.set(OK, f"{conn.spec.name} does not report which account the credentials belong to (the "
+                      f"integration spec has no `account:` section); its invoices are kept under the connection "
+                      f"'{conn.name}'", account_id=None, account_name=None)
+        return
     shown = source.account_name or source.account_id
+    if source.account_name is None and source.account_id == (conn.account_id or conn.name):
+        shown = None  # nothing came back from the provider: the id is the connection's (or the config's) name
     pinned = []
     if conn.expect:
         pinned.append("expect: " + ", ".join(f"{k}={v}" for k, v in conn.expect.items()))
     opt = (conn.spec.account.get("choose") or {}).get("option")
     if opt and conn.options.get(opt):
         pinned.append(f"options.{opt}={conn.options[opt]}")
-    text = f"connected to {conn.spec.name} account {shown!r}"
+    text = (f"connected to {conn.spec.name} account {shown!r}" if shown is not None else
+            f"connected; {conn.spec.name} did not report which account (no account id or name in its answer)")
     if source.account_name and source.account_id and source.account_id != source.account_name:
         text += f" (id {source.account_id})"
     if len(source.accounts) > 1:
@@ -576,7 +588,14 @@ async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> Non
         await dest.close() if hasattr(dest, "close") else None
     who = (profile or {}).get("companyName") if isinstance(profile, dict) else None
     checks["key"].set(OK, "Debitura accepted the API key" + (f" (creditor {who})" if who else ""))
-    checks["environment"].set(OK, f"the key belongs to the '{d.environment}' environment")
+    if d.base_url and d.base_url.rstrip("/") != destinations.DEBITURA_URLS.get(d.environment):
+        # A custom address answers for whichever environment it serves: acceptance there says nothing about
+        # which one the key belongs to, and there is no standard twin to ask.
+        checks["environment"].set(SKIPPED, f"not checked: `destination.base_url` is set to {d.base_url}, so the key's "
+                                           f"environment cannot be compared with Debitura's '{d.environment}' "
+                                           f"environment (the key works at that address)")
+    else:
+        checks["environment"].set(OK, f"the key belongs to the '{d.environment}' environment")
     checks["reachable"].set(OK, f"{dest.describe()} answered")
 
 
@@ -659,11 +678,28 @@ def _stage(stages: list, name: str, result: str, text: str) -> None:
     stages.append({"stage": name, "result": result, "text": text})
 
 
-def _missing_words(missing: list[str]) -> str:
-    words = [{"postal_code": "postal code"}.get(m, m) for m in missing]
-    if set(missing) >= {"street", "city", "postal_code", "country"}:
-        return "no address"
-    return "no " + (" and no ".join(words) if len(words) <= 2 else ", no ".join(words))
+def _missing_words(missing: list[str], unreadable: list | tuple = ()) -> str:
+    """"no postal code", "no address"; an address field whose value is there but unreadable (a verdict's
+    detail["unreadable"]) is named with its value instead: "a country that cannot be read ('Narnia')"."""
+    bad = {}
+    for u in unreadable or ():
+        f = str(u.get("field") or "")
+        if f.startswith("debtor.address"):
+            name = f[len("debtor.address."):] or "address"
+            bad[name] = u.get("value")
+    words = []
+    if "address" in bad:
+        words.append(f"an address that cannot be read ({bad['address']!r})")
+        missing = []
+    absent = [m for m in missing if m not in bad]
+    if set(absent) >= {"street", "city", "postal_code", "country"}:
+        words.append("no address")
+    else:
+        plain = [{"postal_code": "postal code"}.get(m, m) for m in absent]
+        if plain:
+            words.append("no " + (" and no ".join(plain) if len(plain) <= 2 else ", no ".join(plain)))
+    words += [f"a {n.replace('_', ' ')} that cannot be read ({v!r})" for n, v in bad.items() if n != "address"]
+    return " and ".join(words) if words else "an incomplete address"
 
 
 async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) -> Explanation:
@@ -675,7 +711,7 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
             raise RunnerError("; ".join(p.message for p in conn.problems),
                               fix="; ".join(dict.fromkeys(p.fix for p in conn.problems if p.fix)) or None)
         await source.open()
-        rec = await source.lookup(key)
+        rec = await _lookup(source, key)
     except NeedsReconnect as exc:
         ex.error = f"could not look up {key} in {sname}: the connection is not active: {exc.message}"
         ex.fix = f"reconnect it: `{_reconnect_fix(conn, exc)}`, then run `runner explain {key}` again"
@@ -703,15 +739,17 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
         ex.fix = exc.fix
         _stage(ex.stages, "fetch", FAILED, ex.error)
         return ex
-    acct = source.account_name or source.account_id
+    acct = _reported_account(conn, source)
+    where = f"{sname} (account {acct})" if acct else sname
     if rec is None:
-        _stage(ex.stages, "fetch", FAILED, f"{sname} (account {acct}) has no invoice with id or number {key}")
-        ex.summary = f"{key} was not found in {sname} (account {acct!r}) by id or by number"
+        how = {"by_id": "by id", "by_number": "by number"}
+        _stage(ex.stages, "fetch", FAILED, f"{where} has no invoice with id or number {key}")
+        ex.summary = f"{key} was not found in {where} " + " or ".join(how[k] for k in _lookup_kinds(source.spec, key))
         ex.fix = ("check the number as shown in the accounting system, and that this connection is the right "
                   "account" + (f" (it is connected to {acct!r})" if acct else ""))
         return ex
     ex.found = True
-    _stage(ex.stages, "fetch", OK, f"found in {sname} (account {acct})")
+    _stage(ex.stages, "fetch", OK, f"found in {where}")
     v = source.evaluate(rec)
     ex.invoice_id, ex.number = v.invoice_id, v.number
     label = v.number or v.invoice_id
@@ -724,9 +762,13 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
         _stage(ex.stages, "mapping", FAILED, f"could not map the record: {exc}")
     unpaid = pipeline._truthy(source.stream.unpaid.search(prepared))
     status_text = source.stream.status_text.search(prepared) if source.stream.status_text else None
-    _stage(ex.stages, "status filter", OK if unpaid else SKIPPED,
-           f"unpaid ({status_text})" if unpaid and status_text else "unpaid" if unpaid else
-           f"status is {status_text or 'not unpaid'}: only unpaid invoices are imported")
+    vd = v.detail or {}
+    if not unpaid and v.reason == "invalid" and "status" in vd and vd.get("unreadable"):
+        _stage(ex.stages, "status filter", FAILED, v.message)  # the unpaid rule could not read a value
+    else:
+        _stage(ex.stages, "status filter", OK if unpaid else SKIPPED,
+               f"unpaid ({status_text})" if unpaid and status_text else "unpaid" if unpaid else
+               f"status is {status_text or 'not unpaid'}: only unpaid invoices are imported")
     pos = _position(source, rec)
     w = conn.window
     day = _record_date(source, rec)
@@ -741,7 +783,8 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
             debtor["type"] = conn.debtor_type
         from runner import validation
 
-        outcome = validation.check(inv)
+        classifier = source.classifier()
+        outcome = validation.check(inv, lambda path: classifier.why_absent(prepared, inv, path))
         _stage(ex.stages, "validation", OK if outcome.ok else SKIPPED,
                "debtor address complete and invoice data valid" if outcome.ok else outcome.message())
         due = inv.get("due_date")
@@ -789,7 +832,7 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     elif v.reason == "incomplete_address":
         who = d.get("debtor") or "(no name)"
         ex.summary = (f"{label} was not imported because the customer '{who}' has "
-                      f"{_missing_words(d.get('missing') or [])}")
+                      f"{_missing_words(d.get('missing') or [], d.get('unreadable') or [])}")
         ex.fix = f"add it in {sname} (street, city, postal code and country) and run `{apply_cmd}`"
     elif v.reason == "invalid":
         ex.summary = f"{label} was not imported because its data is invalid: {v.message}"
@@ -819,6 +862,66 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     else:
         ex.summary = f"{label}: {v.verdict} ({v.reason}): {v.message}"
     return ex
+
+
+def _reported_account(conn: Connection, source: pipeline.Source) -> str | None:
+    """The account the provider says the connection reads (its name, else its id); None when it says none
+    (the engine then keys the ledger by the connection's name, which is no account)."""
+    if not any(conn.spec.account.get(k) is not None for k in ("request", "id", "name", "choose")):
+        return None
+    if source.account_name is None and source.account_id == (conn.account_id or conn.name):
+        return None
+    return source.account_name or source.account_id
+
+
+def _lookup_kinds(spec, key: str) -> list[str]:
+    """Which of the spec's lookups can find `key`. With `lookup.by_id.id_prefixes`, a key starting with one of
+    them is an id (looked up by id only) and any other key a number (by number only): no request is spent on a
+    lookup that cannot match. Without it: by id, then by number."""
+    kinds = [k for k in ("by_id", "by_number") if k in spec.lookup]
+    prefixes = ((spec.raw.get("lookup") or {}).get("by_id") or {}).get("id_prefixes")
+    if prefixes and "by_id" in kinds:
+        is_id = key.startswith(tuple(prefixes))
+        kinds = [k for k in kinds if (k == "by_id") == is_id]
+    return kinds
+
+
+async def _lookup(source: pipeline.Source, key: str) -> Any | None:
+    """Fetch one invoice with the spec's lookup requests (see _lookup_kinds). None if not found."""
+    for kind in _lookup_kinds(source.spec, key):
+        lr = source.spec.lookup[kind]
+        var = "invoice_id" if kind == "by_id" else "number"
+        resp = await source.send_spec(lr.request, source.context(**{var: key}), ok=tuple(lr.not_found))
+        if resp.status in lr.not_found:
+            continue
+        rec = lr.record.search(resp.json(f"{source.spec.name}'s invoice answer"))
+        if rec:
+            if source.stream.details:
+                await source.enrich([rec])
+            return rec
+    return None
+
+
+def _recorded(ex: Explanation, conn: Connection, key: str, store) -> None:
+    """What the runs recorded for an invoice the provider could not show now (not found, or not asked): the
+    verdict history, and the latest verdict in the summary (an incomplete address found by the last apply)."""
+    if store is None:
+        return
+    import json as _json
+
+    rows = store.connection_verdicts(conn.name, key)
+    if not rows:
+        return
+    ex.history = [{"run_id": r[0], "at": _when(r[7]), "verdict": r[4], "reason": r[5],
+                   "message": (_json.loads(r[6]) if r[6] else {}).get("message")} for r in rows]
+    run_id, _, invoice_id, number, verdict, reason, _, at = rows[0]
+    ex.invoice_id, ex.number = ex.invoice_id or invoice_id, ex.number or number
+    last = ex.history[0]
+    text = (f"the last apply that saw it (run {run_id}, {_when(at)}) recorded it as {verdict}"
+            + (f" ({REASON_WORDS.get(reason, reason)})" if reason else "")
+            + (f": {last['message']}" if last.get("message") else ""))
+    _stage(ex.stages, "last verdict", OK if verdict == pipeline.IMPORTED else SKIPPED, text)
+    ex.summary = (ex.summary + "; " if ex.summary else "") + text
 
 
 async def _destination_problem(cfg: Config, clients) -> Check | None:
@@ -870,7 +973,7 @@ def _explain_inbound(conn: Connection, key: str, cfg: Config, store) -> Explanat
         ex.summary = f"{label} was imported on {_day(led.updated)} as case {led.case_reference or led.case_id}"
     elif reason == "incomplete_address":
         ex.summary = (f"{label} was not imported because the customer '{d.get('debtor') or '(no name)'}' has "
-                      f"{_missing_words(d.get('missing') or [])}")
+                      f"{_missing_words(d.get('missing') or [], d.get('unreadable') or [])}")
         ex.fix = f"add it where the invoice comes from and let {sname} send the invoice again"
     elif verdict == pipeline.FAILED:
         ex.summary = f"{label} arrived but its delivery failed: {d.get('message')}"
@@ -899,6 +1002,7 @@ async def explain(cfg: Config, store, key: str, connections: list[Connection] | 
             ex = await _explain_one(conn, key, cfg, clients, store)
             if ex.found:
                 return [ex]
+            _recorded(ex, conn, key, store)
             if not ex.error and store is not None:  # not at the provider: perhaps the ledger knows it
                 rows = store.ledger_find(conn.name, key)
                 if rows:

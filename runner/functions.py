@@ -22,6 +22,7 @@ from decimal import Decimal
 import jmespath
 from jmespath import exceptions as _jexc
 from jmespath import functions as _jfunc
+from jmespath import visitor as _visitor
 from jmespath.parser import ParsedResult
 
 __all__ = [
@@ -34,6 +35,10 @@ __all__ = [
     "country_code",
     "minor_to_major",
     "to_decimal",
+    "Unreadable",
+    "unreadable",
+    "may_be_unreadable",
+    "locate",
 ]
 
 signature = _jfunc.signature
@@ -547,6 +552,247 @@ if _missing_docs:  # pragma: no cover - guards against adding a function without
     raise RuntimeError(f"FUNCTION_DOCS out of sync with RunnerFunctions: {sorted(_missing_docs)}")
 
 OPTIONS = jmespath.Options(custom_functions=RunnerFunctions())
+
+
+# ---------------------------------------------------------------------------
+# Strict evaluation: why an expression gave null
+# ---------------------------------------------------------------------------
+
+
+class Unreadable(Exception):
+    """A value was present but could not be read (raised only by the strict evaluation, see `unreadable`).
+
+    value: the value as the record has it; what: what it should have been ("a YYYY-MM-DD date");
+    source: where in the record it was (a dotted path such as "customer.address.country"), when known."""
+
+    def __init__(self, value, what: str, source: str | None = None):
+        super().__init__(value, what, source)
+        self.value, self.what, self.source = value, what, source
+
+    def shown(self) -> str:
+        text = repr(self.value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    def text(self, name: str | None = None) -> str:
+        """"due_date: could not read '31/31/2026' as a YYYY-MM-DD date (from due_date)"."""
+        where = f" (from {self.source})" if self.source and name else ""  # name: a canonical field; source: the record's
+        return f"{name or self.source or 'a value'}: could not read {self.shown()} as {self.what}{where}"
+
+    def as_dict(self, name: str | None = None) -> dict:
+        v = self.value  # kept as sent when it is a plain value of a sane size (it is stored with the verdict)
+        keep = isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 200)
+        return {"field": name or self.source, "value": v if keep else self.shown(), "source": self.source,
+                "expected": self.what}
+
+
+def _present(value) -> bool:
+    return value is not None and not (type(value) is str and not value.strip())
+
+
+class StrictFunctions(RunnerFunctions):
+    """The runner functions, except that a present value they cannot read raises Unreadable instead of
+    giving null. Only used to explain a null after the fact (never on the per-invoice path)."""
+
+    @signature(_NUM_OR_STR, _STR, {"types": ["object", "null"], "optional": True})
+    def _func_minor_to_major(self, amount, currency, overrides=None):
+        out = minor_to_major(amount, currency, overrides)
+        if out is None and amount is not None and currency is not None:
+            if currency_exponent(currency, overrides) is None:
+                raise Unreadable(currency, "an ISO 4217 currency code")
+            raise Unreadable(amount, "an amount in minor units")
+        return out
+
+    @signature(_NUM_OR_STR)
+    def _func_to_decimal(self, value):
+        out = to_decimal(value)
+        if out is None and _present(value):
+            raise Unreadable(value, "a number")
+        return out
+
+    @signature(_NUM_OR_STR, {"types": ["string", "null"], "optional": True})
+    def _func_unix_to_date(self, seconds, tz=None):
+        out = unix_to_date(seconds, tz)
+        if out is None and _present(seconds):
+            raise Unreadable(seconds, "a unix timestamp")
+        return out
+
+    @signature(_NUM_OR_STR)
+    def _func_unix_to_datetime(self, seconds):
+        out = unix_to_datetime(seconds)
+        if out is None and _present(seconds):
+            raise Unreadable(seconds, "a unix timestamp")
+        return out
+
+    @signature(_STR, {"types": ["string", "null"], "optional": True})
+    def _func_to_date(self, value, fmt=None):
+        out = to_date(value, fmt)
+        if out is None and _present(value):
+            raise Unreadable(value, f"a date in the form {fmt}" if fmt else "a YYYY-MM-DD date")
+        return out
+
+    @signature(_STR)
+    def _func_country_code(self, value):
+        out = country_code(value)
+        if out is None and _present(value):
+            raise Unreadable(value, "a country code or name")
+        return out
+
+
+# Functions whose null can mean "present but unreadable": an expression without them (and without a field
+# read from a value) cannot have an unreadable input, so nothing needs explaining.
+STRICT_FUNCTIONS = frozenset(name for name in StrictFunctions.FUNCTION_TABLE
+                             if StrictFunctions.FUNCTION_TABLE[name]["function"] is not
+                             RunnerFunctions.FUNCTION_TABLE[name]["function"])
+
+
+def _chain(nodes) -> str | None:
+    """The dotted path of a chain of field (and index) nodes, else None."""
+    parts: list[str] = []
+    for n in nodes:
+        t = n.get("type")
+        if t == "field":
+            parts.append(str(n["value"]))
+        elif t == "subexpression" or t == "index_expression":
+            inner = _chain(n.get("children") or [])
+            if inner is None:
+                return None
+            parts.append(inner)
+        elif t == "index" and parts:
+            parts[-1] += f"[{n['value']}]"
+        else:
+            return None
+    return ".".join(parts) if parts else None
+
+
+class _StrictInterpreter(_visitor.TreeInterpreter):
+    """jmespath's interpreter with StrictFunctions, and a field read from a present value that is not an
+    object (a customer given as a plain string) raising Unreadable instead of giving null."""
+
+    def visit_field(self, node, value):
+        if value is not None and type(value) is not dict:
+            raise Unreadable(value, f"an object with a {node['value']!r} field")
+        return value.get(node["value"]) if value is not None else None
+
+    def visit_subexpression(self, node, value):
+        result = value
+        children = node["children"]
+        for i, child in enumerate(children):
+            try:
+                result = self.visit(child, result)
+            except Unreadable as exc:
+                if exc.source is None and i > 0 and exc.value is result:
+                    exc.source = _chain(children[:i])
+                raise
+        return result
+
+    def visit_function_expression(self, node, value):
+        # An argument that cannot be read counts as null, and only matters if the call then gives nothing: in
+        # coalesce(customer.address, customer_address) an unexpanded customer id is no fault when the invoice
+        # has its own address.
+        args, pending = [], None
+        for child in node["children"]:
+            try:
+                args.append(self.visit(child, value))
+            except Unreadable as exc:
+                pending = pending or exc
+                args.append(None)
+        try:
+            out = self._functions.call_function(node["value"], args)
+        except Unreadable as exc:
+            if exc.source is None:
+                exc.source = next((_source_of(child, exc.value, value) for child, arg in zip(node["children"], args)
+                                   if arg is exc.value), None)
+            raise
+        except Exception:
+            if pending is not None:
+                raise pending from None
+            raise
+        if pending is not None and _is_blank(out):
+            raise pending
+        return out
+
+    def visit_or_expression(self, node, value):
+        """a || b: an unreadable `a` only matters if `b` gives nothing either."""
+        try:
+            left, pending = self.visit(node["children"][0], value), None
+        except Unreadable as exc:
+            left, pending = None, exc
+        if not self._is_false(left):
+            return left
+        right = self.visit(node["children"][1], value)
+        if pending is not None and _is_blank(right):
+            raise pending
+        return right
+
+
+def _source_of(node, target, data) -> str | None:
+    """Where an argument's value came from: the node itself if it is a plain path, else the first plain path
+    inside it (in a coalesce, say) whose value is the very value in question."""
+    path = _chain([node])
+    if path is not None:
+        return path
+    for child in node.get("children") or []:
+        found = _source_of(child, target, data)
+        if found is not None:
+            try:
+                if _visitor.TreeInterpreter(OPTIONS).visit(compile(found).parsed, data) is target:
+                    return found
+            except Exception:  # noqa: BLE001 - a path that cannot be read is not the source
+                pass
+    return None
+
+
+_STRICT_OPTIONS = jmespath.Options(custom_functions=StrictFunctions())
+_STRICT = _StrictInterpreter(_STRICT_OPTIONS)
+
+
+def may_be_unreadable(node) -> bool:
+    """Whether an expression (its AST) can give null for a present but unreadable value: it calls a function
+    of STRICT_FUNCTIONS or reads a field of a field."""
+    if isinstance(node, dict):
+        t = node.get("type")
+        if t == "subexpression" or (t == "function_expression" and node.get("value") in STRICT_FUNCTIONS):
+            return True
+        return any(may_be_unreadable(c) for c in node.get("children") or [])
+    return False
+
+
+def unreadable(node, data, hidden=()) -> Unreadable | None:
+    """Evaluate an expression's AST strictly on `data`: the present value it could not read, or None (every
+    value it read was readable, or absent). For explaining a null after the fact; never raises.
+
+    `hidden`: names in `data` that are not the record's own (a spec's `let` values): a source under one of them
+    is looked up again in the record, by identity, so the message names a field the user knows."""
+    try:
+        _STRICT.visit(node, data)
+    except Unreadable as exc:
+        if hidden and (exc.source is None or exc.source.split(".", 1)[0].split("[", 1)[0] in hidden):
+            exc.source = locate(data, exc.value, hidden) or exc.source
+        return exc
+    except Exception:  # noqa: BLE001 - any other failure is reported where the expression runs normally
+        return None
+    return None
+
+
+def locate(data, target, hidden, limit: int = 5000) -> str | None:
+    """The dotted path of `target` (by identity) in `data`, outside the `hidden` top-level keys; breadth first,
+    bounded."""
+    if not isinstance(data, dict):
+        return None
+    queue = [(str(k), v) for k, v in data.items() if k not in hidden]
+    seen = 0
+    while queue and seen < limit:
+        nxt = []
+        for path, v in queue:
+            seen += 1
+            if v is target:
+                return path
+            if type(v) is dict:
+                nxt.extend((f"{path}.{k}", x) for k, x in v.items())
+            elif type(v) is list:
+                nxt.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+        queue = nxt
+    return None
 
 
 class RunnerParsedResult(ParsedResult):

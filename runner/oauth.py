@@ -67,8 +67,13 @@ def oauth_client(clients, url: str, cfg: dict, client_id: str, client_secret: st
     """An authlib AsyncOAuth2Client whose requests go where `clients` sends `url` (network or a simulator)."""
     import warnings
 
-    with warnings.catch_warnings():  # authlib announces a future httpx2 module; nothing for users to act on
-        warnings.simplefilter("ignore")
+    # authlib's httpx client announces, on import, that authlib will move to the httpx2 package: nothing a user
+    # can act on. authlib.deprecate sets an "always" filter for its warnings when it is first imported, which
+    # would win over a filter set before it: import it first, then ignore that one notice.
+    from authlib.deprecate import AuthlibDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The httpx module is deprecated", category=AuthlibDeprecationWarning)
         from authlib.integrations.httpx_client import AsyncOAuth2Client
 
     http, real_url = clients.resolve(url)

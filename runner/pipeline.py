@@ -175,8 +175,13 @@ class Source:
 
     async def open(self) -> None:
         if self.store is not None and self.saved.get("status") == "needs_reconnect" and not self._reconnect_cleared():
-            raise NeedsReconnect(f"the connection '{self.conn.name}' needs to be reconnected: "
-                                 f"{self.saved.get('last_error') or 'its authorization was revoked or expired'}",
+            # This message is saved as last_error in turn: wrap the original cause, not an earlier wrapping of
+            # it, so the saved error stays the same from run to run.
+            prefix = f"the connection '{self.conn.name}' needs to be reconnected: "
+            cause = self.saved.get("last_error") or ""
+            while cause.startswith(prefix):
+                cause = cause[len(prefix):]
+            raise NeedsReconnect(prefix + (cause or "its authorization was revoked or expired"),
                                  fix=f"runner connect {self.conn.name}")
         self.auth = auth_mod.make(self.conn, self._ctx_base, self.store, self.clients)
         if hasattr(self.auth, "prepare"):  # e.g. OAuth: what the token response taught us (an API domain)

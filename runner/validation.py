@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from runner import schemas
 
@@ -22,14 +22,22 @@ FIELD_NAMES = {"street": "street", "city": "city", "postal_code": "postal code",
 class Outcome:
     ok: bool
     reason: str | None = None  # incomplete_address | invalid
-    missing: list[str] = field(default_factory=list)  # address fields missing or blank
+    missing: list[str] = field(default_factory=list)  # address fields that cannot be used: missing, blank or unreadable
     errors: list[str] = field(default_factory=list)  # every schema error, in plain words
+    absent: list[tuple] = field(default_factory=list)  # paths of required fields the invoice lacks
+    unreadable: list[dict] = field(default_factory=list)  # of those, the ones whose source value is unreadable
+    unusable: list[str] = field(default_factory=list)  # address fields in `missing` that are present but not usable
 
     def message(self) -> str:
         if self.reason == "incomplete_address":
-            text = "the debtor's address is missing " + ", ".join(FIELD_NAMES.get(m, m) for m in self.missing)
+            parts = []
+            absent = [m for m in self.missing if m not in self.unusable]
+            if absent:
+                parts.append("the debtor's address is missing " + ", ".join(FIELD_NAMES.get(m, m) for m in absent))
+            # what is wrong with address fields that are there (a value that cannot be read, a bad code)
+            parts += [e for e in self.errors if e.startswith("debtor.address") and not e.endswith(" is missing")]
             others = [e for e in self.errors if not e.startswith("debtor.address")]
-            return text + ("; also " + "; ".join(others) if others else "")
+            return "; ".join(parts) + ("; also " + "; ".join(others) if others else "")
         return "; ".join(self.errors)
 
 
@@ -140,10 +148,15 @@ def _passes(is_valid, invoice: dict) -> bool:
         return False
 
 
-def check(invoice: dict) -> Outcome:
+def valid(invoice: dict) -> bool:
+    """Whether the invoice matches the canonical schema (the fast check alone)."""
+    return _passes(_fast(), invoice)
+
+
+def check(invoice: dict, why: Callable[[tuple], Any] | None = None) -> Outcome:
     if _passes(_fast(), invoice):
         return _OK
-    return explain(invoice)
+    return explain(invoice, why)
 
 
 def _dotted(path) -> str:
@@ -162,23 +175,40 @@ def _errors(invoice: dict) -> list[tuple[tuple, object]]:
     return sorted(found, key=lambda pe: list(map(str, pe[0])))
 
 
-def explain(invoice: dict) -> Outcome:
+def explain(invoice: dict, why: Callable[[tuple], Any] | None = None) -> Outcome:
+    """Every schema error of an invoice, in plain words. `why(path)`, for a required path the invoice lacks:
+    a functions.Unreadable when the record had a value there that could not be read (else None). Such a field
+    is named with that value, never called missing."""
     missing: list[str] = []
+    unusable: list[str] = []
     texts: list[str] = []
+    absent: list[tuple] = []
+    unread: list[dict] = []
     for path, err in _errors(invoice):
         if err.validator == "required":
             for name in err.validator_value:
                 if isinstance(err.instance, dict) and name not in err.instance:
                     full = path + (name,)
+                    absent.append(full)
+                    found = why(full) if why is not None else None
                     if path == ADDRESS:
                         missing.append(name)
+                        if found is not None:
+                            unusable.append(name)
                     elif full == ADDRESS:
                         missing.extend(["street", "city", "postal_code", "country"])
-                    texts.append(f"{_dotted(full)} is missing")
+                        if found is not None:
+                            unusable.extend(["street", "city", "postal_code", "country"])
+                    if found is not None:
+                        texts.append(found.text(_dotted(full)))
+                        unread.append(found.as_dict(_dotted(full)))
+                    else:
+                        texts.append(f"{_dotted(full)} is missing")
             continue
         where = _dotted(path) or "invoice"
         if path == ADDRESS + ("country",) and err.validator == "pattern":
             missing.append("country")
+            unusable.append("country")
             texts.append(f"{where} {err.instance!r} is not an ISO 3166-1 alpha-2 country code")
         elif err.validator in ("pattern", "enum") and path == ("currency",):
             texts.append(f"currency {err.instance!r} is not an ISO 4217 currency code")
@@ -192,5 +222,7 @@ def explain(invoice: dict) -> Outcome:
             texts.append(f"{where}: {err.message}")
     texts = list(dict.fromkeys(texts))
     if missing:
-        return Outcome(ok=False, reason="incomplete_address", missing=list(dict.fromkeys(missing)), errors=texts)
-    return Outcome(ok=False, reason="invalid", errors=texts or ["the invoice does not match the canonical schema"])
+        return Outcome(ok=False, reason="incomplete_address", missing=list(dict.fromkeys(missing)), errors=texts,
+                       absent=absent, unreadable=unread, unusable=list(dict.fromkeys(unusable)))
+    return Outcome(ok=False, reason="invalid", errors=texts or ["the invoice does not match the canonical schema"],
+                   absent=absent, unreadable=unread)

@@ -93,6 +93,29 @@ def test_compiled_equals_jmespath(source, value):
     assert _same(_outcome(expr.search, value), slow), source
 
 
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(expressions, data)
+def test_strict_evaluation_only_explains_and_never_changes_a_value(source, value):
+    """functions.unreadable evaluates strictly to say why a value is null: where it finishes, its answer is
+    jmespath's own; where jmespath gives a value other than null, it only ever stops on a value it can name."""
+    try:
+        parsed = functions.compile(source)
+    except jmespath.exceptions.JMESPathError:
+        return
+    slow = _outcome(lambda v: parsed.search(v, options=functions.OPTIONS), value)
+    strict = functions._StrictInterpreter(functions._STRICT_OPTIONS)
+    try:
+        got = ("ok", strict.visit(parsed.parsed, value))
+    except functions.Unreadable as exc:
+        assert exc.value is not None and exc.what
+        assert functions.unreadable(parsed.parsed, value) is not None
+        return
+    except Exception as exc:  # noqa: BLE001
+        got = ("error", type(exc).__name__)
+    assert _same(got, slow), source
+    assert functions.unreadable(parsed.parsed, value) is None
+
+
 SPEC_EXPRESSIONS = [
     "id", "number", "unix_to_date(coalesce(effective_at, created))", "upper(currency)",
     "minor_to_major(amount_remaining, currency, `{\"ISK\": 2}`)", "coalesce(customer.id, customer)",
