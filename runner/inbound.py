@@ -141,8 +141,8 @@ def payload_problem(body: Any) -> tuple[str, str] | None:
         kind = type(value)
         if kind is str:
             if len(value) > MAX_TEXT:
-                return _where(path), (f"{_where(path)} is {len(value):,} characters long; at most {MAX_TEXT:,} "
-                                      f"are accepted")
+                return _where(path), (f"{_where(path)} is {len(value):,} characters long ({_shown(value)}); at most "
+                                      f"{MAX_TEXT:,} are accepted")
         elif kind is dict or kind is list:
             if len(path) >= MAX_DEPTH:
                 return _where(path), f"the payload is nested more than {MAX_DEPTH} levels deep at {_where(path)}"
@@ -232,12 +232,20 @@ def record_problems(record: dict, reads: dict[tuple, str]) -> list[tuple[str, st
         if role == "container":
             if kind is not dict and kind is not list:
                 inner = [p[-1] for p in reads if len(p) == len(path) + 1 and p[:len(path)] == path]
-                out.append((name, f"{name} is {_kind(value)}; it must be an object (with {', '.join(inner)})"))
+                out.append((name, f"{name}: could not read {_shown(value)} ({_kind(value)}) as an object "
+                                  f"(with {', '.join(inner)})"))
         elif kind is dict or kind is list or (kind is bool and role == "value"):
-            out.append((name, f"{name} is {_kind(value)}; it must be text or a number"))
+            out.append((name, f"{name}: could not read {_shown(value)} ({_kind(value)}); it must be text or a number"))
         elif kind is str and len(value) > MAX_FIELD:
-            out.append((name, f"{name} is {len(value):,} characters long; at most {MAX_FIELD:,} are accepted"))
+            out.append((name, f"{name} is {len(value):,} characters long ({_shown(value)}); at most {MAX_FIELD:,} "
+                              f"are accepted"))
     return out
+
+
+def _shown(value: Any) -> str:
+    """A value as a message quotes it: short, so a hostile megabyte never travels back in an answer."""
+    text = repr(value) if not isinstance(value, (dict, list)) else orjson.dumps(value).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- the server --------------------------------------------------------------------------------------------

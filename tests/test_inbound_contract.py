@@ -94,7 +94,7 @@ def test_a_present_but_unreadable_customer_or_address_is_named_not_called_missin
     assert r.status_code == 422
     (err,) = r.json()["errors"]
     assert err["field"] == "customer" and err["invoice_id"] == "INV-1"
-    assert "customer is text; it must be an object" in err["message"] and "missing" not in err["message"]
+    assert "customer: could not read 'Acme GmbH' (text) as an object" in err["message"] and "missing" not in err["message"]
     inv = invoice(2)
     inv["customer"]["address"]["postal_code"] = {"code": "10115"}
     inv["amount_due"] = False

@@ -68,7 +68,7 @@ def zap(tmp_path):
 @pytest.mark.parametrize("change, field, value, source", [
     ({"due_date": "31/31/2026"}, "due_date", "31/31/2026", "from due_date"),
     ({"amount_due": "lots"}, "amount", "lots", "from amount_due"),
-    ({"customer": "ACME Corp"}, "debtor", "ACME Corp", "from customer"),
+    ({"customer": "ACME Corp"}, "customer", "ACME Corp", "as an object"),
 ])
 def test_an_unreadable_field_is_named_with_its_value_not_called_missing(zap, change, field, value, source):
     r = zap(invoice(1, **change))
@@ -123,7 +123,8 @@ def test_doctor_does_not_claim_the_destination_environment_behind_a_custom_base_
     from runner.sandbox.core import SandboxServer
 
     with SandboxServer({"debitura": dsim.DebituraSimulator("production")}) as srv:
-        e = Env(tmp_path, monkeypatch, dest_env="production", dest_extra=f"\n  base_url: {srv.url('debitura')}")
+        e = Env(tmp_path, monkeypatch, dest_env="production", dest_extra=f"\n  base_url: {srv.url('debitura')}",
+                conn_extra="\n    allow_test_source: true")
         code, rep = e.doctor()
         _, text = e.cli("doctor", str(e.path))
     c = _check(rep, "destination", "environment")
@@ -137,7 +138,7 @@ def test_doctor_does_not_show_the_connection_name_as_the_providers_account(tmp_p
     def no_account(spec):
         spec.pop("account", None)  # a spec that does not ask the provider which account it is
 
-    cfg = stripe_workspace(tmp_path, edit=no_account)
+    cfg = stripe_workspace(tmp_path, edit=no_account, extra="    account_id: acme-books\n")
     c = _check(_doctor(cfg), "s", "account")
     assert "account 's'" not in c["message"], c
     assert "does not report which account" in c["message"], c
@@ -232,7 +233,10 @@ def test_an_unreadable_issue_date_is_named_with_the_other_bad_fields(zap):
 def test_a_huge_unreadable_value_is_shown_shortened(zap):
     r = zap(invoice(1, due_date="9" * 100_000))
     assert r.status_code == 422, r.text
-    assert len(r.text) < 5_000 and "could not read '999" in r.json()["message"]
+    assert len(r.text) < 5_000 and "due_date is 100,000 characters long ('999" in r.json()["message"]
+    r = zap(invoice(1, due_date="9" * 900))  # within the inbound API's bound: unreadable, shown shortened
+    assert r.status_code == 422, r.text
+    assert len(r.text) < 2_000 and "could not read '999" in r.json()["message"]
 
 
 def test_a_status_of_the_wrong_type_names_the_field_not_the_record(zap):
