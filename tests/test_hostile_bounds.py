@@ -1,0 +1,104 @@
+"""Hostile input cannot exhaust, hang or mislead the runner (issue 19, items 1-5).
+
+Each case runs the real code in a subprocess with an address-space limit and a timeout, as the runner runs for a
+user: a hang is a timeout, a memory blow-up a MemoryError, and neither may print a traceback or "bug in the runner".
+"""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT, STRIPE_KEY
+
+MEMORY = 1 << 30  # 1 GiB of address space for each hostile run
+ENV = {"STRIPE_API_KEY": STRIPE_KEY, "DEBITURA_API_KEY": "dbt_sandbox_live_Hq7Xv2Lm9Pz4"}
+
+
+def _limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+
+def bounded(args: list[str], *, timeout: float = 30, cwd=None, env=None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `python ARGS` with the memory limit; fail the test (not hang) when it runs past the timeout."""
+    full_env = {**os.environ, **ENV, **(env or {})}
+    start = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
+                           timeout=timeout, preexec_fn=_limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s: {args}")
+    return r, time.monotonic() - start
+
+
+def cli(*args, timeout: float = 30, cwd=None, env=None) -> subprocess.CompletedProcess:
+    r, _ = bounded(["-m", "runner", *args], timeout=timeout, cwd=cwd, env=env)
+    return r
+
+
+def assert_refused(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2 (config or spec invalid) with a message a person can act on, never a traceback or a 'bug'."""
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out and "bug in the runner" not in out and "MemoryError" not in out, out[-3000:]
+    assert r.returncode == 2, (r.returncode, out[-3000:])
+    assert "fix:" in out, out[-3000:]
+    for n in needles:
+        assert n in out, (n, out[-3000:])
+
+
+# --- 19.1 redaction is linear in its input -------------------------------------------------------------------
+
+MB = 1 << 20
+ADVERSARIAL = {  # for every alternative of redact's patterns: the text that makes a backtracking engine work
+    "letters": "'x' * MB",
+    "words and dashes": "'abc-' * (MB // 4)",
+    "letters before -oauthtoken": "'x' * MB + '-oauthtoke'",
+    "-oauthtoken repeated": "'Zoho-oauthtoken' * (MB // 15)",
+    "-oauthtoken and spaces": "'Zoho-oauthtoken' + ' ' * MB",
+    "Bearer repeated": "'Bearer ' * (MB // 7)",
+    "Bearer and spaces": "'Bearer' + ' ' * MB + 'abc'",
+    "sk_live_ long": "'sk_live_' + 'a' * MB",
+    "sk_live_ repeated": "'sk_live_' * (MB // 8)",
+    "api key prefix repeated": "'rnr_prod_01234567_' * (MB // 18)",
+    "access_token= repeated": "'access_token=' * (MB // 13)",
+    "quoted key and spaces": "'\"access_token\"' + ' ' * MB + ':'",
+    "quotes": "'\"' * MB",
+}
+
+
+def test_redaction_of_a_megabyte_of_adversarial_text_is_linear():
+    """Each pattern alternative against 1 MB made to make it backtrack: well under 2 s each (a quadratic
+    pattern took 14 s for 100 KB); one registered secret too, as in a real run."""
+    code = textwrap.dedent(f"""
+        import time
+        from runner.redact import redact, register
+        MB = {MB}
+        register('sk_test_' + 'Q' * 24)
+        for name, make in {ADVERSARIAL!r}.items():
+            text = eval(make)
+            t = time.perf_counter()
+            out = redact(text)
+            print(f"{{name}}\\t{{time.perf_counter() - t:.3f}}\\t{{len(out)}}", flush=True)
+    """)
+    r, _ = bounded(["-c", code], timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    times = {line.split("\t")[0]: float(line.split("\t")[1]) for line in r.stdout.splitlines()}
+    assert set(times) == set(ADVERSARIAL), r.stdout
+    slow = {k: v for k, v in times.items() if v >= 2.0}
+    assert not slow, slow
+    print("redact, seconds for 1 MB:", times)
+
+
+def test_redaction_still_masks_every_shape():
+    from runner.redact import redact
+
+    assert redact("Authorization: Zoho-oauthtoken 1000.abcdef123456") == "Authorization: Zoho-oauthtoken ****"
+    assert redact("x Zoho-oauthtoken 1000.abcdef123456") == "x Zoho-oauthtoken ****"
+    assert redact("Bearer abcdefgh12345") == "Bearer ****"
+    assert redact("key sk_live_abcdefgh") == "key sk_live_****"
+    assert redact('{"access_token": "abcdefgh"}') == '{"access_token": "****"}'
