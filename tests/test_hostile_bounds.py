@@ -102,3 +102,110 @@ def test_redaction_still_masks_every_shape():
     assert redact("Bearer abcdefgh12345") == "Bearer ****"
     assert redact("key sk_live_abcdefgh") == "key sk_live_****"
     assert redact('{"access_token": "abcdefgh"}') == '{"access_token": "****"}'
+
+
+# --- 19.2 YAML bombs: file size, alias expansion, loops and nesting are bounded ------------------------------
+
+CONFIG = """\
+version: 1
+state: state.db
+integrations_dir: integrations.d
+destination: {type: jsonl, path: out.jsonl}
+connections:
+  - name: s
+    integration: stripe
+    environment: sandbox
+    credentials: {api_key: "${file:sandbox-secrets/stripe_api_key}"}
+    window: {last: 90d}
+"""
+
+
+def workspace(tmp_path, config: str = CONFIG, spec: str | None = None):
+    import shutil
+
+    shutil.copytree(ROOT / "sandbox-secrets", tmp_path / "sandbox-secrets")
+    (tmp_path / "integrations.d").mkdir()
+    (tmp_path / "integrations.d" / "stripe.yaml").write_text(
+        spec if spec is not None else (ROOT / "integrations.d" / "stripe.yaml").read_text())
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+    return path
+
+
+def laughs(levels: int = 9) -> str:
+    """The billion laughs: each anchor repeats the one before nine times (9^9 values from ten lines)."""
+    out = 'lol0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for i in range(1, levels):
+        out += f"lol{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n"
+    return out
+
+
+def test_billion_laughs_in_a_config_is_refused_at_its_line(tmp_path):
+    path = workspace(tmp_path, CONFIG + "x-laughs:\n" + "".join("  " + line + "\n" for line in laughs().splitlines()))
+    r = cli("validate", str(path))
+    assert_refused(r, "repeat their anchored blocks", "200,000 values", "billion laughs")
+    assert f"{path}:" in r.stderr
+
+
+def test_billion_laughs_in_a_spec_names_the_spec_file(tmp_path):
+    spec = (ROOT / "integrations.d" / "stripe.yaml").read_text() + "x_laughs:\n" + "".join(
+        "  " + line + "\n" for line in laughs().splitlines())
+    path = workspace(tmp_path, spec=spec)
+    r = cli("validate", str(path))
+    assert_refused(r, "repeat their anchored blocks")
+    assert "integrations.d/stripe.yaml:" in r.stderr
+
+
+def test_an_alias_inside_its_own_anchor_is_refused_at_its_line(tmp_path):
+    path = workspace(tmp_path, CONFIG + "x: &r [*r]\n")
+    r = cli("validate", str(path))
+    assert_refused(r, "refers to the block it is in")
+    assert f"{path}:11:" in r.stderr
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    path = workspace(tmp_path, CONFIG + "x: " + "[" * 900 + "]" * 900 + "\n")
+    assert_refused(cli("validate", str(path)), "nested more than 64 deep")
+
+
+def test_a_config_file_of_many_megabytes_is_refused_before_it_is_read(tmp_path):
+    """12 MB of valid YAML: 1.8 GB and half a minute to parse per 45 MB; refused by its size, at once."""
+    path = workspace(tmp_path, CONFIG + "x: [" + "1," * (6 * MB) + "1]\n")
+    r, took = bounded(["-m", "runner", "validate", str(path)], timeout=30)
+    assert_refused(r, "more than the 2.0 MB allowed")
+    assert took < 10, took
+
+
+# --- 19.4 special files as secrets or config -----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/urandom", "fifo"])
+def test_a_device_or_a_pipe_as_a_secret_is_refused_not_read(tmp_path, target):
+    if target == "fifo":
+        os.mkfifo(tmp_path / "key.fifo")
+        target = "key.fifo"
+    path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", target))
+    r = cli("validate", str(path), timeout=20)
+    assert_refused(r, f"the secret file {target} cannot be used", "not a regular file")
+    assert "missing" not in r.stderr and "does not exist" not in r.stderr
+
+
+def test_a_secret_file_larger_than_any_key_is_refused(tmp_path):
+    path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "big.key"))
+    (tmp_path / "big.key").write_text("sk_test_" + "a" * (1 * MB))
+    assert_refused(cli("validate", str(path)), "the secret file big.key cannot be used", "more than the 64 KB allowed")
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
+def test_a_pipe_or_a_device_as_the_config_is_refused(tmp_path, target):
+    if target == "fifo":
+        os.mkfifo(tmp_path / "config.yaml")
+        target = str(tmp_path / "config.yaml")
+    r = cli("validate", target, timeout=20)
+    assert_refused(r, "not a regular file")
+
+
+def test_a_pipe_as_a_spec_is_refused(tmp_path):
+    path = workspace(tmp_path)
+    (tmp_path / "integrations.d" / "stripe.yaml").unlink()
+    os.mkfifo(tmp_path / "integrations.d" / "stripe.yaml")
+    assert_refused(cli("validate", str(path), timeout=20), "integrations.d/stripe.yaml", "named pipe (FIFO)")
