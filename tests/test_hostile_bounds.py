@@ -209,3 +209,38 @@ def test_a_pipe_as_a_spec_is_refused(tmp_path):
     (tmp_path / "integrations.d" / "stripe.yaml").unlink()
     os.mkfifo(tmp_path / "integrations.d" / "stripe.yaml")
     assert_refused(cli("validate", str(path), timeout=20), "integrations.d/stripe.yaml", "named pipe (FIFO)")
+
+
+# --- 19.5 a spec's credential pattern runs in linear time ----------------------------------------------------
+
+def _spec_with_pattern(pattern: str) -> str:
+    return (ROOT / "integrations.d" / "stripe.yaml").read_text().replace('"^(sk|rk)_test_"', pattern)
+
+
+def test_a_catastrophic_credential_pattern_does_not_hang_validate(tmp_path):
+    """^(a+)+$ against 40 a and a '!' takes Python's re hours; RE2 answers at once: the key does not match."""
+    path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "key.txt"),
+                     spec=_spec_with_pattern('"^(a+)+$"'))
+    (tmp_path / "key.txt").write_text("a" * 40 + "!")
+    r = cli("validate", str(path), timeout=20)
+    assert_refused(r, "the sandbox takes test-mode keys")
+
+
+@pytest.mark.parametrize("pattern, why", [(r'"^(sk)_\\1"', "invalid escape sequence"),
+                                          (r'"^(?!rk_)sk_"', "invalid perl operator"),
+                                          ('"^(sk"', "missing )")])
+def test_a_credential_pattern_the_linear_engine_cannot_run_is_refused_when_the_spec_loads(tmp_path, pattern, why):
+    path = workspace(tmp_path, spec=_spec_with_pattern(pattern))
+    r = cli("validate", str(path))
+    assert_refused(r, "integrations.d/stripe.yaml:", "the credential pattern", why, "RE2",
+                   "environments.sandbox.credentials.api_key.pattern")
+    assert "re2.cc" not in r.stderr  # RE2's own log line stays out of the output
+
+
+def test_credential_patterns_still_tell_live_keys_from_test_keys(tmp_path):
+    path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "key.txt"))
+    (tmp_path / "key.txt").write_text("sk_live_" + "a" * 24)
+    assert_refused(cli("validate", str(path)), "the sandbox takes test-mode keys")
+    (tmp_path / "key.txt").write_text("sk_test_" + "a" * 24)
+    r = cli("validate", str(path))
+    assert r.returncode == 0, r.stderr
