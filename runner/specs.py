@@ -11,7 +11,7 @@ from typing import Any, Callable
 from runner import fastpath, functions, schemas
 from runner.errors import ConfigError, Problem
 from runner.templates import Template, TemplateError
-from runner.yamlfile import Document, load as load_yaml, schema_problems
+from runner.yamlfile import Document, dotted, load as load_yaml, schema_problems
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "integrations.d"
 
@@ -304,7 +304,8 @@ class _Compiler:
 
     def template(self, value: Any, path: tuple, allowed: set[str]) -> Template | None:
         try:
-            t = Template(str(value))
+            line, _ = self.doc.mark(path)
+            t = Template(str(value), where=f"{self.doc.file}:{line or 1}, {dotted(path)}")
         except TemplateError as exc:
             self.problems.append(self.doc.problem(path, str(exc), "fix the Jinja2 syntax: {{ name }} or {{ name | filter }}"))
             return None

@@ -244,3 +244,58 @@ def test_credential_patterns_still_tell_live_keys_from_test_keys(tmp_path):
     (tmp_path / "key.txt").write_text("sk_test_" + "a" * 24)
     r = cli("validate", str(path))
     assert r.returncode == 0, r.stderr
+
+
+# --- 19.3 templates are bounded in loops, sizes and output ---------------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}100",
+                     "range() of 100,000 numbers"),
+    "nested loops within range": ("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}100",
+                                  "more than 100,000 steps"),
+    "a huge repetition": ("{{ 'x' * 3000000000 }}", "longer than 1,000,000 characters"),
+    "doubling with +": ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+                        "{% endfor %}{{ ns.s | length }}", "longer than 1,000,000 characters"),
+    "doubling with ~": ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+                        "{% endfor %}{{ ns.s | length }}", "longer than 1,000,000 characters"),
+    "a huge padding": ("{{ '1' | center(3000000000) }}", "longer than 1,000,000 characters"),
+    "a huge format width": ("{{ '{:>3000000000}'.format(1) }}", "pads to more than 1,000,000 characters"),
+    "a loop writing gigabytes": ("{% for i in range(10000) %}{{ 'y' * 900000 }}{% endfor %}",
+                                 "more than 16,000,000 characters"),
+    "an exponential macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                             "{{ f(60) }}", "more than 100,000 steps"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_a_hostile_template_is_stopped_at_its_bound_naming_its_place(tmp_path, name):
+    source, bound = HOSTILE_TEMPLATES[name]
+    spec = (ROOT / "integrations.d" / "stripe.yaml").read_text().replace('      limit: "100"\n',
+                                                                          f'      limit: "{source}"\n', 1)
+    path = workspace(tmp_path, spec=spec)
+    r = cli("plan", str(path), timeout=60)
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out and "bug in the runner" not in out and "MemoryError" not in out, out[-3000:]
+    assert r.returncode in (1, 2), (r.returncode, out[-3000:])  # the connection failed, with its reason
+    assert "was stopped" in out and bound in out, out[-3000:]
+    assert "integrations.d/stripe.yaml:55, invoices.request.params.limit" in out, out[-3000:]
+    assert "fix:" in out
+
+
+def test_templates_within_the_bounds_render_as_before():
+    from datetime import datetime, timezone
+
+    from runner.templates import Template
+
+    t = Template("/v1/{{ window.start | unix }}-{{ 'a' ~ 'b' }}{% for i in range(3) %}{{ i }}{% if not loop.last %},"
+                 "{% endif %}{% endfor %}{{ '%05d' % 42 }}{{ ('x' * 3) + 'y' }}{{ [1, 2] | join(',') }}"
+                 "{{ '{:>4}'.format('a') }}{{ 'x' | center(5) }}{{ 2 ** 10 }}")
+    out = t.render({"window": {"start": datetime(2026, 1, 1, tzinfo=timezone.utc)}})
+    assert out == "/v1/1767225600-ab0,1,200042xxxy1,2   a  x  1024"
+
+
+def test_a_recursive_loop_is_refused_when_the_spec_loads():
+    from runner.templates import Template, TemplateError
+
+    with pytest.raises(TemplateError, match="recursive loop"):
+        Template("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}")
