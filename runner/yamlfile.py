@@ -150,14 +150,16 @@ class _Builder:
                 if key_node.tag not in _PLAIN:
                     raise _unreadable(doc, key_node, f"could not determine a constructor for the tag '{key_node.tag}'")
                 raise ConfigError(Problem("a mapping key must be a plain word", doc.file,
-                                          key_node.start_mark.line + 1, key_node.start_mark.column + 1))
+                                          key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                                          fix=_KEY_FIX))
             try:
                 key = self.ctor.construct_object(key_node, deep=True)
             except Exception as exc:  # a tagged key
                 raise _unreadable(doc, key_node, exc) from None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise ConfigError(Problem("a mapping key must be a plain word", doc.file,
-                                          key_node.start_mark.line + 1, key_node.start_mark.column + 1))
+                                          key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                                          fix=_KEY_FIX))
             if key in out:
                 raise ConfigError(Problem(f"key '{key}' appears twice in the same block", doc.file,
                                           key_node.start_mark.line + 1, key_node.start_mark.column + 1,
@@ -205,6 +207,7 @@ class _Builder:
             node.value = merge + node.value
 
 
+_KEY_FIX = "write the key as a plain word followed by ': ' (a list, a block or an alias cannot be a key)"
 _PLAIN = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
