@@ -94,8 +94,7 @@ class _Builder:
                 fix="write the repeated values out, or repeat only small blocks with aliases; a file that "
                     "expands this much is usually a mistake or an attack (\"billion laughs\")"))
         return ConfigError(Problem(f"the file holds more than {MAX_VALUES:,} values", self.doc.file, line, col,
-                                   fix="check that this is the right file; split a very long list of connections "
-                                       "over several config files"))
+                                   fix=_TOO_MANY_FIX))
 
     def build(self, node: yaml.Node, path: tuple, use, repeat: bool = False) -> Any:
         """`use`: the place that holds `node`, reported when a bound is hit there. Inside a block that an alias
@@ -216,8 +215,32 @@ def _unreadable(doc: Document, node: yaml.Node, why) -> ConfigError:
                                node.start_mark.column + 1, fix="write plain YAML values (no tags)"))
 
 
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.AliasEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
+
+
+def _count_values(text: str, file: str) -> None:
+    """Refuse a file of too many values before PyYAML composes them all (150 MB and seconds a megabyte):
+    its events stream past and are counted, holding nothing. Only a large file pays for the second pass."""
+    count = 0
+    try:
+        for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, _NODE_EVENTS):
+                count += 1
+                if count > MAX_VALUES:
+                    mark = event.start_mark
+                    raise ConfigError(Problem(f"the file holds more than {MAX_VALUES:,} values", file,
+                                              mark.line + 1, mark.column + 1, fix=_TOO_MANY_FIX))
+    except yaml.YAMLError:
+        return  # composing it again reports the error at its place
+
+
+_TOO_MANY_FIX = "check that this is the right file; split a very long list of connections over several config files"
+
+
 def loads(text: str, file: str = "<input>") -> Document:
     doc = Document(data=None, file=file)
+    if len(text) > 256 * 1024:
+        _count_values(text, file)
     try:
         node = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
