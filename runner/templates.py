@@ -331,9 +331,8 @@ class TemplateError(RunnerError):
 
 def _refuse_hostile(source: str, tree) -> None:
     """What the sandbox would refuse at render time, refused when the spec loads (so `validate` finds it):
-    private or dunder attributes (the classic sandbox escapes) and file access (include/import/extends)."""
-    from jinja2 import nodes
-
+    private or dunder attributes (the classic sandbox escapes), file access (include/import/extends) and
+    recursive loops."""
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Include, nodes.Import, nodes.FromImport,
                                nodes.Extends)):
         if isinstance(node, (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
@@ -351,8 +350,6 @@ def _refuse_unknown(source: str, tree) -> None:
     """A filter or test Jinja does not know fails when the template is compiled, which is deferred to its
     first use: say so when the spec loads, with the likely intended name."""
     import difflib
-
-    from jinja2 import nodes
 
     env = environment()
     for kind, known in ((nodes.Filter, env.filters), (nodes.Test, env.tests)):
@@ -384,8 +381,7 @@ class Template:
             raise TemplateError(f"template {source!r} does not compile: {exc.message} (line {exc.lineno})") from None
         _refuse_hostile(source, self._tree)
         _refuse_unknown(source, self._tree)
-        self._names = self.names()  # before the guards are added to the tree
-        _Guard().visit(self._tree)
+        _Guard().visit(self._tree)  # keeps every name the template reads (names() is the same after it)
 
     def render(self, context: dict) -> str:
         if self.constant:
