@@ -319,7 +319,7 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
             continue
         conn.credentials[name] = value
         rule = spec.environments[env].credentials.get(name)
-        if rule and not re.search(rule.pattern, value):
+        if rule and not rule.matches(value):
             conn.problems.append(doc.problem(p + ("credentials", name), rule.message,
                                              f"use the {env} credential here, or set `environment:` to match the key"))
     return conn

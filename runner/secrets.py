@@ -12,6 +12,7 @@ from pathlib import Path
 
 from runner import redact
 from runner.errors import Problem
+from runner.yamlfile import NotRegular, read_regular
 
 REF = re.compile(r"^\$\{(?:(env|file):)?([^}]+)\}$")
 
@@ -64,6 +65,11 @@ def looks_secret(value: object, path: tuple = ()) -> bool:
     return in_secret_field or random_looking
 
 
+# A key, a token or a service account's JSON is a few kilobytes at most.
+MAX_SECRET_BYTES = 64 * 1024
+_refused: dict[SecretRef, str] = {}  # why a secret file was refused, for missing_problem's message
+
+
 def resolve(ref: SecretRef, base_dir: Path, environ=os.environ) -> str | None:
     """Return the secret's value, or None when it is not set. Registers the value for redaction."""
     if ref.kind == "env":
@@ -72,11 +78,18 @@ def resolve(ref: SecretRef, base_dir: Path, environ=os.environ) -> str | None:
         value = environ.get(ref.name)
         value = value.strip() if value is not None else None
     else:
+        _refused.pop(ref, None)
         path = Path(ref.name).expanduser()
         if not path.is_absolute():
             path = base_dir / path
         try:
-            value = path.read_text(encoding="utf-8").strip()
+            value = read_regular(path, MAX_SECRET_BYTES).decode("utf-8").strip()
+        except NotRegular as exc:  # a pipe or a device would hang the run or fill the memory
+            _refused[ref] = str(exc)
+            value = None
+        except UnicodeDecodeError:
+            _refused[ref] = "it is not text (UTF-8)"
+            value = None
         except OSError:
             value = None
     if value:
@@ -107,6 +120,10 @@ def missing_problem(ref: SecretRef, doc, path: tuple) -> Problem:
         fix = (f"export {ref.name}=... in the shell or CI job that runs the runner "
                f"(or use ${{file:path/to/secret}} to read it from a file)")
         msg = f"the environment variable {ref.name} is not set (or is empty)"
+    elif ref in _refused:
+        fix = (f"point {ref.raw} at a regular file (relative to the config file) of at most "
+               f"{MAX_SECRET_BYTES // 1024} KB holding only the secret, mode 0600")
+        msg = f"the secret file {ref.name} cannot be used: {_refused[ref]}"
     else:
         fix = f"create the file {ref.name} (relative to the config file) holding only the secret, mode 0600"
         msg = f"the secret file {ref.name} does not exist, cannot be read, or is empty"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from runner import fastpath, functions, schemas
 from runner.errors import ConfigError, Problem
 from runner.templates import Template, TemplateError
-from runner.yamlfile import Document, load as load_yaml, schema_problems
+from runner.yamlfile import Document, dotted, load as load_yaml, schema_problems
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "integrations.d"
 
@@ -226,6 +226,25 @@ class LookupRequest:
 class CredentialRule:
     pattern: str
     message: str
+    regex: Any = field(default=None, repr=False, compare=False)  # compiled by user_pattern when the spec loads
+
+    def matches(self, value: str) -> bool:
+        return (self.regex or user_pattern(self.pattern)).search(value) is not None
+
+
+def user_pattern(source: str):
+    """A regular expression written in a spec, compiled by RE2: it runs in time linear in the text it reads,
+    where Python's backtracking `re` can take hours on a pattern like ^(a+)+$ (a spec comes from anyone's
+    pull request). Raises ValueError, in words, for what RE2 cannot run (back-references, look-arounds)."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would also print its complaint to stderr
+    try:
+        return re2.compile(source, options)
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else exc
+        raise ValueError(why.decode(errors="replace") if isinstance(why, bytes) else str(why)) from None
 
 
 @dataclass
@@ -292,7 +311,8 @@ class _Compiler:
 
     def template(self, value: Any, path: tuple, allowed: set[str]) -> Template | None:
         try:
-            t = Template(str(value))
+            line, _ = self.doc.mark(path)
+            t = Template(str(value), where=f"{self.doc.file}:{line or 1}, {dotted(path)}")
         except TemplateError as exc:
             self.problems.append(self.doc.problem(path, str(exc), "fix the Jinja2 syntax: {{ name }} or {{ name | filter }}"))
             return None
@@ -302,6 +322,18 @@ class _Compiler:
                 path, f"template {value!r} uses unknown name(s): {', '.join(sorted(unknown))}",
                 f"a template here may use: {', '.join(sorted(allowed))}"))
         return t
+
+    def credential(self, raw: dict, path: tuple) -> CredentialRule:
+        rule = CredentialRule(pattern=raw["pattern"], message=raw["message"])
+        try:
+            rule.regex = user_pattern(rule.pattern)
+        except ValueError as exc:
+            self.problems.append(self.doc.problem(
+                path + ("pattern",), f"the credential pattern {rule.pattern!r} cannot be used: {exc}",
+                "patterns are RE2 regular expressions, which always run in time proportional to the key's length: "
+                "no back-references (\\1) or look-arounds ((?=...), (?!...)); a prefix such as ^sk_live_ is "
+                "usually all a credential pattern needs"))
+        return rule
 
     def expression(self, value: Any, path: tuple) -> Expression | None:
         if value is None:
@@ -418,7 +450,7 @@ def parse(doc: Document) -> Spec:
         envs[name] = Environment(
             name=name, base_url=(c.template(env["base_url"], p + ("base_url",), {"connection", "options", "token"})
                                  if "base_url" in env else None),
-            credentials={k: CredentialRule(**v) for k, v in (env.get("credentials") or {}).items()},
+            credentials={k: c.credential(v, p + ("credentials", k)) for k, v in (env.get("credentials") or {}).items()},
             oauth2=env.get("oauth2") or {}, rate_limit=env.get("rate_limit"),
             description=env.get("description", ""), test_cases=bool(env.get("test_cases", False)),
             test=bool(env.get("test", False)))
