@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -31,6 +32,28 @@ class Delivery:
     case_id: str | None
     case_reference: str | None
     existing: bool = False  # the destination already had this case (replayed or found by reference)
+    replayed: bool = False  # Debitura answered with a case made before this request: an idempotent replay
+
+
+# Debitura replays an earlier answer to the same Idempotency-Key verbatim: a case created more than this long
+# before the request was made by an earlier request (another state store's run, or a run that crashed before
+# recording it). The margin covers the clocks of the runner's machine and Debitura's disagreeing.
+REPLAY_SLACK_S = 120.0
+
+
+def _replayed(data: dict, sent: float) -> bool:
+    from datetime import datetime
+
+    created = data.get("dateCreated")
+    if not isinstance(created, str):
+        return False
+    try:
+        moment = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if moment.tzinfo is None:
+        return False
+    return moment.timestamp() < sent - REPLAY_SLACK_S
 
 
 def ledger_id(cfg: DestinationConfig) -> str:
@@ -182,6 +205,7 @@ class DebituraDestination:
 
     async def deliver(self, invoice: dict, key: str) -> Delivery:
         body = case_body(invoice, self.cfg)
+        sent = time.time()
         try:
             resp = await self.http.request("POST", "/cases", content=dumps(body),
                                            headers={"Idempotency-Key": self._wire_key(key),
@@ -194,7 +218,8 @@ class DebituraDestination:
         data = _safe_json(resp.content)
         if resp.status == 200 or resp.status == 201:
             if isinstance(data, dict) and data.get("id"):
-                return Delivery(case_id=str(data["id"]), case_reference=data.get("reference"))
+                return Delivery(case_id=str(data["id"]), case_reference=data.get("reference"),
+                                replayed=_replayed(data, sent))
             # Accepted, but the answer does not say which case: find it rather than record a case "None".
             existing = await self.find(invoice["number"])
             if existing is not None and existing.get("id") and self._matches_mode(existing):

@@ -113,6 +113,10 @@ class ConnectionResult:
         return out
 
 
+def _own_pending(row) -> bool:
+    return row is not None and row.status == "pending"
+
+
 def _text(expr, view) -> str | None:
     """A spec expression's value as an account id or name (None when absent)."""
     if expr is None:
@@ -745,6 +749,10 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
         async with sem:
             try:
                 delivery = await destination.deliver(v.invoice, key)
+                if delivery.replayed and not _own_pending(ledger.get(v.invoice_id)):
+                    # Made by an earlier request that this ledger never sent (another state store's run): a
+                    # duplicate here. A pending row of ours is this ledger's own unfinished delivery: imported.
+                    delivery.existing = True
                 if not batch:
                     loop.call_soon(commit)
                 batch.append((source.account_key, v.invoice_id, delivery.case_id, delivery.case_reference,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner import fastpath, functions, schemas
+from runner.functions import user_pattern
 from runner.errors import ConfigError, Problem
 from runner.templates import Template, TemplateError
 from runner.yamlfile import Document, dotted, load as load_yaml, schema_problems
@@ -230,21 +231,6 @@ class CredentialRule:
 
     def matches(self, value: str) -> bool:
         return (self.regex or user_pattern(self.pattern)).search(value) is not None
-
-
-def user_pattern(source: str):
-    """A regular expression written in a spec, compiled by RE2: it runs in time linear in the text it reads,
-    where Python's backtracking `re` can take hours on a pattern like ^(a+)+$ (a spec comes from anyone's
-    pull request). Raises ValueError, in words, for what RE2 cannot run (back-references, look-arounds)."""
-    import re2
-
-    options = re2.Options()
-    options.log_errors = False  # RE2 would also print its complaint to stderr
-    try:
-        return re2.compile(source, options)
-    except re2.error as exc:
-        why = exc.args[0] if exc.args else exc
-        raise ValueError(why.decode(errors="replace") if isinstance(why, bytes) else str(why)) from None
 
 
 @dataclass

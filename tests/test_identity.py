@@ -203,3 +203,30 @@ def test_every_test_environment_of_the_built_in_specs_says_so():
     for spec_id, tests in expected.items():
         spec = yaml.safe_load((ROOT / "integrations.d" / f"{spec_id}.yaml").read_text())
         assert {n for n, e in spec["environments"].items() if e.get("test")} == tests, spec_id
+
+
+def test_a_case_replayed_for_another_state_store_is_a_duplicate_not_an_import(tmp_path, sandbox_env):
+    """A second state store (a CI job that lost its disk, another machine) sends the same invoices with the same
+    derived idempotency keys: Debitura replays the first answers verbatim. Those cases were made an hour ago by
+    another ledger's run, so this run reports them as cases Debitura already has, not as imports of its own."""
+    from datetime import datetime, timedelta, timezone
+
+    from conftest import SANDBOX_CONFIG, write_config
+
+    first = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false"))
+    before = _apply(first)["connections"][0]
+    assert before["imported"] > 5
+    # The first run was an hour ago: Debitura's stored answers say when their cases were made.
+    db = sqlite3.connect(next((tmp_path / "state" / "sandbox").glob("debitura-*.sqlite")))
+    hour_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with db:
+        for key, response in db.execute("SELECT idem_key, response FROM idempotency").fetchall():
+            body = json.loads(response)
+            body["dateCreated"] = body["created"] = hour_ago
+            db.execute("UPDATE idempotency SET response=? WHERE idem_key=?", (json.dumps(body), key))
+    db.close()
+    second = tmp_path / "other.yaml"
+    second.write_text(first.read_text().replace("state: state/state.db", "state: state/other.db"))
+    after = _apply(second)["connections"][0]
+    assert after["imported"] == 0
+    assert after["skipped"]["duplicate"] == before["imported"]
