@@ -278,7 +278,8 @@ def test_a_hostile_template_is_stopped_at_its_bound_naming_its_place(tmp_path, n
     assert "Traceback" not in out and "bug in the runner" not in out and "MemoryError" not in out, out[-3000:]
     assert r.returncode in (1, 2), (r.returncode, out[-3000:])  # the connection failed, with its reason
     assert "was stopped" in out and bound in out, out[-3000:]
-    assert "integrations.d/stripe.yaml:55, invoices.request.params.limit" in out, out[-3000:]
+    line = spec.splitlines().index(f'      limit: "{source}"') + 1
+    assert f"integrations.d/stripe.yaml:{line}, invoices.request.params.limit" in out, out[-3000:]
     assert "fix:" in out
 
 
