@@ -678,6 +678,9 @@ def _chain(nodes) -> str | None:
     return ".".join(parts) if parts else None
 
 
+_NORMAL = _visitor.TreeInterpreter(OPTIONS)  # an expression's value as the mapping itself computes it
+
+
 class _StrictInterpreter(_visitor.TreeInterpreter):
     """jmespath's interpreter with StrictFunctions, and a field read from a present value that is not an
     object (a customer given as a plain string) raising Unreadable instead of giving null."""
@@ -709,7 +712,7 @@ class _StrictInterpreter(_visitor.TreeInterpreter):
                 args.append(self.visit(child, value))
             except Unreadable as exc:
                 pending = pending or exc
-                args.append(None)
+                args.append(_NORMAL.visit(child, value))  # what the argument is when read as usual
         try:
             out = self._functions.call_function(node["value"], args)
         except Unreadable as exc:
@@ -730,7 +733,7 @@ class _StrictInterpreter(_visitor.TreeInterpreter):
         try:
             left, pending = self.visit(node["children"][0], value), None
         except Unreadable as exc:
-            left, pending = None, exc
+            left, pending = _NORMAL.visit(node["children"][0], value), exc
         if not self._is_false(left):
             return left
         right = self.visit(node["children"][1], value)

@@ -195,6 +195,15 @@ def test_a_secret_file_larger_than_any_key_is_refused(tmp_path):
     assert_refused(cli("validate", str(path)), "the secret file big.key cannot be used", "more than the 64 KB allowed")
 
 
+def test_a_secret_file_that_is_not_text_is_named_so_not_called_missing(tmp_path):
+    """Found by the fuzz test: bytes that are not UTF-8 in a secret file were 'a bug in the runner'."""
+    path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "key.bin"))
+    (tmp_path / "key.bin").write_bytes(b"sk_test_\xff\xfe\x00abc")
+    r = cli("validate", str(path))
+    assert_refused(r, "the secret file key.bin cannot be used: it is not text (UTF-8)")
+    assert "missing" not in r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
 def test_a_pipe_or_a_device_as_the_config_is_refused(tmp_path, target):
     if target == "fifo":
