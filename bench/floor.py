@@ -71,7 +71,7 @@ class Paths:
     """The worker path and the floor over the same pages, each into a store and file of its own per round."""
 
     def __init__(self, cfg_path: Path, pages: list[bytes], tmp: Path):
-        from runner import config
+        from runner.spec import config
 
         self.cfg = config.load(cfg_path)
         self.pages = pages
@@ -87,7 +87,9 @@ class Paths:
 
     def worker(self) -> float:
         """CPU seconds for every page of every connection through the worker's own function."""
-        from runner import destinations, state, workers
+        from runner.engine import destinations
+        from runner.state import sqlite as state
+        from runner.engine import workers
 
         d = self._fresh("worker")
         self.cfg.destination.path = d / "cases.jsonl"
@@ -113,7 +115,9 @@ class Paths:
         """CPU seconds for the least work per invoice (see the module's docstring); adds each stage's share."""
         import jsonschema_rs
 
-        from runner import destinations, schemas, state
+        from runner.engine import destinations
+        from runner.spec import schemas
+        from runner.state import sqlite as state
 
         d = self._fresh("floor")
         db = state.connect(str(d / "state.db"))

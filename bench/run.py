@@ -155,7 +155,7 @@ def last_run_counts(work: Path) -> dict:
         run_id = db.execute("SELECT max(id) FROM runs").fetchone()[0]
         rows = db.execute("SELECT verdict, coalesce(reason, ''), count(*) FROM verdicts WHERE run_id=? "
                           "GROUP BY 1, 2", (run_id,)).fetchall()
-        # An imported invoice's verdict is its delivered ledger row (runner/state.py: IMPORTED).
+        # An imported invoice's verdict is its delivered ledger row (runner/state/sqlite.py: IMPORTED).
         rows += db.execute("SELECT 'imported', '', count(*) FROM ledger WHERE run_id=? AND status='delivered'",
                            (run_id,)).fetchall()
     finally:

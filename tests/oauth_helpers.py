@@ -84,14 +84,14 @@ connections:
 
 
 def load(path: Path):
-    from runner import config
+    from runner.spec import config
 
     return config.load(path)
 
 
 def run_sync(path: Path, mode: str = "plan", names: list[str] | None = None):
-    from runner import pipeline
-    from runner.state import Store
+    from runner.engine import pipeline
+    from runner.state.sqlite import Store
 
     cfg = load(path)
     store = Store(cfg.state_path)

@@ -5,8 +5,10 @@ import asyncio
 import json
 from decimal import Decimal
 
-from runner import config, pipeline, sandbox
-from runner.state import Store
+from runner import sandbox
+from runner.spec import config
+from runner.engine import pipeline
+from runner.state.sqlite import Store
 
 from conftest import run_cli
 
@@ -230,7 +232,7 @@ def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_failed_not_left_r
     import pytest
 
     from conftest import SANDBOX_CONFIG, write_config
-    from runner import destinations
+    from runner.engine import destinations
 
     cfg_path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false"))
 

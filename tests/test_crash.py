@@ -231,8 +231,9 @@ def test_jsonl_sink_survives_a_torn_last_line(tmp_path, monkeypatch):
     nor lose or repeat the invoice whose line was torn."""
     import asyncio
 
-    from runner import config, pipeline
-    from runner.state import Store
+    from runner.spec import config
+    from runner.engine import pipeline
+    from runner.state.sqlite import Store
 
     monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
     cfg_path = tmp_path / "config.yaml"
@@ -301,7 +302,7 @@ def test_sigkill_jsonl_sink_writes_every_invoice_exactly_once(served, tmp_path, 
     SIGKILL `runner apply` at random points and while pages it wrote wait to be recorded, rerun, and every
     eligible invoice is in the file once and in the ledger as delivered. With `-o json --details` every
     verdict is kept for the output and the engine writes the pages; otherwise the classification workers
-    write and record them themselves (runner/workers.py)."""
+    write and record them themselves (runner/engine/workers.py)."""
     base, _ = served
     invoices = SYNTHETIC * 6
     _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": invoices})
@@ -385,8 +386,9 @@ def test_a_crashed_runs_lines_are_recorded_before_anything_is_written(tmp_path, 
     alone."""
     import asyncio
 
-    from runner import config, pipeline
-    from runner.state import Store
+    from runner.spec import config
+    from runner.engine import pipeline
+    from runner.state.sqlite import Store
 
     monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
     cfg_path = tmp_path / "config.yaml"

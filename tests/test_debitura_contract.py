@@ -9,8 +9,10 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 
-from runner import config, pipeline, sandbox
-from runner.state import Store
+from runner import sandbox
+from runner.spec import config
+from runner.engine import pipeline
+from runner.state.sqlite import Store
 
 OPENAPI = Path(__file__).resolve().parent / "fixtures" / "debitura" / "customer-api.openapi.json"
 REQUEST = "Debitura.Web.ExternalApi.Contracts.V1.Cases.Requests.CreateCollectionCaseRequestApiViewModel"
@@ -92,7 +94,7 @@ def test_every_case_request_matches_the_openapi_document(sandbox_config, monkeyp
 
 
 def test_idempotency_key_is_stable_across_runs():
-    from runner.destinations import idempotency_key
+    from runner.engine.destinations import idempotency_key
 
     assert idempotency_key("stripe:acme", "in_1") == idempotency_key("stripe:acme", "in_1")
     assert idempotency_key("stripe:acme", "in_1") != idempotency_key("stripe:other", "in_1")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from runner import sandbox
-from runner.state import Store
+from runner.state.sqlite import Store
 
 try:
     from conftest import DEBITURA_KEY, STRIPE_KEY, run_cli, write_config
@@ -191,7 +191,8 @@ def test_the_sample_config_sends_each_debtor_as_company_or_private_with_its_cont
     were sent as companies), no case had a contactPerson, and no Stripe-Version was sent. The documented rules
     (README, "Company or private person"), through the simulators' own data and a few customers edited the
     way a user would in the Stripe dashboard."""
-    from runner import config, pipeline
+    from runner.spec import config
+    from runner.engine import pipeline
 
     monkeypatch.chdir(tmp_path)
     cfg = config.load(_sample(tmp_path))
@@ -253,7 +254,7 @@ def test_a_zap_sends_the_contact_person_and_a_private_debtor_gets_none(tmp_path)
 
 def _debtor(spec_id: str, record: dict) -> dict:
     """The debtor the built-in spec maps from one record (its `let` values computed first, as in a sync)."""
-    from runner import specs
+    from runner.spec import loader as specs
 
     stream = specs.load_spec(spec_id).invoices
     return stream.mapping.apply(stream.prepare(record)).get("debtor", {})

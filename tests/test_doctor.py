@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import config as config_mod
+from runner.spec import config as config_mod
 from runner import sandbox
-from runner.cli import main
+from runner.cli.main import main
 from runner.sandbox import debitura as dsim
 from runner.sandbox import stripe as ssim
 
@@ -304,8 +304,8 @@ def test_doctor_over_real_sockets(tmp_path, monkeypatch):
 
 def test_doctor_api_is_read_only_and_generic(tmp_path, monkeypatch):
     """The library call: every check has a title, and the report's JSON carries no secret."""
-    from runner import diagnostics
-    from runner.state import Store
+    from runner.diagnostics import checks as diagnostics
+    from runner.state.sqlite import Store
 
     e = Env(tmp_path, monkeypatch, kinds={"open_incomplete_address", "open_old", "paid"})
     cfg = config_mod.load(e.path, strict=False)
@@ -484,7 +484,7 @@ def test_an_unknown_company_id_is_not_called_a_network_problem(tmp_path, monkeyp
 
 
 def test_an_unreachable_provider_is_called_unreachable():
-    from runner import diagnostics
+    from runner.diagnostics import checks as diagnostics
     from runner.errors import ProviderError, RunnerError
 
     down = ProviderError("QuickBooks Online could not be reached after 5 attempts: ConnectError: refused")
@@ -519,8 +519,9 @@ def test_zap_with_a_test_key_against_production(tmp_path, monkeypatch):
     """Seed, Zapier cause 2: the wrong environment. The call is refused, doctor names it, explain too."""
     from starlette.testclient import TestClient
 
-    from runner import apikeys, inbound
-    from runner.state import Store
+    from runner.inbound import apikeys
+    from runner.inbound import server as inbound
+    from runner.state.sqlite import Store
 
     path = tmp_path / "config.yaml"
     path.write_text(ZAP_CONFIG)

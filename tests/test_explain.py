@@ -6,7 +6,7 @@ import json
 from click.testing import CliRunner
 
 from runner import sandbox
-from runner.cli import main
+from runner.cli.main import main
 from runner.sandbox import stripe as ssim
 from tests.test_doctor import SECRETS, Env, assert_no_secret
 

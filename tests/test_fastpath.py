@@ -1,4 +1,4 @@
-"""runner/fastpath.py must give exactly jmespath's answers: property-tested with hypothesis.
+"""runner/spec/fastpath.py must give exactly jmespath's answers: property-tested with hypothesis.
 
 Expressions are generated from a small grammar over the node types the compiler handles (and some it
 leaves to jmespath), data from JSON-like values; each pair is evaluated by the compiled closure (through
@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from runner import fastpath, functions
-from runner.specs import Expression
+from runner.spec import fastpath
+from runner.spec import functions
+from runner.spec.loader import Expression
 
 KEYS = ["a", "b", "c", "id", "status", "created"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 2, allow_nan=False),
@@ -197,7 +198,7 @@ PATHS = [("external_id",), ("number",), ("debtor", "name"), ("debtor", "address"
                 min_size=1, max_size=6, unique_by=lambda f: f[0]), data)
 def test_generated_mapping_equals_field_by_field_jmespath(fields, record):
     """One generated function per mapping gives the same canonical invoice as jmespath field by field."""
-    from runner.specs import Mapping
+    from runner.spec.loader import Mapping
 
     try:
         mapping = Mapping(fields=[(path, Expression(source)) for path, source in fields])
@@ -207,7 +208,7 @@ def test_generated_mapping_equals_field_by_field_jmespath(fields, record):
 
 
 def test_the_stripe_mapping_is_one_generated_function():
-    from runner.specs import Mapping
+    from runner.spec.loader import Mapping
 
     fields = [(p, Expression(s)) for p, s in zip(PATHS, SPEC_EXPRESSIONS)]
     assert fastpath.mapping_function([(p, e.ast) for p, e in fields], functions.OPTIONS.custom_functions)
@@ -223,7 +224,7 @@ def test_the_stripe_mapping_is_one_generated_function():
 def test_a_field_read_by_several_expressions_is_read_once_and_never_changed_by_the_mapping():
     """Fields a mapping reads more than once (the customer, say) are read once per record. The value stored
     for one canonical field is stripped, but another expression reading the same field sees it as it is."""
-    from runner.specs import Mapping
+    from runner.spec.loader import Mapping
 
     fields = [(("number",), "name"), (("amount",), "length(name)"), (("debtor", "name"), "customer.name"),
               (("debtor", "id"), "coalesce(customer.id, customer)"),

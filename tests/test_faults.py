@@ -17,11 +17,13 @@ from collections import Counter
 import httpx
 import pytest
 
-from runner import config, http, pipeline
+from runner.spec import config
+from runner.net import http
+from runner.engine import pipeline
 from runner.sandbox.core import SandboxServer, Simulator, json_response
 from runner.sandbox.debitura import DebituraSimulator
 from runner.sandbox.stripe import StripeSimulator, build_dataset, today_anchor
-from runner.state import Store
+from runner.state.sqlite import Store
 
 try:
     from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY
@@ -474,7 +476,7 @@ def _per_second(rl: dict) -> float | None:
 
 @pytest.mark.parametrize("spec_id", sorted(FACTS))
 def test_declared_rate_limits_respect_the_documented_limits(spec_id):
-    from runner import specs
+    from runner.spec import loader as specs
 
     try:
         spec = specs.load_spec(spec_id)
@@ -496,7 +498,7 @@ def test_declared_rate_limits_respect_the_documented_limits(spec_id):
 
 
 def test_debitura_limits_cover_minute_hour_and_day():
-    from runner.destinations import DEBITURA_RATE
+    from runner.engine.destinations import DEBITURA_RATE
 
     assert DEBITURA_RATE["requests_per_minute"] <= 2000
     assert DEBITURA_RATE["requests_per_hour"] <= 20000 and DEBITURA_RATE["requests_per_day"] <= 100000
@@ -554,7 +556,7 @@ def test_a_lost_answer_after_the_case_was_created_is_replayed_not_duplicated(tmp
 
 def test_a_case_that_exists_under_the_same_key_or_reference_is_found_not_created_again(tmp_path, monkeypatch,
                                                                                        served):
-    from runner.destinations import idempotency_key
+    from runner.engine.destinations import idempotency_key
     from runner.sandbox.stripe import ACCOUNT_ID
 
     stripe, deb = HostileStripe(), TimedDebitura()

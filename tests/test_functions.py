@@ -6,8 +6,8 @@ import jmespath
 import pytest
 from jmespath import exceptions as jexc
 
-from runner import functions as fn
-from runner.functions import FUNCTION_DOCS, OPTIONS, RunnerFunctions, compile, search
+from runner.spec import functions as fn
+from runner.spec.functions import FUNCTION_DOCS, OPTIONS, RunnerFunctions, compile, search
 
 
 def ev(expression, data=None):

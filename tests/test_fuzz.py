@@ -22,11 +22,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner import config, pipeline, specs, validation
+from runner.spec import config
+from runner.engine import pipeline
+from runner.spec import loader as specs
+from runner.spec import validation
 from runner.errors import ConfigError
-from runner.http import Clients
-from runner.templates import Template, TemplateError
-from runner.yamlfile import load as load_yaml
+from runner.net.http import Clients
+from runner.spec.templates import Template, TemplateError
+from runner.spec.yamlfile import load as load_yaml
 
 try:
     from tests.conftest import ROOT, STRIPE_KEY
@@ -441,7 +444,7 @@ def test_hostile_templates_are_refused_when_the_spec_loads_with_a_location(sourc
 def test_a_template_refused_at_render_time_fails_the_connection_without_a_traceback(tmp_path, monkeypatch, capsys):
     import asyncio
 
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     spec_dir = tmp_path / "integrations.d"
     spec_dir.mkdir()

@@ -295,7 +295,7 @@ def test_a_hostile_template_is_stopped_at_its_bound_naming_its_place(tmp_path, n
 def test_templates_within_the_bounds_render_as_before():
     from datetime import datetime, timezone
 
-    from runner.templates import Template
+    from runner.spec.templates import Template
 
     t = Template("/v1/{{ window.start | unix }}-{{ 'a' ~ 'b' }}{% for i in range(3) %}{{ i }}{% if not loop.last %},"
                  "{% endif %}{% endfor %}{{ '%05d' % 42 }}{{ ('x' * 3) + 'y' }}{{ [1, 2] | join(',') }}"
@@ -305,7 +305,7 @@ def test_templates_within_the_bounds_render_as_before():
 
 
 def test_a_recursive_loop_is_refused_when_the_spec_loads():
-    from runner.templates import Template, TemplateError
+    from runner.spec.templates import Template, TemplateError
 
     with pytest.raises(TemplateError, match="recursive loop"):
         Template("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}")

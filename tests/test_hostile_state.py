@@ -274,7 +274,7 @@ def test_a_run_left_running_by_a_killed_apply_is_closed_by_the_next(tmp_path, st
 
 WORKER_GONE = r"""
 import pickle, select, socket, sys, multiprocessing
-from runner import workers
+from runner.engine import workers
 
 mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 worker = multiprocessing.get_context("fork").Process(target=workers._serve, args=(theirs, [mine]), daemon=True)

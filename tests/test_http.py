@@ -16,7 +16,7 @@ import pytest
 
 from runner import __version__
 from runner.errors import ProviderError
-from runner.http import BACKUP_CONNECT_S, CONNECTS_AT_ONCE, Clients, Connector, Http, Policy
+from runner.net.http import BACKUP_CONNECT_S, CONNECTS_AT_ONCE, Clients, Connector, Http, Policy
 
 
 @pytest.fixture
@@ -300,7 +300,7 @@ def test_requests_go_to_the_origin_httpx_would_address(base):
     import httpx
     from urllib.parse import urlsplit
 
-    from runner.http import _address
+    from runner.net.http import _address
 
     url = httpx.URL(base)
     assert _address(urlsplit(base)) == (url.raw_scheme, url.raw_host, url.port, url.netloc)
@@ -315,7 +315,7 @@ def test_a_run_against_the_network_does_not_import_httpx(server):
     base, _ = server
     code = (
         "import asyncio, sys\n"
-        "from runner.http import Clients, Http\n"
+        "from runner.net.http import Clients, Http\n"
         "async def go():\n"
         "    clients = Clients()\n"
         f"    r = await Http(clients, {base!r}).request('GET', '/v1/invoices')\n"

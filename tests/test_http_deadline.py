@@ -93,7 +93,7 @@ def test_deadline_s_is_checked_when_the_spec_loads(tmp_path):
 
 def test_the_default_deadline_bounds_a_request_at_the_default_policy():
     """At the defaults (5 attempts of 30 s) a request ends within 120 s, not 12.5 min."""
-    from runner.http import DEADLINE_S, Policy
+    from runner.net.http import DEADLINE_S, Policy
 
     assert Policy().deadline_s == DEADLINE_S == 120.0
     assert Policy.from_spec({"deadline_s": 7}).deadline_s == 7

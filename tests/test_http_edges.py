@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from runner.errors import UnsafeRequest
-from runner.http import Clients, Http, Limiter, Policy
+from runner.net.http import Clients, Http, Limiter, Policy
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_a_retry_after_date_without_a_zone_is_utc(monkeypatch):
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
     try:
-        from runner.http import Response
+        from runner.net.http import Response
 
         in_30s = email.utils.formatdate(time.time() + 30, usegmt=False).rsplit(" ", 1)[0] + " -0000"
         http = Http(Clients(), "http://127.0.0.1:9")

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from runner.http import Clients, Http
+from runner.net.http import Clients, Http
 
 
 def _serve(handler):

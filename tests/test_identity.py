@@ -126,10 +126,10 @@ connections:
 
 def test_an_inbound_ledger_keyed_by_connection_name_keeps_its_invoices(tmp_path):
     """Zapier's ledger account was '<connection>:<environment>'; it becomes '<account_id>:<environment>'."""
-    from runner import config as config_mod
-    from runner.pipeline import Source
-    from runner.http import Clients
-    from runner.state import Store
+    from runner.spec import config as config_mod
+    from runner.engine.pipeline import Source
+    from runner.net.http import Clients
+    from runner.state.sqlite import Store
     import asyncio
 
     cfg_path = tmp_path / "config.yaml"

@@ -12,8 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runner import apikeys, config, inbound, sandbox
-from runner.state import Store
+from runner import sandbox
+from runner.inbound import apikeys
+from runner.spec import config
+from runner.inbound import server as inbound
+from runner.state.sqlite import Store
 
 try:
     from conftest import DEBITURA_KEY, ROOT, run_cli

@@ -58,7 +58,7 @@ def srv(tmp_path):
 
 
 def verdict_rows(cfg: Path) -> int:
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     store = Store(cfg.parent / "state" / "state.db")
     try:
@@ -165,8 +165,8 @@ def test_a_corrected_invoice_sent_with_the_same_idempotency_key_is_imported(srv)
 
 
 def test_a_skip_kept_under_a_key_by_an_earlier_version_does_not_block_the_correction(srv):
-    from runner import inbound
-    from runner.state import Store
+    from runner.inbound import server as inbound
+    from runner.state.sqlite import Store
 
     skipped = {"ok": True, "received": 1, "imported": 0, "invoices": [
         {"invoice_id": "INV-8", "verdict": "skipped", "reason": "incomplete_address", "message": "missing city"}]}

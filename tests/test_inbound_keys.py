@@ -5,10 +5,12 @@ import json
 
 import pytest
 
-from runner import apikeys, config, specs
+from runner.inbound import apikeys
+from runner.spec import config
+from runner.spec import loader as specs
 from runner.errors import ConfigError
-from runner.state import Store
-from runner.yamlfile import loads as load_text
+from runner.state.sqlite import Store
+from runner.spec.yamlfile import loads as load_text
 
 try:
     from conftest import DEBITURA_KEY, STRIPE_KEY, run_cli
@@ -131,8 +133,9 @@ def test_doctor_runs_the_inbound_checks_for_an_inbound_connection(tmp_path):
 def test_empty_batch_is_refused_as_empty_not_as_a_bad_invoice(tmp_path, monkeypatch):
     from starlette.testclient import TestClient
 
-    from runner import apikeys, inbound
-    from runner.state import Store
+    from runner.inbound import apikeys
+    from runner.inbound import server as inbound
+    from runner.state.sqlite import Store
 
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG)
@@ -172,7 +175,8 @@ def test_a_failure_while_importing_finishes_the_run_and_answers_json(tmp_path, m
     is JSON (never Starlette's plain-text traceback page), and the secret in the error text is redacted."""
     from starlette.testclient import TestClient
 
-    from runner import inbound, pipeline
+    from runner.inbound import server as inbound
+    from runner.engine import pipeline
     from runner.errors import RunnerError
     from runner.sandbox import debitura as dsim
 

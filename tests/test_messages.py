@@ -17,7 +17,7 @@ def sb():
 
 
 def _connection_row(cfg, name):
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     store = Store(load(cfg).state_path)
     try:

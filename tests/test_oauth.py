@@ -23,7 +23,7 @@ def sb():
 
 
 def _store(path):
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     return Store(load(path).state_path)
 
@@ -71,8 +71,8 @@ def test_connect_cli_end_to_end(sb, tmp_path):
 
 def test_connect_refuses_forged_state(sb, tmp_path):
     from runner.errors import AuthError
-    from runner.oauth_cli import connect_flow
-    from runner.state import Store
+    from runner.cli.connect import connect_flow
+    from runner.state.sqlite import Store
 
     cfg = load(write_config(tmp_path, qbo_connection(sb, bootstrap=False)))
     store = Store(cfg.state_path)
@@ -184,9 +184,9 @@ def test_revoked_grant_needs_reconnect_and_other_connections_go_on(sb, tmp_path)
 def test_two_runs_never_refresh_at_the_same_time(sb, tmp_path):
     """Two sessions on two store handles refresh one connection at once: the lock lets one refresh; the other
     re-reads the token after the lock and uses it (with rotation, a second refresh would have failed)."""
-    from runner import oauth
-    from runner.http import Clients
-    from runner.state import Store
+    from runner.net import oauth
+    from runner.net.http import Clients
+    from runner.state.sqlite import Store
 
     cfg = load(write_config(tmp_path, qbo_connection(sb)))
     conn = cfg.connection("acme-qbo")
@@ -212,8 +212,8 @@ def test_two_runs_never_refresh_at_the_same_time(sb, tmp_path):
 def _connect(cfg_path, name, user, *, force=False, port=0):
     import threading
 
-    from runner.oauth_cli import connect_flow
-    from runner.state import Store
+    from runner.cli.connect import connect_flow
+    from runner.state.sqlite import Store
 
     cfg = load(cfg_path)
     store = Store(cfg.state_path)
@@ -291,9 +291,9 @@ def test_a_port_in_use_is_a_runner_error_with_a_fix(sb, tmp_path):
 def test_a_straggler_401_does_not_refresh_again(sb, tmp_path):
     """Request 1 and 2 are sent with token A; 2's 401 renews it to B; 1's 401 arrives later: it was sent with
     A, which is no longer current, so it is retried with B without a second refresh."""
-    from runner import oauth
-    from runner.http import Clients
-    from runner.state import Store
+    from runner.net import oauth
+    from runner.net.http import Clients
+    from runner.state.sqlite import Store
 
     cfg = load(write_config(tmp_path, qbo_connection(sb)))
     conn = cfg.connection("acme-qbo")
@@ -325,9 +325,9 @@ def test_a_straggler_401_does_not_refresh_again(sb, tmp_path):
 
 
 def test_a_new_bootstrap_refresh_token_lifts_needs_reconnect(sb, tmp_path):
-    from runner import oauth
-    from runner.http import Clients
-    from runner.state import Store
+    from runner.net import oauth
+    from runner.net.http import Clients
+    from runner.state.sqlite import Store
 
     cfg_path = write_config(tmp_path, qbo_connection(sb))
     assert by_name(run_sync(cfg_path, mode="apply"), "acme-qbo").status == "ok"

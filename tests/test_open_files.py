@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from runner import cli
+from runner.cli import main as cli
 
 resource = pytest.importorskip("resource")
 
@@ -19,7 +19,7 @@ def test_a_run_raises_its_soft_limit_of_open_files_to_the_hard_one():
     if hard != resource.RLIM_INFINITY and hard < 128:
         pytest.skip("the hard limit of open files is too low to lower the soft one under it")
     code = ("import resource\n"
-            "from runner.cli import more_files\n"
+            "from runner.cli.main import more_files\n"
             "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
             "more_files()\n"
             "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"

@@ -8,9 +8,10 @@ from datetime import date, timedelta
 import httpx
 import pytest
 
-from runner import config, pipeline
+from runner.spec import config
+from runner.engine import pipeline
 from runner.sandbox.core import SandboxServer
-from runner.state import Store
+from runner.state.sqlite import Store
 
 N = 23
 SIZE = 5
@@ -169,7 +170,8 @@ connections:
 from hypothesis import given, settings, strategies as st  # noqa: E402
 import orjson  # noqa: E402
 
-from runner import pagination, specs  # noqa: E402
+from runner.spec import loader as specs  # noqa: E402
+from runner.engine import pagination
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-10, 10) | st.text(max_size=3),
                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),

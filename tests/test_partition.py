@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from runner import config, pipeline, sandbox, workers
+from runner import sandbox
+from runner.spec import config
+from runner.engine import pipeline
+from runner.engine import workers
 from runner.errors import ProviderError
-from runner.http import Clients, reset_limiters
-from runner.state import Store
+from runner.net.http import Clients, reset_limiters
+from runner.state.sqlite import Store
 
 from conftest import page_size, stripe_workspace
 

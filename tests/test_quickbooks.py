@@ -21,8 +21,8 @@ def _verdicts(res):
 
 
 def test_invoices_verdicts_and_company(sb, tmp_path):
-    from runner import pipeline
-    from runner.state import Store
+    from runner.engine import pipeline
+    from runner.state.sqlite import Store
     from oauth_helpers import load
     import asyncio
 
@@ -110,8 +110,9 @@ def test_pin_is_checked_against_the_company_not_a_configured_ledger_name(sb, tmp
 
 
 def test_connections_to_the_same_company_share_its_rate_limit(sb, tmp_path):
-    from runner import config as config_mod, pipeline
-    from runner.http import Clients, reset_limiters
+    from runner.spec import config as config_mod
+    from runner.engine import pipeline
+    from runner.net.http import Clients, reset_limiters
 
     reset_limiters()
     path = write_config(tmp_path, qbo_connection(sb, "books-1"), qbo_connection(sb, "books-2"),

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from runner import config, pipeline, report
-from runner.http import reset_limiters
-from runner.state import Store
+from runner.spec import config
+from runner.engine import pipeline
+from runner.cli import report
+from runner.net.http import reset_limiters
+from runner.state.sqlite import Store
 
 from conftest import page_size, stripe_workspace
 

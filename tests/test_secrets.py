@@ -97,7 +97,7 @@ def _store_token(workdir: Path) -> None:
     """A stored OAuth token, as `runner connect` leaves it, with RUNNER_SECRET_KEY set."""
     os.environ["RUNNER_SECRET_KEY"] = PASSPHRASE
     try:
-        from runner.state import Store
+        from runner.state.sqlite import Store
 
         store = Store(workdir / "state" / "state.db")
         store.save_token("acme-stripe", {"access_token": ACCESS_TOKEN, "refresh_token": REFRESH_TOKEN,
@@ -223,7 +223,7 @@ def test_state_files_are_0600_and_tokens_are_encrypted_at_rest(workdir):
     db.close()
     assert blob.startswith("enc:v1:")
     # Decrypts with the passphrase; refuses clearly without it or with a wrong one.
-    from runner import crypto
+    from runner.state import crypto
     from runner.errors import RunnerError
 
     os.environ["RUNNER_SECRET_KEY"] = PASSPHRASE
@@ -240,7 +240,7 @@ def test_state_files_are_0600_and_tokens_are_encrypted_at_rest(workdir):
 
 
 def test_a_new_state_file_is_created_0600_even_with_a_permissive_umask(tmp_path):
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     old = os.umask(0o000)
     try:

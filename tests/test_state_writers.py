@@ -1,11 +1,11 @@
-"""Writers of one state store take turns on a lock that wakes the next one at once (runner/state.py)."""
+"""Writers of one state store take turns on a lock that wakes the next one at once (runner/state/sqlite.py)."""
 from __future__ import annotations
 
 import fcntl
 import os
 import threading
 
-from runner import state
+from runner.state import sqlite as state
 
 
 def _held(path: str) -> bool:

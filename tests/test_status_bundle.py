@@ -4,11 +4,12 @@ from __future__ import annotations
 import asyncio
 import json
 
-from runner import config as config_mod
-from runner import pipeline, sandbox
+from runner.spec import config as config_mod
+from runner import sandbox
+from runner.engine import pipeline
 from runner.sandbox import debitura as dsim
 from runner.sandbox import stripe as ssim
-from runner.state import Store
+from runner.state.sqlite import Store
 from tests.test_doctor import Env, assert_no_secret
 
 
@@ -200,7 +201,7 @@ def test_status_reads_the_run_history_once_for_every_connection(tmp_path):
     makes, leaves the others on their earlier run), and status and the support bundle read the recent runs
     once for all connections: read again for each, 500 connections took 51 s (every run's summary holds every
     connection's part)."""
-    from runner import diagnostics
+    from runner.diagnostics import checks as diagnostics
 
     from conftest import stripe_workspace
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import config, pipeline
-from runner.http import Clients
+from runner.spec import config
+from runner.engine import pipeline
+from runner.net.http import Clients
 
 REF = Path(__file__).resolve().parent / "fixtures" / "stripe"  # copies of shared/reference/stripe (see README)
 

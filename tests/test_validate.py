@@ -158,7 +158,7 @@ def test_fast_schema_check_agrees_with_jsonschema(name):
     what jsonschema says, for the shipped documents and for broken ones."""
     import yaml
 
-    from runner import schemas
+    from runner.spec import schemas
 
     if name == "config":
         docs = [yaml.safe_load((ROOT / "sample-config.yaml").read_text()), yaml.safe_load(GOOD)]
@@ -176,7 +176,7 @@ def test_fast_schema_check_agrees_with_jsonschema(name):
                                   "? !!python/tuple [1]\n: 2\n", "a: !custom [1, 2]\n", "a: !!omap [{x: 1}]\n"])
 def test_a_tag_on_a_block_or_a_key_is_a_config_error_with_its_place(text):
     """Found by the fuzz test: a tag on a mapping escaped as a raw yaml exception (a traceback)."""
-    from runner import yamlfile
+    from runner.spec import yamlfile
     from runner.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -187,7 +187,7 @@ def test_a_tag_on_a_block_or_a_key_is_a_config_error_with_its_place(text):
 def test_an_unknown_template_filter_in_a_spec_is_reported_at_load_with_the_likely_name(tmp_path):
     """Found by the fuzz test: templates compile on first use, so a mistyped filter escaped as a raw Jinja
     exception instead of a spec problem."""
-    from runner import specs
+    from runner.spec import loader as specs
     from runner.errors import ConfigError
 
     text = (ROOT / "integrations.d" / "stripe.yaml").read_text().replace("invoice_id | urlencode", "invoice_id | rlencode")

@@ -6,7 +6,8 @@ from decimal import Decimal
 
 from hypothesis import given, settings, strategies as st
 
-from runner import schemas, validation
+from runner.spec import schemas
+from runner.spec import validation
 
 VALID = {"external_id": "in_1", "number": "A-1", "issue_date": "2026-01-01", "due_date": "2026-01-31",
          "currency": "USD", "amount": Decimal("12.50"),

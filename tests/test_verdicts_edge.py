@@ -7,9 +7,11 @@ from datetime import date, timedelta
 
 import httpx
 
-from runner import config, pipeline, sandbox
+from runner import sandbox
+from runner.spec import config
+from runner.engine import pipeline
 from runner.sandbox.core import SandboxServer
-from runner.state import Store
+from runner.state.sqlite import Store
 
 
 def _apply(path):
@@ -232,7 +234,7 @@ def test_a_store_whose_crashed_run_left_a_mark_from_before_recorded_lengths_is_r
     db.close()
     store = Store(path, "jsonl:/x/cases.jsonl")
     try:
-        from runner import state
+        from runner.state import sqlite as state
 
         assert "recorded" in {r[1] for r in store.db.execute("PRAGMA table_info(sink_marks)")}
         assert state.sink_recorded(store.db, "jsonl:/x/cases.jsonl") == (1234, 7)

@@ -1,4 +1,4 @@
-"""Large syncs classify pages in a forked worker process (runner/workers.py) and skip invoices already
+"""Large syncs classify pages in a forked worker process (runner/engine/workers.py) and skip invoices already
 imported before mapping them. Both are only speed: the verdicts, the ledger and the delivered cases must be
 exactly those of a single-process run, and a dying worker must not cost an invoice.
 
@@ -14,9 +14,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from runner import classify, config, pagination, pipeline, state, workers
-from runner.http import reset_limiters
-from runner.state import Store
+from runner.engine import classify
+from runner.spec import config
+from runner.engine import pagination
+from runner.engine import pipeline
+from runner.state import sqlite as state
+from runner.engine import workers
+from runner.net.http import reset_limiters
+from runner.state.sqlite import Store
 
 from conftest import page_size, stripe_workspace
 
@@ -252,8 +257,8 @@ def test_a_worker_ends_a_line_another_left_torn_before_it_writes(tmp_path):
     """Workers append pages to one file, each through its own handle, under the file's lock. A worker killed
     mid-write leaves half a line; the next one to take the lock ends it first, so its own first line is
     whole (and the torn one is left for the recovery to skip)."""
-    from runner.config import Destination
-    from runner.destinations import JsonlDestination
+    from runner.spec.config import Destination
+    from runner.engine.destinations import JsonlDestination
 
     sink = JsonlDestination(Destination(type="jsonl", path=tmp_path / "out.jsonl"))
     first, second = sink.copy(), sink.copy()

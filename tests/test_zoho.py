@@ -18,8 +18,8 @@ def sb():
 
 
 def _connect(cfg_path, name, user, *, force=False):
-    from runner.oauth_cli import connect_flow
-    from runner.state import Store
+    from runner.cli.connect import connect_flow
+    from runner.state.sqlite import Store
 
     cfg = load(cfg_path)
     store = Store(cfg.state_path)
@@ -46,7 +46,7 @@ def test_eu_account_connect_then_every_call_goes_to_the_eu(sb, tmp_path):
     assert "2 accounts" in err.message and "20001 (Ulla's Nordic Trading ApS)" in err.message
     assert "20002 (Ulla Holding GmbH)" in err.message
     assert 'options: {organization_id: "20001"}' in err.fix and 'options: {organization_id: "20002"}' in err.fix
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     store = Store(load(cfg).state_path)
     data = store.connection("acme-zoho")["data"]
@@ -76,8 +76,8 @@ def test_pinned_organization_the_token_cannot_see(sb, tmp_path):
 
 
 def test_unpaid_pages_and_contacts_fetched_once(sb, tmp_path):
-    from runner import pipeline
-    from runner.state import Store
+    from runner.engine import pipeline
+    from runner.state.sqlite import Store
 
     cfg = load(write_config(tmp_path, zoho_connection(sb, options='organization_id: "60001"')))
     store = Store(cfg.state_path)
@@ -130,7 +130,7 @@ def test_a_self_client_token_from_another_data_centre_is_named_as_such(sb, tmp_p
     server it asked and how to name the right one, and does not block the next run."""
     from oauth_helpers import ROOT, SECRETS
     from runner.sandbox import zoho as zs
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     spec = (ROOT / "integrations.d" / "zoho_books.yaml").read_text()
     d = tmp_path / "specs"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from runner.cli import (EXIT_FAILED, EXIT_INVALID, EXIT_OK, connection_option, load_config, open_store, output_option,
+from runner.cli.main import (EXIT_FAILED, EXIT_INVALID, EXIT_OK, connection_option, load_config, open_store, output_option,
                         run, select, setup_logging, verbose_option)
 from runner.redact import redact, redact_obj
 
@@ -58,7 +58,7 @@ def doctor(config_file, connections, max_records, output, verbose):
     Exit 0 when no check failed, 1 otherwise. Only reads: it never creates a case.
     """
     setup_logging(verbose)
-    from runner import diagnostics
+    from runner.diagnostics import checks as diagnostics
 
     cfg = load_config(config_file, strict=False)
     store = open_store(cfg)
@@ -121,7 +121,7 @@ def explain(args, config_opt, connections, output, verbose):
     the provider (paid ones too), runs it through every stage and shows its ledger history.
     """
     setup_logging(verbose)
-    from runner import diagnostics
+    from runner.diagnostics import checks as diagnostics
 
     if len(args) > 2:
         raise click.UsageError("give at most CONFIG and INVOICE")
@@ -150,7 +150,7 @@ def explain(args, config_opt, connections, output, verbose):
 @output_option
 def status(config_file, output):
     """Per connection: the last successful sync, the last error, the last run's verdict counts and the account."""
-    from runner import diagnostics
+    from runner.diagnostics import checks as diagnostics
 
     cfg = load_config(config_file, strict=False)
     store = open_store(cfg)
@@ -197,7 +197,7 @@ def support_bundle(config_file, out_path, offline, connections):
     """
     import time as _time
 
-    from runner import diagnostics
+    from runner.diagnostics import checks as diagnostics
 
     cfg = load_config(config_file, strict=False)
     store = open_store(cfg)
@@ -209,7 +209,7 @@ def support_bundle(config_file, out_path, offline, connections):
     path = Path(out_path) if out_path else cfg.base_dir / f"runner-support-{_time.strftime('%Y%m%d-%H%M%S')}.json"
     text = redact(json.dumps(bundle, indent=2, default=str, ensure_ascii=False))
     try:
-        from runner.state import write_private
+        from runner.state.sqlite import write_private
 
         write_private(path, text + "\n")  # 0600, as the state store: it describes the same accounts
     except OSError as exc:

@@ -22,13 +22,13 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED = 0, 1, 2, 3
 
 # Commands that live in their own modules, imported only when used (start-up time matters for validate).
 LAZY = {
-    "doctor": "runner.diagnostics_cli:doctor",
-    "explain": "runner.diagnostics_cli:explain",
-    "status": "runner.diagnostics_cli:status",
-    "support-bundle": "runner.diagnostics_cli:support_bundle",
-    "connect": "runner.oauth_cli:connect",
-    "serve": "runner.inbound_cli:serve",
-    "keys": "runner.inbound_cli:keys",
+    "doctor": "runner.cli.diagnostics:doctor",
+    "explain": "runner.cli.diagnostics:explain",
+    "status": "runner.cli.diagnostics:status",
+    "support-bundle": "runner.cli.diagnostics:support_bundle",
+    "connect": "runner.cli.connect:connect",
+    "serve": "runner.cli.inbound:serve",
+    "keys": "runner.cli.inbound:keys",
 }
 
 
@@ -122,7 +122,7 @@ def fail(exc) -> None:
 
 
 def load_config(path: str, *, strict: bool = True):
-    from runner import config
+    from runner.spec import config
     from runner.errors import ConfigError
 
     try:
@@ -191,9 +191,9 @@ def select(cfg, names: tuple[str, ...]):
 
 
 def open_store(cfg, *, lock: bool = False):
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
-    from runner.destinations import ledger_id
+    from runner.engine.destinations import ledger_id
 
     store = Store(cfg.state_path, destination=ledger_id(cfg.destination))
     if lock and not store.lock():
@@ -225,7 +225,7 @@ def validate(config_file, output):
     """Check CONFIG and every integration spec it uses (exit 2 when invalid). Sends no request."""
     cfg = load_config(config_file)
     if output == "json":
-        from runner.report import print_json
+        from runner.cli.report import print_json
 
         print_json({"ok": True, "config": str(cfg.file), "connections": [
             {"name": c.name, "integration": c.integration, "environment": c.environment, "window": c.window.as_dict()}
@@ -242,7 +242,8 @@ def validate(config_file, output):
 def _sync(config_file, mode, details, output, verbose, connections):
     setup_logging(verbose)
     more_files()
-    from runner import pipeline, report
+    from runner.engine import pipeline
+    from runner.cli import report
 
     cfg = load_config(config_file)
     store = open_store(cfg, lock=(mode == "apply"))
@@ -313,7 +314,7 @@ def integrations(integration, extra_dir, output):
     """List the integrations, or show one spec."""
     from pathlib import Path
 
-    from runner import specs
+    from runner.spec import loader as specs
     from runner.errors import ConfigError
 
     found = specs.available(Path(extra_dir) if extra_dir else Path("integrations.d").resolve())
@@ -327,7 +328,7 @@ def integrations(integration, extra_dir, output):
             except ConfigError as exc:
                 rows.append({"id": sid, "file": str(path), "error": exc.render()})
         if output == "json":
-            from runner.report import print_json
+            from runner.cli.report import print_json
 
             print_json(rows)
             return
@@ -345,7 +346,7 @@ def integrations(integration, extra_dir, output):
     except ConfigError as exc:
         fail(exc)
     if output == "json":
-        from runner.report import print_json
+        from runner.cli.report import print_json
 
         print_json(s.raw)
         return

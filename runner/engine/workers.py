@@ -1,6 +1,6 @@
 """Classification (and, for a local sink, delivery) in worker processes, so a large sync uses every core.
 
-Mapping and checking invoices (runner/classify.py) is pure CPU and most of a large sync; fetching pages is
+Mapping and checking invoices (runner/engine/classify.py) is pure CPU and most of a large sync; fetching pages is
 the rest. With workers, the engine hands each page of a connection that has more than one to a forked
 process (the provider's answer as it came, when the records are all of it), to the one with the fewest
 pages still to answer, and goes on fetching while the page is classified. Each worker looks the page's
@@ -45,11 +45,11 @@ from typing import Any, Callable
 import orjson
 from loguru import logger
 
-from runner import state
-from runner.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
+from runner.state import sqlite as state
+from runner.engine.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
                              to_deliver, verdict_rows)
-from runner.config import Connection
-from runner.destinations import idempotency_key, idempotency_keys
+from runner.spec.config import Connection
+from runner.engine.destinations import idempotency_key, idempotency_keys
 
 # Set in the engine's process before the worker forks; the worker reads its connections from here.
 _CONNECTIONS: dict[str, Connection] = {}

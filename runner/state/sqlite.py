@@ -4,7 +4,7 @@ Writes that later steps depend on are committed before those steps run: an invoi
 `pending` with its idempotency key before the destination is called, and as `delivered` after, so a crash
 at any point followed by a rerun delivers every invoice exactly once. A local file needs no row per invoice
 before it is written: a run marks the file's length once (`sink_marks`) before its first write, and a run
-that finds such a mark left by a crash first records what the file holds past it (runner/pipeline.py).
+that finds such a mark left by a crash first records what the file holds past it (runner/engine/pipeline.py).
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ IMPORTED = "status='delivered' AND run_id IS NOT NULL"  # the ledger rows that a
 
 def imported_detail(case_id: str | None, case_reference: str | None) -> dict:
     """The detail (message, case) of an imported verdict, as classify.delivered gives it."""
-    from runner.classify import imported_message
+    from runner.engine.classify import imported_message
 
     return {"message": imported_message(case_id, case_reference), "case_id": case_id, "case_reference": case_reference}
 
@@ -334,7 +334,7 @@ class Store:
                 except OSError:
                     pass
         # One connection, used by the engine's thread and, during a sync, by its ledger writer thread
-        # (runner/pipeline.py): every transaction holds self._lock. Ledger lookups have their own connection.
+        # (runner/engine/pipeline.py): every transaction holds self._lock. Ledger lookups have their own connection.
         self.db = connect(str(self.path))
         self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -360,7 +360,7 @@ class Store:
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
-        """No transaction runs meanwhile, in any thread (for a fork: see runner/workers.py). Lookups through
+        """No transaction runs meanwhile, in any thread (for a fork: see runner/engine/workers.py). Lookups through
         the reader connection are made only by the engine's own thread, the one that forks."""
         with self._lock:
             yield
@@ -382,7 +382,7 @@ class Store:
                                                                  + FIX_PATH[0].lower() + FIX_PATH[1:]) from None
         try:
             # A POSIX lock, not flock(): it is not inherited by a forked classification worker, so a run
-            # killed mid-way never leaves its lock held by a child (runner/workers.py).
+            # killed mid-way never leaves its lock held by a child (runner/engine/workers.py).
             fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
@@ -484,7 +484,7 @@ class Store:
         return lookup(db, self.destination, account_key, ids)
 
     def reader_target(self) -> tuple[str, str] | None:
-        """(path, destination) for another process's ledger lookups (runner/workers.py); None in memory."""
+        """(path, destination) for another process's ledger lookups (runner/engine/workers.py); None in memory."""
         return None if str(self.path) == ":memory:" else (str(self.path), self.destination)
 
     def ledger_find(self, connection: str | None, key: str) -> list[LedgerRow]:
@@ -680,13 +680,13 @@ class Store:
             r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
         if r is None:
             return None
-        from runner import crypto
+        from runner.state import crypto
 
         return json.loads(crypto.decrypt(r[0]))
 
     def save_token(self, connection: str, token: dict) -> None:
         """Committed (durably) before the caller uses the token: a rotated refresh token is never lost."""
-        from runner import crypto
+        from runner.state import crypto
 
         blob = crypto.encrypt(json.dumps(token))
         with self.tx():

@@ -34,14 +34,18 @@ from typing import Any
 import orjson
 from loguru import logger
 
-from runner import apikeys, config as config_mod, destinations, pipeline, validation
-from runner.config import Config, Connection
+from runner.inbound import apikeys
+from runner.spec import config as config_mod
+from runner.engine import destinations
+from runner.engine import pipeline
+from runner.spec import validation
+from runner.spec.config import Config, Connection
 from runner.errors import ConfigError, DestinationError, Problem, RunnerError, failure_words
-from runner.http import Clients
-from runner.pipeline import ELIGIBLE, IMPORTED, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
-from runner.classify import verdict_rows
+from runner.net.http import Clients
+from runner.engine.pipeline import ELIGIBLE, IMPORTED, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
+from runner.engine.classify import verdict_rows
 from runner.redact import MASK, redact, redact_obj
-from runner.state import Store
+from runner.state.sqlite import Store
 
 MAX_BODY = 5 * 1024 * 1024
 DEFAULT_KEY_HEADER = "XApiKey"
@@ -275,7 +279,7 @@ class InboundServer:
     # lifecycle ---------------------------------------------------------------------------------------------
     async def startup(self) -> None:
         self.lock = asyncio.Lock()  # one import at a time: retries and duplicates are decided one after another
-        from runner.destinations import ledger_id
+        from runner.engine.destinations import ledger_id
 
         self.store = Store(self.cfg.state_path, destination=ledger_id(self.cfg.destination))
         ensure(self.store)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from runner.errors import ProviderError
-from runner.specs import Paginate
+from runner.spec.loader import Paginate
 
 
 @dataclass

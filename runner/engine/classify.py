@@ -1,7 +1,7 @@
 """Classification: one provider record in, one verdict out (map, unpaid rule, date window, schema, due date).
 
 Pure: no I/O, no state. Runs in the engine's process or, for large syncs, in a worker process
-(runner/workers.py), so everything a Classifier needs is plain data derived from the config.
+(runner/engine/workers.py), so everything a Classifier needs is plain data derived from the config.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Callable
 
-from runner import functions, validation
-from runner.config import Connection
+from runner.spec import functions
+from runner.spec import validation
+from runner.spec.config import Connection
 
 IMPORTED, SKIPPED, FAILED, ELIGIBLE = "imported", "skipped", "failed", "eligible"
 REASONS = {
@@ -113,7 +114,7 @@ def to_deliver(eligible: list[Verdict], ledger: dict, account_key: str,
     the invoice). Those the ledger has as delivered are turned into duplicates here. `own` (run id,
     connection), for a page classified again after its worker died: what the ledger has as delivered by that
     run for that connection is the dead worker's delivery of this very page, an import, not a duplicate."""
-    from runner.destinations import Delivery, idempotency_key
+    from runner.engine.destinations import Delivery, idempotency_key
 
     out = []
     for v in eligible:

@@ -13,10 +13,10 @@ from typing import Iterator
 
 import orjson
 
-from runner import secrets
-from runner.config import Destination as DestinationConfig
+from runner.spec import secrets
+from runner.spec.config import Destination as DestinationConfig
 from runner.errors import DestinationError, ProviderError
-from runner.http import Clients, Http, Policy, error_message, limiter_for
+from runner.net.http import Clients, Http, Policy, error_message, limiter_for
 
 DEBITURA_URLS = {
     "production": "https://customer-api.debitura.com",
@@ -455,7 +455,7 @@ class JsonlDestination:
 
     def copy(self) -> "JsonlDestination":
         """The same file, with a handle of its own (for the classification worker, which writes pages too:
-        runner/workers.py). Every write is a whole page appended in one call."""
+        runner/engine/workers.py). Every write is a whole page appended in one call."""
         return type(self)(self.cfg)
 
     def reopen(self) -> None:

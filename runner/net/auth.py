@@ -30,7 +30,7 @@ class HeaderAuth:
 def make(conn, context: dict, store=None, clients=None) -> Auth:
     spec = conn.spec
     if spec.auth.type == "oauth2":
-        from runner import oauth
+        from runner.net import oauth
 
         return oauth.OAuthSession(conn, context, store, clients)
     return HeaderAuth(spec.auth.headers, context)

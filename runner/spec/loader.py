@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from runner import fastpath, functions, schemas
-from runner.functions import user_pattern
+from runner.spec import fastpath
+from runner.spec import functions
+from runner.spec import schemas
+from runner.spec.functions import user_pattern
 from runner.errors import ConfigError, Problem
-from runner.templates import Template, TemplateError
-from runner.yamlfile import Document, dotted, load as load_yaml, schema_problems
+from runner.spec.templates import Template, TemplateError
+from runner.spec.yamlfile import Document, dotted, load as load_yaml, schema_problems
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "integrations.d"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "integrations.d"
 
 # Names a template may read, by where it is used. A typo ({{ secret.api_key }}) fails at load time.
 REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token"}
@@ -40,7 +42,7 @@ class Expression:
 
     def compiled(self) -> Callable[[Any], Any]:
         """The expression as a plain function (what `search` becomes once used): for callers that keep it.
-        Compiled to Python on first use (runner/fastpath.py), not at load: `runner validate` and a run that
+        Compiled to Python on first use (runner/spec/fastpath.py), not at load: `runner validate` and a run that
         never reaches this expression do not pay for it. jmespath for anything the compiler does not cover."""
         if self._compiled is None:
             parsed, options = self._parsed, functions.OPTIONS
@@ -136,7 +138,7 @@ class Mapping:
         return self.compiled()(record)
 
     def compiled(self) -> Callable[[Any], dict]:
-        """`apply` as a plain function. The whole mapping as one generated function (runner/fastpath.py),
+        """`apply` as a plain function. The whole mapping as one generated function (runner/spec/fastpath.py),
         made on first use; a record it cannot handle (a function raising on a hostile value, say) goes
         through apply_each."""
         if self._compiled is None:

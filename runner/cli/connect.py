@@ -19,7 +19,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import click
 
-from runner import oauth, redact, secrets
+from runner import redact
+from runner.net import oauth
+from runner.spec import secrets
 from runner.errors import AccountMismatch, AuthError, ProviderError, RunnerError
 
 PAGE = (b"<!doctype html><meta charset=utf-8><title>runner</title>"
@@ -78,7 +80,7 @@ def _context(conn, store) -> dict:
 
 def _staging_store(conn, store, token: dict, learned: dict):
     """An in-memory store holding only the new authorization, so it is tried before it replaces anything."""
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     tmp = Store(":memory:")
     saved = store.connection(conn.name)
@@ -104,7 +106,7 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
     """Run the authorization-code flow for one connection. Returns {account_id, account_name, data}."""
     from authlib.common.security import generate_token
 
-    from runner.http import Clients
+    from runner.net.http import Clients
 
     spec = conn.spec
     if spec.auth.type != "oauth2":
@@ -123,7 +125,7 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
         status = store.connection(conn.name).get("status")
         if stored and not force and status != "needs_reconnect":
             # Reuse a grant that still works: a new one costs a refresh token (some providers keep only a few per user).
-            from runner.pipeline import Source
+            from runner.engine.pipeline import Source
 
             source = Source(conn, clients, store)
             try:
@@ -217,7 +219,7 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
         # wrong company (against `expect:`, or one that cannot see the pinned organization) must not cost
         # the grant that works.
         staging = _staging_store(conn, store, token, learned)
-        from runner.pipeline import Source
+        from runner.engine.pipeline import Source
 
         source = Source(conn, clients, staging)
         keep = True
@@ -289,7 +291,7 @@ def connect(args, config_file, no_browser, port, timeout, force):
     the config) and the connected company/organization is shown. Client id and secret come from the
     connection's credentials (environment variables or files).
     """
-    from runner.cli import EXIT_INVALID, fail, load_config, open_store
+    from runner.cli.main import EXIT_INVALID, fail, load_config, open_store
 
     if len(args) == 2:
         config_file, name = args

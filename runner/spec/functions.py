@@ -85,7 +85,7 @@ class RunnerFunctionError(_jexc.JMESPathError):
 def _read_data(name: str):
     from importlib import resources
 
-    return json.loads((resources.files(__package__ or "runner") / "data" / name).read_text(encoding="utf-8"))
+    return json.loads((resources.files("runner") / "data" / name).read_text(encoding="utf-8"))
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from runner import schemas
+from runner.spec import schemas
 
 ADDRESS = ("debtor", "address")
 FIELD_NAMES = {"street": "street", "city": "city", "postal_code": "postal code", "country": "country",

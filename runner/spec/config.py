@@ -12,9 +12,11 @@ from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from runner import schemas, secrets, specs
+from runner.spec import schemas
+from runner.spec import secrets
+from runner.spec import loader as specs
 from runner.errors import ConfigError, Problem
-from runner.yamlfile import Document, load as load_yaml, schema_problems
+from runner.spec.yamlfile import Document, load as load_yaml, schema_problems
 
 
 @dataclass(frozen=True)

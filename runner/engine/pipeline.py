@@ -22,17 +22,18 @@ from urllib.parse import urljoin
 
 from loguru import logger
 
-from runner import auth as auth_mod
-from runner import pagination, secrets
-from runner.config import Config, Connection
-from runner.state import RECENT_RUNS
-from runner.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
+from runner.net import auth as auth_mod
+from runner.engine import pagination
+from runner.spec import secrets
+from runner.spec.config import Config, Connection
+from runner.state.sqlite import RECENT_RUNS
+from runner.engine.classify import (ELIGIBLE, FAILED, IMPORTED, REASONS, SKIPPED, Classifier, Verdict,  # noqa: F401
                              Tally, _truthy, delivered, merge, tally, to_deliver, verdict_rows)
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest, failure_words)
-from runner.http import Clients, Http, Policy, is_link, limiter_for, parse_json
-from runner.specs import PageTooLarge
-from runner.workers import Workers
+from runner.net.http import Clients, Http, Policy, is_link, limiter_for, parse_json
+from runner.spec.loader import PageTooLarge
+from runner.engine.workers import Workers
 
 
 @dataclass
@@ -157,7 +158,7 @@ class Source:
         scope = rl.get("scope")
         scope_value = self.spec.id + ":" + (credential_fingerprint(conn) or conn.name)
         if scope:
-            from runner.templates import Template
+            from runner.spec.templates import Template
 
             scope_value = self.spec.id + ":" + Template(scope).render(self._ctx_base)
         self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, self.spec.retry_after),
@@ -208,7 +209,7 @@ class Source:
         """A new bootstrap refresh token in the config is worth one try before insisting on `runner connect`."""
         if self.spec.auth.type != "oauth2":
             return False
-        from runner import oauth
+        from runner.net import oauth
 
         return oauth.reconnect_cleared(self.conn, self.store)
 
@@ -500,7 +501,7 @@ class Source:
 
             await asyncio.gather(*(fetch(k, v) for k, v in todo.items()))
 
-    # --- classification (runner/classify.py) ---------------------------------------------------------
+    # --- classification (runner/engine/classify.py) ---------------------------------------------------------
     def classifier(self) -> Classifier:
         c = self._classifier
         if c is None or c.account_id != self.account_id:
@@ -870,7 +871,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         page = fetched = 0
 
         # A local sink with the verdicts recorded by the worker: it delivers and records its pages itself
-        # (runner/workers.py), under the run's mark of the sink, and sends back only each page's Tally.
+        # (runner/engine/workers.py), under the run's mark of the sink, and sends back only each page's Tally.
         deliver = (functools.partial(run.mark_sink, store, destination, run_id)
                    if recording_run is not None and store is not None and hasattr(destination, "write_many") else None)
 
@@ -893,7 +894,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     raise
                 page += 1
                 try:
-                    # Looked up in the ledger and classified, by the worker when there is one (runner/workers.py)
+                    # Looked up in the ledger and classified, by the worker when there is one (runner/engine/workers.py)
                     if classified is None:
                         classified = (workers.classify(source, store, records, answer, page, recording_run, deliver,
                                                        more)
@@ -1012,9 +1013,9 @@ async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] |
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
                 progress: Callable | None, command: str | None, stop: StopRequest | None = None) -> RunResult:
-    from runner import destinations
+    from runner.engine import destinations
 
-    from runner.http import reset_limiters
+    from runner.net.http import reset_limiters
 
     started = time.time()
     reset_limiters()  # limiters hold asyncio primitives bound to one event loop: one set per run

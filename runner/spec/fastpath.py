@@ -61,7 +61,7 @@ _BASE_NS = {"_F": _is_false, "_eq": _visitor._equals, "_not": _not, "_comparable
             "_Mismatch": _TypeMismatch, "_NUMSTR": frozenset({int, float, str}), "_LD": frozenset({list, dict}),
             # Types whose jmespath falsiness is Python's `not` (numbers differ: 0 is true in jmespath).
             "_NOT_TYPES": frozenset({str, list, dict, type(None), bool})}
-# Functions of runner/functions.py written inline (same results; the property tests compare with jmespath).
+# Functions of runner/spec/functions.py written inline (same results; the property tests compare with jmespath).
 _STRING_METHODS = {"_func_upper": "upper", "_func_lower": "lower", "_func_trim": "strip"}
 
 
@@ -283,7 +283,7 @@ class _Gen:
 
 
 def _functions_module():
-    from runner import functions
+    from runner.spec import functions
 
     return functions
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from runner import redact
 from runner.errors import Problem
-from runner.yamlfile import NotRegular, read_regular
+from runner.spec.yamlfile import NotRegular, read_regular
 
 REF = re.compile(r"^\$\{(?:(env|file):)?([^}]+)\}$")
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from runner.cli import EXIT_INVALID, fail, load_config, output_option, setup_logging, verbose_option
+from runner.cli.main import EXIT_INVALID, fail, load_config, output_option, setup_logging, verbose_option
 
 
 @click.command()
@@ -29,7 +29,7 @@ def serve(config_file, connection, host, port, verbose):
     setup_logging(verbose)
     import uvicorn
 
-    from runner import inbound
+    from runner.inbound import server as inbound
     from runner.errors import ConfigError
 
     cfg = load_config(config_file)
@@ -79,15 +79,15 @@ def keys():
 
 
 def _store(config_file):
-    from runner import config
+    from runner.spec import config
     from runner.errors import ConfigError
-    from runner.state import Store
+    from runner.state.sqlite import Store
 
     try:  # keys need only the state store: no secret has to be set to manage them
         cfg = config.load(config_file, strict=False, resolve=False)
     except ConfigError as exc:
         fail(exc)
-    from runner.destinations import ledger_id
+    from runner.engine.destinations import ledger_id
 
     return cfg, Store(cfg.state_path, destination=ledger_id(cfg.destination))
 
@@ -106,7 +106,8 @@ def _when(ts):
 @output_option
 def keys_create(config_file, environment, label, output):
     """Create a key. It is printed once: copy it into the Zap's connection now."""
-    from runner import apikeys, inbound
+    from runner.inbound import apikeys
+    from runner.inbound import server as inbound
 
     cfg, store = _store(config_file)
     try:
@@ -135,7 +136,7 @@ def keys_create(config_file, environment, label, output):
 @output_option
 def keys_list(config_file, show_all, output):
     """List keys (ids, environments, labels, last use): never the keys themselves."""
-    from runner import apikeys
+    from runner.inbound import apikeys
 
     cfg, store = _store(config_file)
     try:
@@ -143,7 +144,7 @@ def keys_list(config_file, show_all, output):
     finally:
         store.close()
     if output == "json":
-        from runner.report import print_json
+        from runner.cli.report import print_json
 
         print_json([k.as_dict() for k in rows])
         return
@@ -162,7 +163,7 @@ def keys_list(config_file, show_all, output):
 @click.argument("key_id")
 def keys_revoke(config_file, key_id):
     """Revoke a key by its id (see `runner keys list`). Servers refuse it from the next request on."""
-    from runner import apikeys
+    from runner.inbound import apikeys
 
     cfg, store = _store(config_file)
     try:

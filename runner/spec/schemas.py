@@ -6,7 +6,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
 @functools.cache

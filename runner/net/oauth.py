@@ -29,9 +29,10 @@ from typing import Any
 
 from loguru import logger
 
-from runner import redact, secrets
+from runner import redact
+from runner.spec import secrets
 from runner.errors import AuthError, NeedsReconnect, ProviderError, RunnerError
-from runner.templates import Template
+from runner.spec.templates import Template
 
 DEFAULT_HEADER = "Bearer {{ token.access_token }}"
 DEFAULT_MARGIN_S = 300

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
 
-from runner import pipeline
-from runner.config import Config, Connection
-from runner.state import RECENT_RUNS
+from runner.engine import pipeline
+from runner.spec.config import Config, Connection
+from runner.state.sqlite import RECENT_RUNS
 from runner.errors import (AccountMismatch, AuthError, DestinationError, NeedsReconnect, ProviderError, RunnerError,
                            UnsafeRequest)
 from runner.redact import redact, redact_obj
@@ -117,7 +117,7 @@ def _listing(items: list[str], limit: int = MAX_LISTED) -> str:
 
 
 def _clients(cfg: Config):
-    from runner import http
+    from runner.net import http
 
     if hasattr(http, "reset_limiters"):
         http.reset_limiters()  # limiters hold asyncio primitives bound to one event loop
@@ -537,7 +537,7 @@ def _last_sync(check: Check, conn: Connection, store) -> None:
 # --- doctor: destination ----------------------------------------------------------------------------------
 
 async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> None:
-    from runner import destinations
+    from runner.engine import destinations
 
     d = cfg.destination
     checks = {cid: Check("destination", cid, title) for cid, title in DESTINATION_CHECKS}
@@ -601,7 +601,7 @@ async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> Non
 
 async def _other_environment(d, clients) -> str | None:
     """The other environment the key works in, if any (read-only GET /me there)."""
-    from runner import destinations
+    from runner.engine import destinations
 
     if d.base_url:
         return None  # a custom URL: no standard twin to ask
@@ -621,7 +621,7 @@ async def _other_environment(d, clients) -> str | None:
 
 async def _inbound_checks(conn: Connection, cfg: Config, store, report: DoctorReport) -> None:
     """An inbound connection (`runner serve`): its keys, refused calls and last call, as the server recorded them."""
-    from runner import inbound
+    from runner.inbound import server as inbound
 
     for c in inbound.doctor_checks(cfg, store, [conn]):
         report.checks.append(Check(conn.name, c["check"], c["title"]).set(c["status"], c["message"], c["fix"]))
@@ -781,7 +781,7 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
         debtor = inv.get("debtor")
         if isinstance(debtor, dict) and "type" not in debtor:
             debtor["type"] = conn.debtor_type
-        from runner import validation
+        from runner.spec import validation
 
         classifier = source.classifier()
         outcome = validation.check(inv, lambda path: classifier.why_absent(prepared, inv, path))
@@ -945,7 +945,7 @@ def _explain_inbound(conn: Connection, key: str, cfg: Config, store) -> Explanat
         ex.fix = (f"check the sender's history for that invoice; a polling sender only sends at its next poll. "
                   f"`runner doctor {cfg.file} --connection {conn.name}` shows refused calls and keys")
         try:
-            from runner import inbound
+            from runner.inbound import server as inbound
 
             failed = [c for c in inbound.doctor_checks(cfg, store, [conn]) if c["status"] == FAILED]
         except Exception:  # noqa: BLE001 - the explanation stands without them

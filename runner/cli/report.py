@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from runner.pipeline import RunResult
+from runner.engine.pipeline import RunResult
 from runner.redact import redact, redact_obj
 
 

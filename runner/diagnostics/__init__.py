@@ -1,0 +1,1 @@
+"""doctor, explain, status and the support bundle."""

@@ -1,0 +1,1 @@
+"""Running a sync: pagination, classification, workers, delivery to the destination."""

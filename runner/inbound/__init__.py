@@ -1,0 +1,1 @@
+"""The inbound API (`runner serve`) that Zaps post invoices to, and its API keys."""

@@ -1,0 +1,1 @@
+"""Talking to providers: HTTP, authentication, OAuth2."""

@@ -1,0 +1,1 @@
+"""The state store: ledger, runs, verdicts, connection health, tokens."""
