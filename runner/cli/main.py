@@ -29,6 +29,7 @@ LAZY = {
     "connect": "runner.cli.connect:connect",
     "serve": "runner.cli.inbound:serve",
     "keys": "runner.cli.inbound:keys",
+    "integrations": "runner.cli.integrations:integrations",
 }
 
 
@@ -304,54 +305,6 @@ def plan(config_file, details, output, verbose, connections):
 def apply(config_file, details, output, verbose, connections):
     """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice."""
     _sync(config_file, "apply", details, output, verbose, connections)
-
-
-@main.command()
-@click.argument("integration", required=False)
-@click.option("--dir", "extra_dir", type=click.Path(file_okay=False), help="A folder of extra specs.")
-@output_option
-def integrations(integration, extra_dir, output):
-    """List the integrations, or show one spec."""
-    from pathlib import Path
-
-    from runner.spec import loader as specs
-    from runner.errors import ConfigError
-
-    found = specs.available(Path(extra_dir) if extra_dir else Path("integrations.d").resolve())
-    if integration is None:
-        rows = []
-        for sid, path in found.items():
-            try:
-                s = specs.load_file(path)
-                rows.append({"id": sid, "name": s.name, "auth": s.auth.type, "environments": list(s.environments),
-                             "file": str(path), "description": s.description})
-            except ConfigError as exc:
-                rows.append({"id": sid, "file": str(path), "error": exc.render()})
-        if output == "json":
-            from runner.cli.report import print_json
-
-            print_json(rows)
-            return
-        for r in rows:
-            if "error" in r:
-                click.echo(f"{r['id']:<22} INVALID  {r['file']}\n{r['error']}")
-            else:
-                click.echo(f"{r['id']:<22} {r['auth']:<8} {', '.join(r['environments']):<24} {r['description']}")
-        return
-    if integration not in found:
-        click.echo(f"error: no integration '{integration}'; known: {', '.join(found)}", err=True)
-        sys.exit(EXIT_INVALID)
-    try:
-        s = specs.load_file(found[integration])
-    except ConfigError as exc:
-        fail(exc)
-    if output == "json":
-        from runner.cli.report import print_json
-
-        print_json(s.raw)
-        return
-    click.echo(f"# {found[integration]}")
-    click.echo(found[integration].read_text())
 
 
 @main.group()

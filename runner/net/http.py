@@ -47,6 +47,8 @@ DEADLINE_TIMEOUTS = 4
 # A request with all its attempts and the backoff between them (retry.deadline_s): without it, a server
 # dripping a byte at a time held each request for attempts × 4 × timeout_s (12.5 min at the defaults).
 DEADLINE_S = 120.0
+# Called as observer(method, URL sent, request headers, Response) for every answer (`runner integrations trace`).
+OBSERVERS: list[Callable] = []
 
 
 @dataclass
@@ -620,6 +622,9 @@ class Http:
                 continue
             resp = Response(status=status, headers=resp_headers, content=content, url=sent,
                             elapsed_s=time.monotonic() - started)
+            logger.debug("{} {} -> HTTP {}", method, sent, status)  # the log sink redacts secrets
+            for observe in OBSERVERS:
+                observe(method, sent, hdrs, resp)
             if 200 <= resp.status < 300 or resp.status in ok:
                 return resp
             if resp.status in RETRY_STATUSES and attempt < self.policy.attempts:
