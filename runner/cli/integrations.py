@@ -207,7 +207,8 @@ def trace_cmd(config_file, connection, limit, output, verbose):
                    "masked and personal data replaced; writes expected.yaml from its verdicts if there is none.")
 @click.option("--limit", type=click.IntRange(min=1), help="With --record: stop after this many invoices.")
 @dir_option
-def test_cmd(spec, fixtures, record, limit, extra_dir):
+@click.option("-v", "--verbose", count=True, help="More log lines (-vv: every request replayed).")
+def test_cmd(spec, fixtures, record, limit, extra_dir, verbose):
     """Replay a spec's recorded answers and check the verdicts and mapped fields in expected.yaml.
     SPEC is a spec file or the id of one. Sends no request (without --record): runs in CI."""
     from runner.engine import recording, trace
@@ -229,7 +230,7 @@ def test_cmd(spec, fixtures, record, limit, extra_dir):
     if record:
         from runner.cli.main import open_store, select
 
-        setup_logging(0)
+        setup_logging(verbose)
         cfg = load_config(record[0])
         conn = select(cfg, (record[1],))[0]
         if conn.integration != spec_id:
@@ -241,18 +242,26 @@ def test_cmd(spec, fixtures, record, limit, extra_dir):
         finally:
             store.close()
         click.echo(f"recorded {len(w.steps)} answers and {len(w.records)} invoices into {folder}/")
-    if not (folder / recording.RESPONSES).exists() or not (folder / recording.EXPECTED).exists():
+    setup_logging(verbose)
+    # The folder is one case; each subfolder with its own recording (e.g. reference/) is another.
+    cases = [d for d in (folder, *sorted(p for p in folder.glob("*") if p.is_dir()))
+             if (d / recording.RESPONSES).exists() and (d / recording.EXPECTED).exists()]
+    if not cases:
         click.echo(f"error: {folder} has no {recording.RESPONSES} and {recording.EXPECTED}\n"
                    f"    fix: record them: runner integrations test {spec} --record CONFIG CONNECTION", err=True)
         sys.exit(EXIT_INVALID)
-    outcome = run(trace.spec_test(path, spec_id, folder))
-    for line in outcome.unmatched:
-        click.echo(f"note: no recorded answer for {line}")
-    if outcome.problems:
+    failed = 0
+    for case in cases:
+        outcome = run(trace.spec_test(path, spec_id, case))
+        for line in outcome.unmatched:
+            click.echo(f"note: no recorded answer for {line}")
         for p in outcome.problems:
             click.echo(f"FAIL {p}")
-        click.echo(f"{spec_id}: {len(outcome.problems)} of {outcome.checked} expectations failed "
-                   f"({outcome.seen} invoices replayed from {folder})")
-        sys.exit(EXIT_FAILED)
-    click.echo(f"{spec_id}: ok, {outcome.checked} expectations met ({outcome.seen} invoices replayed from {folder})")
-    sys.exit(EXIT_OK)
+        if outcome.problems:
+            failed += 1
+            click.echo(f"{spec_id}: {len(outcome.problems)} of {outcome.checked} expectations failed "
+                       f"({outcome.seen} invoices replayed from {case})")
+        else:
+            click.echo(f"{spec_id}: ok, {outcome.checked} expectations met "
+                       f"({outcome.seen} invoices replayed from {case})")
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
