@@ -259,9 +259,9 @@ def test_cmd(spec, fixtures, record, limit, extra_dir, verbose):
             click.echo(f"FAIL {p}")
         if outcome.problems:
             failed += 1
-            click.echo(f"{spec_id}: {len(outcome.problems)} of {outcome.checked} expectations failed "
+            click.echo(f"{spec_id}: {outcome.failed} of {outcome.checked} invoices not as expected "
                        f"({outcome.seen} invoices replayed from {case})")
         else:
-            click.echo(f"{spec_id}: ok, {outcome.checked} expectations met "
+            click.echo(f"{spec_id}: ok, {outcome.checked} invoices as expected "
                        f"({outcome.seen} invoices replayed from {case})")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)

@@ -152,20 +152,24 @@ def replay_config(spec_path: Path, spec_id: str, expected: dict, workdir: Path) 
 class Outcome:
     problems: list[str]
     checked: int
+    failed: int
     seen: int
     unmatched: list[str]
 
 
-def compare(expected: dict, w: Walk) -> tuple[list[str], int]:
+def compare(expected: dict, w: Walk) -> tuple[list[str], int, int]:
     """Every way the walk differs from what the author expects: a verdict, a reason, a mapped field."""
     problems: list[str] = []
+    failed: set[str] = set()
     want = expected.get("invoices") or {}
     got = {v.invoice_id: (v, inv) for _, v, inv in w.records}
     for inv_id, exp in want.items():
         inv_id = str(inv_id)
         if inv_id not in got:
             problems.append(f"{inv_id}: expected, but the spec found no such invoice in the recorded answers")
+            failed.add(inv_id)
             continue
+        before = len(problems)
         v, inv = got[inv_id]
         exp = exp if isinstance(exp, dict) else {"verdict": exp}
         if "verdict" in exp and exp["verdict"] != v.verdict:
@@ -176,10 +180,12 @@ def compare(expected: dict, w: Walk) -> tuple[list[str], int]:
             actual = _dig(inv, path)
             if not same(actual, value):
                 problems.append(f"{inv_id}: {path} is {plain(actual)!r}, expected {plain(value)!r}")
+        if len(problems) > before:
+            failed.add(inv_id)
     if expected.get("all_listed") and set(got) - {str(k) for k in want}:
         extra = sorted(set(got) - {str(k) for k in want})
         problems.append(f"invoices not in the expectations: {', '.join(extra[:10])}")
-    return problems, len(want)
+    return problems, len(want), len(failed)
 
 
 def plain(v: Any) -> Any:
@@ -235,8 +241,8 @@ async def spec_test(spec_path: Path, spec_id: str, fixtures: Path) -> Outcome:
         finally:
             store.close()
             await clients.aclose()
-    problems, checked = compare(expected, w)
-    return Outcome(problems, checked, len(w.records), clients.replay.unmatched)
+    problems, checked, failed = compare(expected, w)
+    return Outcome(problems, checked, failed, len(w.records), clients.replay.unmatched)
 
 
 async def record(conn: Connection, store, spec_path: Path, fixtures: Path, *, limit: int | None = None) -> Walk:
