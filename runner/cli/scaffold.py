@@ -49,7 +49,7 @@ invoices:
   # The date the connection's window applies to (unix | date | datetime).
   date: {{value: TODO_issue_date, format: date}}
   # Which records are unpaid (JMESPath, true or false). Everything else is skipped with its status.
-  unpaid: "TODO_status == 'TODO' && to_decimal(TODO_balance) > `0`"
+  unpaid: "TODO_status == 'TODO_open' && to_decimal(TODO_balance) > `0`"
   # The canonical invoice: each value is JMESPath on one record (docs/functions.md for the functions).
   map:
     external_id: TODO_id
