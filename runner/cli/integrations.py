@@ -19,10 +19,15 @@ class IntegrationsGroup(click.Group):
 
     def parse_args(self, ctx, args):
         if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
-            first = next((a for a in args if not a.startswith("-")), None)
-            previous = args[args.index(first) - 1] if first is not None and args.index(first) > 0 else ""
-            named = first is not None and previous not in ("--dir", "-o", "--output")
-            args = ["show" if named else "list", *args]
+            positional, i = [], 0
+            while i < len(args):
+                if args[i] in ("--dir", "-o", "--output"):
+                    i += 2  # an option and its value
+                    continue
+                if not args[i].startswith("-"):
+                    positional.append(args[i])
+                i += 1
+            args = ["show" if positional else "list", *args]
         return super().parse_args(ctx, args)
 
 
