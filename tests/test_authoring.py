@@ -193,3 +193,15 @@ def test_scrub_keeps_empty_values_and_masks_registered_secrets():
     assert out["address"]["line1"].endswith("Sample Street")
     assert "s3cret-value-42" not in out["note"]
     assert out["amount"] == 12 and out["status"] == "open"
+
+
+def test_a_recording_made_with_a_limit_replays_to_that_limit(tmp_path):
+    cfg = sample(tmp_path)
+    folder = tmp_path / "rec"
+    out = runner("integrations", "test", "zoho_books", "--fixtures", str(folder), "--record", str(cfg), "acme-zoho",
+                 "--limit", "3", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    expected = yaml.safe_load((folder / "expected.yaml").read_text())
+    assert len(expected["invoices"]) == 3 and expected["limit"] == 3
+    assert "zoho_books: ok, 3 invoices as expected (3 invoices replayed" in out.stdout
+    assert "no recorded answer" not in out.stdout

@@ -237,7 +237,8 @@ async def spec_test(spec_path: Path, spec_id: str, fixtures: Path) -> Outcome:
         clients = recording.ReplayClients(exchanges)
         store = Store(cfg.state_path)
         try:
-            w = await walk(cfg.connections[0], clients, store, today=today)
+            # A recording made with --limit stops where it stopped: the pages after it were never fetched.
+            w = await walk(cfg.connections[0], clients, store, today=today, limit=expected.get("limit"))
         finally:
             store.close()
             await clients.aclose()
@@ -261,7 +262,7 @@ async def record(conn: Connection, store, spec_path: Path, fixtures: Path, *, li
                         "# and personal data replaced by stable fakes. Replayed by `runner integrations test`.\n")
     exp_path = fixtures / recording.EXPECTED
     if not exp_path.exists():
-        recording.dump_yaml(expectations(conn, w), exp_path,
+        recording.dump_yaml({**expectations(conn, w), **({"limit": limit} if limit else {})}, exp_path,
                             "# What `runner integrations test` checks: written from the recorded run's verdicts.\n"
                             "# Review every line: it is what the spec should do, not only what it does today.\n")
     return w
