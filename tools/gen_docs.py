@@ -134,7 +134,7 @@ detail) are Jinja2, rendered in Jinja's sandbox; a name that is not defined is a
 | `environment` | the environment's name |
 | `window.start`, `window.end` | the date window's bounds (datetimes; format with `unix`, `date`, `isoformat`) |
 | `window.start_date`, `window.end_date`, `window.timezone` | the same as `YYYY-MM-DD` text, and the zone's name |
-| `page.number`, `page.size`, `page.offset` | the page being fetched (page and offset pagination) |
+| `page.number`, `page.size`, `page.offset`, `page.cursor` | the page being fetched: its number (every paginator), size and offset (page, offset), the cursor (cursor; none on the first page) |
 | `invoice_id`, `number` | in `lookup.by_id` / `lookup.by_number` requests: what was asked for |
 | `record` | in `invoices.details`: the invoice record being enriched |
 | `token.access_token` | in `oauth2.header`: the current access token |
