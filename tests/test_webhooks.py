@@ -361,3 +361,57 @@ def test_polling_records_the_same_lifecycle_within_its_request_budget(tmp_path, 
     assert fourth == {"cases": n - 1, "requests": n - 1, "recorded": 0, "left": 0, "errors": []}
     st = json.loads(run_cli("status", str(cfg), "--output", "json", env=env).stdout)["debitura_cases"]
     assert st["mode"] == "poll" and st["subscription"] is None and st["cases"][0].startswith(expected)
+
+
+def test_sync_reactivates_a_disabled_subscription_and_gets_a_secret_for_a_new_state_store(tmp_path, env):
+    port = free_port()
+    cfg = write(tmp_path, port)
+    made = json.loads(run_cli("webhooks", "sync", str(cfg), "--output", "json", env=env).stdout)["subscription_id"]
+    first = stored_secret(cfg, env)
+    r = control(cfg, "PATCH", f"/webhooks/{made}", {"isActive": False})
+    assert r.status_code == 200 and r.json()["isActive"] is False
+    fixed = run_cli("webhooks", "sync", str(cfg), env=env)
+    assert fixed.stdout.startswith(f"update subscription {made}: isActive → True"), fixed.stdout + fixed.stderr
+    assert sim(cfg).webhooks.subscriptions()[0]["isActive"] is True
+    assert stored_secret(cfg, env) == first  # an update keeps the secret
+
+    # The state store is lost: the subscription at the configured URL is adopted, with a new secret (Debitura
+    # shows a secret only once), not duplicated.
+    for f in (tmp_path / "state").glob("state.db*"):
+        f.unlink()
+    adopted = run_cli("webhooks", "sync", str(cfg), env=env)
+    assert adopted.stdout.startswith(f"update subscription {made}: a new signing secret"), adopted.stdout
+    assert [s["id"] for s in sim(cfg).webhooks.subscriptions()] == [made]
+    second = stored_secret(cfg, env)
+    assert second != first and second not in adopted.stdout + adopted.stderr
+    assert "nothing to change" in run_cli("webhooks", "sync", str(cfg), env=env).stdout
+
+
+def test_a_push_config_without_url_is_refused_with_its_line(tmp_path, env):
+    cfg = write(tmp_path, 0, """
+  webhooks:
+    test_mode: true""")
+    r = run_cli("validate", str(cfg), env=env)
+    assert r.returncode != 0 and "config.yaml:7:" in r.stderr + r.stdout
+    assert "missing required key 'url' (at destination.webhooks)" in r.stderr + r.stdout
+
+
+def test_status_says_to_sync_when_push_has_no_subscription(tmp_path, env):
+    cfg = write(tmp_path, free_port())
+    r = run_cli("status", str(cfg), env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"no webhook subscription yet → runner webhooks sync {cfg}" in r.stdout
+
+
+def test_a_server_without_the_passphrase_refuses_webhooks_and_says_why(tmp_path, env, serve):
+    port = free_port()
+    cfg = write(tmp_path, port)
+    assert run_cli("webhooks", "sync", str(cfg), env=env).returncode == 0
+    secret = stored_secret(cfg, env)
+    env.pop("RUNNER_SECRET_KEY")
+    srv = serve(cfg, port)
+    body = _event()
+    r = srv.post(body, {"X-Debitura-Signature": sign(secret, int(time.time()), body)})
+    assert r.status_code == 503 and "RUNNER_SECRET_KEY is not set" in r.json()["message"]
+    assert events(cfg) == []
+    assert "the stored webhook secret cannot be read" in srv.stop()

@@ -24,7 +24,7 @@ from typing import Any
 
 from loguru import logger
 
-from runner.errors import ConfigError, DestinationError, Problem, ProviderError
+from runner.errors import ConfigError, DestinationError, Problem, ProviderError, RunnerError
 from runner.spec.config import WEBHOOK_EVENTS, Config
 
 ROUTE = "/v1/webhooks/debitura"
@@ -183,7 +183,10 @@ class Receiver:
         raw = await self._read(request)
         if raw is None:
             return self._refuse(413, f"the body is over {MAX_BODY // 1024} KB", request)
-        secret = self.secret()
+        try:
+            secret = self.secret()
+        except RunnerError as exc:  # encrypted in the store, and RUNNER_SECRET_KEY missing or wrong
+            return self._refuse(503, f"the stored webhook secret cannot be read: {exc.message}; {exc.fix}", request)
         if not secret:
             return self._refuse(503, "no webhook secret: run `runner webhooks sync CONFIG` (it keeps the secret "
                                      "Debitura returns), or set destination.webhooks.secret", request)
@@ -192,8 +195,8 @@ class Receiver:
             return self._refuse(401, why, request)
         try:
             body = json.loads(raw)
-        except ValueError:
-            return self._refuse(400, "the body is not JSON", request)
+        except (ValueError, RecursionError):
+            return self._refuse(400, "the body is not JSON (or nests too deeply)", request)
         why = event_problem(body)
         if why is not None:
             return self._refuse(400, why, request)
