@@ -325,6 +325,18 @@ def test_a_test_subscription_gets_the_advance_lifecycle_of_test_cases(tmp_path, 
     assert r.json() == {"advanced": True, "state": "Closed:NoPayment"}
     assert control(cfg, "POST", f"/test/cases/{case_id}/advance", {"to": "Closed:NoPayment"}).json()["advanced"] is False
     assert _story(cfg, invoice, env) == f"case {ref}: active → closed (no payment, pre-legal collection exhausted)"
+    before = len(events(cfg))
+    # /test/webhooks/fire: a current-state event, delivered again as a new event (a new id): recorded.
+    r = control(cfg, "POST", "/test/webhooks/fire", {"event": "case.closed", "caseId": case_id})
+    assert r.json() == {"eventType": "case.closed", "caseId": case_id, "enqueuedCount": 1}
+    assert len(events(cfg)) == before + 1
+    r = control(cfg, "POST", "/test/webhooks/fire", {"event": "payment.created", "caseId": case_id})
+    assert r.status_code == 422  # no payments on this case
+    # /webhooks/{id}/test: a synthetic, signed case.created that the server accepts.
+    sub = sim(cfg).webhooks.subscriptions()[0]["id"]
+    r = control(cfg, "POST", f"/webhooks/{sub}/test")
+    assert r.status_code == 200 and r.json()["success"] is True and r.json()["httpStatusCode"] == 200
+    assert len(events(cfg)) == before + 2
 
 
 # --- polling -------------------------------------------------------------------------------------------------------

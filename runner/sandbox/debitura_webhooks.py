@@ -152,7 +152,8 @@ class WebhookHub:
 
     def _save_sub(self, body: dict, secret: str) -> None:
         self.conn.execute("INSERT INTO webhook_subscriptions (id, body, secret) VALUES (?, ?, ?) ON CONFLICT (id) DO "
-                          "UPDATE SET body=excluded.body, secret=excluded.secret", (body["id"], json.dumps(body), secret))
+                          "UPDATE SET body=excluded.body, secret=excluded.secret",
+                          (body["id"], json.dumps(body), secret))
 
     def _case(self, case_id: str) -> dict | None:
         try:
@@ -248,7 +249,8 @@ class WebhookHub:
             return self._bad("Events", "At least one event type is required.")
         bad = [e for e in events if e not in EVENTS]
         if bad:
-            return self._bad("Events", f"Invalid event type(s): {', '.join(map(str, bad))}. Valid: {', '.join(EVENTS)}.")
+            return self._bad("Events", f"Invalid event type(s): {', '.join(map(str, bad))}. "
+                                       f"Valid: {', '.join(EVENTS)}.")
         now = _iso()
         secret = base64.b64encode(secrets.token_bytes(32)).decode()
         dto = {"id": str(uuid.uuid4()), "url": body["url"], "events": list(dict.fromkeys(events)), "isActive": True,
