@@ -427,3 +427,24 @@ def test_a_server_without_the_passphrase_refuses_webhooks_and_says_why(tmp_path,
     assert r.status_code == 503 and "RUNNER_SECRET_KEY is not set" in r.json()["message"]
     assert events(cfg) == []
     assert "the stored webhook secret cannot be read" in srv.stop()
+
+
+def _doctor_webhooks(cfg: Path, env: dict) -> dict:
+    r = run_cli("doctor", str(cfg), "--output", "json", env=env)
+    checks = json.loads(r.stdout)["checks"]
+    return next(c for c in checks if c["scope"] == "destination" and c["check"] == "webhooks")
+
+
+def test_doctor_checks_the_subscription_and_the_secret(tmp_path, env):
+    port = free_port()
+    cfg = write(tmp_path, port)
+    before = _doctor_webhooks(cfg, env)
+    assert before["status"] == "failed" and f"no webhook subscription to http://127.0.0.1:{port}" in before["message"]
+    assert before["fix"] == f"runner webhooks sync {cfg}"
+    made = json.loads(run_cli("webhooks", "sync", str(cfg), "--output", "json", env=env).stdout)["subscription_id"]
+    ok = _doctor_webhooks(cfg, env)
+    assert ok["status"] == "ok" and ok["message"] == (f"subscription {made} → http://127.0.0.1:{port}{ROUTE} is "
+                                                      f"active; no case event recorded yet")
+    control(cfg, "PATCH", f"/webhooks/{made}", {"isActive": False})
+    off = _doctor_webhooks(cfg, env)
+    assert off["status"] == "failed" and "Debitura disabled the subscription" in off["message"]

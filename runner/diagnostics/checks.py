@@ -642,6 +642,7 @@ async def doctor(cfg: Config, store, connections: list[Connection] | None = None
         await asyncio.gather(*((_connection_checks(c, cfg, clients, store, max_records, p) if c.spec.pull
                                 else _inbound_checks(c, cfg, store, p)) for c, p in zip(conns, parts)),
                              _destination_checks(cfg, clients, dest_part))
+        await webhook_checks(cfg, clients, store, dest_part)
         for p in parts + [dest_part]:
             report.checks.extend(p.checks)
             report.summaries.update(p.summaries)
@@ -1241,3 +1242,50 @@ def debitura_cases(cfg: Config, store, limit: int = 10) -> dict | None:
     if hooks is not None and hooks.mode == "push" and sub is None and not hooks.secret:
         out["fix"] = f"runner webhooks sync {cfg.file}"
     return out
+
+
+async def webhook_checks(cfg: Config, clients, store, report: DoctorReport) -> None:
+    """doctor: is Debitura's side of the cases reaching the runner (a live, signed subscription, or polling)?"""
+    from runner.engine import destinations
+
+    d, hooks = cfg.destination, cfg.destination.webhooks
+    if hooks is None or d.type != "debitura":
+        return
+    check = Check("destination", "webhooks", "Debitura case events (webhooks or polling)")
+    report.checks.append(check)
+    totals = store.case_event_totals() if store is not None else {"by_event": {}, "last": None}
+    heard = (f"last event recorded {_when(totals['last'])}" if totals["last"] else "no case event recorded yet")
+    if hooks.mode == "poll":
+        check.set(OK, f"polling: `runner webhooks poll {cfg.file}` reads the open cases; {heard}")
+        return
+    if d.problems:
+        check.set(SKIPPED, "not checked: the destination's API key is missing")
+        return
+    fix = f"runner webhooks sync {cfg.file}"
+    try:
+        stored = store.webhook_subscription() if store is not None else None
+    except RunnerError as exc:
+        check.set(FAILED, f"the stored webhook secret cannot be read: {exc.message}", exc.fix)
+        return
+    dest = destinations.DebituraDestination(d, clients)
+    try:
+        listed = (await dest.http.request("GET", "/webhooks")).json("Debitura's list of webhooks")
+    except ProviderError as exc:
+        check.set(FAILED, f"Debitura's webhook subscriptions could not be read: {exc.message}", exc.fix)
+        return
+    listed = [s for s in listed if isinstance(s, dict)] if isinstance(listed, list) else []
+    ours = next((s for s in listed if stored and str(s.get("id")) == stored["id"]), None) or \
+        next((s for s in listed if s.get("url") == hooks.url), None)
+    if ours is None:
+        check.set(FAILED, f"Debitura has no webhook subscription to {hooks.url}, so it tells the runner nothing", fix)
+    elif ours.get("isActive") is False:
+        check.set(FAILED, f"Debitura disabled the subscription {ours.get('id')}"
+                          + (f": {ours['disabledReason']}" if ours.get("disabledReason") else "")
+                          + "; check that `runner serve` is reachable at " + hooks.url, fix)
+    elif not hooks.secret and not (stored and stored.get("secret") and stored["id"] == str(ours.get("id"))):
+        check.set(FAILED, f"the runner has no signing secret for subscription {ours.get('id')}: every delivery "
+                          f"would be refused", fix)
+    elif sorted(ours.get("events") or []) != sorted(hooks.events) or ours.get("url") != hooks.url:
+        check.set(WARNING, f"subscription {ours.get('id')} differs from the config (events or URL)", fix)
+    else:
+        check.set(OK, f"subscription {ours.get('id')} → {hooks.url} is active; {heard}")
