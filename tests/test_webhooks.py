@@ -215,8 +215,8 @@ def test_bad_signatures_old_timestamps_and_replays_are_refused_or_not_recorded_t
     tampered = body.replace(b"120.0", b"1.0")
     r = srv.post(tampered, {"X-Debitura-Signature": sign(secret, now, body)})
     assert r.status_code == 401
-    r = srv.post(body, {"X-Debitura-Signature": sign(secret, now - 301, body)})
-    assert r.status_code == 401 and "301 s old" in r.json()["message"]
+    r = srv.post(body, {"X-Debitura-Signature": sign(secret, int(time.time()) - 301, body)})
+    assert r.status_code == 401 and " s old (at most 300 s are accepted)" in r.json()["message"]
     r = srv.post(body, {})
     assert r.status_code == 401 and "no X-Debitura-Signature" in r.json()["message"]
     r = srv.post(body, {"X-Debitura-Signature": "sha256=abc"})
@@ -225,6 +225,12 @@ def test_bad_signatures_old_timestamps_and_replays_are_refused_or_not_recorded_t
     r = srv.post(big, {"X-Debitura-Signature": sign(secret, now, big)})
     assert r.status_code == 413
     assert events(cfg) == []
+    # The signed ones (meant as Debitura's) are counted for status and doctor; unsigned junk is not.
+    refused = json.loads(run_cli("status", str(cfg), "--output", "json", env=env).stdout)["debitura_cases"]["refused"]
+    assert refused["count"] == 4 and refused["last_reason"].startswith("the X-Debitura-Signature header is not of")
+    warned = _doctor_webhooks(cfg, env)
+    assert warned["status"] == "warning" and "refused deliveries" in warned["message"], warned
+    assert "NTP" in warned["fix"]
 
     good = {"X-Debitura-Signature": sign(secret, now, body)}
     r = srv.post(body, good)
@@ -238,11 +244,12 @@ def test_bad_signatures_old_timestamps_and_replays_are_refused_or_not_recorded_t
 
     log = srv.stop()
     assert log.count("refused a Debitura webhook") == 6
-    for reason in ("does not match the body", "301 s old", "no X-Debitura-Signature header", "not of the form",
+    for reason in ("does not match the body", " s old (at most 300 s are accepted)", "no X-Debitura-Signature header", "not of the form",
                    "over 256 KB"):
         assert reason in log, reason
     assert "evt_test_1 (payment.created) was recorded before" in log and "(a replay)" in log
     assert secret not in log and base64.b64decode(secret).hex() not in log
+    assert _doctor_webhooks(cfg, env)["status"] == "ok"  # an event was recorded after the refusals
 
 
 def test_v1_in_base64_is_accepted_too():

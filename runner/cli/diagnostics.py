@@ -191,6 +191,9 @@ def status(config_file, output):
             _echo(f"  no webhook subscription yet → {cases['fix']}", fg="yellow")
         counts = ", ".join(f"{n} {e}" for e, n in sorted(cases["events"].items()))
         _echo(f"  events: {counts or 'none yet'}" + (f" (last {cases['last_event']})" if cases["last_event"] else ""))
+        if cases.get("refused"):
+            r = cases["refused"]
+            _echo(f"  refused deliveries: {r['count']} (last {r['last']}: {r['last_reason']})", fg="yellow")
         for line in cases["cases"]:
             _echo(f"  {line}")
 

@@ -1241,6 +1241,10 @@ def debitura_cases(cfg: Config, store, limit: int = 10) -> dict | None:
            "collected_in_shown_cases": collected}
     if hooks is not None and hooks.mode == "push" and sub is None and not hooks.secret:
         out["fix"] = f"runner webhooks sync {cfg.file}"
+    refusals = store.webhook_refusals()
+    if refusals:
+        out["refused"] = {"count": refusals["refused"], "last": _when(refusals["last_at"]),
+                          "last_reason": refusals["last_reason"]}
     return out
 
 
@@ -1288,4 +1292,12 @@ async def webhook_checks(cfg: Config, clients, store, report: DoctorReport) -> N
     elif sorted(ours.get("events") or []) != sorted(hooks.events) or ours.get("url") != hooks.url:
         check.set(WARNING, f"subscription {ours.get('id')} differs from the config (events or URL)", fix)
     else:
-        check.set(OK, f"subscription {ours.get('id')} → {hooks.url} is active; {heard}")
+        refusals = store.webhook_refusals() if store is not None else None
+        if refusals and (not totals["last"] or refusals["last_at"] > totals["last"]):
+            check.set(WARNING, f"subscription {ours.get('id')} is active, but `runner serve` refused deliveries since "
+                               f"the last one it recorded ({refusals['refused']} in all; the last, "
+                               f"{_when(refusals['last_at'])}: {refusals['last_reason']})",
+                      f"if the secret is wrong or lost: {fix} (a new state store gets a new secret); if the "
+                      f"timestamp is off: synchronise this machine's clock (NTP)")
+        else:
+            check.set(OK, f"subscription {ours.get('id')} → {hooks.url} is active; {heard}")

@@ -162,10 +162,12 @@ class Receiver:
 
         return JSONResponse(body, status_code=status)
 
-    def _refuse(self, status: int, reason: str, request) -> Any:
+    def _refuse(self, status: int, reason: str, request, note: bool = False) -> Any:
         self.refused += 1
         client = request.client.host if request.client else "-"
         logger.warning("refused a Debitura webhook from {}: {}", client, reason)
+        if note and self.store is not None:  # signed, so meant as Debitura's: for doctor and status
+            self.store.note_webhook_refused(reason)
         return self._json(status, {"error": "refused", "message": reason})
 
     async def _read(self, request) -> bytes | None:
@@ -186,13 +188,15 @@ class Receiver:
         try:
             secret = self.secret()
         except RunnerError as exc:  # encrypted in the store, and RUNNER_SECRET_KEY missing or wrong
-            return self._refuse(503, f"the stored webhook secret cannot be read: {exc.message}; {exc.fix}", request)
+            return self._refuse(503, f"the stored webhook secret cannot be read: {exc.message}; {exc.fix}", request,
+                                note=True)
         if not secret:
             return self._refuse(503, "no webhook secret: run `runner webhooks sync CONFIG` (it keeps the secret "
-                                     "Debitura returns), or set destination.webhooks.secret", request)
-        why = verify(secret, request.headers.get(SIGNATURE_HEADER), raw)
+                                     "Debitura returns), or set destination.webhooks.secret", request, note=True)
+        header = request.headers.get(SIGNATURE_HEADER)
+        why = verify(secret, header, raw)
         if why is not None:
-            return self._refuse(401, why, request)
+            return self._refuse(401, why, request, note=bool(header))
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):

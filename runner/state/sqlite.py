@@ -126,6 +126,12 @@ CREATE TABLE IF NOT EXISTS case_events (
     PRIMARY KEY (destination, event_id)
 );
 CREATE INDEX IF NOT EXISTS case_events_case ON case_events (destination, case_id);
+CREATE TABLE IF NOT EXISTS webhook_refusals (  -- deliveries `runner serve` refused, for doctor and status
+    destination TEXT PRIMARY KEY,
+    refused INTEGER NOT NULL,
+    last_at REAL NOT NULL,
+    last_reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS case_poll_state (
     destination TEXT NOT NULL,
     case_id TEXT NOT NULL,
@@ -811,6 +817,20 @@ class Store:
             rows = self.db.execute("SELECT event, COUNT(*), MAX(received) FROM case_events WHERE destination=? "
                                    "GROUP BY event", (self.destination,)).fetchall()
         return {"by_event": {r[0]: r[1] for r in rows}, "last": max((r[2] for r in rows), default=None)}
+
+    def note_webhook_refused(self, reason: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT INTO webhook_refusals (destination, refused, last_at, last_reason) VALUES "
+                            "(?, 1, ?, ?) ON CONFLICT (destination) DO UPDATE SET refused=refused+1, "
+                            "last_at=excluded.last_at, last_reason=excluded.last_reason",
+                            (self.destination, time.time(), reason[:500]))
+
+    def webhook_refusals(self) -> dict | None:
+        """{refused, last_at, last_reason} of the deliveries refused so far, or None."""
+        with self._lock:
+            r = self.db.execute("SELECT refused, last_at, last_reason FROM webhook_refusals WHERE destination=?",
+                                (self.destination,)).fetchone()
+        return {"refused": r[0], "last_at": r[1], "last_reason": r[2]} if r else None
 
     def open_cases(self, limit: int) -> list[tuple[str, str | None]]:
         """(case id, reference) of delivered cases with no recorded close, least recently polled first."""
