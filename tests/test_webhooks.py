@@ -455,3 +455,35 @@ def test_doctor_checks_the_subscription_and_the_secret(tmp_path, env):
     control(cfg, "PATCH", f"/webhooks/{made}", {"isActive": False})
     off = _doctor_webhooks(cfg, env)
     assert off["status"] == "failed" and "Debitura disabled the subscription" in off["message"]
+
+
+def test_the_zapier_server_also_takes_webhooks_without_an_api_key(tmp_path, env, serve):
+    port = free_port()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    (tmp_path / "hook-secret").write_text(secret)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"""
+state: state/state.db
+destination:
+  type: debitura
+  environment: sandbox
+  api_key: "${{DEBITURA_API_KEY}}"
+  webhooks:
+    url: https://runner.example.com{ROUTE}
+    secret: "${{file:hook-secret}}"     # a subscription made in Debitura's app: its secret comes from here
+connections:
+  - name: zaps
+    integration: zapier
+    environment: production
+    account_id: acme-crm
+""")
+    srv = serve(cfg, port)
+    assert srv.proc.stdout.readline().startswith("serving 'zaps'")
+    assert srv.proc.stdout.readline().strip() == f"and Debitura webhooks on http://127.0.0.1:{port}{ROUTE}"
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/invoices", json={}).status_code == 401  # Zaps need a key
+    body = _event()
+    assert srv.post(body, {}).json()["message"] == "no X-Debitura-Signature header"
+    r = srv.post(body, {"X-Debitura-Signature": sign(secret, int(time.time()), body)})
+    assert r.status_code == 200 and r.json()["recorded"] is True
+    assert [e[1] for e in events(cfg)] == ["payment.created"]
+    assert secret not in srv.stop()
