@@ -182,6 +182,20 @@ def status(config_file, output):
             _echo("  no run recorded yet")
         for ch in c["changes"]:
             _echo(f"  change {ch['at']}: {ch['what']} {ch['old']} → {ch['new']}")
+    cases = st.get("debitura_cases")
+    if cases:  # Debitura's side of the cases (webhooks or polling)
+        how = {"push": "webhooks", "poll": "polling"}.get(cases["mode"], "recorded events")
+        _echo(f"● Debitura cases ({how}" + (f", subscription {cases['subscription']['id']}" if cases["subscription"]
+                                           else "") + ")", bold=True)
+        if cases.get("fix"):
+            _echo(f"  no webhook subscription yet → {cases['fix']}", fg="yellow")
+        counts = ", ".join(f"{n} {e}" for e, n in sorted(cases["events"].items()))
+        _echo(f"  events: {counts or 'none yet'}" + (f" (last {cases['last_event']})" if cases["last_event"] else ""))
+        if cases.get("refused"):
+            r = cases["refused"]
+            _echo(f"  refused deliveries: {r['count']} (last {r['last']}: {r['last_reason']})", fg="yellow")
+        for line in cases["cases"]:
+            _echo(f"  {line}")
 
 
 @click.command("support-bundle")

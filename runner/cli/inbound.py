@@ -15,8 +15,10 @@ from runner.cli.main import EXIT_INVALID, fail, load_config, output_option, setu
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but 127.0.0.1 should sit behind an HTTPS proxy.")
 @click.option("--port", default=8088, show_default=True, type=int, help="0 picks a free port (printed on start).")
+@click.option("--webhooks-only", is_flag=True, help="Serve only Debitura's webhooks (destination.webhooks), no "
+                                                   "inbound connection (the default when the config has none).")
 @verbose_option
-def serve(config_file, connection, host, port, verbose):
+def serve(config_file, connection, host, port, webhooks_only, verbose):
     """Serve an inbound connection of CONFIG over HTTP: Zaps post invoices to it and poll it for cases.
 
     \b
@@ -25,6 +27,7 @@ def serve(config_file, connection, host, port, verbose):
       POST /v1/invoices           one invoice, a list, or {"invoices": [...]}; answers each invoice's verdict
       GET  /v1/triggers/cases     polling trigger: cases created, newest first
       GET  /v1/triggers/skipped   polling trigger: invoices skipped and why, newest first
+      POST /v1/webhooks/debitura  Debitura's signed case events (when destination.webhooks is set; no key)
     """
     setup_logging(verbose)
     import uvicorn
@@ -32,9 +35,19 @@ def serve(config_file, connection, host, port, verbose):
     from runner.inbound import server as inbound
     from runner.errors import ConfigError
 
+    from runner.errors import Problem
+    from runner.inbound import webhooks
+
     cfg = load_config(config_file)
+    only = webhooks_only or (not connection and webhooks.configured(cfg) and not inbound.inbound_connections(cfg))
+    conn = None
     try:
-        conn = inbound.select(cfg, connection)
+        if only and not webhooks.configured(cfg):
+            raise ConfigError(Problem(f"{cfg.file} has no destination.webhooks with mode push, so there are no "
+                                      f"webhooks to serve", fix="add destination.webhooks with the public url of "
+                                                                "this server (see docs/webhooks.md)"))
+        if not only:
+            conn = inbound.select(cfg, connection)
     except ConfigError as exc:
         fail(exc)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -49,20 +62,25 @@ def serve(config_file, connection, host, port, verbose):
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    click.echo(f"serving '{conn.name}' ({conn.spec.name}, {conn.environment} environment) on http://{shown}:{bound}",
-               nl=True)
+    if only:
+        click.echo(f"serving Debitura webhooks on http://{shown}:{bound}{webhooks.ROUTE}", nl=True)
+    else:
+        click.echo(f"serving '{conn.name}' ({conn.spec.name}, {conn.environment} environment) on "
+                   f"http://{shown}:{bound}", nl=True)
+        if webhooks.configured(cfg):
+            click.echo(f"and Debitura webhooks on http://{shown}:{bound}{webhooks.ROUTE}")
     sys.stdout.flush()
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo("warning: listening beyond this machine; put the runner behind an HTTPS proxy so keys are never "
                    "sent in clear text", err=True)
     import logging
 
-    app = inbound.create_app(cfg, conn)
+    app = webhooks.create_app(cfg) if only else inbound.create_app(cfg, conn)
     # uvicorn's own logging config and access log would write to the terminal past the redaction layer (a key
     # sent in a query string, in clear): its records go to loguru instead, and the access log is the runner's.
     inbound.route_std_logging(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     if verbose:
-        app = inbound.access_log(app, app.state.server.key_header)
+        app = inbound.access_log(app, inbound.DEFAULT_KEY_HEADER if only else app.state.server.key_header)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
                                            log_level="debug" if verbose > 1 else "info" if verbose else "warning",
                                            lifespan="on"))

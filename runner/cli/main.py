@@ -30,6 +30,7 @@ LAZY = {
     "serve": "runner.cli.inbound:serve",
     "keys": "runner.cli.inbound:keys",
     "integrations": "runner.cli.integrations:integrations",
+    "webhooks": "runner.cli.webhooks:webhooks",
 }
 
 

@@ -642,6 +642,7 @@ async def doctor(cfg: Config, store, connections: list[Connection] | None = None
         await asyncio.gather(*((_connection_checks(c, cfg, clients, store, max_records, p) if c.spec.pull
                                 else _inbound_checks(c, cfg, store, p)) for c, p in zip(conns, parts)),
                              _destination_checks(cfg, clients, dest_part))
+        await webhook_checks(cfg, clients, store, dest_part)
         for p in parts + [dest_part]:
             report.checks.extend(p.checks)
             report.summaries.update(p.summaries)
@@ -988,7 +989,17 @@ REASON_WORDS = pipeline.REASONS
 
 
 async def explain(cfg: Config, store, key: str, connections: list[Connection] | None = None) -> list[Explanation]:
-    """Explain one invoice: the first connection that has it, else what every connection said."""
+    """Explain one invoice: the first connection that has it, else what every connection said; with Debitura's
+    side of its case when the runner has heard of it."""
+    out = await _explain_connections(cfg, store, key, connections)
+    if store is not None:
+        for ex in out:
+            _debitura_side(ex, store)
+    return out
+
+
+async def _explain_connections(cfg: Config, store, key: str,
+                               connections: list[Connection] | None = None) -> list[Explanation]:
     clients = _clients(cfg)
     out: list[Explanation] = []
     try:
@@ -1058,7 +1069,11 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
         if row.get("status") == "needs_reconnect":
             entry["fix"] = f"runner connect {conn.name}"
         conns.append(entry)
-    return redact_obj({"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns})
+    out = {"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns}
+    cases = debitura_cases(cfg, store)
+    if cases is not None:
+        out["debitura_cases"] = cases
+    return redact_obj(out)
 
 
 def _config_summary(cfg: Config) -> dict:
@@ -1111,3 +1126,178 @@ def support_bundle(cfg: Config, store, doctor_report: DoctorReport | None = None
 
 def render_text(obj) -> str:
     return redact(obj) if isinstance(obj, str) else obj
+
+
+# --- Debitura's side of a case: events from webhooks or polling (runner/inbound/webhooks.py) ----------------
+
+_CLOSE_WORDS = {"Paid": "paid", "PreLegalExhaustedNoPayment": "no payment, pre-legal collection exhausted"}
+
+
+def _amount(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _words(code: str) -> str:
+    import re as _re
+
+    return _CLOSE_WORDS.get(code) or _re.sub(r"(?<=[a-z])(?=[A-Z])", " ", code).lower()
+
+
+def case_lifecycle(events: list[dict]) -> dict:
+    """One case's story from its recorded events (oldest first): the steps, the line people read, and the amounts
+    collected per currency (payments less reversed ones)."""
+    steps: list[str] = []
+    collected: dict[str, float] = {}
+    seen_payments: set = set()
+    case_id = ref = lifecycle = close_code = None
+    for e in events:
+        d = e.get("data") or {}
+        case_id = case_id or e.get("case_id") or d.get("caseId")
+        ref = e.get("case_reference") or d.get("reference") or ref
+        kind = e["event"]
+        step = None
+        if kind == "case.created":
+            lifecycle = d.get("status") or lifecycle
+            step = (d.get("status") or "created").lower()
+        elif kind == "case.updated":
+            new = d.get("newLifecycle") or d.get("status")
+            if new and new != lifecycle and new != "Closed":  # a close is told by case.closed
+                step = new.lower()
+            lifecycle = new or lifecycle
+        elif kind in ("payment.created", "payment.deleted"):
+            p = d.get("payment") if isinstance(d.get("payment"), dict) else {}
+            pid = (kind, p.get("id") or e.get("event_id"))
+            if pid in seen_payments:
+                continue
+            seen_payments.add(pid)
+            amount = _amount(p.get("grossAmount", p.get("amount", d.get("paymentAmount"))))
+            cur = p.get("currency") or d.get("currency") or ""
+            day = str(p.get("date") or e.get("occurred") or "")[:10]
+            shown = f"{amount:.2f} {cur}".strip() if amount is not None else "(amount not given)"
+            if amount is not None:
+                collected[cur] = round(collected.get(cur, 0.0) + (amount if kind == "payment.created" else -amount), 2)
+            step = (f"payment {shown}" + (f" on {day}" if day else "")) if kind == "payment.created" else \
+                f"payment {shown} reversed" + (f" on {str(e.get('occurred') or '')[:10]}" if e.get("occurred") else "")
+        elif kind == "case.closed":
+            close_code = d.get("closeCode") or close_code
+            lifecycle = "Closed"
+            step = "closed" + (f" ({_words(close_code)})" if close_code else "")
+        elif kind == "chat.created":
+            step = "message" + (f" on {str(e.get('occurred'))[:10]}" if e.get("occurred") else "")
+        if step and (not steps or steps[-1] != step):
+            steps.append(step)
+    name = ref or case_id
+    return {"case_id": case_id, "case_reference": ref, "lifecycle": lifecycle, "close_code": close_code,
+            "collected": collected, "steps": steps, "events": len(events),
+            "line": f"case {name}: " + " → ".join(steps) if steps else f"case {name}: no events yet"}
+
+
+def _story_text(story: dict) -> str:
+    money = ", ".join(f"{v:.2f} {c}".strip() for c, v in story["collected"].items() if v)
+    return story["line"] + (f"; collected {money}" if money else "")
+
+
+def case_lifecycles(store, case_ids) -> dict[str, dict]:
+    by_case: dict[str, list] = {}
+    for e in store.case_events(case_ids):
+        by_case.setdefault(e["case_id"], []).append(e)
+    return {cid: case_lifecycle(evs) for cid, evs in by_case.items()}
+
+
+def _debitura_side(ex: Explanation, store) -> None:
+    """Add Debitura's side of the invoice's case (matched by case id in the ledger) to an explanation."""
+    ids = [r.get("case_id") for r in ex.ledger if r.get("case_id")]
+    if not ids:
+        return
+    stories = case_lifecycles(store, ids)
+    for cid in dict.fromkeys(ids):
+        story = stories.get(cid)
+        if story is None:
+            continue
+        text = _story_text(story)
+        _stage(ex.stages, "Debitura", OK, text)
+        ex.summary = (ex.summary + "; " if ex.summary else "") + "Debitura: " + text
+
+
+def debitura_cases(cfg: Config, store, limit: int = 10) -> dict | None:
+    """For `status`: how the runner hears from Debitura, what it heard, and the latest cases' stories."""
+    hooks = cfg.destination.webhooks
+    totals = store.case_event_totals()
+    if hooks is None and not totals["by_event"]:
+        return None
+    sub = store.webhook_subscription() if hooks is not None and hooks.mode == "push" else None
+    stories = case_lifecycles(store, store.recent_case_ids(limit))
+    collected: dict[str, float] = {}
+    for st in stories.values():
+        for cur, v in st["collected"].items():
+            collected[cur] = round(collected.get(cur, 0.0) + v, 2)
+    out = {"mode": hooks.mode if hooks else None,
+           "subscription": ({"id": sub["id"], "url": sub["url"], "events": sub["events"]} if sub else None),
+           "events": totals["by_event"], "last_event": _when(totals["last"]),
+           "cases": [_story_text(stories[c]) for c in store.recent_case_ids(limit) if c in stories],
+           "collected_in_shown_cases": collected}
+    if hooks is not None and hooks.mode == "push" and sub is None and not hooks.secret:
+        out["fix"] = f"runner webhooks sync {cfg.file}"
+    refusals = store.webhook_refusals()
+    if refusals:
+        out["refused"] = {"count": refusals["refused"], "last": _when(refusals["last_at"]),
+                          "last_reason": refusals["last_reason"]}
+    return out
+
+
+async def webhook_checks(cfg: Config, clients, store, report: DoctorReport) -> None:
+    """doctor: is Debitura's side of the cases reaching the runner (a live, signed subscription, or polling)?"""
+    from runner.engine import destinations
+
+    d, hooks = cfg.destination, cfg.destination.webhooks
+    if hooks is None or d.type != "debitura":
+        return
+    check = Check("destination", "webhooks", "Debitura case events (webhooks or polling)")
+    report.checks.append(check)
+    totals = store.case_event_totals() if store is not None else {"by_event": {}, "last": None}
+    heard = (f"last event recorded {_when(totals['last'])}" if totals["last"] else "no case event recorded yet")
+    if hooks.mode == "poll":
+        check.set(OK, f"polling: `runner webhooks poll {cfg.file}` reads the open cases; {heard}")
+        return
+    if d.problems:
+        check.set(SKIPPED, "not checked: the destination's API key is missing")
+        return
+    fix = f"runner webhooks sync {cfg.file}"
+    try:
+        stored = store.webhook_subscription() if store is not None else None
+    except RunnerError as exc:
+        check.set(FAILED, f"the stored webhook secret cannot be read: {exc.message}", exc.fix)
+        return
+    dest = destinations.DebituraDestination(d, clients)
+    try:
+        listed = (await dest.http.request("GET", "/webhooks")).json("Debitura's list of webhooks")
+    except ProviderError as exc:
+        check.set(FAILED, f"Debitura's webhook subscriptions could not be read: {exc.message}", exc.fix)
+        return
+    listed = [s for s in listed if isinstance(s, dict)] if isinstance(listed, list) else []
+    ours = next((s for s in listed if stored and str(s.get("id")) == stored["id"]), None) or \
+        next((s for s in listed if s.get("url") == hooks.url), None)
+    if ours is None:
+        check.set(FAILED, f"Debitura has no webhook subscription to {hooks.url}, so it tells the runner nothing", fix)
+    elif ours.get("isActive") is False:
+        check.set(FAILED, f"Debitura disabled the subscription {ours.get('id')}"
+                          + (f": {ours['disabledReason']}" if ours.get("disabledReason") else "")
+                          + "; check that `runner serve` is reachable at " + hooks.url, fix)
+    elif not hooks.secret and not (stored and stored.get("secret") and stored["id"] == str(ours.get("id"))):
+        check.set(FAILED, f"the runner has no signing secret for subscription {ours.get('id')}: every delivery "
+                          f"would be refused", fix)
+    elif sorted(ours.get("events") or []) != sorted(hooks.events) or ours.get("url") != hooks.url:
+        check.set(WARNING, f"subscription {ours.get('id')} differs from the config (events or URL)", fix)
+    else:
+        refusals = store.webhook_refusals() if store is not None else None
+        if refusals and (not totals["last"] or refusals["last_at"] > totals["last"]):
+            check.set(WARNING, f"subscription {ours.get('id')} is active, but `runner serve` refused deliveries since "
+                               f"the last one it recorded ({refusals['refused']} in all; the last, "
+                               f"{_when(refusals['last_at'])}: {refusals['last_reason']})",
+                      f"if the secret is wrong or lost: {fix} (a new state store gets a new secret); if the "
+                      f"timestamp is off: synchronise this machine's clock (NTP)")
+        else:
+            check.set(OK, f"subscription {ours.get('id')} → {hooks.url} is active; {heard}")

@@ -17,6 +17,8 @@ Endpoints (all JSON; all but /healthz need the key):
   POST /v1/invoices               one invoice, a list, or {"invoices": [...]} (the spec's `inbound.records`)
   GET  /v1/triggers/cases         polling trigger: cases created, newest first, each with a stable `id`
   GET  /v1/triggers/skipped       polling trigger: invoices skipped and why, newest first, stable `id`
+  POST /v1/webhooks/debitura      Debitura's signed case events, when destination.webhooks is set (no key:
+                                  the signature is checked; runner/inbound/webhooks.py)
 """
 from __future__ import annotations
 
@@ -775,11 +777,16 @@ def create_app(cfg: Config, conn: Connection):
     from starlette.applications import Starlette
     from starlette.routing import Route
 
+    from runner.inbound import webhooks
+
     server = InboundServer(cfg, conn)
+    receiver = webhooks.Receiver(cfg) if webhooks.configured(cfg) else None
 
     @asynccontextmanager
     async def lifespan(app):
         await server.startup()
+        if receiver is not None:
+            receiver.startup(server.store)
         try:
             yield
         finally:
@@ -790,6 +797,8 @@ def create_app(cfg: Config, conn: Connection):
               Route("/v1/invoices", server.invoices, methods=["POST"]),
               Route("/v1/triggers/cases", server.trigger_cases, methods=["GET"]),
               Route("/v1/triggers/skipped", server.trigger_skipped, methods=["GET"])]
+    if receiver is not None:  # signed by Debitura: no API key
+        routes.append(Route(webhooks.ROUTE, receiver.handle, methods=["POST"]))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = server
     return app

@@ -15,7 +15,8 @@ key                                 environment  behaviour
 401 body: ``{"error": "unauthorized", "message": ...}`` (the real API documents no body).
 
 Endpoints: ``GET /me``, ``POST /cases``, ``GET /cases``, ``GET /cases/{id}``,
-``GET /cases/by-creditor-reference/{ref}``, ``DELETE /test/cases/{id}``, ``DELETE /test/cases?tag=``.
+``GET /cases/by-creditor-reference/{ref}``, ``DELETE /test/cases/{id}``, ``DELETE /test/cases?tag=``; webhooks,
+payments and the test-case lifecycle in ``debitura_webhooks.py``.
 
 ``POST /cases`` validates like the real API (400 ASP.NET ProblemDetails with ``errors`` keyed by field path,
 e.g. ``Debtor.City``), enforces a unique ``creditorReference`` per creditor (400 ``DuplicateReference``; test
@@ -198,6 +199,9 @@ class DebituraSimulator(Simulator):
         self.keys: dict[str, str] = {PRODUCTION_KEY: "production", TEST_KEY: "test"}
         self.revoked: set[str] = {REVOKED_KEY}
         self._limiters: dict[str, Any] = {}
+        from .debitura_webhooks import WebhookHub  # webhooks, payments, the test-case lifecycle
+
+        self.webhooks = WebhookHub(self)
 
     # -- test helpers
     def add_key(self, key: str, environment: str | None = None) -> None:
@@ -225,6 +229,7 @@ class DebituraSimulator(Simulator):
         self.store.conn.execute("DELETE FROM cases")
         self.store.conn.execute("DELETE FROM idempotency")
         self.store.conn.execute("DELETE FROM deleted_test_cases")
+        self.webhooks.reset()
 
     def on_faults_changed(self) -> None:
         self._limiters.clear()
@@ -306,6 +311,9 @@ class DebituraSimulator(Simulator):
         lower = [p.lower() for p in parts]
         if lower == ["me"] and method == "GET":
             return self._json(200, dict(CREDITOR_PROFILE))
+        hooked = await self.webhooks.dispatch(request, parts, method)
+        if hooked is not None:
+            return hooked
         if lower == ["cases"]:
             if method == "POST":
                 return await self._create(request, key)
@@ -656,5 +664,6 @@ class DebituraSimulator(Simulator):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        await self.webhooks.emit("case.created", case)
         return httpx.Response(200, content=payload.encode("utf-8"),
                               headers={"Content-Type": "application/json; charset=utf-8"})

@@ -90,6 +90,22 @@ class Destination:
     concurrency: int = 8
     path: Path | None = None
     problems: list[Problem] = field(default_factory=list)
+    webhooks: "Webhooks | None" = None
+
+
+WEBHOOK_EVENTS = ("case.created", "case.updated", "case.closed", "payment.created", "payment.deleted", "chat.created")
+
+
+@dataclass
+class Webhooks:
+    """destination.webhooks: how the runner learns Debitura's side of its cases (runner/inbound/webhooks.py)."""
+    mode: str = "push"                   # push (a subscription to `url`) | poll (read open cases)
+    url: str | None = None
+    events: tuple = WEBHOOK_EVENTS
+    test_mode: bool = False
+    secret: str | None = None            # resolved from `secret:` (a subscription made outside the runner)
+    secret_ref: str | None = None
+    poll_max_requests: int = 500
 
 
 # A run that sees 100,000 invoices records a verdict for each one it skips: 70,000 rows and 26 MiB a run once
@@ -262,6 +278,15 @@ def _destination(doc, raw, base, problems, resolve, environ) -> Destination:
                     allow_pending_contracts=bool(raw.get("allow_pending_contracts", False)),
                     concurrency=int(raw.get("concurrency", 8)))
     d.api_key = _secret(doc, raw["api_key"], ("destination", "api_key"), base, resolve, environ, d.problems)
+    hooks = raw.get("webhooks")
+    if hooks is not None:
+        d.webhooks = Webhooks(
+            mode=hooks.get("mode", "push"), url=hooks.get("url"),
+            events=tuple(e for e in WEBHOOK_EVENTS if e in hooks.get("events", WEBHOOK_EVENTS)),
+            test_mode=bool(hooks.get("test_mode", d.is_test)), secret_ref=hooks.get("secret"),
+            secret=_secret(doc, hooks["secret"], ("destination", "webhooks", "secret"), base, resolve, environ,
+                           d.problems) if hooks.get("secret") else None,
+            poll_max_requests=int((hooks.get("poll") or {}).get("max_requests", 500)))
     return d
 
 

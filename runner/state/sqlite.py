@@ -101,6 +101,46 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 
+# Debitura's side of a case (runner/inbound/webhooks.py): the webhook subscription `runner webhooks sync` made,
+# and every case event received by webhook or found by polling, once per event id.
+WEBHOOKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_subscriptions (
+    destination TEXT PRIMARY KEY,    -- one subscription per destination (ledger id)
+    subscription_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,            -- JSON list
+    is_test INTEGER NOT NULL DEFAULT 0,
+    secret TEXT,                     -- the signing secret Debitura showed once; encrypted when RUNNER_SECRET_KEY is set
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS case_events (
+    destination TEXT NOT NULL,
+    event_id TEXT NOT NULL,          -- the event's own id (webhook), or one derived from what changed (polling)
+    event TEXT NOT NULL,             -- case.created | case.updated | case.closed | payment.created | ...
+    case_id TEXT,
+    case_reference TEXT,
+    occurred TEXT,                   -- when Debitura says it happened (ISO 8601)
+    via TEXT NOT NULL,               -- webhook | poll
+    data TEXT NOT NULL,              -- the event's data object (JSON)
+    received REAL NOT NULL,
+    PRIMARY KEY (destination, event_id)
+);
+CREATE INDEX IF NOT EXISTS case_events_case ON case_events (destination, case_id);
+CREATE TABLE IF NOT EXISTS webhook_refusals (  -- deliveries `runner serve` refused, for doctor and status
+    destination TEXT PRIMARY KEY,
+    refused INTEGER NOT NULL,
+    last_at REAL NOT NULL,
+    last_reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS case_poll_state (
+    destination TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    state TEXT NOT NULL,             -- JSON: lifecycle, closeCode, remainder, payment ids seen
+    checked REAL NOT NULL,
+    PRIMARY KEY (destination, case_id)
+);
+"""
+
 
 @dataclass
 class LedgerRow:
@@ -339,6 +379,7 @@ class Store:
         self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        self.db.executescript(WEBHOOKS_SCHEMA)
         # Columns a store from before lacks.
         for table, column in (("ledger", "run_id"), ("sink_marks", "recorded")):
             if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
@@ -696,3 +737,119 @@ class Store:
     def delete_token(self, connection: str) -> None:
         with self.tx():
             self.db.execute("DELETE FROM tokens WHERE connection=?", (connection,))
+
+    # --- Debitura webhooks and case events (runner/inbound/webhooks.py) --------------------------------------
+    def webhook_subscription(self) -> dict | None:
+        """The subscription `runner webhooks sync` made for this store's destination, its secret decrypted."""
+        with self._lock:
+            r = self.db.execute("SELECT subscription_id, url, events, is_test, secret, updated FROM "
+                                "webhook_subscriptions WHERE destination=?", (self.destination,)).fetchone()
+        if r is None:
+            return None
+        from runner.state import crypto
+
+        return {"id": r[0], "url": r[1], "events": json.loads(r[2]), "is_test": bool(r[3]),
+                "secret": crypto.decrypt(r[4]) if r[4] else None, "updated": r[5]}
+
+    def webhook_secret_blob(self) -> str | None:
+        """The stored secret as stored (encrypted or not): a server re-decrypts only when it changed."""
+        with self._lock:
+            r = self.db.execute("SELECT secret FROM webhook_subscriptions WHERE destination=?",
+                                (self.destination,)).fetchone()
+        return r[0] if r else None
+
+    def save_webhook_subscription(self, subscription_id: str, url: str, events: list[str], is_test: bool,
+                                  secret: str | None = None) -> None:
+        """Committed before anything else happens: Debitura shows a new secret only once. secret=None keeps
+        the stored one (an update that did not regenerate it)."""
+        from runner.state import crypto
+
+        blob = crypto.encrypt(secret) if secret else None
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO webhook_subscriptions (destination, subscription_id, url, events, is_test, secret, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination) DO UPDATE SET "
+                "subscription_id=excluded.subscription_id, url=excluded.url, events=excluded.events, "
+                "is_test=excluded.is_test, secret=COALESCE(excluded.secret, CASE WHEN "
+                "webhook_subscriptions.subscription_id = excluded.subscription_id THEN webhook_subscriptions.secret "
+                "END), updated=excluded.updated",
+                (self.destination, subscription_id, url, json.dumps(sorted(events)), int(is_test), blob, time.time()))
+
+    def delete_webhook_subscription(self) -> None:
+        with self.tx():
+            self.db.execute("DELETE FROM webhook_subscriptions WHERE destination=?", (self.destination,))
+
+    def record_case_event(self, event_id: str, event: str, case_id: str | None, case_reference: str | None,
+                          occurred: str | None, via: str, data: dict) -> bool:
+        """True when recorded now, False when this event id was recorded before (a replay)."""
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO case_events (destination, event_id, event, case_id, case_reference, occurred, via, data, "
+                "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination, event_id) DO NOTHING",
+                (self.destination, event_id, event, case_id, case_reference, occurred, via,
+                 json.dumps(data, sort_keys=True), time.time()))
+            return cur.rowcount == 1
+
+    def case_events(self, case_ids: Iterable[str]) -> list[dict]:
+        """The recorded events of these cases, oldest first (by Debitura's time, then arrival)."""
+        ids = list(dict.fromkeys(i for i in case_ids if i))
+        out: list[dict] = []
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                out += [{"event_id": r[0], "event": r[1], "case_id": r[2], "case_reference": r[3], "occurred": r[4],
+                         "via": r[5], "data": json.loads(r[6]), "received": r[7]} for r in self.db.execute(
+                    "SELECT event_id, event, case_id, case_reference, occurred, via, data, received FROM case_events "
+                    f"WHERE destination=? AND case_id IN ({', '.join('?' * len(chunk))})", [self.destination, *chunk])]
+        out.sort(key=lambda e: (e["occurred"] or "", e["received"]))
+        return out
+
+    def recent_case_ids(self, limit: int = 10) -> list[str]:
+        """The cases whose latest event arrived most recently, newest first."""
+        with self._lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT case_id FROM case_events WHERE destination=? AND case_id IS NOT NULL GROUP BY case_id "
+                "ORDER BY MAX(received) DESC LIMIT ?", (self.destination, limit))]
+
+    def case_event_totals(self) -> dict:
+        """Events recorded per kind, and the time of the latest."""
+        with self._lock:
+            rows = self.db.execute("SELECT event, COUNT(*), MAX(received) FROM case_events WHERE destination=? "
+                                   "GROUP BY event", (self.destination,)).fetchall()
+        return {"by_event": {r[0]: r[1] for r in rows}, "last": max((r[2] for r in rows), default=None)}
+
+    def note_webhook_refused(self, reason: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT INTO webhook_refusals (destination, refused, last_at, last_reason) VALUES "
+                            "(?, 1, ?, ?) ON CONFLICT (destination) DO UPDATE SET refused=refused+1, "
+                            "last_at=excluded.last_at, last_reason=excluded.last_reason",
+                            (self.destination, time.time(), reason[:500]))
+
+    def webhook_refusals(self) -> dict | None:
+        """{refused, last_at, last_reason} of the deliveries refused so far, or None."""
+        with self._lock:
+            r = self.db.execute("SELECT refused, last_at, last_reason FROM webhook_refusals WHERE destination=?",
+                                (self.destination,)).fetchone()
+        return {"refused": r[0], "last_at": r[1], "last_reason": r[2]} if r else None
+
+    def open_cases(self, limit: int) -> list[tuple[str, str | None]]:
+        """(case id, reference) of delivered cases with no recorded close, least recently polled first."""
+        with self._lock:
+            return [(r[0], r[1]) for r in self.db.execute(
+                "SELECT l.case_id, l.case_reference FROM ledger l LEFT JOIN case_poll_state p ON "
+                "p.destination = l.destination AND p.case_id = l.case_id WHERE l.destination=? AND "
+                "l.status='delivered' AND l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM case_events e WHERE "
+                "e.destination = l.destination AND e.case_id = l.case_id AND e.event='case.closed') "
+                "ORDER BY COALESCE(p.checked, 0), l.updated LIMIT ?", (self.destination, limit))]
+
+    def case_poll_state(self, case_id: str) -> dict | None:
+        with self._lock:
+            r = self.db.execute("SELECT state FROM case_poll_state WHERE destination=? AND case_id=?",
+                                (self.destination, case_id)).fetchone()
+        return json.loads(r[0]) if r else None
+
+    def save_case_poll_state(self, case_id: str, state: dict) -> None:
+        with self.tx():
+            self.db.execute("INSERT INTO case_poll_state (destination, case_id, state, checked) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (destination, case_id) DO UPDATE SET state=excluded.state, "
+                            "checked=excluded.checked", (self.destination, case_id, json.dumps(state), time.time()))
