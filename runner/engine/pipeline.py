@@ -162,7 +162,8 @@ class Source:
 
             scope_value = self.spec.id + ":" + Template(scope).render(self._ctx_base)
         self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, self.spec.retry_after),
-                         limiter=limiter_for(scope_value, rl), label=self.spec.name, pool=conn.name)
+                         limiter=limiter_for(scope_value, rl), label=self.spec.name, pool=conn.name,
+                         advice=self.spec.auth.advice)
         self.auth = None
         self.today = datetime.now(conn.window.zone).date()
         self.today_iso = self.today.isoformat()
@@ -197,7 +198,7 @@ class Source:
                 if base != self.base_url:
                     self.base_url = base
                     self.http = Http(self.clients, base, policy=self.http.policy, limiter=self.http.limiter,
-                                     label=self.http.label, pool=self.conn.name)
+                                     label=self.http.label, pool=self.conn.name, advice=self.http.advice)
         await self._identify()
         if self.store is not None:
             # Ledgers from before sources were keyed by the provider's account keyed them by the connection's name.
