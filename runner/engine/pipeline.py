@@ -154,6 +154,9 @@ class Source:
         env = self.spec.environments[conn.environment]
         # An inbound-only spec has no base URL: nothing is fetched, posted payloads are only evaluated.
         self.base_url = conn.base_url or (env.base_url.render(self._ctx_base) if env.base_url is not None else "")
+        # Templates that mean the API's address (an OAuth2 URL, a request) get the connection's, its `base_url:`
+        # when it sets one: a connection pointed at a mock or a proxy sends everything there.
+        self._ctx_base["base_url"] = self.base_url
         rl = self.rate_limit = env.rate_limit or self.spec.rate_limit or {}
         scope = rl.get("scope")
         scope_value = self.spec.id + ":" + (credential_fingerprint(conn) or conn.name)
@@ -197,6 +200,7 @@ class Source:
                 base = self.spec.environments[self.conn.environment].base_url.render(self._ctx_base)
                 if base != self.base_url:
                     self.base_url = base
+                    self._ctx_base["base_url"] = base
                     self.http = Http(self.clients, base, policy=self.http.policy, limiter=self.http.limiter,
                                      label=self.http.label, pool=self.conn.name, advice=self.http.advice)
         await self._identify()

@@ -43,6 +43,7 @@ from .oauth_server import OAuthServer
 CLIENT_ID = "fbsandboxclient00000000000000000000000000000000000000000000000001"
 CLIENT_SECRET = "fbsandboxsecret0000000000000000000000000000000000000000000000001"
 BOOTSTRAP_REFRESH_TOKEN = "fbsandboxbootstraprefreshtoken000000000000000000000000000fiona"
+GUS_REFRESH_TOKEN = "fbsandboxbootstraprefreshtoken0000000000000000000000000000gus"
 ACCESS_TTL = 43200  # 12 hours
 MAX_PER_PAGE = 100
 BUSINESSES = {
@@ -117,6 +118,7 @@ class FreshBooksSimulator(Simulator):
         self.today = today or datetime.now(timezone.utc).date()
         self.oauth = OAuthServer(clients={CLIENT_ID: CLIENT_SECRET}, rotate=True, access_ttl=ACCESS_TTL)
         self.oauth.add_grant(BOOTSTRAP_REFRESH_TOKEN, CLIENT_ID, "fiona", "user:profile:read user:invoices:read")
+        self.oauth.add_grant(GUS_REFRESH_TOKEN, CLIENT_ID, "gus", "user:profile:read user:invoices:read")
         if data_dir is not None:
             import pathlib
 

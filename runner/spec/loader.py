@@ -19,7 +19,7 @@ from runner.spec.yamlfile import Document, dotted, load as load_yaml, schema_pro
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "integrations.d"
 
 # Names a template may read, by where it is used. A typo ({{ secret.api_key }}) fails at load time.
-REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token"}
+REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token", "base_url"}
 DETAIL_NAMES = REQUEST_NAMES | {"record"}
 LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
 
