@@ -142,3 +142,20 @@ def test_simulator_refuses_requests_without_both_tokens():
     resp = asyncio.run(sim.handle(httpx.Request("GET", "http://economic.sandbox.invalid/self",
                                                 headers={"X-AppSecretToken": sim_mod.APP_SECRET_TOKEN})))
     assert resp.status_code == 401 and json.loads(resp.content)["errorCode"] == "E04010"
+
+
+def test_doctor_counts_credit_notes_apart_and_does_not_call_them_invalid(tmp_path):
+    from runner.diagnostics import checks
+    from runner.spec import config
+    from runner.state.sqlite import Store
+
+    cfg = config.load(_config(tmp_path))
+    store = Store(cfg.state_path)
+    try:
+        report = asyncio.run(checks.doctor(cfg, store))
+    finally:
+        store.close()
+    assert report.get("eco", "invoice_data").status == checks.OK
+    assert "1 set aside as credit_note" in report.summaries["eco"]
+    addresses = report.get("eco", "addresses")
+    assert addresses.status == checks.FAILED and "Eventyr Rejser" in addresses.message and "postal code" in addresses.message

@@ -219,6 +219,7 @@ class Scan:
     incomplete: list = field(default_factory=list)
     invalid: list = field(default_factory=list)
     not_yet_due: list = field(default_factory=list)
+    excluded: Counter = field(default_factory=Counter)  # the spec's exclude reason -> count (not receivables)
     not_unpaid_in: Counter = field(default_factory=Counter)  # status -> count, inside the window
     not_unpaid_examples: dict = field(default_factory=dict)  # status -> invoice numbers
     duplicates: list = field(default_factory=list)  # (verdict, ledger row)
@@ -246,6 +247,8 @@ async def _scan(source: pipeline.Source, store, max_records: int) -> Scan:
                 scan.incomplete.append(v)
             elif v.reason == "not_yet_due":
                 scan.not_yet_due.append(v)
+            elif source.stream.exclude is not None and v.reason == source.stream.exclude.reason:
+                scan.excluded[v.reason] += 1  # set aside by the spec: nothing to fix
             else:
                 scan.invalid.append(v)
         if scan.seen >= max_records:
@@ -365,6 +368,8 @@ def _data_checks(checks: dict, conn: Connection, source: pipeline.Source, scan: 
         summary += f" ({len(scan.retry)} of them are retries of an unfinished delivery)"
     if scan.not_yet_due:
         summary += f"; {len(scan.not_yet_due)} not yet due"
+    for reason, n in scan.excluded.items():
+        summary += f"; {n} set aside as {reason}"
     return summary
 
 
