@@ -14,8 +14,9 @@ SECRETS = ROOT / "sandbox-secrets"
 
 
 def _config(tmp: Path, *, options: str = "{account_id: xZ3q7}", refresh_token_file: Path | None = None,
-            base_url: str | None = None, server_filters: bool = False) -> Path:
+            base_url: str | None = None, server_filters: bool = False, bootstrap: bool = True) -> Path:
     rt = refresh_token_file or SECRETS / "freshbooks_refresh_token"
+    rt_line = f'{chr(10)}      refresh_token: "${{file:{rt}}}"' if bootstrap else ""
     cfg = tmp / "config.yaml"
     cfg.write_text(f"""version: 1
 state: state.db
@@ -28,8 +29,7 @@ connections:
     options: {options}
     credentials:
       client_id: "${{file:{SECRETS}/freshbooks_client_id}}"
-      client_secret: "${{file:{SECRETS}/freshbooks_client_secret}}"
-      refresh_token: "${{file:{rt}}}"
+      client_secret: "${{file:{SECRETS}/freshbooks_client_secret}}"{rt_line}
     window: {{last: 1y}}
 """)
     return cfg
@@ -177,3 +177,44 @@ def test_explain_finds_an_invoice_by_number_and_names_its_partial_payment(tmp_pa
     assert ex.found and ex.error is None, ex.error
     status = next(s for s in ex.stages if s["stage"] == "status filter")
     assert status["result"] == "skipped" and "partially paid" in status["text"]
+
+
+def test_connect_as_a_user_with_two_businesses_lists_them_and_one_line_chooses(tmp_path):
+    """`runner connect`: the browser logs in at FreshBooks (the simulator), the code is exchanged for tokens,
+    and the business is chosen among the user's memberships: never guessed when there are two."""
+    import threading
+
+    import pytest
+
+    from oauth_helpers import play_browser
+    from runner.cli.connect import connect_flow
+    from runner.errors import AccountMismatch
+    from runner.sandbox.core import SandboxServer
+    from runner.spec import config
+    from runner.state.sqlite import Store
+
+    sim = fb.FreshBooksSimulator()
+    server = SandboxServer({"freshbooks": sim})
+    server.start()
+    try:
+        def connect(cfg_path, user):
+            cfg = config.load(cfg_path)
+            store = Store(cfg.state_path)
+            try:
+                return asyncio.run(connect_flow(
+                    cfg.connection("fb"), store, open_browser=False, timeout=20, echo=lambda line: None,
+                    on_url=lambda url: threading.Thread(target=play_browser, args=(url, user), daemon=True).start()))
+            finally:
+                store.close()
+
+        cfg = _config(tmp_path, options="{}", bootstrap=False, base_url=server.url("freshbooks"))
+        with pytest.raises(AccountMismatch) as exc:
+            connect(cfg, "fiona")
+        assert "xZ3q7 (Fiona's Flowers Ltd)" in exc.value.message and 'options: {account_id: "bR8m2"}' in exc.value.fix
+        # The authorization was saved: with the business chosen, a run works without connecting again.
+        cfg = _config(tmp_path, options="{account_id: bR8m2}", bootstrap=False, base_url=server.url("freshbooks"))
+        conn = _sync(cfg, mode="plan").connections[0]
+        assert conn.error is None, conn.error
+        assert conn.account_id == "bR8m2" and conn.account_name == "Fiona Consulting Inc" and conn.seen == 2
+    finally:
+        server.stop()
