@@ -166,6 +166,28 @@ def test_a_403_takes_the_specs_advice_and_names_the_request(qbo, tmp_path):
     assert f"GET {url}/v3/company/{REALM_US}/query?" in conn.error and "HTTP 403" in conn.error
 
 
+def test_doctor_gives_the_specs_403_advice(qbo, tmp_path):
+    from runner.diagnostics import checks
+    from runner.spec import config
+    from runner.state.sqlite import Store
+
+    sim, url = qbo
+    sim.answers[r"/query$"] = (403, {"Fault": {"Error": [{"Message": "ApplicationAuthorizationFailed", "code": "3201"}]}})
+
+    def edit(spec):
+        spec["auth"]["advice"] = {"403": "give the Intuit app the Accounting scope and connect again"}
+
+    cfg = config.load(workspace(tmp_path, url, edit))
+    store = Store(cfg.state_path)
+    try:
+        report = asyncio.run(checks.doctor(cfg, store))
+    finally:
+        store.close()
+    perm = report.get("q", "permission")
+    assert perm.status == checks.FAILED
+    assert perm.fix.startswith("give the Intuit app the Accounting scope and connect again")
+
+
 def test_a_403_without_advice_in_the_spec_names_no_other_provider(qbo, tmp_path):
     sim, url = qbo
     sim.answers[r"/query$"] = (403, {"Fault": {"Error": [{"Message": "nope", "code": "3201"}]}})
