@@ -156,7 +156,8 @@ def _auth_failure(check_auth: Check, check_perm: Check, conn: Connection, exc: A
         advice = conn.spec.auth.advice.get(403)  # the provider's own terms, from the spec
         check_perm.set(FAILED, f"{sname} accepted the credentials but refused to let them read what the sync needs: "
                                f"{_plain(exc, 403)}",
-                       f"{advice}, then run `runner doctor` again" if advice else
+                       f"{advice}; then update the secret {', '.join(conn.credential_refs.values()) or ''} if the "
+                       f"credential changed, and run `runner doctor` again" if advice else
                        f"give the credential read access to invoices and customers in {sname} (or create a "
                                   f"new one that has it), update the secret "
                                   f"{', '.join(conn.credential_refs.values()) or ''} and run `runner doctor` again",
@@ -173,7 +174,7 @@ def _auth_failure(check_auth: Check, check_perm: Check, conn: Connection, exc: A
             refs = ", ".join(conn.credential_refs.values())
             advice = conn.spec.auth.advice.get(401)
             check_auth.set(FAILED, f"{_plain(exc, exc.status or 401)}; the key is invalid, revoked or rotated",
-                           f"{advice}, then run `runner doctor` again" if advice else
+                           f"{advice} (this connection reads it from {refs}), then run `runner doctor` again" if advice else
                            f"create a new key in {sname} (read access to invoices and customers), put it "
                                       f"where {refs} points, and run `runner doctor` again", status_code=exc.status)
         check_perm.set(SKIPPED, "not checked: the credentials were refused")
