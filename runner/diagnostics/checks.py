@@ -153,8 +153,11 @@ def _auth_failure(check_auth: Check, check_perm: Check, conn: Connection, exc: A
         check_perm.set(SKIPPED, "not checked: the connection is not active")
     elif exc.status == 403:
         check_auth.set(OK, f"{sname} accepted the credentials")
+        advice = conn.spec.auth.advice.get(403)  # the provider's own terms, from the spec
         check_perm.set(FAILED, f"{sname} accepted the credentials but refused to let them read what the sync needs: "
                                f"{_plain(exc, 403)}",
+                       f"{advice}; then update the secret {', '.join(conn.credential_refs.values()) or ''} if the "
+                       f"credential changed, and run `runner doctor` again" if advice else
                        f"give the credential read access to invoices and customers in {sname} (or create a "
                                   f"new one that has it), update the secret "
                                   f"{', '.join(conn.credential_refs.values()) or ''} and run `runner doctor` again",
@@ -169,7 +172,9 @@ def _auth_failure(check_auth: Check, check_perm: Check, conn: Connection, exc: A
                            shown, status_code=exc.status)
         else:
             refs = ", ".join(conn.credential_refs.values())
+            advice = conn.spec.auth.advice.get(401)
             check_auth.set(FAILED, f"{_plain(exc, exc.status or 401)}; the key is invalid, revoked or rotated",
+                           f"{advice} (this connection reads it from {refs}), then run `runner doctor` again" if advice else
                            f"create a new key in {sname} (read access to invoices and customers), put it "
                                       f"where {refs} points, and run `runner doctor` again", status_code=exc.status)
         check_perm.set(SKIPPED, "not checked: the credentials were refused")
@@ -219,6 +224,7 @@ class Scan:
     incomplete: list = field(default_factory=list)
     invalid: list = field(default_factory=list)
     not_yet_due: list = field(default_factory=list)
+    excluded: Counter = field(default_factory=Counter)  # the spec's exclude reason -> count (not receivables)
     not_unpaid_in: Counter = field(default_factory=Counter)  # status -> count, inside the window
     not_unpaid_examples: dict = field(default_factory=dict)  # status -> invoice numbers
     duplicates: list = field(default_factory=list)  # (verdict, ledger row)
@@ -246,6 +252,8 @@ async def _scan(source: pipeline.Source, store, max_records: int) -> Scan:
                 scan.incomplete.append(v)
             elif v.reason == "not_yet_due":
                 scan.not_yet_due.append(v)
+            elif source.stream.exclude is not None and v.reason == source.stream.exclude.reason:
+                scan.excluded[v.reason] += 1  # set aside by the spec: nothing to fix
             else:
                 scan.invalid.append(v)
         if scan.seen >= max_records:
@@ -365,6 +373,8 @@ def _data_checks(checks: dict, conn: Connection, source: pipeline.Source, scan: 
         summary += f" ({len(scan.retry)} of them are retries of an unfinished delivery)"
     if scan.not_yet_due:
         summary += f"; {len(scan.not_yet_due)} not yet due"
+    for reason, n in scan.excluded.items():
+        summary += f"; {n} set aside as {reason}"
     return summary
 
 
@@ -712,7 +722,8 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
             raise RunnerError("; ".join(p.message for p in conn.problems),
                               fix="; ".join(dict.fromkeys(p.fix for p in conn.problems if p.fix)) or None)
         await source.open()
-        rec = await _lookup(source, key)
+        others: list = []
+        rec = await _lookup(source, key, others)
     except NeedsReconnect as exc:
         ex.error = f"could not look up {key} in {sname}: the connection is not active: {exc.message}"
         ex.fix = f"reconnect it: `{_reconnect_fix(conn, exc)}`, then run `runner explain {key}` again"
@@ -742,6 +753,15 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
         return ex
     acct = _reported_account(conn, source)
     where = f"{sname} (account {acct})" if acct else sname
+    if rec is None and others:
+        how = {"by_id": "by id", "by_number": "by number"}
+        got = "; ".join(f"{how[k]}: id {i or '?'}, number {n or '?'}" for k, i, n in others)
+        text = f"{where}'s lookup for {key} answered with another invoice ({got}), not the one asked for"
+        _stage(ex.stages, "fetch", FAILED, text)
+        ex.summary = text
+        ex.fix = (f"check the lookup requests of the {conn.spec.id} integration spec (lookup.by_id / lookup.by_number): "
+                  f"the provider ignored the filter or the `record` expression picks the wrong entry")
+        return ex
     if rec is None:
         how = {"by_id": "by id", "by_number": "by number"}
         _stage(ex.stages, "fetch", FAILED, f"{where} has no invoice with id or number {key}")
@@ -887,8 +907,33 @@ def _lookup_kinds(spec, key: str) -> list[str]:
     return kinds
 
 
-async def _lookup(source: pipeline.Source, key: str) -> Any | None:
-    """Fetch one invoice with the spec's lookup requests (see _lookup_kinds). None if not found."""
+def _identity(source: pipeline.Source, rec: Any) -> tuple[str | None, str | None]:
+    """The id and number the spec's mapping reads from a record (None where it reads nothing)."""
+    out = []
+    for field in ("external_id", "number"):
+        expr = next((e for path, e in source.stream.mapping.fields if path == (field,)), None)
+        try:
+            v = expr.search(source.stream.prepare(dict(rec))) if expr is not None and isinstance(rec, dict) else None
+        except Exception:  # noqa: BLE001 - a value the mapping cannot read names nothing
+            v = None
+        out.append(None if v is None or str(v).strip() == "" else str(v).strip())
+    return out[0], out[1]
+
+
+def _is_asked(source: pipeline.Source, rec: Any, key: str) -> bool:
+    """Whether a looked-up record is the invoice asked for: its id or its number is the key. A lookup that
+    ignores its filter (a search parameter the API does not know) answers with some other invoice."""
+    ident, number = _identity(source, rec)
+    if ident is None and number is None:
+        return True  # the mapping names neither: nothing to compare (the verdict will say the id is missing)
+    k = key.strip()
+    return ident == k or (number is not None and number.casefold() == k.casefold())
+
+
+async def _lookup(source: pipeline.Source, key: str, others: list | None = None) -> Any | None:
+    """Fetch one invoice with the spec's lookup requests (see _lookup_kinds). None if not found. A record that
+    is another invoice (neither its id nor its number is `key`) is not taken: it is added to `others` as
+    (kind, id, number)."""
     for kind in _lookup_kinds(source.spec, key):
         lr = source.spec.lookup[kind]
         var = "invoice_id" if kind == "by_id" else "number"
@@ -897,6 +942,10 @@ async def _lookup(source: pipeline.Source, key: str) -> Any | None:
             continue
         rec = lr.record.search(resp.json(f"{source.spec.name}'s invoice answer"))
         if rec:
+            if not _is_asked(source, rec, key):
+                if others is not None:
+                    others.append((kind, *_identity(source, rec)))
+                continue
             if source.stream.details:
                 await source.enrich([rec])
             return rec

@@ -24,6 +24,7 @@ REASONS = {
     "invalid": "invalid invoice data",
     "not_yet_due": "not yet due",
     "duplicate": "already imported (duplicate)",
+    "excluded": "set aside by the spec's exclude rule (not a receivable)",
 }
 
 
@@ -237,6 +238,8 @@ class Classifier:
         self._flags: dict[int, tuple | None] = {}
         self._under: dict[tuple, list] = {}
         self._unpaid_flags = self._may_flag(self.stream.unpaid) is not None
+        ex = self.stream.exclude
+        self._exclude = ex.when.compiled() if ex is not None else None
 
     def invoice_id(self, rec: Any) -> str | None:
         """The id `evaluate` gives this record, without mapping the rest: to skip invoices already imported."""
@@ -284,8 +287,23 @@ class Classifier:
                             f"{getattr(e, 'actual_type', '?')} ({how})")
         return f"could not map this record: {exc}"
 
+    def _excluded(self, rec: Any) -> Verdict:
+        """A record the spec's `exclude` rule sets aside: its own verdict, with whatever id and number it has."""
+        ex = self.stream.exclude
+        try:
+            inv = self._map(rec)
+        except Exception:  # a bill need not map like an invoice
+            inv = {}
+        ext = inv.get("external_id") or (rec.get("id") if isinstance(rec, dict) else None)
+        number = inv.get("number")
+        text = ex.message or f"set aside by the spec's exclude rule ({ex.when.source})"
+        return Verdict(str(ext) if ext is not None else "<no id>", None if number is None else str(number),
+                       SKIPPED, ex.reason, text, {"rule": ex.when.source})
+
     def _evaluate(self, rec: Any) -> Verdict:
         rec = self.stream.prepare(rec)
+        if self._exclude is not None and _truthy(self._exclude(rec)):
+            return self._excluded(rec)
         inv = self._map(rec)
         ext = inv.get("external_id")
         number = inv.get("number")
@@ -402,6 +420,9 @@ class Classifier:
             return "issue_date is missing: the date window needs the invoice's date"
         # Messages start with the field, as the schema's do (a push sender's errors are keyed by it).
         if value is None or value == "":
+            why = self._unreadable(rule.value, rec) if self._may_flag(rule.value) is not None else None
+            if why is not None:  # there, but not a date the rule can read: show it, never call it missing
+                return why.text() + ", so its date cannot be read"
             return f"{rule.value.source} is missing: the date window needs the invoice's date"
         what = "a unix timestamp" if rule.format == "unix" else "a date"
         return f"{rule.value.source}: could not read {value!r:.80} as {what}, so its date cannot be read"

@@ -154,6 +154,9 @@ class Source:
         env = self.spec.environments[conn.environment]
         # An inbound-only spec has no base URL: nothing is fetched, posted payloads are only evaluated.
         self.base_url = conn.base_url or (env.base_url.render(self._ctx_base) if env.base_url is not None else "")
+        # Templates that mean the API's address (an OAuth2 URL, a request) get the connection's, its `base_url:`
+        # when it sets one: a connection pointed at a mock or a proxy sends everything there.
+        self._ctx_base["base_url"] = self.base_url
         rl = self.rate_limit = env.rate_limit or self.spec.rate_limit or {}
         scope = rl.get("scope")
         scope_value = self.spec.id + ":" + (credential_fingerprint(conn) or conn.name)
@@ -162,7 +165,8 @@ class Source:
 
             scope_value = self.spec.id + ":" + Template(scope).render(self._ctx_base)
         self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, self.spec.retry_after),
-                         limiter=limiter_for(scope_value, rl), label=self.spec.name, pool=conn.name)
+                         limiter=limiter_for(scope_value, rl), label=self.spec.name, pool=conn.name,
+                         advice=self.spec.auth.advice)
         self.auth = None
         self.today = datetime.now(conn.window.zone).date()
         self.today_iso = self.today.isoformat()
@@ -196,8 +200,9 @@ class Source:
                 base = self.spec.environments[self.conn.environment].base_url.render(self._ctx_base)
                 if base != self.base_url:
                     self.base_url = base
+                    self._ctx_base["base_url"] = base
                     self.http = Http(self.clients, base, policy=self.http.policy, limiter=self.http.limiter,
-                                     label=self.http.label, pool=self.conn.name)
+                                     label=self.http.label, pool=self.conn.name, advice=self.http.advice)
         await self._identify()
         if self.store is not None:
             # Ledgers from before sources were keyed by the provider's account keyed them by the connection's name.

@@ -528,8 +528,10 @@ class Http:
     """Requests to one base URL with one set of default headers, one policy and one limiter."""
 
     def __init__(self, clients: Clients, base_url: str, *, headers: dict | None = None, policy: Policy | None = None,
-                 limiter: Limiter | None = None, label: str = "provider", pool: str = ""):
+                 limiter: Limiter | None = None, label: str = "provider", pool: str = "",
+                 advice: dict | None = None):
         base_url = base_url.rstrip("/")
+        self.advice = advice or {}  # status -> what to do, for 401/403 (the spec's auth.advice)
         if base_url.startswith(SANDBOX_SCHEME):
             client, self.base_url = clients.resolve(base_url, pool)
             self._transport, self._pool = clients.transport(client), None
@@ -633,7 +635,7 @@ class Http:
                 if asked is not None:
                     deadline += wait
                 elif time.monotonic() + wait >= deadline:
-                    raise _status_error(self.label, resp, attempt)
+                    raise _status_error(self.label, resp, attempt, method, self.advice)
                 if resp.status == 429 and self.limiter is not None:
                     self.limiter.pause(wait)
                 logger.info("{} {}: HTTP {} — retrying in {:.1f}s (attempt {}/{})", method, _short(url),
@@ -641,7 +643,7 @@ class Http:
                 self.retries += 1
                 await asyncio.sleep(wait)
                 continue
-            raise _status_error(self.label, resp, attempt)
+            raise _status_error(self.label, resp, attempt, method, self.advice)
 
     async def _send_within(self, method: str, url: str, params, headers: dict, body,
                            deadline: float) -> tuple[int, Headers, bytes, str]:
@@ -766,18 +768,63 @@ def _merged(*layers: dict) -> dict:
     return out
 
 
-def _status_error(label: str, resp: Response, attempts: int) -> ProviderError:
+# A generic word for each refusal when the spec gives none (`auth.advice`): no provider's terms in it.
+DEFAULT_ADVICE = {
+    401: "the key or token is wrong, revoked or expired: create a new one and update the secret it is read from",
+    403: "the credentials work but lack a permission this request needs: give them read access to what the "
+         "integration reads (its invoices and customers), or see the integration's documentation",
+}
+# Query parameters whose values are credentials, by name: masked in messages even when not registered.
+_SECRET_PARAM = re.compile(r"(?i)(key|token|secret|password|passwd|signature|sig|auth|code)")
+BODY_SHOWN = 200  # characters of an error answer's body shown in its message
+
+
+def shown_url(url: str) -> str:
+    """A request's URL as messages show it: credentials in the query masked, registered secrets redacted."""
+    from runner.redact import MASK, redact
+
+    head, sep, query = url.partition("?")
+    if sep:
+        parts = []
+        for pair in query.split("&"):
+            name, eq, value = pair.partition("=")
+            parts.append(f"{name}={MASK}" if eq and value and _SECRET_PARAM.search(unquote(name)) else pair)
+        url = head + "?" + "&".join(parts)
+    return redact(url)
+
+
+def body_start(resp: Response) -> str:
+    """The start of an answer's body, on one line and redacted (empty when there is none)."""
+    from runner.redact import redact
+
+    text = " ".join(resp.content[:BODY_SHOWN * 2].decode("utf-8", "replace").split())
+    if not text:
+        return ""
+    text = redact(text)
+    return text if len(text) <= BODY_SHOWN else text[:BODY_SHOWN - 1] + "…"
+
+
+def _status_error(label: str, resp: Response, attempts: int, method: str = "",
+                  advice: dict | None = None) -> ProviderError:
+    """The error for an answer that is not a success: the status, the request (method and URL, secrets masked),
+    the provider's own words and the start of its body, and (401/403) the spec's advice for this provider."""
     from runner.errors import AuthError
 
     msg = error_message(resp)
+    body = body_start(resp)
+    request = f" to {method} {shown_url(resp.url)}" if resp.url else ""
+    said = msg if not body or body == msg else (f"{msg} (the answer starts: {body})" if msg != f"HTTP {resp.status}"
+                                                 else f"the answer starts: {body}")
+    if not body and msg == f"HTTP {resp.status}":
+        said = "the answer has no body"
+    advice = {**DEFAULT_ADVICE, **(advice or {})}
     if resp.status == 401:
-        return AuthError(f"{label} refused the credentials (HTTP 401): {msg}", status=401,
-                         fix="the key or token is wrong, revoked or expired: create a new one and update the secret it is read from")
+        return AuthError(f"{label} refused the credentials (HTTP 401){request}: {said}", status=401, fix=advice[401])
     if resp.status == 403:
-        return AuthError(f"{label} accepted the credentials but they may not read this (HTTP 403): {msg}", status=403,
-                         fix="give the key read access to invoices and customers (e.g. a restricted key with those permissions)")
+        return AuthError(f"{label} accepted the credentials but they may not read this (HTTP 403){request}: {said}",
+                         status=403, fix=advice[403])
     extra = f" after {attempts} attempts" if attempts > 1 else ""
-    return ProviderError(f"{label} answered HTTP {resp.status}{extra}: {msg}", status=resp.status)
+    return ProviderError(f"{label} answered HTTP {resp.status}{extra}{request}: {said}", status=resp.status)
 
 
 def _short(url: str) -> str:

@@ -44,10 +44,24 @@ def _zoho(data_dir: pathlib.Path | None = None) -> Any:
     return ZohoSimulator(data_dir=data_dir)
 
 
+def _economic(data_dir: pathlib.Path | None = None) -> Any:
+    from .economic import EconomicSimulator
+
+    return EconomicSimulator(data_dir=data_dir)
+
+
+def _freshbooks(data_dir: pathlib.Path | None = None) -> Any:
+    from .freshbooks import FreshBooksSimulator
+
+    return FreshBooksSimulator(data_dir=data_dir)
+
+
 SIMULATORS: dict[str, Callable[..., Any]] = {
     "stripe": _stripe,
     "quickbooks": _quickbooks,
     "zoho": _zoho,
+    "economic": _economic,
+    "freshbooks": _freshbooks,
     "debitura": _debitura,
     "debitura-test": _debitura_test,
 }

@@ -35,6 +35,8 @@ __all__ = [
     "country_code",
     "minor_to_major",
     "to_decimal",
+    "parse_date",
+    "DATE_FORMATS",
     "Unreadable",
     "unreadable",
     "may_be_unreadable",
@@ -54,6 +56,10 @@ FUNCTION_DOCS: dict[str, str] = {
     "unix_to_datetime": "unix_to_datetime(seconds) -> ISO 8601 UTC \"YYYY-MM-DDTHH:MM:SSZ\".",
     "to_date": "to_date(value, format?) -> \"YYYY-MM-DD\" from an ISO date/datetime (the date as written, offset "
     "not applied) or a strptime format such as \"%d/%m/%Y\"; unparseable -> null.",
+    "parse_date": "parse_date(value, format) -> \"YYYY-MM-DD\" from a date in a named format: 'dotnet' "
+    "(/Date(1700000000000+0100)/, milliseconds since the epoch; the offset, if any, gives the date as written), "
+    "'DD.MM.YYYY', 'DD/MM/YYYY', 'MM/DD/YYYY', 'DD-MM-YYYY', 'YYYY-MM-DD' (a time after the date is ignored); "
+    "unreadable -> null, and a verdict that names the value.",
     "regex_group": "regex_group(text, pattern) -> the first group of the pattern's first match in text (the whole "
     "match if it has no group); no match, null or non-string -> null. RE2 syntax (linear time, no back-references); "
     "reads at most the first 2,000 characters.",
@@ -353,6 +359,50 @@ def to_date(value, fmt=None):
         return None
 
 
+_DOTNET = re.compile(r"\\?/Date\((-?\d{1,15})(?:([+-])(\d{2})(\d{2}))?\)\\?/")
+# Day-first and month-first dates are told apart only by what the spec declares: 03/04/2026 is both.
+_DMY = {"DD.MM.YYYY": ".", "DD/MM/YYYY": "/", "DD-MM-YYYY": "-"}
+_MDY = {"MM/DD/YYYY": "/"}
+DATE_FORMATS = ("dotnet", *_DMY, *_MDY, "YYYY-MM-DD")
+_NUMERIC_DATE = re.compile(r"(\d{1,4})([./-])(\d{1,2})\2(\d{1,4})(?:[ T].*)?")
+
+
+def parse_date(value, fmt):
+    """A date in one of the named non-ISO formats, as YYYY-MM-DD; None when it is not one."""
+    if value is None:
+        return None
+    if fmt not in DATE_FORMATS:
+        raise RunnerFunctionError(f"parse_date: unknown format {fmt!r}; formats: {', '.join(DATE_FORMATS)}")
+    s = value.strip()
+    if not s:
+        return None
+    try:
+        if fmt == "dotnet":
+            m = _DOTNET.fullmatch(s)
+            if m is None:
+                return None
+            ms = int(m.group(1))
+            if m.group(2):  # the writer's own offset: the date as it was on their calendar
+                minutes = int(m.group(3)) * 60 + int(m.group(4))
+                ms += (minutes if m.group(2) == "+" else -minutes) * 60_000
+            return _dt.date.fromordinal(_EPOCH_ORDINAL + ms // 86_400_000).isoformat()
+        m = _NUMERIC_DATE.fullmatch(s)
+        if m is None:
+            return None
+        a, sep, b, c = m.groups()
+        if fmt == "YYYY-MM-DD":
+            y, mo, d, want = a, b, c, "-"
+        elif fmt in _DMY:
+            d, mo, y, want = a, b, c, _DMY[fmt]
+        else:
+            mo, d, y, want = a, b, c, _MDY[fmt]
+        if sep != want or len(y) != 4:
+            return None
+        return _dt.date(int(y), int(mo), int(d)).isoformat()
+    except (ValueError, OverflowError):
+        return None
+
+
 @functools.lru_cache(maxsize=8192)
 def _country_slow(value: str):
     alpha2, alpha3 = _codes()
@@ -519,6 +569,10 @@ class RunnerFunctions(_jfunc.Functions):
     def _func_to_date(self, value, fmt=None):
         return to_date(value, fmt)
 
+    @signature(_STR, {"types": ["string"]})
+    def _func_parse_date(self, value, fmt):
+        return parse_date(value, fmt)
+
     @signature(_STR)
     def _func_upper(self, s):
         return None if s is None else s.upper()
@@ -642,6 +696,13 @@ class StrictFunctions(RunnerFunctions):
         out = to_date(value, fmt)
         if out is None and _present(value):
             raise Unreadable(value, f"a date in the form {fmt}" if fmt else "a YYYY-MM-DD date")
+        return out
+
+    @signature(_STR, {"types": ["string"]})
+    def _func_parse_date(self, value, fmt):
+        out = parse_date(value, fmt)
+        if out is None and _present(value):
+            raise Unreadable(value, "a .NET JSON date (/Date(milliseconds)/)" if fmt == "dotnet" else f"a {fmt} date")
         return out
 
     @signature(_STR)

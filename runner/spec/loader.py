@@ -19,7 +19,7 @@ from runner.spec.yamlfile import Document, dotted, load as load_yaml, schema_pro
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "integrations.d"
 
 # Names a template may read, by where it is used. A typo ({{ secret.api_key }}) fails at load time.
-REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token"}
+REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token", "base_url"}
 DETAIL_NAMES = REQUEST_NAMES | {"record"}
 LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
 
@@ -61,6 +61,12 @@ def _check_functions(node) -> None:
         if node.get("type") == "function_expression" and node.get("value") not in functions.OPTIONS.custom_functions.FUNCTION_TABLE:
             known = ", ".join(sorted(functions.OPTIONS.custom_functions.FUNCTION_TABLE))
             raise ValueError(f"unknown function {node.get('value')}(); known functions: {known}")
+        if node.get("type") == "function_expression" and node.get("value") == "parse_date":
+            args = node.get("children") or []
+            fmt = args[1] if len(args) > 1 else None
+            if fmt is not None and fmt.get("type") == "literal" and fmt.get("value") not in functions.DATE_FORMATS:
+                raise ValueError(f"parse_date() has no format {fmt.get('value')!r}; its formats: "
+                                 f"{', '.join(repr(f) for f in functions.DATE_FORMATS)}")
         for child in node.get("children") or []:
             _check_functions(child)
 
@@ -193,6 +199,7 @@ class Stream:
     max_page_size: int | None
     let: list[tuple[str, Expression]] = field(default_factory=list)
     partition: dict | None = None  # {by: window, parts, min_seconds}: fetch sub-windows concurrently
+    exclude: "Exclude | None" = None  # records that are not receivables: their own verdict, still paginated
 
     def page_records(self, body: Any) -> list:
         """The invoices of one list answer, by the spec's `records` expression. Raises TypeError when the
@@ -216,6 +223,14 @@ class Stream:
             for name, expr in self.let:
                 record[name] = expr.search(record)
         return record
+
+
+@dataclass
+class Exclude:
+    """`invoices.exclude`: records set aside with their own reason (never dropped: each gets a verdict)."""
+    when: Expression
+    reason: str = "excluded"
+    message: str = ""
 
 
 @dataclass
@@ -253,6 +268,7 @@ class Auth:
     credentials: list[str]
     headers: dict[str, Template]
     oauth2: dict | None
+    advice: dict[int, str] = field(default_factory=dict)  # status -> what to do about it (auth.advice)
 
 
 @dataclass
@@ -394,6 +410,12 @@ class _Compiler:
                         size_param=raw.get("size_param"), size=raw.get("size"),
                         start=raw.get("start"), max_pages=raw.get("max_pages", 100_000))
 
+    def exclude(self, raw: dict | None, path: tuple) -> Exclude | None:
+        if not raw:
+            return None
+        when = self.expression(raw["when"], path + ("when",))
+        return Exclude(when=when, reason=raw.get("reason", "excluded"), message=raw.get("message", "")) if when else None
+
     def stream(self, raw: dict, path: tuple) -> Stream:
         details = []
         for i, d in enumerate(raw.get("details") or []):
@@ -419,6 +441,7 @@ class _Compiler:
                       status_text=self.expression(raw.get("status_text"), path + ("status_text",)),
                       date=date, server_filters=server_filters, details=details,
                       max_page_size=raw.get("max_page_size"), partition=raw.get("partition"),
+                      exclude=self.exclude(raw.get("exclude"), path + ("exclude",)),
                       let=[(k, e) for k, v in (raw.get("let") or {}).items()
                            if (e := self.expression(v, path + ("let", k))) is not None])
 
@@ -428,6 +451,9 @@ def parse(doc: Document) -> Spec:
     data = doc.data
     if not isinstance(data, dict):
         raise ConfigError(doc.problem((), "an integration spec must be a block of keys (id, name, auth, ...)"))
+    advice = (data.get("auth") or {}).get("advice") if isinstance(data.get("auth"), dict) else None
+    if isinstance(advice, dict):  # `403:` unquoted is a number in YAML; the schema names statuses as text
+        data["auth"]["advice"] = {str(k): v for k, v in advice.items()}
     errors = schemas.errors("integration", data)
     if errors:
         raise ConfigError(schema_problems(doc, errors))
@@ -445,7 +471,7 @@ def parse(doc: Document) -> Spec:
     a = data["auth"]
     auth = Auth(type=a["type"], credentials=list(a.get("credentials") or []),
                 headers={k: c.template(v, ("auth", "headers", k), REQUEST_NAMES) for k, v in (a.get("headers") or {}).items()},
-                oauth2=a.get("oauth2"))
+                oauth2=a.get("oauth2"), advice={int(k): v for k, v in (a.get("advice") or {}).items()})
     if auth.oauth2:
         for key in ("authorize_url", "token_url", "revoke_url", "header"):
             if key in auth.oauth2:
