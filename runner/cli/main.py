@@ -219,44 +219,51 @@ def main():
 
 
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--check-secrets", is_flag=True,
               help="Also read every secret the config references (environment variables, files) and check it. "
                    "Without it, validate needs no secret at all: only each reference's form is checked.")
 @output_option
-def validate(config_file, check_secrets, output):
-    """Check CONFIG and every integration spec it uses (exit 2 when invalid). Sends no request.
+def validate(config_files, check_secrets, output):
+    """Check each CONFIG and every integration spec it uses (exit 2 when one is invalid). Sends no request.
 
     Needs no secrets unless --check-secrets is given, so it can run where none are set (a pre-commit hook,
     a pull request from a fork)."""
     from runner.spec import config
     from runner.errors import ConfigError
+    from runner.redact import redact
 
-    try:
-        cfg = config.load(config_file, resolve=check_secrets)
-    except ConfigError as exc:
-        if output != "json":
-            fail(exc)
-        from runner.cli.report import print_json
-        from runner.redact import redact
-
-        print_json({"ok": False, "config": str(config_file), "errors": [
-            {"file": p.file, "line": p.line, "column": p.column, "message": redact(p.message),
-             "fix": redact(p.fix) if p.fix else None, "where": p.where} for p in exc.problems]})
-        sys.exit(exc.exit_code)
+    reports, failed = [], None
+    for config_file in config_files:
+        try:
+            cfg = config.load(config_file, resolve=check_secrets)
+        except ConfigError as exc:
+            failed = exc
+            if output != "json":
+                click.echo(redact(f"error: {exc.render()}"), err=True)
+                continue
+            reports.append({"ok": False, "config": str(config_file), "errors": [
+                {"file": p.file, "line": p.line, "column": p.column, "message": redact(p.message),
+                 "fix": redact(p.fix) if p.fix else None, "where": p.where} for p in exc.problems]})
+            continue
+        if output == "json":
+            reports.append({"ok": True, "config": str(cfg.file), "secrets_checked": check_secrets, "connections": [
+                {"name": c.name, "integration": c.integration, "environment": c.environment,
+                 "window": c.window.as_dict()} for c in cfg.connections], "destination": cfg.destination.type})
+            continue
+        click.echo(f"{cfg.file}: valid" + ("" if check_secrets else
+                                           " (secrets not read: add --check-secrets to check them)"))
+        for c in cfg.connections:
+            state = "" if c.enabled else " (disabled)"
+            click.echo(f"  {c.name}: {c.integration} ({c.environment}){state}, window {c.window.describe()}")
+        d = cfg.destination
+        click.echo(f"  destination: {d.type}" + (f" ({d.environment})" if d.environment else f" ({d.path})"))
     if output == "json":
         from runner.cli.report import print_json
 
-        print_json({"ok": True, "config": str(cfg.file), "secrets_checked": check_secrets, "connections": [
-            {"name": c.name, "integration": c.integration, "environment": c.environment, "window": c.window.as_dict()}
-            for c in cfg.connections], "destination": cfg.destination.type})
-        return
-    click.echo(f"{cfg.file}: valid" + ("" if check_secrets else " (secrets not read: add --check-secrets to check them)"))
-    for c in cfg.connections:
-        state = "" if c.enabled else " (disabled)"
-        click.echo(f"  {c.name}: {c.integration} ({c.environment}){state}, window {c.window.describe()}")
-    d = cfg.destination
-    click.echo(f"  destination: {d.type}" + (f" ({d.environment})" if d.environment else f" ({d.path})"))
+        print_json(reports[0] if len(reports) == 1 else reports)
+    if failed is not None:
+        sys.exit(failed.exit_code)
 
 
 def _sync(config_file, mode, details, output, verbose, connections):
