@@ -538,6 +538,22 @@ def integrations(integration, extra_dir, output):
     click.echo(found[integration].read_text())
 
 
+@main.command()
+@click.option("--dir", "extra_dir", type=click.Path(file_okay=False),
+              help="A folder of extra specs (default: integrations.d/ here, if present).")
+def schema(extra_dir):
+    """Print the config's JSON Schema for the integrations installed (integration and environment names are
+    checked), for an editor: `runner schema > .runner-schema.json`, then in the config
+    `# yaml-language-server: $schema=.runner-schema.json`."""
+    import json
+    from pathlib import Path
+
+    from runner.spec import editor_schema
+
+    click.echo(json.dumps(editor_schema.build(Path(extra_dir) if extra_dir else Path("integrations.d").resolve()),
+                          indent=2, ensure_ascii=False))
+
+
 @main.group()
 def sandbox():
     """The built-in simulators of the providers and of Debitura."""
