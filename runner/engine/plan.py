@@ -181,8 +181,8 @@ async def make(cfg, store, *, connections=None, preview: int = 0, stop=None):
     from runner.net.http import Clients
 
     chosen = [c for c in (connections or cfg.connections) if c.enabled and c.spec.pull]
-    result = await pipeline.sync(cfg, mode="plan", store=store, connections=chosen, details=True, command="plan",
-                                 stop=stop)
+    result = await pipeline.sync(cfg, mode="plan", store=store, connections=connections, details=True,
+                                 command="plan", stop=stop)
     planned = [(cr.name, v) for cr in result.connections for v in cr.verdicts
                if v.verdict == pipeline.IMPORTED and v.invoice is not None]
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
