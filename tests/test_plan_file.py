@@ -163,3 +163,14 @@ def test_preview_is_opt_in_bounded_and_shows_eligibility_and_fee(workdir):
     with_preview = [e for e in _planned(workdir / "b.json").values() if "preview" in e]
     assert len(with_preview) == 3 and all(e["preview"]["fee_percent"] >= 10 for e in with_preview)
     assert "[eligible, fee 10.0 %]" in json.loads((workdir / "b.json").read_text())["summary"]
+
+
+def test_a_plan_whose_destination_check_failed_is_not_applied(workdir):
+    _, debitura = _sims(workdir)
+    debitura.contract = {**debitura.contract, "signed": False, "solutionUrl": "https://app.debitura.com/contracts/sign"}
+    assert cli("plan", "config.yaml", "--out", "plan.json").exit_code == 1
+    debitura.contract = {**debitura.contract, "signed": True}
+    r = cli("apply", "plan.json")
+    assert r.exit_code == 1
+    assert "the plan's destination check failed, so nothing was sent" in r.output
+    assert debitura.cases() == []

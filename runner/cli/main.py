@@ -460,6 +460,11 @@ def _apply_plan(doc, cfg, plan_path, details, output, verbose, auto_approve):
     from runner.cli import report
 
     planmod.prepare(doc, cfg, plan_path)  # a stale plan is refused before anything is asked or sent
+    if doc["checks"].get("problems"):  # a refused key, an unsigned contract: every case would fail
+        click.echo("error: the plan's destination check failed, so nothing was sent:\n" + "\n".join(
+            f"  {p['message']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else "") for p in doc["checks"]["problems"]),
+            err=True)
+        sys.exit(EXIT_FAILED)
     if not auto_approve and _asks(cfg.destination):
         _no_terminal(cfg)
         click.echo(doc["summary"], err=True)
