@@ -358,7 +358,7 @@ def plan(config_file, details, output, verbose, connections, out, detailed_exitc
                                                preview=preview_limit if preview else 0, stop=stop), stop=stop)
     finally:
         store.close()
-    if out:
+    if out and not stopped_code(stop):  # an interrupted plan is not one to review and apply
         planmod.write(doc, out)
     if output == "json":
         data = result.as_dict()
