@@ -266,13 +266,16 @@ def validate(config_files, check_secrets, output):
         sys.exit(failed.exit_code)
 
 
-def _sync(config_file, mode, details, output, verbose, connections):
+def _sync(config_file, mode, details, output, verbose, connections, auto_approve=True):
     setup_logging(verbose)
     more_files()
     from runner.engine import pipeline
     from runner.cli import report
 
     cfg = load_config(config_file)
+    if mode == "apply" and not auto_approve and _asks(cfg.destination):
+        _plan_ask_apply(cfg, details, output, verbose, connections)
+        return
     store = open_store(cfg, lock=(mode == "apply"))
     progress = None
     live = None
@@ -418,24 +421,23 @@ def apply(config_file, details, output, verbose, connections, auto_approve):
         doc = planmod.load(config_file)
         _apply_plan(doc, load_config(doc["config"]["path"]), config_file, details, output, verbose, auto_approve)
         return
-    cfg = load_config(config_file)
-    if not auto_approve and _asks(cfg.destination):
-        _no_terminal(cfg)
-        setup_logging(verbose)
-        more_files()
-        from runner.engine import pipeline
+    _sync(config_file, "apply", details, output, verbose, connections, auto_approve=auto_approve)
 
-        store = open_store(cfg)
-        stop = pipeline.StopRequest()
-        try:
-            doc, _, checks = run(planmod.make(cfg, store, connections=select(cfg, connections), stop=stop), stop=stop)
-        finally:
-            store.close()
-        if stopped_code(stop):
-            sys.exit(stopped_code(stop))
-        _apply_plan(doc, cfg, "(the plan above)", details, output, verbose, auto_approve=False)
-        return
-    _sync(config_file, "apply", details, output, verbose, connections)
+
+def _plan_ask_apply(cfg, details, output, verbose, connections) -> None:
+    """Apply of a config against Debitura production: plan it, show the plan and ask, then apply that plan."""
+    from runner.engine import pipeline, plan as planmod
+
+    _no_terminal(cfg)
+    store = open_store(cfg)
+    stop = pipeline.StopRequest()
+    try:
+        doc, _, _ = run(planmod.make(cfg, store, connections=select(cfg, connections), stop=stop), stop=stop)
+    finally:
+        store.close()
+    if stopped_code(stop):
+        sys.exit(stopped_code(stop))
+    _apply_plan(doc, cfg, "(the plan above)", details, output, verbose, auto_approve=False)
 
 
 def _asks(dest) -> bool:
