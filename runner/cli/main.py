@@ -3,10 +3,12 @@
 Exit codes (also in the README):
   0  everything worked
   1  the run finished, but a connection or some invoices failed (see the summary)
-  2  the config or a spec is invalid, or the command was used wrongly
+  2  the config or a spec is invalid, or the command was used wrongly (apply against Debitura production
+     with no terminal to ask and no --auto-approve)
   3  another `runner apply` holds the state store's lock
   130 interrupted (Ctrl-C); everything committed so far is kept
   143 stopped by SIGTERM (as Ctrl-C: the pages fetched are finished and recorded, the summary printed)
+`plan --detailed-exitcode` uses Terraform's instead: 0 nothing to create, 1 an error, 2 cases would be created.
 """
 from __future__ import annotations
 
