@@ -59,7 +59,7 @@ def test_apply_over_sockets_then_again(tmp_path, served, sandbox_env):
     would = json.loads(plan.stdout)["totals"]["imported"]
     assert would > 0 and _cases(served) == []
 
-    first = run_cli("apply", str(cfg), "--output", "json", env=sandbox_env)
+    first = run_cli("apply", str(cfg), "--auto-approve", "--output", "json", env=sandbox_env)
     assert first.returncode == 0, first.stderr
     totals = json.loads(first.stdout)["totals"]
     assert totals["imported"] == would
@@ -69,7 +69,7 @@ def test_apply_over_sockets_then_again(tmp_path, served, sandbox_env):
     assert len(cases) == would
     assert len({c["creditorReference"] for c in cases}) == would
 
-    second = run_cli("apply", str(cfg), env=sandbox_env)
+    second = run_cli("apply", str(cfg), "--auto-approve", env=sandbox_env)
     assert second.returncode == 0, second.stderr
     assert f"skipped {would + sum(totals['skipped'].values())}" in second.stdout
     assert "duplicate" in second.stdout
@@ -78,7 +78,7 @@ def test_apply_over_sockets_then_again(tmp_path, served, sandbox_env):
 
 def test_revoked_destination_key_fails_cleanly(tmp_path, served, sandbox_env):
     env = {**sandbox_env, "DEBITURA_API_KEY": "dbt_sandbox_revoked_Aa0Bb1"}
-    r = run_cli("apply", str(_config(tmp_path, served)), env=env)
+    r = run_cli("apply", str(_config(tmp_path, served)), "--auto-approve", env=env)
     assert r.returncode == 1
     assert "refused the API key" in r.stdout
     assert "dbt_sandbox_revoked_Aa0Bb1" not in r.stdout + r.stderr

@@ -142,7 +142,7 @@ def laughs(levels: int = 9) -> str:
 
 def test_billion_laughs_in_a_config_is_refused_at_its_line(tmp_path):
     path = workspace(tmp_path, CONFIG + "x-laughs:\n" + "".join("  " + line + "\n" for line in laughs().splitlines()))
-    r = cli("validate", str(path))
+    r = cli("validate", "--check-secrets", str(path))
     assert_refused(r, "repeat their anchored blocks", "200,000 values", "billion laughs")
     assert f"{path}:" in r.stderr
 
@@ -151,27 +151,27 @@ def test_billion_laughs_in_a_spec_names_the_spec_file(tmp_path):
     spec = (ROOT / "integrations.d" / "stripe.yaml").read_text() + "x_laughs:\n" + "".join(
         "  " + line + "\n" for line in laughs().splitlines())
     path = workspace(tmp_path, spec=spec)
-    r = cli("validate", str(path))
+    r = cli("validate", "--check-secrets", str(path))
     assert_refused(r, "repeat their anchored blocks")
     assert "integrations.d/stripe.yaml:" in r.stderr
 
 
 def test_an_alias_inside_its_own_anchor_is_refused_at_its_line(tmp_path):
     path = workspace(tmp_path, CONFIG + "x: &r [*r]\n")
-    r = cli("validate", str(path))
+    r = cli("validate", "--check-secrets", str(path))
     assert_refused(r, "refers to the block it is in")
     assert f"{path}:11:" in r.stderr
 
 
 def test_deep_nesting_is_refused(tmp_path):
     path = workspace(tmp_path, CONFIG + "x: " + "[" * 900 + "]" * 900 + "\n")
-    assert_refused(cli("validate", str(path)), "nested more than 64 deep")
+    assert_refused(cli("validate", "--check-secrets", str(path)), "nested more than 64 deep")
 
 
 def test_a_config_file_of_many_megabytes_is_refused_before_it_is_read(tmp_path):
     """12 MB of valid YAML: 1.8 GB and half a minute to parse per 45 MB; refused by its size, at once."""
     path = workspace(tmp_path, CONFIG + "x: [" + "1," * (6 * MB) + "1]\n")
-    r, took = bounded(["-m", "runner", "validate", str(path)], timeout=30)
+    r, took = bounded(["-m", "runner", "validate", "--check-secrets", str(path)], timeout=30)
     assert_refused(r, "more than the 2.0 MB allowed")
     assert took < 10, took
 
@@ -184,7 +184,7 @@ def test_a_device_or_a_pipe_as_a_secret_is_refused_not_read(tmp_path, target):
         os.mkfifo(tmp_path / "key.fifo")
         target = "key.fifo"
     path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", target))
-    r = cli("validate", str(path), timeout=20)
+    r = cli("validate", "--check-secrets", str(path), timeout=20)
     assert_refused(r, f"the secret file {target} cannot be used", "not a regular file")
     assert "missing" not in r.stderr and "does not exist" not in r.stderr
 
@@ -192,14 +192,14 @@ def test_a_device_or_a_pipe_as_a_secret_is_refused_not_read(tmp_path, target):
 def test_a_secret_file_larger_than_any_key_is_refused(tmp_path):
     path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "big.key"))
     (tmp_path / "big.key").write_text("sk_test_" + "a" * (1 * MB))
-    assert_refused(cli("validate", str(path)), "the secret file big.key cannot be used", "more than the 64 KB allowed")
+    assert_refused(cli("validate", "--check-secrets", str(path)), "the secret file big.key cannot be used", "more than the 64 KB allowed")
 
 
 def test_a_secret_file_that_is_not_text_is_named_so_not_called_missing(tmp_path):
     """Found by the fuzz test: bytes that are not UTF-8 in a secret file were 'a bug in the runner'."""
     path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "key.bin"))
     (tmp_path / "key.bin").write_bytes(b"sk_test_\xff\xfe\x00abc")
-    r = cli("validate", str(path))
+    r = cli("validate", "--check-secrets", str(path))
     assert_refused(r, "the secret file key.bin cannot be used: it is not text (UTF-8)")
     assert "missing" not in r.stdout + r.stderr
 
@@ -209,7 +209,7 @@ def test_a_pipe_or_a_device_as_the_config_is_refused(tmp_path, target):
     if target == "fifo":
         os.mkfifo(tmp_path / "config.yaml")
         target = str(tmp_path / "config.yaml")
-    r = cli("validate", target, timeout=20)
+    r = cli("validate", "--check-secrets", target, timeout=20)
     assert_refused(r, "not a regular file")
 
 
@@ -217,7 +217,7 @@ def test_a_pipe_as_a_spec_is_refused(tmp_path):
     path = workspace(tmp_path)
     (tmp_path / "integrations.d" / "stripe.yaml").unlink()
     os.mkfifo(tmp_path / "integrations.d" / "stripe.yaml")
-    assert_refused(cli("validate", str(path), timeout=20), "integrations.d/stripe.yaml", "named pipe (FIFO)")
+    assert_refused(cli("validate", "--check-secrets", str(path), timeout=20), "integrations.d/stripe.yaml", "named pipe (FIFO)")
 
 
 # --- 19.5 a spec's credential pattern runs in linear time ----------------------------------------------------
@@ -231,7 +231,7 @@ def test_a_catastrophic_credential_pattern_does_not_hang_validate(tmp_path):
     path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "key.txt"),
                      spec=_spec_with_pattern('"^(a+)+$"'))
     (tmp_path / "key.txt").write_text("a" * 40 + "!")
-    r = cli("validate", str(path), timeout=20)
+    r = cli("validate", "--check-secrets", str(path), timeout=20)
     assert_refused(r, "the sandbox takes test-mode keys")
 
 
@@ -240,7 +240,7 @@ def test_a_catastrophic_credential_pattern_does_not_hang_validate(tmp_path):
                                           ('"^(sk"', "missing )")])
 def test_a_credential_pattern_the_linear_engine_cannot_run_is_refused_when_the_spec_loads(tmp_path, pattern, why):
     path = workspace(tmp_path, spec=_spec_with_pattern(pattern))
-    r = cli("validate", str(path))
+    r = cli("validate", "--check-secrets", str(path))
     assert_refused(r, "integrations.d/stripe.yaml:", "the credential pattern", why, "RE2",
                    "environments.sandbox.credentials.api_key.pattern")
     assert "re2.cc" not in r.stderr  # RE2's own log line stays out of the output
@@ -249,9 +249,9 @@ def test_a_credential_pattern_the_linear_engine_cannot_run_is_refused_when_the_s
 def test_credential_patterns_still_tell_live_keys_from_test_keys(tmp_path):
     path = workspace(tmp_path, CONFIG.replace("sandbox-secrets/stripe_api_key", "key.txt"))
     (tmp_path / "key.txt").write_text("sk_live_" + "a" * 24)
-    assert_refused(cli("validate", str(path)), "the sandbox takes test-mode keys")
+    assert_refused(cli("validate", "--check-secrets", str(path)), "the sandbox takes test-mode keys")
     (tmp_path / "key.txt").write_text("sk_test_" + "a" * 24)
-    r = cli("validate", str(path))
+    r = cli("validate", "--check-secrets", str(path))
     assert r.returncode == 0, r.stderr
 
 

@@ -266,7 +266,8 @@ def test_hostile_configs_and_specs_end_in_a_clear_error(tmp_path, index):
     config = _workspace(tmp_path, case)
     env = {**os.environ, "RUNNER_DEBUG": ""}
     try:
-        r = subprocess.run([sys.executable, "-m", "runner", case.command, str(config)], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "runner", case.command,
+                            *(["--check-secrets"] if case.command == "validate" else []), str(config)], capture_output=True,
                            text=True, cwd=tmp_path, env=env, timeout=TIMEOUT, preexec_fn=_limits)
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung for more than {TIMEOUT} s: {where}")

@@ -112,7 +112,7 @@ def test_every_command_keeps_secrets_out_of_all_output(workdir):
     for out in ("text", "json"):
         assert cli(workdir, "apply", "config.yaml", "-o", out, "-vv", "--details").returncode == 0
     bundle = workdir / "bundle.zip"
-    results = cli_all(workdir, [("validate", "config.yaml"), ("integrations", "stripe", "-o", "json"),
+    results = cli_all(workdir, [("validate", "--check-secrets", "config.yaml"), ("integrations", "stripe", "-o", "json"),
                                 ("integrations",), ("--help",), ("support-bundle", "config.yaml", "--out", str(bundle))]
                       + [(cmd, "config.yaml", *extra, "-o", out) for out in ("text", "json") for cmd, extra in (
                           ("plan", ("-vv",)), ("doctor", ("-vv",)), ("status", ()), ("explain", ("SBX-0020",)))])
@@ -135,7 +135,7 @@ def test_refused_keys_and_error_paths_keep_secrets_out(workdir):
     cli_all(workdir, [("doctor", "config.yaml", "-o", out, "-vv") for out in ("text", "json")],
             stripe=WRONG_STRIPE, debitura=WRONG_DEBITURA)
     # a key of the wrong mode for the environment: the error names the rule, not the key
-    r = cli(workdir, "validate", "config.yaml", stripe="sk_live_" + WRONG_STRIPE[8:])
+    r = cli(workdir, "validate", "--check-secrets", "config.yaml", stripe="sk_live_" + WRONG_STRIPE[8:])
     assert r.returncode == 2
     SECRETS.append("sk_live_" + WRONG_STRIPE[8:])
 
@@ -293,7 +293,7 @@ def test_a_key_from_an_env_file_with_a_line_break_works_and_a_pasted_typographic
     pasted = DEBITURA_KEY[:10] + "\u2019" + DEBITURA_KEY[10:]
     SECRETS.append(pasted)
     try:
-        bad = cli(workdir, "validate", "config.yaml", debitura=pasted)
+        bad = cli(workdir, "validate", "--check-secrets", "config.yaml", debitura=pasted)
     finally:
         SECRETS.remove(pasted)
     out = bad.stdout + bad.stderr

@@ -23,7 +23,7 @@ connections:
 
 
 def _validate(path, env):
-    return run_cli("validate", str(path), env=env)
+    return run_cli("validate", "--check-secrets", str(path), env=env)
 
 
 def _location(out: str, path) -> tuple[int, int]:

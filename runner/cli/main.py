@@ -3,10 +3,12 @@
 Exit codes (also in the README):
   0  everything worked
   1  the run finished, but a connection or some invoices failed (see the summary)
-  2  the config or a spec is invalid, or the command was used wrongly
+  2  the config or a spec is invalid, or the command was used wrongly (apply against Debitura production
+     with no terminal to ask and no --auto-approve)
   3  another `runner apply` holds the state store's lock
   130 interrupted (Ctrl-C); everything committed so far is kept
   143 stopped by SIGTERM (as Ctrl-C: the pages fetched are finished and recorded, the summary printed)
+`plan --detailed-exitcode` uses Terraform's instead: 0 nothing to create, 1 an error, 2 cases would be created.
 """
 from __future__ import annotations
 
@@ -221,33 +223,63 @@ def main():
 
 
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--check-secrets", is_flag=True,
+              help="Also read every secret the config references (environment variables, files) and check it. "
+                   "Without it, validate needs no secret at all: only each reference's form is checked.")
 @output_option
-def validate(config_file, output):
-    """Check CONFIG and every integration spec it uses (exit 2 when invalid). Sends no request."""
-    cfg = load_config(config_file)
+def validate(config_files, check_secrets, output):
+    """Check each CONFIG and every integration spec it uses (exit 2 when one is invalid). Sends no request.
+
+    Needs no secrets unless --check-secrets is given, so it can run where none are set (a pre-commit hook,
+    a pull request from a fork)."""
+    from runner.spec import config
+    from runner.errors import ConfigError
+    from runner.redact import redact
+
+    reports, failed = [], None
+    for config_file in config_files:
+        try:
+            cfg = config.load(config_file, resolve=check_secrets)
+        except ConfigError as exc:
+            failed = exc
+            if output != "json":
+                click.echo(redact(f"error: {exc.render()}"), err=True)
+                continue
+            reports.append({"ok": False, "config": str(config_file), "errors": [
+                {"file": p.file, "line": p.line, "column": p.column, "message": redact(p.message),
+                 "fix": redact(p.fix) if p.fix else None, "where": p.where} for p in exc.problems]})
+            continue
+        if output == "json":
+            reports.append({"ok": True, "config": str(cfg.file), "secrets_checked": check_secrets, "connections": [
+                {"name": c.name, "integration": c.integration, "environment": c.environment,
+                 "window": c.window.as_dict()} for c in cfg.connections], "destination": cfg.destination.type})
+            continue
+        click.echo(f"{cfg.file}: valid" + ("" if check_secrets else
+                                           " (secrets not read: add --check-secrets to check them)"))
+        for c in cfg.connections:
+            state = "" if c.enabled else " (disabled)"
+            click.echo(f"  {c.name}: {c.integration} ({c.environment}){state}, window {c.window.describe()}")
+        d = cfg.destination
+        click.echo(f"  destination: {d.type}" + (f" ({d.environment})" if d.environment else f" ({d.path})"))
     if output == "json":
         from runner.cli.report import print_json
 
-        print_json({"ok": True, "config": str(cfg.file), "connections": [
-            {"name": c.name, "integration": c.integration, "environment": c.environment, "window": c.window.as_dict()}
-            for c in cfg.connections], "destination": cfg.destination.type})
-        return
-    click.echo(f"{cfg.file}: valid")
-    for c in cfg.connections:
-        state = "" if c.enabled else " (disabled)"
-        click.echo(f"  {c.name}: {c.integration} ({c.environment}){state}, window {c.window.describe()}")
-    d = cfg.destination
-    click.echo(f"  destination: {d.type}" + (f" ({d.environment})" if d.environment else f" ({d.path})"))
+        print_json(reports[0] if len(reports) == 1 else reports)
+    if failed is not None:
+        sys.exit(failed.exit_code)
 
 
-def _sync(config_file, mode, details, output, verbose, connections):
+def _sync(config_file, mode, details, output, verbose, connections, auto_approve=True):
     setup_logging(verbose)
     more_files()
     from runner.engine import pipeline
     from runner.cli import report
 
     cfg = load_config(config_file)
+    if mode == "apply" and not auto_approve and _asks(cfg.destination):
+        _plan_ask_apply(cfg, details, output, verbose, connections)
+        return
     store = open_store(cfg, lock=(mode == "apply"))
     progress = None
     live = None
@@ -296,16 +328,193 @@ def sync_options(f):
 
 @main.command()
 @sync_options
-def plan(config_file, details, output, verbose, connections):
-    """Dry run: per connection, how many invoices would be imported and how many skipped, and why. Creates nothing."""
-    _sync(config_file, "plan", details, output, verbose, connections)
+@click.option("--out", "out", type=click.Path(dir_okay=False),
+              help="Save the plan (a summary, every invoice and the case it becomes) to this file, for review and "
+                   "for `runner apply FILE`, which then sends exactly these invoices.")
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 0 when there is nothing to create, 2 when cases would be created, 1 on any error "
+                   "(an invalid config included).")
+@click.option("--preview", is_flag=True,
+              help="Ask Debitura (POST /cases/preview) whether each planned case is eligible and at what fee.")
+@click.option("--preview-limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Preview at most this many invoices.")
+def plan(config_file, details, output, verbose, connections, out, detailed_exitcode, preview, preview_limit):
+    """Dry run: per connection, how many invoices would be imported and how many skipped, and why; checks the
+    destination (its key and collection contract) too. Creates nothing."""
+    from runner.errors import ConfigError
+    from runner.engine import pipeline, plan as planmod
+    from runner.cli import report
+
+    setup_logging(verbose)
+    more_files()
+    try:
+        from runner.spec import config
+
+        cfg = config.load(config_file)
+    except ConfigError as exc:
+        if detailed_exitcode:  # 2 means "changes" under this flag: an invalid config is an error, 1
+            from runner.redact import redact
+
+            click.echo(redact(f"error: {exc.render()}"), err=True)
+            sys.exit(EXIT_FAILED)
+        fail(exc)
+    store = open_store(cfg)
+    stop = pipeline.StopRequest()
+    try:
+        doc, result, checks = run(planmod.make(cfg, store, connections=select(cfg, connections),
+                                               preview=preview_limit if preview else 0, stop=stop), stop=stop)
+    finally:
+        store.close()
+    if out and not stopped_code(stop):  # an interrupted plan is not one to review and apply
+        planmod.write(doc, out)
+    if output == "json":
+        data = result.as_dict()
+        for c, cr in zip(data["connections"], result.connections):
+            c["invoices"] = [v.as_dict() for v in cr.verdicts]
+        data.update(destination_checks=checks.as_dict(), pending=doc["pending"], plan_file=out)
+        report.print_json(data)
+    else:
+        report.render_run(result, details=details)
+        _print_checks(checks)
+        if out:
+            click.echo(f"Saved the plan to {out}: review it (`jq -r .summary {out}`), then `runner apply {out}`")
+    code = stopped_code(stop)
+    if code is None:
+        ok = result.ok and checks.ok
+        code = (EXIT_FAILED if not ok else 2 if doc["pending"] else EXIT_OK) if detailed_exitcode else (
+            EXIT_OK if ok else EXIT_FAILED)
+    sys.exit(code)
+
+
+def _print_checks(checks) -> None:
+    if not checks.creditor and not checks.problems and not checks.warnings and checks.contract is None:
+        return
+    click.echo(f"destination check: {checks.destination}" + (f", creditor {checks.creditor}" if checks.creditor else ""))
+    if checks.contract is not None:
+        c = checks.contract
+        click.echo("  debt collection agreement: " + ("signed" if c.get("signed") and not c.get("requiresResigning")
+                                                      else "NOT signed"))
+    for p in checks.problems:
+        click.echo(f"  error: {p['message']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""))
+    for p in checks.warnings:
+        click.echo(f"  warning: {p['message']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""))
+    if checks.previews:
+        refused = [k for k, v in checks.previews.items() if not v.get("eligible")]
+        click.echo(f"  preview: {len(checks.previews)} case(s) asked, {len(refused)} not eligible"
+                   + "".join(f"\n    {inv}: {checks.previews[(c, inv)].get('reason')}" for c, inv in refused))
 
 
 @main.command()
 @sync_options
-def apply(config_file, details, output, verbose, connections):
-    """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice."""
-    _sync(config_file, "apply", details, output, verbose, connections)
+@click.option("--auto-approve", is_flag=True,
+              help="Do not ask before creating cases in Debitura production (for automation).")
+def apply(config_file, details, output, verbose, connections, auto_approve):
+    """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice.
+
+    CONFIG_FILE may be a plan saved by `runner plan --out FILE`: then exactly its invoices are sent, and the plan
+    is refused when the config or a spec changed since; an invoice changed at the source since is not sent.
+    Against Debitura production, apply shows the plan and asks first (on a terminal; elsewhere it needs
+    --auto-approve)."""
+    from runner.engine import plan as planmod
+
+    if planmod.is_plan_file(config_file):
+        if connections:
+            click.echo("error: a saved plan's connections were chosen when it was made; leave out --connection",
+                       err=True)
+            sys.exit(EXIT_INVALID)
+        doc = planmod.load(config_file)
+        _apply_plan(doc, load_config(doc["config"]["path"]), config_file, details, output, verbose, auto_approve)
+        return
+    _sync(config_file, "apply", details, output, verbose, connections, auto_approve=auto_approve)
+
+
+def _plan_ask_apply(cfg, details, output, verbose, connections) -> None:
+    """Apply of a config against Debitura production: plan it, show the plan and ask, then apply that plan."""
+    from runner.engine import pipeline, plan as planmod
+
+    _no_terminal(cfg)
+    store = open_store(cfg)
+    stop = pipeline.StopRequest()
+    try:
+        doc, _, _ = run(planmod.make(cfg, store, connections=select(cfg, connections), stop=stop), stop=stop)
+    finally:
+        store.close()
+    if stopped_code(stop):
+        sys.exit(stopped_code(stop))
+    _apply_plan(doc, cfg, "(the plan above)", details, output, verbose, auto_approve=False)
+
+
+def _asks(dest) -> bool:
+    """Cases that are really collected: Debitura production, not test cases. The sandbox and a file never ask."""
+    return dest.type == "debitura" and dest.environment == "production" and not dest.is_test
+
+
+def _no_terminal(cfg) -> None:
+    if sys.stdin.isatty():
+        return
+    click.echo(f"error: this would create real collection cases in {cfg.destination.environment} Debitura, and "
+               f"there is no terminal to ask for approval; nothing was sent\n"
+               f"    fix: review a plan, then apply it without asking: `runner plan {cfg.file} --out plan.json` "
+               f"and `runner apply plan.json --auto-approve`", err=True)
+    sys.exit(EXIT_INVALID)
+
+
+def _apply_plan(doc, cfg, plan_path, details, output, verbose, auto_approve):
+    setup_logging(verbose)
+    more_files()
+    from runner.engine import pipeline, plan as planmod
+    from runner.cli import report
+
+    planmod.prepare(doc, cfg, plan_path)  # a stale plan is refused before anything is asked or sent
+    if doc["checks"].get("problems"):  # a refused key, an unsigned contract: every case would fail
+        click.echo("error: the plan's destination check failed, so nothing was sent:\n" + "\n".join(
+            f"  {p['message']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else "") for p in doc["checks"]["problems"]),
+            err=True)
+        sys.exit(EXIT_FAILED)
+    if not auto_approve and _asks(cfg.destination):
+        _no_terminal(cfg)
+        click.echo(doc["summary"], err=True)
+        if doc["pending"] and not click.confirm(f"\nCreate these {doc['pending']} case(s) in Debitura production?",
+                                                default=False, err=True):
+            click.echo("Nothing was sent.", err=True)
+            sys.exit(EXIT_FAILED)
+    store = open_store(cfg, lock=True)
+    stop = pipeline.StopRequest()
+    try:
+        result, missed = run(planmod.apply(doc, cfg, store, plan_path, stop=stop), stop=stop)
+    finally:
+        store.close()
+    if output == "json":
+        data = result.as_dict()
+        if details:
+            for c, cr in zip(data["connections"], result.connections):
+                c["invoices"] = [v.as_dict() for v in cr.verdicts]
+        data["plan"] = {"file": str(plan_path), "planned": doc["pending"], "not_delivered": missed}
+        report.print_json(data)
+    else:
+        report.render_run(result, details=details)
+        if missed:
+            click.echo(f"{len(missed)} planned invoice(s) were not delivered:")
+            for m in missed:
+                click.echo(f"  {m['connection']}: {m['number'] or m['invoice_id']}: {m['why']}")
+            click.echo(f"    fix: review a new plan (`runner plan {cfg.file} --out plan.json`) and apply it")
+    sys.exit(stopped_code(stop) or (EXIT_OK if result.ok and not missed else EXIT_FAILED))
+
+
+@main.command()
+@click.option("--dir", "extra_dir", type=click.Path(file_okay=False),
+              help="A folder of extra specs (default: integrations.d/ here, if present).")
+def schema(extra_dir):
+    """Print the config's JSON Schema for the integrations installed (integration and environment names are
+    checked), for an editor: `runner schema > .runner-schema.json`, then in the config
+    `# yaml-language-server: $schema=.runner-schema.json`."""
+    import json
+    from pathlib import Path
+
+    from runner.spec import editor_schema
+
+    click.echo(json.dumps(editor_schema.build(Path(extra_dir) if extra_dir else Path("integrations.d").resolve()),
+                          indent=2, ensure_ascii=False))
 
 
 @main.group()

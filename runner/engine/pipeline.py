@@ -636,6 +636,7 @@ async def _unless_stopped(stop: StopRequest | None, awaitable):
 class _RunState:
     def __init__(self, stop: StopRequest | None = None):
         self.stop = stop
+        self.allow: Callable | None = None  # see sync(allow=)
         self.pages = asyncio.Semaphore(PAGES_IN_FLIGHT)  # see PAGES_IN_FLIGHT
         self.fatal: DestinationError | None = None
         self.sink_marked = False  # this run has marked its local sink (see Store.mark_sink)
@@ -830,6 +831,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             a page the worker may have recorded (and delivered) before it died, classified by the engine."""
             nonlocal recording, recording_writes
             eligible = [v for v in verdicts if v.verdict == ELIGIBLE]
+            if run.allow is not None and eligible:  # applying a saved plan: only what it holds, unchanged
+                eligible = _allowed(run.allow, conn.name, eligible)
             written: list[tuple] = []
             again = again and run_id is not None and destination is not None  # only an apply records pages
             await recorded()  # the page before is in the ledger before this page is looked up in it
@@ -954,6 +957,19 @@ async def _next(pages: AsyncIterator):
     return await pages.__anext__()
 
 
+def _allowed(allow: Callable, connection: str, eligible: list[Verdict]) -> list[Verdict]:
+    """The eligible invoices `allow(connection, verdict)` lets through (it returns None); each other one is
+    skipped with the reason and words it returns ((reason, message))."""
+    out = []
+    for v in eligible:
+        refused = allow(connection, v)
+        if refused is None:
+            out.append(v)
+        else:
+            v.verdict, (v.reason, v.message) = SKIPPED, refused
+    return out
+
+
 def _record_unfinished(store, run_id: int, mode: str, started: float, exc: BaseException) -> None:
     if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
         why = "interrupted (Ctrl-C or a stop signal); everything committed so far is kept"
@@ -1008,16 +1024,19 @@ def _few_collections():
 
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
                progress: Callable | None = None, command: str | None = None,
-               stop: StopRequest | None = None) -> RunResult:
+               stop: StopRequest | None = None, allow: Callable | None = None) -> RunResult:
     """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers. `stop`: set
-    by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted)."""
+    by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted). `allow`
+    (connection name, eligible Verdict) -> None to deliver it, or (reason, message) to skip it: applying a
+    saved plan (runner/engine/plan.py); it needs details=True (the engine, not a worker, then delivers)."""
     with _few_collections():
         return await _sync(cfg, mode=mode, store=store, connections=connections, details=details, progress=progress,
-                           command=command, stop=stop)
+                           command=command, stop=stop, allow=allow)
 
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
-                progress: Callable | None, command: str | None, stop: StopRequest | None = None) -> RunResult:
+                progress: Callable | None, command: str | None, stop: StopRequest | None = None,
+                allow: Callable | None = None) -> RunResult:
     from runner.engine import destinations
 
     from runner.net.http import reset_limiters
@@ -1030,6 +1049,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-ledger")  # see sync_connection
     run = _RunState(stop)
+    run.allow = allow
     dest = destinations.make(cfg.destination, clients)
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)

@@ -15,8 +15,11 @@ key                                 environment  behaviour
 401 body: ``{"error": "unauthorized", "message": ...}`` (the real API documents no body).
 
 Endpoints: ``GET /me``, ``POST /cases``, ``GET /cases``, ``GET /cases/{id}``,
-``GET /cases/by-creditor-reference/{ref}``, ``DELETE /test/cases/{id}``, ``DELETE /test/cases?tag=``; webhooks,
-payments and the test-case lifecycle in ``debitura_webhooks.py``.
+``GET /cases/by-creditor-reference/{ref}``, ``DELETE /test/cases/{id}``, ``DELETE /test/cases?tag=``,
+``GET /contracts/debt-collection/status`` (``CollectionContractStatusApiDTO``; signed unless a test sets
+``contract``) and ``POST /cases/preview`` (``PreviewCaseResponseApiViewModel``: eligible unless the debtor's
+country is in ``NO_PARTNER``; a success fee of ``BASE_FEE`` % plus an age surcharge past 12 and 24 months);
+webhooks, payments and the test-case lifecycle in ``debitura_webhooks.py``.
 
 ``POST /cases`` validates like the real API (400 ASP.NET ProblemDetails with ``errors`` keyed by field path,
 e.g. ``Debtor.City``), enforces a unique ``creditorReference`` per creditor (400 ``DuplicateReference``; test
@@ -71,6 +74,13 @@ CREDITOR_PROFILE = {
     # not in CreditorMeApiDTO; kept for convenience
     "email": "finance@sandbox-creditor.example",
 }
+
+# Preview: jurisdictions without a collection partner, and the success fee (percent) with its age surcharges.
+NO_PARTNER = {"AQ", "KP"}
+BASE_FEE = 10.0
+AGE_SURCHARGE = ((730, 10.0), (365, 5.0))  # days overdue, extra percent
+SIGNED_CONTRACT = {"signed": True, "requiresResigning": False, "invalidationReason": "None",
+                   "termsUrl": "https://app.debitura.com/contracts/sdca.pdf", "solutionUrl": None}
 
 RATE_LIMIT = 2000
 RATE_WINDOW_S = 60.0
@@ -199,6 +209,7 @@ class DebituraSimulator(Simulator):
         self.keys: dict[str, str] = {PRODUCTION_KEY: "production", TEST_KEY: "test"}
         self.revoked: set[str] = {REVOKED_KEY}
         self._limiters: dict[str, Any] = {}
+        self.contract: dict[str, Any] = dict(SIGNED_CONTRACT)  # GET /contracts/debt-collection/status
         from .debitura_webhooks import WebhookHub  # webhooks, payments, the test-case lifecycle
 
         self.webhooks = WebhookHub(self)
@@ -226,6 +237,7 @@ class DebituraSimulator(Simulator):
         super().reset()
         self.keys = {PRODUCTION_KEY: "production", TEST_KEY: "test"}
         self.revoked = {REVOKED_KEY}
+        self.contract = dict(SIGNED_CONTRACT)
         self.store.conn.execute("DELETE FROM cases")
         self.store.conn.execute("DELETE FROM idempotency")
         self.store.conn.execute("DELETE FROM deleted_test_cases")
@@ -311,6 +323,10 @@ class DebituraSimulator(Simulator):
         lower = [p.lower() for p in parts]
         if lower == ["me"] and method == "GET":
             return self._json(200, dict(CREDITOR_PROFILE))
+        if lower == ["contracts", "debt-collection", "status"] and method == "GET":
+            return self._json(200, dict(self.contract))
+        if lower == ["cases", "preview"] and method == "POST":
+            return self._preview(await request.aread())
         hooked = await self.webhooks.dispatch(request, parts, method)
         if hooked is not None:
             return hooked
@@ -600,6 +616,46 @@ class DebituraSimulator(Simulator):
             "solutionUrl": None,
             "signingHandoff": None,
         }
+
+    def _preview(self, raw: bytes) -> httpx.Response:
+        """POST /cases/preview: eligibility and the success fee of a case, creating nothing."""
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return self._api_error(400, "Bad Request", "A JSON request body is required.", "ValidationError")
+        debtor = body.get("debtor") if isinstance(body.get("debtor"), dict) else {}
+        missing = [n for n, v in (("AmountToRecover", body.get("amountToRecover")),
+                                  ("CurrencyCode", body.get("currencyCode")), ("Debtor.Type", debtor.get("type")),
+                                  ("Debtor.CountryAlpha2", debtor.get("countryAlpha2"))) if v in (None, "")]
+        country = str(debtor.get("countryAlpha2") or "").strip().upper()
+        if country == "US" and not debtor.get("stateAlpha2"):
+            missing.append("Debtor.StateAlpha2")
+        if missing:
+            return self._api_error(400, "Bad Request", f"Required: {', '.join(missing)}.", "ValidationError")
+        surcharge = 0.0
+        due = parse_datetime(body.get("dueDate"))
+        if due is not None:
+            overdue = (self.now() - due).days
+            surcharge = next((extra for days, extra in AGE_SURCHARGE if overdue > days), 0.0)
+        eligible = country not in NO_PARTNER
+        return self._json(200, {"result": {
+            "isEligible": eligible,
+            "ineligibilityReason": None if eligible else f"No collection partner covers {country}.",
+            "partnerAssignment": {"collectionPartnerId": str(uuid.uuid5(uuid.NAMESPACE_URL, country)),
+                                  "partnerName": f"Sandbox Collections {country}", "partnerCountry": country}
+            if eligible else None,
+            "requiredActions": [] if self.contract.get("signed") else [{
+                "type": "SignStandardAgreement", "message": "Sign the Standard Debt Collection Agreement.",
+                "solutionUrl": "https://app.debitura.com/contracts/sign", "isBlocking": True}],
+            "jurisdiction": {"id": 1, "name": country, "countryAlpha2": country,
+                             "stateAlpha2": debtor.get("stateAlpha2")},
+            "pricingPreview": {"baseSuccessFeePercentage": BASE_FEE, "ageSurchargePercentage": surcharge,
+                               "totalSuccessFeePercentage": BASE_FEE + surcharge,
+                               "currencyCode": body.get("currencyCode"), "pricingSource": "Standard",
+                               "pricingSourceDescription": "Standard pricing"},
+            "requiresKycVerification": False, "hasKycOnFile": True, "signingHandoff": None}})
 
     async def _create(self, request: httpx.Request, api_key: str) -> httpx.Response:
         raw = await request.aread()

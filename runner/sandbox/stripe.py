@@ -52,6 +52,7 @@ TEST_REVOKED_KEY = "sk_test_sandbox_revoked_00xx"
 LIVE_SECRET_KEY = "sk_live_sandbox_9Zq2"
 
 PERM_INVOICE_READ = "rak_invoice_read"
+PERM_INVOICE_WRITE = "rak_invoice_write"
 PERM_CUSTOMER_READ = "rak_customer_read"
 # GET /v1/account: a restricted key needs this permission; without it Stripe answers 403 and names the account.
 PERM_ACCOUNT_READ = "rak_accounts_kyc_basic_read"
@@ -527,6 +528,18 @@ class StripeSimulator(Simulator):
         else:
             self.keys[key] = StripeKey("test", active=False)
 
+    def pay(self, inv_id: str, mode: str = "test") -> dict[str, Any]:
+        """Pay an open invoice in full, as ``POST /v1/invoices/{id}/pay`` does (paid out of band)."""
+        inv = self._find_invoice(mode, inv_id)
+        if inv is None:
+            raise self._missing("invoice", inv_id, mode)
+        if inv["status"] != "open":
+            raise StripeError(400, f"Invoice {inv_id} is already {inv['status']}; only open invoices can be paid.",
+                              code="invoice_not_open")
+        inv.update(status="paid", amount_paid=inv["amount_due"], amount_remaining=0, auto_advance=False)
+        inv["status_transitions"]["paid_at"] = int(datetime.now().timestamp())
+        return public(inv)
+
     def invoices(self, mode: str = "test") -> list[dict[str, Any]]:
         return [public(i) for i in self.data[mode]["invoices"]]
 
@@ -663,6 +676,8 @@ class StripeSimulator(Simulator):
                 route, perm = ("search", PERM_INVOICE_READ)
             elif len(parts) == 3:
                 route, perm = ("invoice", PERM_INVOICE_READ)
+        elif method == "POST" and parts[:2] == ["v1", "invoices"] and len(parts) == 4 and parts[3] == "pay":
+            route, perm = ("pay", PERM_INVOICE_WRITE)
         elif method == "GET" and parts[:2] == ["v1", "customers"] and len(parts) == 3:
             route, perm = ("customer", PERM_CUSTOMER_READ)
         elif method == "GET" and parts == ["v1", "account"]:
@@ -685,6 +700,8 @@ class StripeSimulator(Simulator):
             return self._ok(self._retrieve_invoice(mode, parts[2], params))
         if route == "account":
             return self._ok(account_obj())
+        if route == "pay":
+            return self._ok(self.pay(parts[2], mode))
         return self._ok(self._retrieve_customer(mode, parts[2], params))
 
     # -- helpers

@@ -255,9 +255,19 @@ def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ
                   keep_runs=KEEP_RUNS if isinstance(state_raw, str) else state_raw.get("keep_runs", KEEP_RUNS))
 
 
+# What a shell, a CI system or a Kubernetes Secret can set as an environment variable.
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _secret(doc, value, path, base, resolve, environ, problems) -> str | None:
     ref = secrets.parse_ref(value)
-    if ref is None or not resolve:
+    if ref is None:
+        return None
+    if not resolve:  # validate without secrets (a fork's pull request): the reference's form only
+        if ref.kind == "env" and not _ENV_NAME.match(ref.name):
+            problems.append(doc.problem(path, f"'{ref.name}' cannot be the name of an environment variable",
+                                        "use letters, digits and _ (not starting with a digit), e.g. "
+                                        "\"${DEBITURA_API_KEY}\", or \"${file:path/to/file}\" for a file"))
         return None
     got = secrets.resolve(ref, base, environ)
     if got is None:
