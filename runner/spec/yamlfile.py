@@ -460,8 +460,11 @@ def _missing_fix(schema: dict, key: str) -> str | None:
         return f"add `{key}:` with one of: {', '.join(str(o) for o in prop['enum'])}"
     if "const" in prop:
         return f"add `{key}: {prop['const']}`"
+    if prop.get("x-fix"):
+        return prop["x-fix"]
     if prop.get("description"):
-        return f"add `{key}:` ({prop['description']})"
+        desc = prop["description"].rstrip(".")
+        return f"add `{key}:`, {desc[:1].lower()}{desc[1:]}"
     return None
 
 
