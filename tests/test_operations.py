@@ -155,6 +155,16 @@ def test_without_a_terminal_progress_lines_come_at_the_interval(tmp_path):
     assert any("acme-" in line for line in lines)
 
 
+def test_progress_lines_are_json_log_entries_with_json_logs(tmp_path):
+    cfg = sample(tmp_path)
+    r = run_cli("--log-format", "json", "apply", str(cfg), cwd=tmp_path, env={"RUNNER_PROGRESS_EVERY": "0.2"})
+    assert r.returncode == 0, r.stderr
+    entries = [json.loads(line) for line in r.stderr.splitlines()]
+    progress = [e for e in entries if e["logger"] == "runner.progress"]
+    assert len(progress) >= 2 and progress[-1]["event"].startswith("progress ")
+    assert sum(c["seen"] for c in progress[-1]["connections"].values()) > 0
+
+
 def test_a_short_run_prints_no_progress_line(tmp_path):
     cfg = two(tmp_path, good_only=True)
     r = run_cli("plan", str(cfg), env=ENV)
@@ -230,10 +240,10 @@ def test_metrics_module_counts_a_pipeline_run(tmp_path):
     cfg_path = two(tmp_path)
     cfg = config.load(cfg_path, environ={**os.environ, **ENV})
     labels = {"command": "plan", "outcome": "failed"}
-    before = metrics.REGISTRY.get_sample_value("runner_runs_total", labels) or 0
+    before = metrics.registry().get_sample_value("runner_runs_total", labels) or 0
     asyncio.run(pipeline.sync(cfg, mode="plan", store=None))
     fam = _families(metrics.exposition()[0].decode())
-    assert metrics.REGISTRY.get_sample_value("runner_runs_total", labels) == before + 1
+    assert metrics.registry().get_sample_value("runner_runs_total", labels) == before + 1
     assert _value(fam, "runner_connection_failed", "runner_connection_failed", connection="bad") == 1
     assert _value(fam, "runner_provider_requests", "runner_provider_requests_total", target="Stripe",
                   status="4xx") >= 1

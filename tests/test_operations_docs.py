@@ -75,7 +75,7 @@ def test_every_metric_is_documented():
 
     documented = (ROOT / "docs" / "operations.md").read_text()
     names = set()
-    for metric in metrics.REGISTRY.collect():
+    for metric in metrics.registry().collect():
         suffix = "_total" if metric.type == "counter" else ""
         names.add(metric.name + suffix)
     assert len(names) >= 8

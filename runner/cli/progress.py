@@ -64,9 +64,25 @@ class Lines:
         self.thread.join()
 
     def _loop(self) -> None:
+        as_json = os.environ.get("RUNNER_LOG_FORMAT", "text").strip().lower() == "json"
         while not self.done.wait(self.every):
-            self.stream.write(self.line() + "\n")
+            self.stream.write((self.json_line() if as_json else self.line()) + "\n")
             self.stream.flush()
+
+    def json_line(self) -> str:
+        """With --log-format json, a progress line is a log entry like the others (one JSON object)."""
+        import json
+        from datetime import datetime, timezone
+
+        from runner.redact import redact
+
+        with self.snap.lock:
+            rows = dict(self.snap.rows)
+        entry = {"time": datetime.now(timezone.utc).astimezone().isoformat(), "level": "INFO", "event": self.line(),
+                 "run_id": None, "connection": None, "logger": "runner.progress",
+                 "elapsed_s": round(time.monotonic() - self.snap.started, 1),
+                 "connections": {name: {"seen": r[0], "imported": r[1], "failed": r[2]} for name, r in rows.items()}}
+        return redact(json.dumps(entry, ensure_ascii=False))
 
     def line(self) -> str:
         from runner.redact import redact
