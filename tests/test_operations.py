@@ -247,3 +247,34 @@ def test_metrics_module_counts_a_pipeline_run(tmp_path):
     assert _value(fam, "runner_connection_failed", "runner_connection_failed", connection="bad") == 1
     assert _value(fam, "runner_provider_requests", "runner_provider_requests_total", target="Stripe",
                   status="4xx") >= 1
+
+
+def test_on_a_terminal_each_connection_shows_totals_rate_and_elapsed_time(tmp_path):
+    """A real pseudo-terminal: rich's live display draws a line per connection while the run goes."""
+    import pty
+    import select
+
+    cfg = sample(tmp_path)
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(cfg)], cwd=tmp_path, stdin=secondary,
+                            stdout=secondary, stderr=secondary, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                     "COLUMNS": "200", "TERM": "xterm"})
+    os.close(secondary)
+    out = b""
+    while True:
+        ready, _, _ = select.select([primary], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    live = re.findall(r"acme-zoho: [\d,]+ seen · [\d,]+ imported · [\d,]+ failed(?: · [\d,]+/s)? *\d+:\d\d:\d\d", text)
+    assert live, text[-2000:]
+    assert "total: imported" in text
