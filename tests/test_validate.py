@@ -118,7 +118,7 @@ def test_test_key_in_live_environment(tmp_path, sandbox_env):
 @pytest.mark.parametrize("change,needle", [
     (("integration: stripe", "integration: strype"), "no integration named 'strype'"),
     (("{last: 90d}", "{last: 90 days}"), "duration"),
-    (("{last: 90d}", "{from: 2026-02-30}"), "cannot read the date window"),
+    (("{last: 90d}", "{from: 2026-02-30}"), "`from: 2026-02-30` is not a real date: February 2026 has 28 days"),
     (("environment: sandbox\n  api_key", "environment: staging\n  api_key"), "'staging' is not allowed here"),
 ])
 def test_other_mistakes(tmp_path, sandbox_env, change, needle):

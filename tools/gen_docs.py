@@ -26,6 +26,8 @@ WILDCARD = "<name>"
 
 # Examples of keys no built-in spec uses (YAML text of the key's value).
 EXAMPLES: dict[str, str] = {
+    "auth.advice.401": "\"the key is wrong or revoked: create a new one and update the secret it is read from\"",
+    "auth.advice.403": "\"give the key read access to invoices and customers\"",
     "$schema": "../schemas/integration.schema.json",
     "environments.<name>.test_cases": "[SBX-0001]",
     "auth.oauth2.revoke_url": "\"{{ base_url }}/oauth2/revoke\"",
@@ -312,6 +314,9 @@ def anchor(path: str) -> str:
 
 # name -> [(expression, record, expected result)]: evaluated by gen_docs (and so by its test).
 FUNCTION_EXAMPLES: dict[str, list[tuple[str, Any, Any]]] = {
+    "parse_date": [("parse_date(date, 'dotnet')", {"date": "/Date(1700000000000+0000)/"}, "2023-11-14"),
+                   ("parse_date(date, 'DD.MM.YYYY')", {"date": "31.12.2026"}, "2026-12-31"),
+                   ("parse_date(date, 'MM/DD/YYYY')", {"date": "31/12/2026"}, None)],
     "minor_to_major": [("minor_to_major(amount_remaining, currency)", {"amount_remaining": 12345, "currency": "eur"}, "123.45"),
                        ("minor_to_major(amount, 'JPY')", {"amount": 500}, "500"),
                        ("minor_to_major(amount, 'ISK', `{\"ISK\": 2}`)", {"amount": 1050}, "10.50")],

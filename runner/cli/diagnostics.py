@@ -145,10 +145,29 @@ def explain(args, config_opt, connections, output, verbose):
     sys.exit(EXIT_OK if found else EXIT_FAILED)
 
 
+def unhealthy(st: dict) -> list[tuple[str, str]]:
+    """(connection, why) for each enabled connection a health check must fail on: it needs reconnecting, or its
+    last run failed (the connection, or some of its invoices)."""
+    out = []
+    for c in st["connections"]:
+        if not c["enabled"]:
+            continue
+        lr = c["last_run"] or {}
+        if c["state"] == "needs_reconnect":
+            out.append((c["name"], "needs reconnecting: " + (c.get("fix") or "runner connect " + c["name"])))
+        elif lr.get("connection_status") not in (None, "ok", "interrupted"):
+            out.append((c["name"], f"its last run ({lr.get('id')}) failed: {lr.get('error') or lr['connection_status']}"))
+        elif lr.get("failed"):
+            out.append((c["name"], f"its last run ({lr.get('id')}) could not deliver {lr['failed']} invoice(s)"))
+    return out
+
+
 @click.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @output_option
-def status(config_file, output):
+@click.option("--exit-code", "exit_code", is_flag=True,
+              help="Exit 1 when an enabled connection needs reconnecting or its last run failed (a health check).")
+def status(config_file, output, exit_code):
     """Per connection: the last successful sync, the last error, the last run's verdict counts and the account."""
     from runner.diagnostics import checks as diagnostics
 
@@ -158,9 +177,20 @@ def status(config_file, output):
         st = diagnostics.status(cfg, store)
     finally:
         store.close()
+    bad = unhealthy(st)
     if output == "json":
-        _json(st)
-        return
+        _json({**st, "healthy": not bad, "unhealthy": [{"connection": n, "why": w} for n, w in bad]})
+        sys.exit(EXIT_FAILED if exit_code and bad else EXIT_OK)
+    _status_text(st)
+    if bad:
+        _echo()
+        _echo(f"unhealthy: {len(bad)} connection(s)", fg="red", bold=True)
+        for name, why in bad:
+            _echo(f"  {name}: {why}", fg="red")
+    sys.exit(EXIT_FAILED if exit_code and bad else EXIT_OK)
+
+
+def _status_text(st: dict) -> None:
     for c in st["connections"]:
         acct = c["account"].get("name") or c["account"].get("id")
         _echo(f"● {c['name']} ({c['integration_name']}, {c['environment']}" + (f", account {acct}" if acct else "") +

@@ -60,6 +60,10 @@ class Group(click.Group):
             fail(exc)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # The reader of our output left (`runner validate c.yaml | head -1`): nothing is wrong, stop quietly.
+            # click's main() silences the flush at exit and ends with exit code 1.
+            raise
         except Exception as exc:
             from runner.redact import redact
 
@@ -101,20 +105,48 @@ def more_files() -> None:
         pass
 
 
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT_ENV = "RUNNER_LOG_FORMAT"
+
+
 def setup_logging(verbose: int = 0) -> None:
+    """Log lines on stderr through the redaction layer: plain text (the default), or with --log-format json
+    (RUNNER_LOG_FORMAT=json) one JSON object per line for a log shipper: time, level, event, run_id,
+    connection, and any other context bound to the line."""
     from loguru import logger
 
     from runner.redact import redact
 
     logger.remove()
     level = "DEBUG" if verbose > 1 else "INFO" if verbose == 1 else "WARNING"
+    # diagnose=False: loguru would otherwise print variable values (secrets) in tracebacks.
+    if os.environ.get(LOG_FORMAT_ENV, "text").strip().lower() == "json":
+        logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False, colorize=False)
+        return
 
     def sink(message):
         sys.stderr.write(redact(str(message)))
 
-    fmt = "{time:HH:mm:ss} {level: <7} {message}\n"
-    # diagnose=False: loguru would otherwise print variable values (secrets) in tracebacks.
+    # loguru ends each entry with a line break of its own: the format has none, so no blank line between entries.
+    fmt = "{time:HH:mm:ss} {level: <7} {message}"
     logger.add(sink, level=level, format=fmt, backtrace=False, diagnose=False, colorize=False)
+
+
+def _json_sink(message) -> None:
+    """One JSON object per entry, built from loguru's record; the redaction layer runs on the serialized text."""
+    import json
+
+    from runner.redact import redact
+
+    r = message.record
+    extra = dict(r["extra"])
+    entry = {"time": r["time"].isoformat(), "level": r["level"].name, "event": r["message"],
+             "run_id": extra.pop("run_id", None), "connection": extra.pop("connection", None),
+             "logger": r["name"]}
+    entry.update(extra)
+    if r["exception"] is not None and r["exception"].type is not None:
+        entry["exception"] = f"{r['exception'].type.__name__}: {r['exception'].value}"
+    sys.stderr.write(redact(json.dumps(entry, default=str, ensure_ascii=False)) + "\n")
 
 
 def fail(exc) -> None:
@@ -215,11 +247,15 @@ connection_option = click.option("--connection", "-c", "connections", multiple=T
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="runner", prog_name="runner")
-def main():
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), envvar=LOG_FORMAT_ENV, default="text",
+              show_default=True, help="Log lines on stderr: text for people, json (one object per line) for a "
+              "log shipper. Also RUNNER_LOG_FORMAT.")
+def main(log_format):
     """Import unpaid invoices from accounting systems into Debitura as collection cases.
 
     Start with `runner validate CONFIG`, look with `runner plan CONFIG`, then `runner apply CONFIG`.
     """
+    os.environ[LOG_FORMAT_ENV] = log_format  # read by setup_logging, also in the servers' worker processes
 
 
 @main.command()
@@ -281,20 +317,12 @@ def _sync(config_file, mode, details, output, verbose, connections, auto_approve
         _plan_ask_apply(cfg, details, output, verbose, connections)
         return
     store = open_store(cfg, lock=(mode == "apply"))
-    progress = None
-    live = None
-    if mode == "apply" and output == "text" and sys.stderr.isatty():
-        from rich.progress import Progress, SpinnerColumn, TextColumn
+    from runner.cli import progress as progress_display
 
-        live = Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
-                        console=report.console(stderr=True))
-        tasks = {}
-
-        def progress(name, res):
-            if name not in tasks:
-                tasks[name] = live.add_task(name)
-            live.update(tasks[name], description=f"{name}: {res.seen} seen, {res.imported} imported")
-
+    chosen = select(cfg, connections) or cfg.connections
+    live = progress_display.make(mode, output, sum(1 for c in chosen if c.enabled and c.spec.pull), report.console)
+    progress = live
+    if live is not None:
         live.start()
     stop = pipeline.StopRequest()
     try:

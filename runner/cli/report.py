@@ -100,7 +100,12 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
     sk = ", ".join(f"{n} {r}" for r, n in sorted(tot["skipped"].items(), key=lambda x: -x[1]))
     say()
     line = f"total: {verb} {tot['imported']}, skipped {sum(tot['skipped'].values())}" + (f" ({sk})" if sk else "")
-    line += f", failed {tot['failed']} · {result.finished - result.started:.1f}s"
+    line += f", failed {tot['failed']}"
+    broken = [c.name for c in result.connections if c.status not in ("ok", "interrupted")]
+    if broken:  # a connection that failed before (or while) reading invoices has no invoice counted above
+        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        line += f" · {len(broken)} connection{'s' if len(broken) != 1 else ''} failed ({shown})"
+    line += f" · {result.finished - result.started:.1f}s"
     say(redact(line), style="bold")
     out.print(Group(*items))
 

@@ -22,6 +22,7 @@ from urllib.parse import urljoin
 
 from loguru import logger
 
+from runner import metrics
 from runner.net import auth as auth_mod
 from runner.engine import pagination
 from runner.spec import secrets
@@ -565,7 +566,8 @@ class RunResult:
             c.update(r.counts)
         return {"seen": sum(r.seen for r in self.connections), "imported": c.get(IMPORTED, 0),
                 "skipped": {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("skipped:")},
-                "failed": c.get(FAILED, 0)}
+                "failed": c.get(FAILED, 0),
+                "connections_failed": sum(1 for r in self.connections if r.status not in ("ok", "interrupted"))}
 
     def as_dict(self, samples: bool = True) -> dict:
         return {"mode": self.mode, "run_id": self.run_id, "destination": self.destination, "ok": self.ok,
@@ -1022,6 +1024,12 @@ def _few_collections():
         gc.unfreeze()
 
 
+async def _logged(coro, **context):
+    """Run a connection's sync with its name and the run's id on every log line it writes (--log-format json)."""
+    with logger.contextualize(**context):
+        return await coro
+
+
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
                progress: Callable | None = None, command: str | None = None,
                stop: StopRequest | None = None, allow: Callable | None = None) -> RunResult:
@@ -1074,9 +1082,10 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
                 dest_error = exc.render()
         sem = asyncio.Semaphore(max(1, getattr(cfg.destination, "concurrency", 8)))
         results = await asyncio.gather(*(
-            sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
-                            run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool,
-                            writer=writer, connections=len(conns))
+            _logged(sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
+                                    run_id=run_id, run=run, details=details, progress=progress, sem=sem,
+                                    workers=pool, writer=writer, connections=len(conns)),
+                    connection=c.name, run_id=run_id)
             for c in conns))
     except BaseException as exc:
         if run_id is not None:  # never leave the run's row 'running': say how it ended (redacted)
@@ -1094,6 +1103,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),
                        started=started, finished=time.time(), destination_error=dest_error, inbound=inbound,
                        interrupted=stop.why if stop is not None and stop.is_set() else None)
+    metrics.record_run(result, command or mode)
     if run_id is not None:
         working = [c for c in result.connections if c.status == "ok"]
         status = ("interrupted" if result.interrupted else "ok" if result.ok

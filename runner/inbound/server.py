@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from loguru import logger
 
+from runner import metrics
 from runner.inbound import apikeys
 from runner.spec import config as config_mod
 from runner.engine import destinations
@@ -369,6 +370,20 @@ class InboundServer:
     async def healthz(self, request):
         return self._json(200, {"ok": True})
 
+    async def readyz(self, request):
+        """Ready once the state store is open and the source's account is known (startup finished)."""
+        if self.store is None or self.account_key is None:
+            return self._json(503, {"ok": False, "message": "starting"})
+        return self._json(200, {"ok": True})
+
+    async def metrics(self, request):
+        from starlette.responses import Response
+
+        from runner import metrics
+
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     async def me(self, request):
         key, refused = self.authenticate(request, "me")
         if refused is not None:
@@ -559,6 +574,7 @@ class InboundServer:
         except BaseException as exc:
             # Never leave the run row 'running': record why it failed (redacted), then let the caller answer.
             why = failure_words(exc)
+            metrics.run("serve", "failed")
             try:
                 store.finish_run(run_id, "failed", {"run_id": run_id, "mode": "serve", "started": started,
                                                     "finished": time.time(), "error": why,
@@ -645,6 +661,7 @@ class InboundServer:
         worked = status == 200 or answer.get("error") == "not_imported"
         store.finish_run(run_id, "ok" if worked else ("failed" if status == 422 else "partial"),
                          summary.stored())
+        metrics.record_run(summary, "serve")
         health: dict = {"last_run_id": run_id}
         if worked:
             health["last_success"] = time.time()
@@ -793,6 +810,8 @@ def create_app(cfg: Config, conn: Connection):
             await server.shutdown()
 
     routes = [Route("/healthz", server.healthz, methods=["GET"]),
+              Route("/readyz", server.readyz, methods=["GET"]),
+              Route("/metrics", server.metrics, methods=["GET"]),
               Route("/v1/me", server.me, methods=["GET"]),
               Route("/v1/invoices", server.invoices, methods=["POST"]),
               Route("/v1/triggers/cases", server.trigger_cases, methods=["GET"]),

@@ -23,7 +23,7 @@ import httpcore
 import orjson
 from loguru import logger
 
-from runner import __version__
+from runner import __version__, metrics
 from runner.errors import ProviderError, UnsafeRequest
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -136,6 +136,8 @@ class Limiter:
 
 _limiters: dict[tuple, Limiter] = {}
 QUOTA_WAIT_LOGGED_S = 5.0
+# A wait shorter than this is the lock's own cost, not a rate limit (runner_rate_limit_waits counts the rest).
+RATE_WAIT_NOTED_S = 0.001
 
 
 def _duration(seconds: float) -> str:
@@ -590,7 +592,9 @@ class Http:
         while True:
             attempt += 1
             if self.limiter is not None:
+                waiting = time.monotonic()
                 await self.limiter.acquire()
+                metrics.rate_limit_wait(self.label, time.monotonic() - waiting - RATE_WAIT_NOTED_S)
             started = time.monotonic()
             try:
                 if self.limiter is not None and self.limiter.slots is not None:
@@ -607,6 +611,7 @@ class Http:
                                     f"was not sent", fix="check the spec's headers and the secrets they use") from None
             except UNANSWERED as exc:
                 self.requests += 1
+                metrics.request(self.label, None)
                 wait, now = self._backoff(attempt), time.monotonic()
                 if now >= deadline or (attempt < self.policy.attempts and now + wait >= deadline):
                     raise ProviderError(
@@ -627,6 +632,7 @@ class Http:
             logger.debug("{} {} -> HTTP {}", method, sent, status)  # the log sink redacts secrets
             for observe in OBSERVERS:
                 observe(method, sent, hdrs, resp)
+            metrics.request(self.label, status)
             if 200 <= resp.status < 300 or resp.status in ok:
                 return resp
             if resp.status in RETRY_STATUSES and attempt < self.policy.attempts:

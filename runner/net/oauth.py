@@ -29,7 +29,7 @@ from typing import Any
 
 from loguru import logger
 
-from runner import redact
+from runner import metrics, redact
 from runner.spec import secrets
 from runner.errors import AuthError, NeedsReconnect, ProviderError, RunnerError
 from runner.spec.templates import Template
@@ -297,15 +297,19 @@ class OAuthSession:
             try:
                 new = await client.refresh_token(real_url, refresh_token=refresh_token)
             except OAuthError as exc:
+                metrics.token_refresh(self.name, False)
                 self._refused(exc.error, exc.description, url=url, ctx=ctx)
             except ValueError as exc:  # not JSON
+                metrics.token_refresh(self.name, False)
                 raise ProviderError(f"{self.spec.name}'s token endpoint sent an answer that is not a token ({exc})",
                                     fix="try again later; if it persists, the provider may be having an outage")
             except Exception as exc:  # network trouble, 5xx
+                metrics.token_refresh(self.name, False)
                 raise ProviderError(f"could not reach {self.spec.name}'s token endpoint to renew the authorization "
                                     f"for '{self.name}': {type(exc).__name__}: {exc}",
                                     fix="check the network and try again")
             token = dict(new)
+            metrics.token_refresh(self.name, True)
             if not token.get("refresh_token"):
                 token["refresh_token"] = refresh_token  # providers that do not rotate send none back
             if stored and stored.get("connected") is not None and bootstrap == stored.get("bootstrap"):

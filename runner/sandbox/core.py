@@ -335,6 +335,8 @@ class SandboxServer:
         path, _, query = raw_target.partition("?")
         if path.startswith("/_sandbox/") or path == "/_sandbox":
             return self._control(method, path, body)
+        if method == "GET" and path in ("/healthz", "/readyz"):  # as every runner server: for probes and scripts
+            return json_response(200, {"ok": True, "simulators": sorted(p.strip("/") for p in self.mounts)})
         found = self._find_mount(path)
         if found is None:
             return json_response(404, {"error": "no_simulator", "message": f"No simulator mounted at {path}",

@@ -135,13 +135,39 @@ class Config:
                                   fix=f"use one of: {', '.join(c.name for c in self.connections)}"))
 
 
-_DURATION = re.compile(r"^([1-9][0-9]*)\s*([dwmyh])$")
+_DURATION = re.compile(r"^([1-9][0-9]*)\s*([dwmqyh])$")
+
+
+class WindowError(ValueError):
+    """A window that cannot be resolved: `key` is the window's key at fault, `fix` what to write instead."""
+
+    def __init__(self, key: str, message: str, fix: str):
+        super().__init__(message)
+        self.key, self.message, self.fix = key, message, fix
 
 
 def _zone(name: str):
     from zoneinfo import ZoneInfo
 
     return timezone.utc if name in ("UTC", "utc", "Z") else ZoneInfo(name)
+
+
+def _checked_zone(name: str):
+    """The zone, or a WindowError naming the closest IANA names (a typo is the usual cause)."""
+    import difflib
+    from zoneinfo import ZoneInfoNotFoundError, available_timezones
+
+    try:
+        return _zone(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        names = sorted(available_timezones())
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.85) or difflib.get_close_matches(
+            name.split("/")[-1], [n.split("/")[-1] for n in names], n=3)
+        if close and "/" not in close[0]:  # matched on the city alone: show the full names
+            close = [n for n in names if n.split("/")[-1] in close][:3]
+        fix = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
+               "use an IANA time zone name such as Europe/Copenhagen, America/New_York or UTC")
+        raise WindowError("timezone", f"'{name}' is not a time zone the runner knows", fix) from None
 
 
 def _months_back(moment: datetime, months: int) -> datetime:
@@ -153,33 +179,91 @@ def _months_back(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month, day=day)
 
 
-def _parse_point(text: str, tz, *, end: bool) -> datetime:
-    text = text.strip()
-    if len(text) == 10:  # a plain date: the whole day in the window's zone
-        d = date.fromisoformat(text)
-        if end:
-            return datetime.combine(d, time.max, tzinfo=tz)
-        return datetime.combine(d, time.min, tzinfo=tz)
-    moment = datetime.fromisoformat(text.replace(" ", "T").replace("Z", "+00:00"))
+def _parse_point(text: str, tz, *, end: bool, key: str = "from") -> datetime:
+    text = str(text).strip()
+    try:
+        if len(text) == 10:  # a plain date: the whole day in the window's zone
+            d = date.fromisoformat(text)
+            if end:
+                return datetime.combine(d, time.max, tzinfo=tz)
+            return datetime.combine(d, time.min, tzinfo=tz)
+        moment = datetime.fromisoformat(text.replace(" ", "T").replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise WindowError(key, f"`{key}: {text}` is not a real date: {_why_not_a_date(text, exc)}",
+                          f"write a date that exists, as YYYY-MM-DD{_nearest_date(text)}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=tz)
 
 
+def _why_not_a_date(text: str, exc: Exception) -> str:
+    import calendar
+
+    m = re.match(r"^(\d{4})-(\d{2})-(\d{2})", text)
+    if m:
+        y, mo, d = (int(x) for x in m.groups())
+        if not 1 <= mo <= 12:
+            return f"there is no month {mo}"
+        days = calendar.monthrange(y, mo)[1]
+        if not 1 <= d <= days:
+            return f"{calendar.month_name[mo]} {y} has {days} days"
+    return str(exc)
+
+
+def _nearest_date(text: str) -> str:
+    import calendar
+
+    m = re.match(r"^(\d{4})-(\d{2})-(\d{2})", text)
+    if m and 1 <= int(m.group(2)) <= 12:
+        y, mo = int(m.group(1)), int(m.group(2))
+        return f" (the last day of that month is {y:04d}-{mo:02d}-{calendar.monthrange(y, mo)[1]:02d})"
+    return ""
+
+
+def _period_start(moment: datetime, period: str) -> datetime:
+    """The first moment of the calendar month, quarter or year `moment` is in (in moment's zone)."""
+    month = {"month": moment.month, "quarter": 3 * ((moment.month - 1) // 3) + 1, "year": 1}[period]
+    return datetime.combine(date(moment.year, month, 1), time.min, tzinfo=moment.tzinfo)
+
+
+def _period_before(start: datetime, period: str) -> datetime:
+    months = {"month": 1, "quarter": 3, "year": 12}[period]
+    y, m = divmod(start.month - 1 - months, 12)
+    return start.replace(year=start.year + y, month=m + 1, day=1)
+
+
 def resolve_window(raw: dict, now: datetime | None = None) -> Window:
+    """The window in absolute time. Plain dates and calendar periods are read in the window's time zone, so
+    `previous: month` on a job in Copenhagen is that month's days there, whatever the clocks do (DST)."""
     tzname = raw.get("timezone", "UTC")
-    tz = _zone(tzname)
+    tz = _checked_zone(tzname)
     now = (now or datetime.now(timezone.utc)).astimezone(tz)
     if "last" in raw:
-        n, unit = _DURATION.match(raw["last"].strip()).groups()
+        n, unit = _DURATION.match(str(raw["last"]).strip()).groups()
         n = int(n)
         if unit == "m":
             start = _months_back(now, n)
+        elif unit == "q":
+            start = _months_back(now, 3 * n)
         elif unit == "y":
             start = _months_back(now, 12 * n)
         else:
             start = now - timedelta(**{{"d": "days", "w": "weeks", "h": "hours"}[unit]: n})
         return Window(start=start, end=now, tz=tzname, source=f"last {raw['last']}")
-    start = _parse_point(raw["from"], tz, end=False)
-    end = _parse_point(raw["to"], tz, end=True) if raw.get("to") else now
+    if "previous" in raw or "current" in raw:
+        which = "previous" if "previous" in raw else "current"
+        period = raw[which]
+        this = _period_start(now, period)
+        if which == "current":
+            return Window(start=this, end=now, tz=tzname, source=f"current {period}")
+        start = _period_before(this, period)
+        # The last moment of the period before this one, read in the zone (a DST change is inside a period,
+        # never at its end: periods end at midnight).
+        end = datetime.combine(this.date() - timedelta(days=1), time.max, tzinfo=tz)
+        return Window(start=start.replace(tzinfo=tz), end=end, tz=tzname, source=f"previous {period}")
+    if "since" in raw:
+        start = _parse_point(raw["since"], tz, end=False, key="since")
+        return Window(start=start, end=now, tz=tzname, source=f"since {raw['since']}")
+    start = _parse_point(raw["from"], tz, end=False, key="from")
+    end = _parse_point(raw["to"], tz, end=True, key="to") if raw.get("to") else now
     src = f"from {raw['from']}" + (f" to {raw['to']}" if raw.get("to") else " to now")
     return Window(start=start, end=end, tz=tzname, source=src)
 
@@ -323,10 +407,13 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
         problems.append(doc.problem(p, "no date window for this connection",
                                     "add `window: {last: 90d}` to the connection (or under defaults:)", key=True))
         return None
+    where = p + ("window",) if raw.get("window") else ("defaults", "window")
     try:
         window = resolve_window(window_raw, now)
-    except Exception as exc:  # unknown time zone, impossible date
-        where = p + ("window",) if raw.get("window") else ("defaults", "window")
+    except WindowError as exc:  # unknown time zone, impossible date: at the key's own line
+        problems.append(doc.problem(where + (exc.key,), exc.message, exc.fix))
+        return None
+    except Exception as exc:  # defensive: anything else the window's values hold
         problems.append(doc.problem(where, f"cannot read the date window: {exc}",
                                     "dates are YYYY-MM-DD, time zones are IANA names like Europe/Copenhagen"))
         return None
@@ -345,11 +432,22 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
                f"know it (a connection's name is not used: renaming the connection would import everything again)",
             f"add `account_id: <a stable name for the source, e.g. the app's account or company>` to the "
             f"connection '{conn.name}'", key=True))
+    import difflib
+
     for name in spec.auth.credentials:
         if name not in conn.credential_refs:
-            conn.problems.append(doc.problem(p, f"integration '{spec.id}' needs the credential '{name}'",
-                                             f"add `credentials: {{{name}: \"${{{name.upper()}}}\"}}` to this connection",
-                                             key=True))
+            typo = difflib.get_close_matches(name, [k for k in conn.credential_refs
+                                                    if k not in spec.auth.credentials], n=1, cutoff=0.7)
+            if typo:  # `apikey` for `api_key`: the unknown name is the culprit, at its own line
+                conn.problems.append(doc.problem(
+                    p + ("credentials", typo[0]), f"unknown credential '{typo[0]}': integration '{spec.id}' "
+                    f"needs '{name}'", f"rename `{typo[0]}` to `{name}`", key=True))
+                continue
+            # Worded so that the redaction of log lines (`api_key: <value>`) cannot mask the advice itself.
+            conn.problems.append(doc.problem(
+                p, f"integration '{spec.id}' needs the credential '{name}'",
+                f"add {name} under `credentials:` of this connection, read from an environment variable "
+                f"(${{{(conn.integration + '_' + name).upper()}}}) or a file (${{file:path/to/file}})", key=True))
     for name, ref in conn.credential_refs.items():
         value = _secret(doc, ref, p + ("credentials", name), base, resolve, environ, conn.problems)
         if value is None:

@@ -249,6 +249,9 @@ def loads(text: str, file: str = "<input>") -> Document:
         what = exc.problem or str(exc)
         if exc.context:
             what = f"{exc.context}, {what}"
+        plain = _indentation(text, line, what) if line else None
+        if plain is not None:
+            raise ConfigError(Problem(plain[0], file, line, col, fix=plain[1]))
         raise ConfigError(Problem(f"this is not valid YAML: {what}", file, line, col,
                                   fix="check the indentation and quoting on this line and the one above "
                                       "(a value containing ': ' or starting with '{', '*' or '&' needs quotes)"))
@@ -266,6 +269,49 @@ def loads(text: str, file: str = "<input>") -> Document:
         return doc
     doc.data = _Builder(doc).build(node, (), node.start_mark)
     return doc
+
+
+# PyYAML's words for a line whose indentation matches no block around it.
+_INDENT_WORDS = ("did not find expected '-' indicator", "did not find expected key", "expected <block end>",
+                 "mapping values are not allowed", "cannot start any token")
+
+
+def _indentation(text: str, line: int, what: str) -> tuple[str, str] | None:
+    """A bad indentation in plain words: how far the line is indented, and where the blocks above start."""
+    if not any(w in what for w in _INDENT_WORDS):
+        return None
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    here = lines[line - 1]
+    if "\t" in here[:len(here) - len(here.lstrip())]:
+        return (f"line {line} is indented with a tab character; YAML indents with spaces only",
+                "replace the tab at the start of the line with spaces, as on the lines above")
+    indent = len(here) - len(here.lstrip(" "))
+    starts: list[int] = []  # where the keys of the blocks above begin, innermost first
+    for above in reversed(lines[:line - 1]):
+        body = above.lstrip(" ")
+        if not body or body.startswith("#"):
+            continue
+        col = len(above) - len(body)
+        if body.startswith("- "):
+            col += 2 + (len(body[2:]) - len(body[2:].lstrip(" ")))
+        if not starts or col < starts[-1]:
+            starts.append(col)
+        if col == 0:
+            break
+    if "cannot start any token" in what or indent in starts or not starts:
+        return None
+    shown = here.strip()
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    inner = [c for c in starts if c < indent]
+    target = inner[0] if inner else starts[-1]
+    near = min(starts, key=lambda c: abs(c - indent))
+    return (f"the indentation of line {line} (`{shown}`, {indent} space{'s' if indent != 1 else ''}) matches no "
+            f"block above it: the keys of the blocks above start at {' or '.join(str(c) for c in starts)} spaces",
+            f"indent it by {near} spaces to continue the block above it" + (
+                f" (or by {target} to end that block)" if target != near else "")
+            + "; every key of a block starts in the same column")
 
 
 class NotRegular(OSError):
@@ -347,6 +393,11 @@ def _typename(value: Any) -> str:
 
 def schema_problems(doc: Document, errors: Iterable, *, base: tuple = ()) -> list[Problem]:
     """Turn jsonschema ValidationErrors into Problems located in `doc` (deduplicated, in file order)."""
+    errors = list(errors)
+    # A value of the wrong kind (text where a block of keys belongs) is the one thing to say about it: the
+    # other rules at the same place (which shapes of block are allowed) only repeat the schema.
+    mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+    errors = [e for e in errors if e.validator == "type" or tuple(e.absolute_path) not in mistyped]
     problems: dict[tuple, Problem] = {}
     for err in errors:
         for p in _explain(doc, err, base):
@@ -354,17 +405,99 @@ def schema_problems(doc: Document, errors: Iterable, *, base: tuple = ()) -> lis
     return sorted(problems.values(), key=lambda p: (p.line or 0, p.column or 0))
 
 
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _fits_type(branch: dict, value: Any) -> bool:
+    want = branch.get("type")
+    if want is None:
+        return True
+    for w in want if isinstance(want, list) else [want]:
+        if w in ("integer", "number"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, _JSON_TYPES.get(w, object)):
+            return True
+    return False
+
+
+def _chosen_branch(err) -> list | None:
+    """The errors of the one branch of an anyOf/oneOf the value was meant for, or None when that is unclear:
+    the only branch of the value's kind (text or a block), or the one whose tag the value names (type: jsonl)."""
+    branches = err.validator_value if isinstance(err.validator_value, list) else []
+    candidates = [i for i, b in enumerate(branches) if isinstance(b, dict) and _fits_type(b, err.instance)]
+    if len(candidates) > 1 and isinstance(err.instance, dict):
+        tagged = [i for i in candidates if any(
+            isinstance(d, dict) and "const" in d and err.instance.get(k) == d["const"]
+            for k, d in (branches[i].get("properties") or {}).items())]
+        if len(tagged) == 1:
+            candidates = tagged
+    if len(candidates) != 1:
+        return None
+    mine = [e for e in err.context if e.relative_schema_path and e.relative_schema_path[0] == candidates[0]]
+    return mine or None
+
+
+def _exclusive(doc: Document, err, path: tuple, schema: dict, fix) -> list[Problem] | None:
+    """A block whose keys are alternatives (a window: last, from, since...): name the ones that clash."""
+    keys = schema.get("x-exclusive")
+    if not keys or not isinstance(err.instance, dict):
+        return None
+    given = [k for k in keys if k in err.instance]
+    if len(given) > 1:
+        both = " and ".join(f"`{k}:`" for k in given)
+        return [doc.problem(path + (given[1],), f"{both} cannot be used together: each one alone says which "
+                                                f"dates to read", f"keep one of them; {fix}" if fix else None,
+                            key=True)]
+    if not given:
+        return [doc.problem(path, f"this block needs one of {', '.join(f'`{k}:`' for k in keys)}", fix, key=True)]
+    return None
+
+
+def _missing_fix(schema: dict, key: str) -> str | None:
+    prop = (schema.get("properties") or {}).get(key) or {}
+    if "enum" in prop:
+        return f"add `{key}:` with one of: {', '.join(str(o) for o in prop['enum'])}"
+    if "const" in prop:
+        return f"add `{key}: {prop['const']}`"
+    if prop.get("x-fix"):
+        return prop["x-fix"]
+    if prop.get("description"):
+        desc = prop["description"].rstrip(".")
+        return f"add `{key}:`, {desc[:1].lower()}{desc[1:]}"
+    return None
+
+
 def _explain(doc: Document, err, base: tuple) -> list[Problem]:
     path = base + tuple(err.absolute_path)
     schema = err.schema if isinstance(err.schema, dict) else {}
     fix = schema.get("x-fix")
     v = err.validator
+    if v in ("anyOf", "oneOf"):
+        told = _exclusive(doc, err, path, schema, fix)
+        if told is not None:
+            return told
     if v in ("anyOf", "oneOf") and err.context:
+        mine = _chosen_branch(err)
+        if mine is not None:  # every mistake in the shape the value was meant to have
+            out = [p for e in mine for p in _explain(doc, e, base)]
+            if out:
+                return out
         # Report the branch that got furthest: the deepest error is usually the real mistake.
         best = max(err.context, key=lambda e: (len(e.absolute_path), -len(list(e.context or []))))
         inner = _explain(doc, best, base)
         if inner:
             return inner
+    if v == "dependentRequired" and isinstance(err.instance, dict):
+        out = []
+        for key, needs in (err.validator_value or {}).items():
+            for need in needs:
+                if key in err.instance and need not in err.instance:
+                    out.append(doc.problem(path + (key,), f"`{key}:` needs `{need}:` beside it",
+                                           f"add `{need}:`, or remove `{key}:`; {fix}" if fix else
+                                           f"add `{need}:`, or remove `{key}:`", key=True))
+        if out:
+            return out
     if v == "additionalProperties" and isinstance(err.instance, dict):
         allowed = list((schema.get("properties") or {}).keys())
         out = []
@@ -375,13 +508,15 @@ def _explain(doc: Document, err, base: tuple) -> list[Problem]:
             if key in allowed or any(re.search(p, str(key)) for p in patterns):
                 continue
             guess = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean '{guess[0]}'?" if guess else (
-                f"allowed keys here: {', '.join(allowed)}" if allowed else None)
-            out.append(doc.problem(path + (key,), f"unknown key '{key}'", fix or hint, key=True))
+            # A likely typo is the fix to show; the block's general advice only when nothing is close.
+            hint = f"did you mean '{guess[0]}'?" if guess else (fix or (
+                f"allowed keys here: {', '.join(allowed)}" if allowed else None))
+            out.append(doc.problem(path + (key,), f"unknown key '{key}'", hint, key=True))
         return out
     if v == "required":
         missing = [m for m in err.validator_value if isinstance(err.instance, dict) and m not in err.instance]
-        return [doc.problem(path, f"missing required key '{m}'", fix, key=True) for m in missing]
+        return [doc.problem(path, f"missing required key '{m}'", _missing_fix(schema, m) or fix, key=True)
+                for m in missing]
     if v == "type":
         want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
         want_s = " or ".join(_TYPE_NAMES.get(w, w) for w in want)
