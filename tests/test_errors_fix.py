@@ -135,7 +135,7 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly(tmp_path):
     (tmp_path / "big.yaml").write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "runner", "validate", "big.yaml"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.readline() == b"big.yaml: valid\n"
+    assert proc.stdout.readline().startswith(b"big.yaml: valid")
     proc.stdout.close()  # as `head -1` does once it has its line
     err = proc.stderr.read().decode()
     proc.stderr.close()
@@ -144,4 +144,5 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly(tmp_path):
     if shutil.which("sh") and shutil.which("head"):
         r = subprocess.run(["sh", "-c", f"{sys.executable} -m runner validate big.yaml | head -1"], cwd=tmp_path,
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert r.stdout == "big.yaml: valid\n" and "Error" not in r.stderr and "bug" not in r.stderr
+        assert r.stdout.startswith("big.yaml: valid") and r.stdout.count("\n") == 1
+        assert "Error" not in r.stderr and "bug" not in r.stderr
