@@ -523,22 +523,6 @@ class Source:
     def window_position(self, rec: Any) -> str | None:
         return self.classifier().window_position(rec)
 
-    # --- one invoice -----------------------------------------------------------------------------------
-    async def lookup(self, key: str) -> Any | None:
-        """Fetch one invoice by id, else by number, with the spec's lookup requests. None if not found."""
-        for kind, var in (("by_id", "invoice_id"), ("by_number", "number")):
-            lr = self.spec.lookup.get(kind)
-            if lr is None:
-                continue
-            resp = await self.send_spec(lr.request, self.context(**{var: key}), ok=tuple(lr.not_found))
-            if resp.status in lr.not_found:
-                continue
-            rec = lr.record.search(resp.json(f"{self.spec.name}'s invoice answer"))
-            if rec:
-                if self.stream.details:
-                    await self.enrich([rec])
-                return rec
-        return None
 
 
 # --- the run ---------------------------------------------------------------------------------------------
