@@ -239,7 +239,7 @@ def validate(config_file, output):
     click.echo(f"  destination: {d.type}" + (f" ({d.environment})" if d.environment else f" ({d.path})"))
 
 
-def _sync(config_file, mode, details, output, verbose, connections):
+def _sync(config_file, mode, details, output, verbose, connections, full=False):
     setup_logging(verbose)
     more_files()
     from runner.engine import pipeline
@@ -267,7 +267,7 @@ def _sync(config_file, mode, details, output, verbose, connections):
         result = run(pipeline.sync(cfg, mode=mode, store=store, connections=select(cfg, connections),
                                    # every verdict is kept only to be shown: with --details, and in a plan's JSON
                                    details=details or (output == "json" and mode == "plan"), progress=progress,
-                                   command=mode, stop=stop), stop=stop)
+                                   command=mode, stop=stop, full=full), stop=stop)
     finally:
         if live is not None:
             live.stop()
@@ -287,23 +287,25 @@ def sync_options(f):
     """The arguments plan and apply share."""
     for option in reversed((click.argument("config_file", type=click.Path(dir_okay=False)),
                             click.option("--details", is_flag=True, help="Show every invoice and its verdict."),
-                            output_option, verbose_option, connection_option)):
+                            output_option, verbose_option, connection_option,
+                            click.option("--full", is_flag=True, help="Read the whole date window, even where the "
+                                         "integration's change feed would read only what changed since the last run."))):
         f = option(f)
     return f
 
 
 @main.command()
 @sync_options
-def plan(config_file, details, output, verbose, connections):
+def plan(config_file, details, output, verbose, connections, full):
     """Dry run: per connection, how many invoices would be imported and how many skipped, and why. Creates nothing."""
-    _sync(config_file, "plan", details, output, verbose, connections)
+    _sync(config_file, "plan", details, output, verbose, connections, full)
 
 
 @main.command()
 @sync_options
-def apply(config_file, details, output, verbose, connections):
+def apply(config_file, details, output, verbose, connections, full):
     """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice."""
-    _sync(config_file, "apply", details, output, verbose, connections)
+    _sync(config_file, "apply", details, output, verbose, connections, full)
 
 
 @main.command()

@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 from loguru import logger
 
 from runner.net import auth as auth_mod
-from runner.engine import pagination
+from runner.engine import incremental, pagination
 from runner.spec import secrets
 from runner.spec.config import Config, Connection
 from runner.state.sqlite import RECENT_RUNS
@@ -56,6 +56,7 @@ class ConnectionResult:
     seconds: float = 0.0
     rate_limit: float | None = None  # the requests per second the spec allows this connection, if it says
     statuses: Counter = field(default_factory=Counter)  # not_unpaid invoices by their status ("paid": 3)
+    scan: Any = None  # incremental.Scan: full scan or change feed, and why
 
     @property
     def imported(self) -> int:
@@ -108,7 +109,8 @@ class ConnectionResult:
                 "imported": self.imported, "skipped": self.skipped(), "failed": self.failed,
                 "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
                 "rate_limit_per_second": self.rate_limit, "paced_by_rate_limit": self.paced_by_limit(),
-                "not_unpaid_by_status": dict(self.statuses)}
+                "not_unpaid_by_status": dict(self.statuses),
+                "scan": self.scan.as_dict() if self.scan is not None else None}
         if samples:
             out["samples"] = {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}
         return out
@@ -477,9 +479,10 @@ class Source:
             raise ProviderError(f"{self.spec.name} sent a page of {exc.args[0]} invoices, more than the "
                                 f"{self.stream.max_page_size} the spec allows; refusing it") from None
 
-    async def enrich(self, records: list) -> None:
-        """Per-record detail lookups (e.g. the customer's address), each distinct key fetched once per run."""
-        for d in self.stream.details:
+    async def enrich(self, records: list, details: list | None = None) -> None:
+        """Per-record detail lookups (e.g. the customer's address), each distinct key fetched once per run.
+        `details`: others than the stream's (a change feed's, runner/engine/incremental.py)."""
+        for d in self.stream.details if details is None else details:
             todo: dict[tuple, list] = {}
             for rec in records:
                 if not isinstance(rec, dict) or (d.when is not None and not _truthy(d.when.search(rec))):
@@ -797,7 +800,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
 async def sync_connection(conn: Connection, *, clients: Clients, store, destination, run_id: int | None,
                           run: _RunState, details: bool = False, progress: Callable | None = None,
                           sem: asyncio.Semaphore | None = None, workers: Workers | None = None,
-                          writer: ThreadPoolExecutor | None = None, connections: int = 1) -> ConnectionResult:
+                          writer: ThreadPoolExecutor | None = None, connections: int = 1,
+                          full: bool = False) -> ConnectionResult:
     started = time.monotonic()
     result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
                               window=conn.window.as_dict(), window_text=conn.window.describe())
@@ -807,6 +811,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         source = Source(conn, clients, store)
         await _unless_stopped(run.stop, source.open())
         result.account_id, result.account_name = source.account_id, source.account_name
+        scan = result.scan = incremental.decide(source, store, full=full)
 
         recording: asyncio.Future | None = None
         recording_writes = False  # the page being recorded was written to a local sink
@@ -880,7 +885,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             fetched += 1
             return workers.take(source, store, answer, count, fetched, more, recording_run, deliver)
 
-        pages = source.pages_with_answers(hand_over if workers else None)
+        pages = incremental.pages(source, scan, hand_over if workers else None)
         try:
             while True:
                 await run.pages.acquire()  # a page of the run's PAGES_IN_FLIGHT, given back when it is finished
@@ -920,6 +925,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     raise first
             finally:
                 await recorded()  # whatever happened, what was delivered is recorded before the connection ends
+        if destination is not None and store is not None:  # every page is recorded: the next run starts here
+            incremental.commit(store, source, scan, failed=bool(result.failed))
     except Stopped:
         result.status = "interrupted"
         result.error = (f"the run was stopped ({run.stop.why}) before this connection finished; every page it had "
@@ -1003,16 +1010,18 @@ def _few_collections():
 
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
                progress: Callable | None = None, command: str | None = None,
-               stop: StopRequest | None = None) -> RunResult:
+               stop: StopRequest | None = None, full: bool = False) -> RunResult:
     """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers. `stop`: set
-    by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted)."""
+    by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted). `full`:
+    read the whole window even where a change feed would do (runner/engine/incremental.py)."""
     with _few_collections():
         return await _sync(cfg, mode=mode, store=store, connections=connections, details=details, progress=progress,
-                           command=command, stop=stop)
+                           command=command, stop=stop, full=full)
 
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
-                progress: Callable | None, command: str | None, stop: StopRequest | None = None) -> RunResult:
+                progress: Callable | None, command: str | None, stop: StopRequest | None = None,
+                full: bool = False) -> RunResult:
     from runner.engine import destinations
 
     from runner.net.http import reset_limiters
@@ -1051,7 +1060,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         results = await asyncio.gather(*(
             sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
                             run_id=run_id, run=run, details=details, progress=progress, sem=sem, workers=pool,
-                            writer=writer, connections=len(conns))
+                            writer=writer, connections=len(conns), full=full)
             for c in conns))
     except BaseException as exc:
         if run_id is not None:  # never leave the run's row 'running': say how it ended (redacted)
