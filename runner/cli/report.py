@@ -50,7 +50,7 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
         say(redact(f"  window: {c.window_text}"))
         if c.scan is not None and c.scan.reason != "the integration has no change feed":
             d = c.scan.as_dict()
-            say(redact(f"  read: changes since {d['since']} ({d['changed']} invoice(s) changed): {c.scan.reason}"
+            say(redact(f"  read: only the changes since {d['since']} ({d['changed']} invoice(s)); {c.scan.reason}"
                        if c.scan.mode == "changes" else f"  read: full scan of the window: {c.scan.reason}"))
         if c.status != "ok":
             label = {"needs_reconnect": "NEEDS RECONNECT", "interrupted": "INTERRUPTED"}.get(c.status, "FAILED")

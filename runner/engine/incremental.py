@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Callable
 from loguru import logger
 
 from runner.engine import pagination
+from runner.engine.classify import _truthy
 from runner.errors import AuthError, ProviderError
 
 STREAM = "invoices"
@@ -78,6 +79,8 @@ def decide(source, store, *, full: bool = False, now: float | None = None) -> Sc
     spec = source.spec.changes
     if spec is None:
         return Scan("full", "the integration has no change feed", now)
+    if not source.conn.server_filters:
+        return Scan("full", "server_filters: false asks for every invoice of the window (an audit run)", now)
     scope = scope_of(source)
     saved = store.cursor(source.conn.name, STREAM) if store is not None else None
     if full:
@@ -88,7 +91,7 @@ def decide(source, store, *, full: bool = False, now: float | None = None) -> Sc
     if saved["scope"] != scope:
         return Scan("full", "the connection's account, window or filters changed since the last run", now, scope=scope)
     age = now - saved["cursor"]
-    if age > spec.retention_s - spec.overlap_s:
+    if spec.retention_s is not None and age > spec.retention_s - spec.overlap_s:
         return Scan("full", f"the last run was {_ago(age)} ago, longer than {source.spec.name} keeps changes "
                             f"({_ago(spec.retention_s)}): changes may be lost, so the whole window is read", now,
                     scope=scope)
@@ -96,7 +99,7 @@ def decide(source, store, *, full: bool = False, now: float | None = None) -> Sc
     if since_full >= source.conn.full_scan_every:
         return Scan("full", f"scheduled full scan (the last was {_ago(since_full)} ago; full_scan_every is "
                             f"{_ago(source.conn.full_scan_every)})", now, scope=scope)
-    return Scan("changes", f"only invoices changed since the last run (full scan {_ago(since_full)} ago)", now,
+    return Scan("changes", f"the last full scan was {_ago(since_full)} ago", now,
                 since=saved["cursor"] - spec.overlap_s, scope=scope, full_at=saved["full_at"])
 
 
@@ -183,11 +186,22 @@ class ChangeFeed:
                 return found, deleted
 
     async def enrich(self, records: list) -> None:
-        """The feed's own detail lookups (what a change item lacks), then the invoice list's."""
-        if self.spec.details:
-            await self.source.enrich(records, self.spec.details)
-        if self.source.stream.details:
-            await self.source.enrich(records)
+        """The feed's own detail lookups (what a change item lacks), then the invoice list's, for the invoices
+        that may be imported: a paid, void or deleted one gets its verdict (and its re-check) from its own
+        fields, and a feed of payments must not cost a customer look-up each (Zoho counts every call)."""
+        unpaid = self.source.stream.unpaid
+        todo = []
+        for rec in records:
+            try:
+                if not _truthy(unpaid.search(rec)):
+                    continue
+            except Exception:  # noqa: BLE001 - the classifier says what is wrong with it; look it up anyway
+                pass
+            todo.append(rec)
+        if todo and self.spec.details:
+            await self.source.enrich(todo, self.spec.details)
+        if todo and self.source.stream.details:
+            await self.source.enrich(todo)
 
 
 async def pages(source, scan: Scan, hand_over: Callable | None = None) -> AsyncIterator[tuple]:

@@ -83,6 +83,9 @@ class ConnectionResult:
             return "nothing was imported before the run was stopped"
         if self.status != "ok":
             return f"nothing was imported because the connection failed: {self.error}"
+        if self.seen == 0 and self.scan is not None and self.scan.mode == "changes":
+            return (f"no invoice changed since the last run ({self.scan.reason}); `runner apply --full` reads the whole "
+                    f"window")
         if self.seen == 0:
             return ("the provider returned no invoices for this window and filter: nothing unpaid was created in "
                     f"{self.window_text}; widen `window:` if you expected some")

@@ -234,7 +234,7 @@ class Changes:
     paginate: Paginate
     id: Expression
     invoice: Expression
-    retention_s: float
+    retention_s: float | None  # None: changes are kept for good (a modified-since filter)
     overlap_s: float = 300.0
     deleted: Expression | None = None
     order: str = "newest_first"
@@ -439,7 +439,7 @@ class _Compiler:
                        id=self.expression(raw["id"], path + ("id",)),
                        invoice=self.expression(raw["invoice"], path + ("invoice",)),
                        deleted=self.expression(raw.get("deleted"), path + ("deleted",)),
-                       retention_s=interval_seconds(raw["retention"]),
+                       retention_s=interval_seconds(raw["retention"]) if raw.get("retention") else None,
                        overlap_s=interval_seconds(raw.get("overlap", "5m")),
                        order=raw.get("order", "newest_first"), limit=raw.get("limit"),
                        max_page_size=raw.get("max_page_size"), details=self.details(raw.get("details"), path))
