@@ -3,6 +3,7 @@
     /tmp/venv/bin/python bench/incremental.py                 # N=100,000, 100 changes
     /tmp/venv/bin/python bench/incremental.py --n 10000       # smaller
     /tmp/venv/bin/python bench/incremental.py --zoho-only     # the Zoho budget arithmetic alone
+    /tmp/venv/bin/python bench/incremental.py --airbyte /tmp/peers-venvs/airbyte/bin/python   # + Airbyte
 
 The runner's own Stripe simulator (StripeSimulator(synthetic=N), unthrottled, served over a socket by
 SandboxServer) stands in for Stripe: the peers' fake server has no /v1/events. Each run is the whole process,
@@ -189,12 +190,83 @@ def zoho() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+PEERS = ROOT.parent / "shared" / "peers"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def airbyte(python: str, n: int) -> None:
+    """The peers' Airbyte manifest in its incremental mode (a DatetimeBasedCursor on `created`) against the
+    peers' fake server: a first read without state, then a re-run from the state it emitted."""
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(PEERS / "fake_stripe.py"), str(port), str(n)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = Path(tempfile.mkdtemp(prefix="bench-airbyte-"))
+    url = f"http://127.0.0.1:{port}"
+
+    def stats() -> int:
+        with urllib.request.urlopen(url + "/_stats", timeout=5) as r:
+            return json.loads(r.read())["requests"]
+
+    try:
+        for _ in range(600):
+            try:
+                stats()
+                break
+            except OSError:
+                time.sleep(0.2)
+        (work / "config.json").write_text(json.dumps({"base_url": url, "api_key": "sk_test_bench",
+                                                      "start_ts": "1640995200", "end_ts": "1704067200"}))
+        rows = []
+        state_arg: list[str] = []
+        for label in ("first read (no state)", "incremental re-run (from its state)"):
+            before = stats()
+            started = time.perf_counter()
+            out = subprocess.run([python, str(PEERS / "airbyte" / "run_airbyte.py"), "read", "--config",
+                                  str(work / "config.json"), "--catalog", str(PEERS / "airbyte" / "catalog.json"),
+                                  *state_arg], capture_output=True, text=True, timeout=1800)
+            wall = time.perf_counter() - started
+            requests = stats() - before - 1
+            records, state = 0, None
+            for line in out.stdout.splitlines():
+                if line.startswith('{"type":"RECORD"') or line.startswith('{"type": "RECORD"'):
+                    records += 1
+                elif '"STATE"' in line[:30]:
+                    state = json.loads(line)["state"]
+            rows.append(f"| Airbyte: {label} | {records:,} | {requests:,} | {wall:.2f} |")
+            if state is not None:
+                (work / "state.json").write_text(json.dumps([state]))
+                state_arg = ["--state", str(work / "state.json")]
+        print(f"\n## Airbyte's incremental mode (peers' manifest, fake server, N={n:,})\n")
+        print("| run | records | requests | wall s |")
+        print("|---|---|---|---|")
+        print("\n".join(rows))
+        print("\nIts cursor is the invoice's `created`: a re-run reads only invoices created since, so an invoice "
+              "paid, voided or marked uncollectible after it was read is never read again (the peers' fake "
+              "server cannot change an invoice, and has no /v1/events).")
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--zoho-only", action="store_true")
+    ap.add_argument("--airbyte", metavar="PYTHON", help="the Python of a venv with airbyte-cdk (../shared/peers/setup.sh)")
     a = ap.parse_args()
+    if a.airbyte:
+        airbyte(a.airbyte, a.n)
     if not a.zoho_only:
         stripe(a.n, a.changes)
     zoho()

@@ -64,9 +64,14 @@ def test_zoho_reads_invoices_modified_since_the_last_run(sb, tmp_path):
     inv["status"], inv["balance"] = "paid", 0.0
     sb.zoho.record_change("60001", inv)
     sb.zoho.request_log.clear()
+    contacts = sum(sb.zoho.contact_fetches.values())
     second = by_name(run_sync(cfg, "apply"), "acme-zoho")
     assert second.status == "ok", second.error
     assert second.scan.mode == "changes", second.scan.reason
     assert second.seen == 1 and second.scan.changed == {inv["invoice_id"]}
     lists = [p for _, p in sb.zoho.request_log if p.split("?")[0].endswith("/books/v3/invoices")]
     assert len(lists) == 1 and "last_modified_time=" in lists[0]
+    # a paid invoice gets its verdict without its customer: Zoho counts every call against a daily budget
+    assert sum(sb.zoho.contact_fetches.values()) == contacts
+    assert [p for _, p in sb.zoho.request_log if "/books/v3/" in p] == [
+        p for _, p in sb.zoho.request_log if "/organizations" in p or "/invoices?" in p]

@@ -15,8 +15,10 @@ stream in the state store: the moment its last recorded run started. A run then 
 The cursor is committed only after every page of the run is recorded (`commit`), so a crash never skips a
 change: the next run reads from the old cursor again.
 
-The ids a change feed reported (`Scan.changed`, and `Scan.deleted` for invoices deleted at the source) are
-what a re-check of invoices that already have cases starts from.
+For a re-check of invoices that already have cases: in changes mode, `Scan.records` holds each changed invoice
+as read (id -> record, the records the pages carried), `Scan.changed` their ids plus `Scan.deleted`, the ids of
+invoices deleted at the source (no record to classify). In full mode every invoice of the window passed
+through the pages. `ChangeFeed(source, since).collect()` reads a feed on its own.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Scan:
     since: float | None = None  # changes mode: the moment the feed is read from (cursor minus overlap)
     changed: set = field(default_factory=set)  # changes mode: ids of changed invoices the feed reported
     deleted: set = field(default_factory=set)  # changes mode: ids of invoices deleted at the source
+    records: dict = field(default_factory=dict)  # changes mode: invoice id -> the changed invoice as read
     scope: str = ""  # what the cursor is valid for (account, window rule, filters)
     full_at: float | None = None  # when the last full scan started (carried on in changes mode)
 
@@ -215,7 +218,7 @@ async def pages(source, scan: Scan, hand_over: Callable | None = None) -> AsyncI
             scan.mode, scan.reason = "full", str(exc)
             logger.info("{}: {}", source.conn.name, exc)
         else:
-            scan.changed, scan.deleted = set(found) | deleted, deleted
+            scan.changed, scan.deleted, scan.records = set(found) | deleted, deleted, found
             records = list(found.values())
             size = source.stream.max_page_size or 100
             if not records:
