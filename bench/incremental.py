@@ -4,6 +4,7 @@
     /tmp/venv/bin/python bench/incremental.py --n 10000       # smaller
     /tmp/venv/bin/python bench/incremental.py --zoho-only     # the Zoho budget arithmetic alone
     /tmp/venv/bin/python bench/incremental.py --airbyte /tmp/peers-venvs/airbyte/bin/python   # + Airbyte
+    /tmp/venv/bin/python bench/incremental.py --fake-server --peers-only   # today's re-scan, peers' server
 
 The runner's own Stripe simulator (StripeSimulator(synthetic=N), unthrottled, served over a socket by
 SandboxServer) stands in for Stripe: the peers' fake server has no /v1/events. Each run is the whole process,
@@ -201,28 +202,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def airbyte(python: str, n: int) -> None:
-    """The peers' Airbyte manifest in its incremental mode (a DatetimeBasedCursor on `created`) against the
-    peers' fake server: a first read without state, then a re-run from the state it emitted."""
+def _fake_server(n: int):
     import urllib.request
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, str(PEERS / "fake_stripe.py"), str(port), str(n)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = Path(tempfile.mkdtemp(prefix="bench-airbyte-"))
     url = f"http://127.0.0.1:{port}"
 
     def stats() -> int:
         with urllib.request.urlopen(url + "/_stats", timeout=5) as r:
             return json.loads(r.read())["requests"]
 
+    for _ in range(1200):
+        try:
+            stats()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return server, url, stats
+
+
+def rescan_on_fake_server(n: int) -> None:
+    """Today's full re-scan on the peers' fake server (pre-rendered answers: the runner's own cost, not a
+    simulator's): a first import, then the re-run of the whole window (every invoice a duplicate)."""
+    from bench import workspace
+
+    server, url, stats = _fake_server(n)
+    work = Path(tempfile.mkdtemp(prefix="bench-rescan-"))
     try:
-        for _ in range(600):
-            try:
-                stats()
-                break
-            except OSError:
-                time.sleep(0.2)
+        cfg = workspace.make(work / "w", url)
+        rows = []
+        for label in ("first import", "re-run of the whole window (today's scheduled run)"):
+            before = stats()
+            summary, wall = _apply(cfg, "--full")  # the fake server has no /v1/events
+            rows.append(_row(label, summary, wall, stats() - before - 1))
+        print(f"\n## The runner's full re-scan on the peers' fake server (N={n:,})\n")
+        print("| run | read | seen | imported | skipped | requests | wall s |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def airbyte(python: str, n: int) -> None:
+    """The peers' Airbyte manifest in its incremental mode (a DatetimeBasedCursor on `created`) against the
+    peers' fake server: a first read without state, then a re-run from the state it emitted."""
+    server, url, stats = _fake_server(n)
+    work = Path(tempfile.mkdtemp(prefix="bench-airbyte-"))
+    try:
         (work / "config.json").write_text(json.dumps({"base_url": url, "api_key": "sk_test_bench",
                                                       "start_ts": "1640995200", "end_ts": "1704067200"}))
         rows = []
@@ -264,9 +294,16 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--zoho-only", action="store_true")
     ap.add_argument("--airbyte", metavar="PYTHON", help="the Python of a venv with airbyte-cdk (../shared/peers/setup.sh)")
+    ap.add_argument("--fake-server", action="store_true",
+                    help="also time the runner's full re-scan on the peers' fake server")
+    ap.add_argument("--peers-only", action="store_true", help="only --fake-server and --airbyte")
     a = ap.parse_args()
+    if a.fake_server:
+        rescan_on_fake_server(a.n)
     if a.airbyte:
         airbyte(a.airbyte, a.n)
+    if a.peers_only:
+        return
     if not a.zoho_only:
         stripe(a.n, a.changes)
     zoho()
