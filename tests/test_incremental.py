@@ -166,3 +166,16 @@ def test_full_scan_every_is_checked_by_the_config_schema(tmp_path, sandbox_env):
     out = run_cli("validate", str(cfg_path), cwd=tmp_path, env=sandbox_env)
     assert out.returncode != 0
     assert "full_scan_every" in out.stdout + out.stderr and "1d" in out.stdout + out.stderr
+
+
+def test_a_new_destination_reads_the_whole_window_again(tmp_path):
+    """The ledger is per destination: after runs into one file, a config that sends cases elsewhere has
+    imported nothing there, so its first run there is a full scan, not the (empty) changes since."""
+    cfg_path = stripe_workspace(tmp_path)
+    cfg, first = _apply(cfg_path)
+    cfg, second = _apply(cfg_path)
+    assert second.scan.mode == "changes"
+    cfg_path.write_text(cfg_path.read_text().replace("path: out.jsonl", "path: elsewhere.jsonl"))
+    cfg, moved = _apply(cfg_path)
+    assert moved.scan.mode == "full" and "destination" in moved.scan.reason
+    assert moved.imported == first.imported

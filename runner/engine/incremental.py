@@ -69,11 +69,13 @@ def _ago(seconds: float) -> str:
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
 
 
-def scope_of(source) -> str:
-    """What a cursor is valid for: a change of account, window rule or server filters needs a full scan (the
-    invoices the new window or filter takes in were never read)."""
+def scope_of(source, store) -> str:
+    """What a cursor is valid for: a change of account, window rule, server filters or destination needs a
+    full scan (the invoices the new window or filter takes in were never read; the ledger is per destination,
+    so a config moved from Debitura's test environment to production has imported nothing there yet)."""
     conn = source.conn
-    return "|".join([source.account_key, conn.window.source, conn.window.tz, f"server_filters={conn.server_filters}"])
+    return "|".join([source.account_key, conn.window.source, conn.window.tz, f"server_filters={conn.server_filters}",
+                     getattr(store, "destination", "") or ""])
 
 
 def decide(source, store, *, full: bool = False, now: float | None = None) -> Scan:
@@ -84,7 +86,7 @@ def decide(source, store, *, full: bool = False, now: float | None = None) -> Sc
         return Scan("full", "the integration has no change feed", now)
     if not source.conn.server_filters:
         return Scan("full", "server_filters: false asks for every invoice of the window (an audit run)", now)
-    scope = scope_of(source)
+    scope = scope_of(source, store)
     saved = store.cursor(source.conn.name, STREAM) if store is not None else None
     if full:
         return Scan("full", "a full scan was asked for (--full)", now, scope=scope)
@@ -92,7 +94,7 @@ def decide(source, store, *, full: bool = False, now: float | None = None) -> Sc
         return Scan("full", ("no change cursor yet (a first run, or the last one had invoices that failed to deliver): "
                                       "the whole window is read"), now, scope=scope)
     if saved["scope"] != scope:
-        return Scan("full", "the connection's account, window or filters changed since the last run", now, scope=scope)
+        return Scan("full", "the connection's account, window, filters or destination changed since the last run", now, scope=scope)
     age = now - saved["cursor"]
     if spec.retention_s is not None and age > spec.retention_s - spec.overlap_s:
         return Scan("full", f"the last run was {_ago(age)} ago, longer than {source.spec.name} keeps changes "
