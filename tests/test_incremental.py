@@ -179,3 +179,15 @@ def test_a_new_destination_reads_the_whole_window_again(tmp_path):
     cfg, moved = _apply(cfg_path)
     assert moved.scan.mode == "full" and "destination" in moved.scan.reason
     assert moved.imported == first.imported
+
+
+def test_a_key_that_may_not_read_events_gets_a_full_scan_that_says_why(tmp_path):
+    from runner.sandbox import stripe as stripe_sim
+
+    cfg_path = stripe_workspace(tmp_path)
+    cfg, first = _apply(cfg_path)
+    # a restricted key with read access to invoices and customers only: Stripe answers 403 on /v1/events
+    (tmp_path / "sandbox-secrets" / "stripe_api_key").write_text(stripe_sim.TEST_RESTRICTED_KEY)
+    cfg, second = _apply(cfg_path)
+    assert second.scan.mode == "full" and "may not read Stripe's change feed" in second.scan.reason
+    assert second.seen == first.seen and second.imported == 0
