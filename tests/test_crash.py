@@ -180,8 +180,9 @@ def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tm
         if done.returncode == 0:
             break
         assert reruns < 5, f"apply keeps failing after the crashes: {done.stdout[-2000:]}"
-    # One more run must find nothing left to do: everything delivered, recorded as duplicates.
-    final = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
+    # One more run, of the whole window, must find nothing left to do: everything delivered, recorded as
+    # duplicates (without --full it would read only the changes since the last run: none).
+    final = subprocess.run([sys.executable, "-m", "runner", "apply", "--full", str(cfg), "-o", "json"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr[-2000:]
     totals = json.loads(final.stdout)["totals"]
@@ -242,8 +243,8 @@ def test_jsonl_sink_survives_a_torn_last_line(tmp_path, monkeypatch):
     def apply():
         cfg = config.load(cfg_path)
         store = Store(cfg.state_path)
-        try:
-            return asyncio.run(pipeline.sync(cfg, mode="apply", store=store)), store.db.execute(
+        try:  # the whole window each time: the crash is simulated after a run that finished (and moved its cursor)
+            return asyncio.run(pipeline.sync(cfg, mode="apply", store=store, full=True)), store.db.execute(
                 "SELECT invoice_id, idempotency_key FROM ledger").fetchall()
         finally:
             store.close()
@@ -359,8 +360,8 @@ def test_sigkill_jsonl_sink_writes_every_invoice_exactly_once(served, tmp_path, 
     done = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    final = subprocess.run([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=120)
+    final = subprocess.run([sys.executable, "-m", "runner", "apply", "--full", str(cfg), "-o", "json"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     totals = json.loads(final.stdout)["totals"]
     assert totals["imported"] == 0 and totals["skipped"].get("duplicate") == len(expected), totals
 
@@ -399,8 +400,8 @@ def test_a_crashed_runs_lines_are_recorded_before_anything_is_written(tmp_path, 
         cfg_path.write_text(text)
         cfg = config.load(cfg_path)
         store = Store(cfg.state_path)
-        try:
-            return asyncio.run(pipeline.sync(cfg, mode="apply", store=store))
+        try:  # the whole window each time: the crash is simulated after a run that finished (and moved its cursor)
+            return asyncio.run(pipeline.sync(cfg, mode="apply", store=store, full=True))
         finally:
             store.close()
 

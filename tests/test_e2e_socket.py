@@ -69,7 +69,7 @@ def test_apply_over_sockets_then_again(tmp_path, served, sandbox_env):
     assert len(cases) == would
     assert len({c["creditorReference"] for c in cases}) == would
 
-    second = run_cli("apply", str(cfg), "--auto-approve", env=sandbox_env)
+    second = run_cli("apply", "--full", str(cfg), "--auto-approve", env=sandbox_env)  # the whole window: duplicates
     assert second.returncode == 0, second.stderr
     assert f"skipped {would + sum(totals['skipped'].values())}" in second.stdout
     assert "duplicate" in second.stdout

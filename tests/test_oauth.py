@@ -160,7 +160,8 @@ def test_revoked_grant_needs_reconnect_and_other_connections_go_on(sb, tmp_path)
     sb.qbo.oauth.revoke_user("alice")  # the user disconnected the app in QuickBooks
     sb.qbo.oauth.expire_access_tokens()
     requests_before = sb.qbo.oauth.token_requests
-    r = runner_cmd("apply", str(cfg), "-o", "json")
+    # the whole window, so the Zoho connection shows it read invoices (not only the changes since: none)
+    r = runner_cmd("apply", "--full", str(cfg), "-o", "json")
     assert r.returncode == 1, r.stdout + r.stderr
     import json
 

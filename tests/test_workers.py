@@ -53,7 +53,8 @@ def _apply(cfg_path: Path, monkeypatch, *, workers_setting: str | None):
     cfg = config.load(cfg_path)
     store = Store(cfg.state_path)
     try:
-        result = asyncio.run(pipeline.sync(cfg, mode="apply", store=store))
+        # the whole window every run (not the changes since the last): these tests compare runs page by page
+        result = asyncio.run(pipeline.sync(cfg, mode="apply", store=store, full=True))
         verdicts = sorted(store.db.execute(
             "SELECT invoice_id, number, verdict, reason, detail FROM verdicts WHERE run_id=?", (result.run_id,)))
         ledger = sorted(store.db.execute("SELECT invoice_id, status, idempotency_key FROM ledger"))

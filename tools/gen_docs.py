@@ -26,6 +26,8 @@ WILDCARD = "<name>"
 
 # Examples of keys no built-in spec uses (YAML text of the key's value).
 EXAMPLES: dict[str, str] = {
+    "changes.request.json": "{since: \"{{ changes.since | isoformat }}\"}",
+    "changes.paginate.max_pages": "1000",
     "auth.advice.401": "\"the key is wrong or revoked: create a new one and update the secret it is read from\"",
     "auth.advice.403": "\"give the key read access to invoices and customers\"",
     "$schema": "../schemas/integration.schema.json",

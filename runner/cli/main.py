@@ -306,7 +306,7 @@ def validate(config_files, check_secrets, output):
         sys.exit(failed.exit_code)
 
 
-def _sync(config_file, mode, details, output, verbose, connections, auto_approve=True):
+def _sync(config_file, mode, details, output, verbose, connections, auto_approve=True, full=False):
     setup_logging(verbose)
     more_files()
     from runner.engine import pipeline
@@ -314,7 +314,7 @@ def _sync(config_file, mode, details, output, verbose, connections, auto_approve
 
     cfg = load_config(config_file)
     if mode == "apply" and not auto_approve and _asks(cfg.destination):
-        _plan_ask_apply(cfg, details, output, verbose, connections)
+        _plan_ask_apply(cfg, details, output, verbose, connections, full)
         return
     store = open_store(cfg, lock=(mode == "apply"))
     from runner.cli import progress as progress_display
@@ -329,7 +329,7 @@ def _sync(config_file, mode, details, output, verbose, connections, auto_approve
         result = run(pipeline.sync(cfg, mode=mode, store=store, connections=select(cfg, connections),
                                    # every verdict is kept only to be shown: with --details, and in a plan's JSON
                                    details=details or (output == "json" and mode == "plan"), progress=progress,
-                                   command=mode, stop=stop), stop=stop)
+                                   command=mode, stop=stop, full=full), stop=stop)
     finally:
         if live is not None:
             live.stop()
@@ -349,7 +349,9 @@ def sync_options(f):
     """The arguments plan and apply share."""
     for option in reversed((click.argument("config_file", type=click.Path(dir_okay=False)),
                             click.option("--details", is_flag=True, help="Show every invoice and its verdict."),
-                            output_option, verbose_option, connection_option)):
+                            output_option, verbose_option, connection_option,
+                            click.option("--full", is_flag=True, help="Read the whole date window, even where the "
+                                         "integration's change feed would read only what changed since the last run."))):
         f = option(f)
     return f
 
@@ -366,7 +368,7 @@ def sync_options(f):
               help="Ask Debitura (POST /cases/preview) whether each planned case is eligible and at what fee.")
 @click.option("--preview-limit", type=click.IntRange(1, 1000), default=50, show_default=True,
               help="Preview at most this many invoices.")
-def plan(config_file, details, output, verbose, connections, out, detailed_exitcode, preview, preview_limit):
+def plan(config_file, details, output, verbose, connections, full, out, detailed_exitcode, preview, preview_limit):
     """Dry run: per connection, how many invoices would be imported and how many skipped, and why; checks the
     destination (its key and collection contract) too. Creates nothing."""
     from runner.errors import ConfigError
@@ -390,7 +392,8 @@ def plan(config_file, details, output, verbose, connections, out, detailed_exitc
     stop = pipeline.StopRequest()
     try:
         doc, result, checks = run(planmod.make(cfg, store, connections=select(cfg, connections),
-                                               preview=preview_limit if preview else 0, stop=stop), stop=stop)
+                                               preview=preview_limit if preview else 0, stop=stop, full=full),
+                                  stop=stop)
     finally:
         store.close()
     if out and not stopped_code(stop):  # an interrupted plan is not one to review and apply
@@ -436,7 +439,7 @@ def _print_checks(checks) -> None:
 @sync_options
 @click.option("--auto-approve", is_flag=True,
               help="Do not ask before creating cases in Debitura production (for automation).")
-def apply(config_file, details, output, verbose, connections, auto_approve):
+def apply(config_file, details, output, verbose, connections, full, auto_approve):
     """Import: create a case for every eligible invoice not imported before, and record a verdict for each invoice.
 
     CONFIG_FILE may be a plan saved by `runner plan --out FILE`: then exactly its invoices are sent, and the plan
@@ -453,10 +456,10 @@ def apply(config_file, details, output, verbose, connections, auto_approve):
         doc = planmod.load(config_file)
         _apply_plan(doc, load_config(doc["config"]["path"]), config_file, details, output, verbose, auto_approve)
         return
-    _sync(config_file, "apply", details, output, verbose, connections, auto_approve=auto_approve)
+    _sync(config_file, "apply", details, output, verbose, connections, auto_approve=auto_approve, full=full)
 
 
-def _plan_ask_apply(cfg, details, output, verbose, connections) -> None:
+def _plan_ask_apply(cfg, details, output, verbose, connections, full=False) -> None:
     """Apply of a config against Debitura production: plan it, show the plan and ask, then apply that plan."""
     from runner.engine import pipeline, plan as planmod
 
@@ -464,7 +467,8 @@ def _plan_ask_apply(cfg, details, output, verbose, connections) -> None:
     store = open_store(cfg)
     stop = pipeline.StopRequest()
     try:
-        doc, _, _ = run(planmod.make(cfg, store, connections=select(cfg, connections), stop=stop), stop=stop)
+        doc, _, _ = run(planmod.make(cfg, store, connections=select(cfg, connections), stop=stop, full=full),
+                        stop=stop)
     finally:
         store.close()
     if stopped_code(stop):

@@ -48,6 +48,10 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
         acct = f", account {c.account_name or c.account_id}" if (c.account_name or c.account_id) else ""
         say(redact(f"● {c.name} ({c.integration}, {c.environment}{acct})"), style="bold")
         say(redact(f"  window: {c.window_text}"))
+        if c.scan is not None and c.scan.reason != "the integration has no change feed":
+            d = c.scan.as_dict()
+            say(redact(f"  read: only the changes since {d['since']} ({d['changed']} invoice(s)); {c.scan.reason}"
+                       if c.scan.mode == "changes" else f"  read: full scan of the window: {c.scan.reason}"))
         if c.status != "ok":
             label = {"needs_reconnect": "NEEDS RECONNECT", "interrupted": "INTERRUPTED"}.get(c.status, "FAILED")
             say(redact(f"  {label}: {c.error}"), style="red")

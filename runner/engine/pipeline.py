@@ -24,7 +24,7 @@ from loguru import logger
 
 from runner import metrics
 from runner.net import auth as auth_mod
-from runner.engine import pagination
+from runner.engine import incremental, pagination
 from runner.spec import secrets
 from runner.spec.config import Config, Connection
 from runner.state.sqlite import RECENT_RUNS
@@ -57,6 +57,7 @@ class ConnectionResult:
     seconds: float = 0.0
     rate_limit: float | None = None  # the requests per second the spec allows this connection, if it says
     statuses: Counter = field(default_factory=Counter)  # not_unpaid invoices by their status ("paid": 3)
+    scan: Any = None  # incremental.Scan: full scan or change feed, and why
 
     @property
     def imported(self) -> int:
@@ -83,6 +84,9 @@ class ConnectionResult:
             return "nothing was imported before the run was stopped"
         if self.status != "ok":
             return f"nothing was imported because the connection failed: {self.error}"
+        if self.seen == 0 and self.scan is not None and self.scan.mode == "changes":
+            return (f"no invoice changed since the last run ({self.scan.reason}); `runner apply --full` reads the whole "
+                    f"window")
         if self.seen == 0:
             return ("the provider returned no invoices for this window and filter: nothing unpaid was created in "
                     f"{self.window_text}; widen `window:` if you expected some")
@@ -109,7 +113,8 @@ class ConnectionResult:
                 "imported": self.imported, "skipped": self.skipped(), "failed": self.failed,
                 "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
                 "rate_limit_per_second": self.rate_limit, "paced_by_rate_limit": self.paced_by_limit(),
-                "not_unpaid_by_status": dict(self.statuses)}
+                "not_unpaid_by_status": dict(self.statuses),
+                "scan": self.scan.as_dict() if self.scan is not None else None}
         if samples:
             out["samples"] = {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}
         return out
@@ -483,9 +488,10 @@ class Source:
             raise ProviderError(f"{self.spec.name} sent a page of {exc.args[0]} invoices, more than the "
                                 f"{self.stream.max_page_size} the spec allows; refusing it") from None
 
-    async def enrich(self, records: list) -> None:
-        """Per-record detail lookups (e.g. the customer's address), each distinct key fetched once per run."""
-        for d in self.stream.details:
+    async def enrich(self, records: list, details: list | None = None) -> None:
+        """Per-record detail lookups (e.g. the customer's address), each distinct key fetched once per run.
+        `details`: others than the stream's (a change feed's, runner/engine/incremental.py)."""
+        for d in self.stream.details if details is None else details:
             todo: dict[tuple, list] = {}
             for rec in records:
                 if not isinstance(rec, dict) or (d.when is not None and not _truthy(d.when.search(rec))):
@@ -789,7 +795,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
 async def sync_connection(conn: Connection, *, clients: Clients, store, destination, run_id: int | None,
                           run: _RunState, details: bool = False, progress: Callable | None = None,
                           sem: asyncio.Semaphore | None = None, workers: Workers | None = None,
-                          writer: ThreadPoolExecutor | None = None, connections: int = 1) -> ConnectionResult:
+                          writer: ThreadPoolExecutor | None = None, connections: int = 1,
+                          full: bool = False) -> ConnectionResult:
     started = time.monotonic()
     result = ConnectionResult(name=conn.name, integration=conn.integration, environment=conn.environment,
                               window=conn.window.as_dict(), window_text=conn.window.describe())
@@ -799,6 +806,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         source = Source(conn, clients, store)
         await _unless_stopped(run.stop, source.open())
         result.account_id, result.account_name = source.account_id, source.account_name
+        scan = result.scan = incremental.decide(source, store, full=full)
 
         recording: asyncio.Future | None = None
         recording_writes = False  # the page being recorded was written to a local sink
@@ -874,7 +882,7 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
             fetched += 1
             return workers.take(source, store, answer, count, fetched, more, recording_run, deliver)
 
-        pages = source.pages_with_answers(hand_over if workers else None)
+        pages = incremental.pages(source, scan, hand_over if workers else None)
         try:
             while True:
                 await run.pages.acquire()  # a page of the run's PAGES_IN_FLIGHT, given back when it is finished
@@ -914,6 +922,8 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     raise first
             finally:
                 await recorded()  # whatever happened, what was delivered is recorded before the connection ends
+        if destination is not None and store is not None:  # every page is recorded: the next run starts here
+            incremental.commit(store, source, scan, failed=bool(result.failed))
     except Stopped:
         result.status = "interrupted"
         result.error = (f"the run was stopped ({run.stop.why}) before this connection finished; every page it had "
@@ -1016,19 +1026,20 @@ async def _logged(coro, **context):
 
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
                progress: Callable | None = None, command: str | None = None,
-               stop: StopRequest | None = None, allow: Callable | None = None) -> RunResult:
+               stop: StopRequest | None = None, allow: Callable | None = None, full: bool = False) -> RunResult:
     """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers. `stop`: set
     by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted). `allow`
     (connection name, eligible Verdict) -> None to deliver it, or (reason, message) to skip it: applying a
-    saved plan (runner/engine/plan.py); it needs details=True (the engine, not a worker, then delivers)."""
+    saved plan (runner/engine/plan.py); it needs details=True (the engine, not a worker, then delivers).
+    `full`: read the whole window even where a change feed would do (runner/engine/incremental.py)."""
     with _few_collections():
         return await _sync(cfg, mode=mode, store=store, connections=connections, details=details, progress=progress,
-                           command=command, stop=stop, allow=allow)
+                           command=command, stop=stop, allow=allow, full=full)
 
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
                 progress: Callable | None, command: str | None, stop: StopRequest | None = None,
-                allow: Callable | None = None) -> RunResult:
+                allow: Callable | None = None, full: bool = False) -> RunResult:
     from runner.engine import destinations
 
     from runner.net.http import reset_limiters
@@ -1068,7 +1079,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         results = await asyncio.gather(*(
             _logged(sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
                                     run_id=run_id, run=run, details=details, progress=progress, sem=sem,
-                                    workers=pool, writer=writer, connections=len(conns)),
+                                    workers=pool, writer=writer, connections=len(conns), full=full),
                     connection=c.name, run_id=run_id)
             for c in conns))
     except BaseException as exc:

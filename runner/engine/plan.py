@@ -175,14 +175,14 @@ async def check_destination(cfg, clients, planned: list[tuple[str, Any]], previe
 
 # --- making a plan ----------------------------------------------------------------------------------------
 
-async def make(cfg, store, *, connections=None, preview: int = 0, stop=None):
+async def make(cfg, store, *, connections=None, preview: int = 0, stop=None, full: bool = False):
     """Run a plan (nothing is created) and check the destination. Returns (plan document, RunResult, Checks)."""
     from runner.engine import destinations, pipeline
     from runner.net.http import Clients
 
     chosen = [c for c in (connections or cfg.connections) if c.enabled and c.spec.pull]
     result = await pipeline.sync(cfg, mode="plan", store=store, connections=connections, details=True,
-                                 command="plan", stop=stop)
+                                 command="plan", stop=stop, full=full)
     planned = [(cr.name, v) for cr in result.connections for v in cr.verdicts
                if v.verdict == pipeline.IMPORTED and v.invoice is not None]
     clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")

@@ -11,6 +11,7 @@ Everything lives under one mount (``sandbox://quickbooks`` in-process, ``/quickb
                                                   [orderby f] [startposition n] [maxresults m]   (max 1000)
     GET  /v3/company/{realmId}/invoice/{id}
     GET  /v3/company/{realmId}/customer/{id}
+    GET  /v3/company/{realmId}/cdc?entities=Invoice&changedSince=...   change data capture (see record_change)
 
 Errors use Intuit's shapes: token endpoint ``{"error": "invalid_grant", "error_description": ...}`` (400);
 API ``{"Fault": {"Error": [{"Message", "Detail", "code"}], "type"}, "time"}`` (401 code 3200 for an expired or
@@ -27,6 +28,7 @@ A sandbox bootstrap refresh token for alice (as from Intuit's OAuth Playground) 
 from __future__ import annotations
 
 import re
+import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -233,6 +235,8 @@ class QuickBooksSimulator(Simulator):
         self.data = {r: {"Invoice": _invoices(r, self.today), "Customer": list(_customers(r).values()),
                          "CompanyInfo": [self._company(r)]} for r in COMPANY}
         self.expire_after: int | None = None  # expire every access token after this many more API calls
+        self.wall = time.time  # the clock changes are stamped with (tests move it)
+        self.deleted: dict[str, list[dict]] = {r: [] for r in COMPANY}  # CDC's tombstones of deleted invoices
 
     def _company(self, realm: str) -> dict:
         name, country = COMPANY[realm]
@@ -277,7 +281,7 @@ class QuickBooksSimulator(Simulator):
             return self.oauth.token(request, lambda user: {"x_refresh_token_expires_in": 8726400})
         if path == "/oauth2/v1/tokens/revoke" and request.method == "POST":
             return self.oauth.revoke(request)
-        m = re.match(r"^/v3/company/(\d+)/(query|preferences|companyinfo/\d+|invoice/[^/]+|customer/[^/]+)$", path)
+        m = re.match(r"^/v3/company/(\d+)/(query|preferences|cdc|companyinfo/\d+|invoice/[^/]+|customer/[^/]+)$", path)
         if not m or request.method not in ("GET", "POST"):
             return self._fault(404, "ValidationFault", "610", "Object Not Found", f"Unknown resource {path}")
         if self.expire_after is not None:
@@ -307,6 +311,8 @@ class QuickBooksSimulator(Simulator):
             except QueryError as exc:
                 return self._fault(400, "ValidationFault", "4000", "Error parsing query", str(exc))
             return json_response(200, {"QueryResponse": resp, "time": _now_iso()})
+        if rest == "cdc":
+            return self._cdc(realm, request.url.params)
         if rest == "preferences":
             home = "DKK" if realm == REALM_DK else "USD"
             return json_response(200, {"Preferences": {"CurrencyPrefs": {"MultiCurrencyEnabled": realm != REALM_DK,
@@ -323,3 +329,60 @@ class QuickBooksSimulator(Simulator):
             return self._fault(400, "ValidationFault", "610", "Object Not Found",
                                "Object Not Found : Something you're trying to use has been made inactive.")
         return json_response(200, {table: row, "time": _now_iso()})
+
+    # --- change data capture (GET /v3/company/{realm}/cdc) ----------------------------------------------
+    # Intuit: entities (comma-separated) and changedSince (ISO date or date-time, within the last 30 days);
+    # the full payload of every entity changed since, at most 1,000 objects per answer, no paging; a deleted
+    # entity comes as {"domain": "QBO", "status": "Deleted", "Id", "MetaData": {"LastUpdatedTime"}}. The
+    # answer's shape (CDCResponse[].QueryResponse[].<Entity>) follows Intuit's published example; the fault
+    # for a changedSince older than 30 days is not documented there and is modelled on other validation faults.
+
+    def _stamp(self) -> str:
+        return datetime.fromtimestamp(self.wall(), timezone.utc).astimezone(
+            timezone(timedelta(hours=-8))).isoformat(timespec="seconds")
+
+    def record_change(self, realm: str, invoice: dict, deleted: bool = False) -> None:
+        """An invoice changed (or was deleted) now: call it after changing the invoice in ``self.data``."""
+        if deleted:
+            self.data[realm]["Invoice"] = [r for r in self.data[realm]["Invoice"] if r["Id"] != invoice["Id"]]
+            self.deleted[realm].append({"domain": "QBO", "status": "Deleted", "Id": invoice["Id"],
+                                        "MetaData": {"LastUpdatedTime": self._stamp()}})
+            return
+        invoice.setdefault("MetaData", {})["LastUpdatedTime"] = self._stamp()
+        invoice["SyncToken"] = str(int(invoice.get("SyncToken", "0")) + 1)
+
+    def _cdc(self, realm: str, params: httpx.QueryParams) -> httpx.Response:
+        entities = [e.strip() for e in (params.get("entities") or "").split(",") if e.strip()]
+        since_text = params.get("changedSince") or ""
+        if not entities or not since_text:
+            return self._fault(400, "ValidationFault", "2020", "Required param missing, need to supply the required "
+                               "value for the API", "Required parameter entities and changedSince are missing")
+        try:
+            since = datetime.fromisoformat(since_text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return self._fault(400, "ValidationFault", "2010", "Invalid value for changedSince",
+                               f"changedSince {since_text!r} is not an ISO date-time")
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=timezone(timedelta(hours=-8)))  # the company's zone (Pacific here)
+        if since.timestamp() < self.wall() - 30 * 86400:
+            return self._fault(400, "ValidationFault", "2010", "Invalid value for changedSince",
+                               "changedSince must be within the last 30 days")
+        tables = self.data[realm]
+        out = []
+        for name in entities:
+            table = next((k for k in tables if k.lower() == name.lower()), None)
+            if table is None:
+                return self._fault(400, "ValidationFault", "2010", f"Entity {name} is not supported for CDC",
+                                   f"Unsupported entity {name}")
+            rows = [r for r in tables[table]
+                    if datetime.fromisoformat(r.get("MetaData", {}).get("LastUpdatedTime", "1970-01-01T00:00:00+00:00"))
+                    > since]
+            if table == "Invoice":
+                rows += [d for d in self.deleted[realm]
+                         if datetime.fromisoformat(d["MetaData"]["LastUpdatedTime"]) > since]
+            rows = rows[:MAX_RESULTS]
+            qr: dict[str, Any] = {"startPosition": 1, "maxResults": len(rows), "totalCount": len(rows)}
+            if rows:
+                qr[table] = rows
+            out.append(qr)
+        return json_response(200, {"CDCResponse": [{"QueryResponse": out}], "time": _now_iso()})

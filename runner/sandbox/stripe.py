@@ -8,7 +8,8 @@ recorded (``StripeSimulator.api_versions``) and echoed; without one the account'
 
 Endpoints: ``GET /v1/invoices``, ``GET /v1/invoices/search``, ``GET /v1/invoices/{id}``,
 ``GET /v1/customers/{id}``, ``GET /v1/account`` (a restricted key without the account permission gets Stripe's
-403, which names the account).
+403, which names the account), ``GET /v1/events`` (invoice events recorded by ``record_event`` when an invoice
+changes in the simulator; kept 30 days, newest first, filtered by ``type``/``types[]`` and ``created``).
 
 API keys (``StripeSimulator.keys``; add with ``sim.add_key(...)``, revoke with ``sim.revoke(key)``):
 
@@ -33,7 +34,9 @@ Data: :func:`build_dataset` (deterministic, relative to an anchor = today's UTC 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
+import time
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -53,6 +56,8 @@ LIVE_SECRET_KEY = "sk_live_sandbox_9Zq2"
 
 PERM_INVOICE_READ = "rak_invoice_read"
 PERM_INVOICE_WRITE = "rak_invoice_write"
+# Restricted keys' "Events: read" permission; the internal name is modelled on the others, not verified.
+PERM_EVENT_READ = "rak_event_read"
 PERM_CUSTOMER_READ = "rak_customer_read"
 # GET /v1/account: a restricted key needs this permission; without it Stripe answers 403 and names the account.
 PERM_ACCOUNT_READ = "rak_accounts_kyc_basic_read"
@@ -517,6 +522,8 @@ class StripeSimulator(Simulator):
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self.api_versions: list[str | None] = []  # the Stripe-Version header of each request (None: not sent)
         self._version = ACCOUNT_API_VERSION
+        self.wall = time.time  # the clock events are stamped with (tests move it)
+        self.events: dict[str, list[dict[str, Any]]] = {"test": [], "live": []}
 
     # -- test helpers
     def add_key(self, key: str, mode: str = "test", permissions: set[str] | frozenset[str] | None = None) -> None:
@@ -576,6 +583,7 @@ class StripeSimulator(Simulator):
         self.data = build_dataset(self.anchor)
         self.synthetic = 0
         self.api_versions.clear()
+        self.events = {"test": [], "live": []}
 
     def on_faults_changed(self) -> None:
         self._buckets.clear()
@@ -682,6 +690,8 @@ class StripeSimulator(Simulator):
             route, perm = ("customer", PERM_CUSTOMER_READ)
         elif method == "GET" and parts == ["v1", "account"]:
             route, perm = ("account", PERM_ACCOUNT_READ)
+        elif method == "GET" and parts == ["v1", "events"]:
+            route, perm = ("events", PERM_EVENT_READ)
         if route is None:
             raise StripeError(404, f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs "
                                    "or we can help at https://support.stripe.com/.")
@@ -702,6 +712,8 @@ class StripeSimulator(Simulator):
             return self._ok(account_obj())
         if route == "pay":
             return self._ok(self.pay(parts[2], mode))
+        if route == "events":
+            return self._ok(self._list_events(mode, params))
         return self._ok(self._retrieve_customer(mode, parts[2], params))
 
     # -- helpers
@@ -923,3 +935,79 @@ class StripeSimulator(Simulator):
         if "total_count" in expand:
             out["total_count"] = len(matches)
         return out
+
+    # -- events (GET /v1/events) ----------------------------------------------------------------------
+    # Stripe keeps events 30 days and lists them newest first; each embeds the object as it was when the
+    # event happened (data.object), rendered in the event's API version, with data.previous_attributes on
+    # *.updated events. The seeded data set has no events: they start with changes made in the simulator.
+
+    def record_event(self, kind: str, invoice: dict[str, Any], mode: str = "test",
+                     previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record that ``invoice`` changed (``invoice.paid``, ``invoice.voided``, ``invoice.updated``, ...):
+        call it after changing the invoice in ``self.data``. Returns the event."""
+        events = self.events[mode]
+        n = len(events) + 1
+        data: dict[str, Any] = {"object": copy.deepcopy(public(invoice))}
+        if previous is not None:
+            data["previous_attributes"] = previous
+        event = {"id": _stable_id("evt_", f"{mode}:{n}:{kind}:{invoice['id']}", 24), "object": "event",
+                 "api_version": self._version, "created": int(self.wall()), "data": data,
+                 "livemode": mode == "live", "pending_webhooks": 0,
+                 "request": {"id": None, "idempotency_key": None}, "type": kind, "_sandbox_seq": n}
+        events.append(event)
+        return event
+
+    def update_invoice(self, invoice_id: str, kind: str = "invoice.updated", mode: str = "test",
+                       **fields: Any) -> dict[str, Any]:
+        """Change fields of an invoice and record the event (a test helper)."""
+        inv = self._find_invoice(mode, invoice_id)
+        if inv is None:
+            raise KeyError(invoice_id)
+        previous = {k: inv.get(k) for k in fields}
+        inv.update(fields)
+        return self.record_event(kind, inv, mode, previous if kind == "invoice.updated" else None)
+
+    def _list_events(self, mode: str, params: httpx.QueryParams) -> dict[str, Any]:
+        for k in params.keys():
+            if _base_name(k) not in _EVENT_PARAMS:
+                raise StripeError(400, f"Received unknown parameter: {k}", param=k)
+        limit = self._limit(params)
+        one = params.get("type")
+        types = [v for k, v in params.multi_items() if _base_name(k) == "types"]
+        if one is not None and types:
+            raise StripeError(400, "You may only specify one of these parameters: type, types.", param="types")
+        if len(types) > 20:
+            raise StripeError(400, "You may pass at most 20 event types.", param="types")
+        created_ok = self._range_filter(params, "created")
+        # 30 days of events: older ones are gone.
+        cutoff = int(self.wall()) - EVENT_RETENTION_S
+        self.events[mode] = [e for e in self.events[mode] if e["created"] >= cutoff]
+
+        def type_ok(t: str) -> bool:
+            if one is not None:
+                return t == one or (one.endswith("*") and t.startswith(one[:-1]))
+            return not types or t in types
+
+        matches = [e for e in reversed(self.events[mode]) if type_ok(e["type"]) and created_ok(e["created"])]
+        after, before = params.get("starting_after"), params.get("ending_before")
+        if after and before:
+            raise StripeError(400, "You may only specify one of these parameters: ending_before, starting_after.",
+                              param="ending_before")
+        if after or before:
+            pos = next((i for i, e in enumerate(matches) if e["id"] == (after or before)), None)
+            if pos is None:
+                raise StripeError(404, f"No such event: '{after or before}'", code="resource_missing",
+                                  param="starting_after" if after else "ending_before", doc_url=DOC_RESOURCE_MISSING)
+            if after:
+                rest = matches[pos + 1:]
+                page, has_more = rest[:limit], len(rest) > limit
+            else:
+                rest = matches[:pos]
+                page, has_more = rest[-limit:], len(rest) > limit
+        else:
+            page, has_more = matches[:limit], len(matches) > limit
+        return {"object": "list", "data": [public(e) for e in page], "has_more": has_more, "url": "/v1/events"}
+
+
+EVENT_RETENTION_S = 30 * 86400
+_EVENT_PARAMS = {"type", "types", "created", "limit", "starting_after", "ending_before", "delivery_success"}

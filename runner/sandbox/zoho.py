@@ -31,6 +31,7 @@ Client) for sam is in ``sandbox-secrets/zoho_refresh_token``.
 from __future__ import annotations
 
 import re
+import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -117,6 +118,7 @@ class ZohoSimulator(Simulator):
 
     def __init__(self, data_dir: Any = None, today: date | None = None, public_base: str | None = None):
         super().__init__()
+        self.wall = time.time  # the clock last_modified_time is stamped with (tests move it)
         self._data_dir = data_dir
         self.today = today or datetime.now(timezone.utc).date()
         self.public_base = public_base
@@ -272,6 +274,12 @@ class ZohoSimulator(Simulator):
             rows = [r for r in rows if r["date"] >= q["date_start"]]
         if q.get("date_end"):
             rows = [r for r in rows if r["date"] <= q["date_end"]]
+        if q.get("last_modified_time"):  # "invoices modified after a specific time" (YYYY-MM-DDTHH:MM:SS+hhmm)
+            try:
+                after = _zoho_time(q["last_modified_time"])
+            except ValueError:
+                return self._books(400, 2, "Invalid value passed for last_modified_time")
+            rows = [r for r in rows if _zoho_time(r["last_modified_time"]) > after]
         rows.sort(key=lambda r: r["created_time"], reverse=True)
         chunk = rows[(page - 1) * per_page: page * per_page]
         return json_response(200, {"code": 0, "message": "success", "invoices": chunk,
@@ -279,3 +287,13 @@ class ZohoSimulator(Simulator):
                                                     "has_more_page": page * per_page < len(rows),
                                                     "report_name": "Invoices", "applied_filter": "Status.All",
                                                     "sort_column": "created_time", "sort_order": "D"}})
+
+    # --- changes: last_modified_time -------------------------------------------------------------------
+    def record_change(self, org_id: str, invoice: dict) -> None:
+        """An invoice changed now (call it after changing it): its last_modified_time moves on."""
+        invoice["last_modified_time"] = datetime.fromtimestamp(self.wall(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _zoho_time(text: str) -> datetime:
+    """Zoho's time stamps and filter values: 2013-11-18T02:02:51-0800 (also with a colon in the offset)."""
+    return datetime.fromisoformat(text.strip().replace(" ", "+"))

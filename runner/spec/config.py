@@ -74,6 +74,7 @@ class Connection:
     expect: dict
     options: dict
     enabled: bool = True
+    full_scan_every: float = 86400.0  # seconds between full scans where the spec reads a change feed
     problems: list[Problem] = field(default_factory=list)  # non-fatal in lenient mode (doctor)
     index: int = 0
 
@@ -425,7 +426,9 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
                       debtor_type=raw.get("debtor_type") or defaults.get("debtor_type") or "Company",
                       account_id=raw.get("account_id"), expect=raw.get("expect") or {},
                       options=_options(doc, spec, raw.get("options") or {}, p, problems),
-                      enabled=raw.get("enabled", True), index=index)
+                      enabled=raw.get("enabled", True), index=index,
+                      full_scan_every=specs.interval_seconds(raw.get("full_scan_every") or defaults.get("full_scan_every")
+                                                       or "1d"))
     if not spec.names_account and not conn.account_id:
         conn.problems.append(doc.problem(
             p, f"integration '{spec.id}' cannot tell which account its invoices come from, and the ledger must "

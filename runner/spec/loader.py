@@ -22,6 +22,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "integrations.d"
 REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token", "base_url"}
 DETAIL_NAMES = REQUEST_NAMES | {"record"}
 LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
+CHANGES_NAMES = REQUEST_NAMES | {"changes"}
 
 
 class Expression:
@@ -225,6 +226,30 @@ class Stream:
         return record
 
 
+def interval_seconds(text: str) -> float:
+    """'30s', '5m', '12h', '1d', '1w' (schema-checked) in seconds."""
+    text = text.strip()
+    return float(text[:-1].strip()) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[text[-1]]
+
+
+@dataclass
+class Changes:
+    """`changes:`: how the provider reports the invoices changed since a moment (runner/engine/incremental.py)."""
+
+    request: RequestSpec
+    records: Expression
+    paginate: Paginate
+    id: Expression
+    invoice: Expression
+    retention_s: float | None  # None: changes are kept for good (a modified-since filter)
+    overlap_s: float = 300.0
+    deleted: Expression | None = None
+    order: str = "newest_first"
+    limit: int | None = None
+    max_page_size: int | None = None
+    details: list[Detail] = field(default_factory=list)
+
+
 @dataclass
 class Exclude:
     """`invoices.exclude`: records set aside with their own reason (never dropped: each gets a verdict)."""
@@ -289,6 +314,7 @@ class Spec:
     options: dict
     raw: dict = field(repr=False, default_factory=dict)
     retry_after: Expression | None = None  # retry.retry_after_body, compiled
+    changes: Changes | None = None  # a change feed: runs read what changed since the last one
 
     @property
     def default_environment(self) -> str:
@@ -416,14 +442,32 @@ class _Compiler:
         when = self.expression(raw["when"], path + ("when",))
         return Exclude(when=when, reason=raw.get("reason", "excluded"), message=raw.get("message", "")) if when else None
 
-    def stream(self, raw: dict, path: tuple) -> Stream:
+    def details(self, raw: list | None, path: tuple) -> list[Detail]:
         details = []
-        for i, d in enumerate(raw.get("details") or []):
+        for i, d in enumerate(raw or []):
             p = path + ("details", i)
             details.append(Detail(name=d["name"], key=self.template(d["key"], p + ("key",), DETAIL_NAMES),
                                   request=self.request(d["request"], p + ("request",), DETAIL_NAMES),
                                   select=self.expression(d.get("select"), p + ("select",)),
                                   when=self.expression(d.get("when"), p + ("when",))))
+        return details
+
+    def changes(self, raw: dict | None, path: tuple) -> Changes | None:
+        if not raw:
+            return None
+        return Changes(request=self.request(raw["request"], path + ("request",), CHANGES_NAMES),
+                       records=self.expression(raw["records"], path + ("records",)),
+                       paginate=self.paginate(raw.get("paginate"), path + ("paginate",)),
+                       id=self.expression(raw["id"], path + ("id",)),
+                       invoice=self.expression(raw["invoice"], path + ("invoice",)),
+                       deleted=self.expression(raw.get("deleted"), path + ("deleted",)),
+                       retention_s=interval_seconds(raw["retention"]) if raw.get("retention") else None,
+                       overlap_s=interval_seconds(raw.get("overlap", "5m")),
+                       order=raw.get("order", "newest_first"), limit=raw.get("limit"),
+                       max_page_size=raw.get("max_page_size"), details=self.details(raw.get("details"), path))
+
+    def stream(self, raw: dict, path: tuple) -> Stream:
+        details = self.details(raw.get("details"), path)
         server_filters = {}
         for kind, params in (raw.get("server_filters") or {}).items():
             server_filters[kind] = {k: (self.template(v, path + ("server_filters", kind, k), REQUEST_NAMES)
@@ -507,6 +551,7 @@ def parse(doc: Document) -> Spec:
     if "records" in inbound:
         inbound["records"] = c.expression(inbound["records"], ("inbound", "records"))
     stream = c.stream(data["invoices"], ("invoices",))
+    changes = c.changes(data.get("changes"), ("changes",))
     retry_after = c.expression((data.get("retry") or {}).get("retry_after_body"), ("retry", "retry_after_body"))
     for where, rl in [(("rate_limit",), data.get("rate_limit"))] + [
             (("environments", n, "rate_limit"), e.get("rate_limit")) for n, e in data["environments"].items()]:
@@ -521,7 +566,7 @@ def parse(doc: Document) -> Spec:
     return Spec(id=data["id"], name=data["name"], description=data.get("description", ""), file=doc.file,
                 auth=auth, environments=envs, rate_limit=data.get("rate_limit") or {}, retry=data.get("retry") or {},
                 check=check, account=account, invoices=stream, lookup=lookup, inbound=inbound,
-                options=data.get("options") or {}, raw=data, retry_after=retry_after)
+                options=data.get("options") or {}, raw=data, retry_after=retry_after, changes=changes)
 
 
 def spec_dirs(extra: Path | None = None) -> list[Path]:

@@ -853,3 +853,46 @@ class Store:
             self.db.execute("INSERT INTO case_poll_state (destination, case_id, state, checked) VALUES (?, ?, ?, ?) "
                             "ON CONFLICT (destination, case_id) DO UPDATE SET state=excluded.state, "
                             "checked=excluded.checked", (self.destination, case_id, json.dumps(state), time.time()))
+    # --- change cursors (runner/engine/incremental.py) ---------------------------------------------------
+    # Where each connection's change feed resumes, per stream: the start of its last recorded run, what the
+    # cursor is valid for (account, window rule, filters), and when its last full scan started. Written only
+    # after a run's pages are recorded, so a crash reads the same changes again rather than skipping them.
+    CURSORS_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS cursors (
+        connection TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        cursor REAL NOT NULL,            -- unix time the last recorded run started reading
+        scope TEXT NOT NULL,             -- what the cursor is valid for; another scope means a full scan
+        full_at REAL,                    -- unix time the last full scan started
+        updated REAL NOT NULL,
+        PRIMARY KEY (connection, stream)
+    );
+    """
+
+    def _cursors(self) -> None:
+        if not getattr(self, "_cursors_ready", False):
+            with self.tx():
+                self.db.execute(self.CURSORS_SCHEMA)
+            self._cursors_ready = True
+
+    def cursor(self, connection: str, stream: str) -> dict | None:
+        """{cursor, scope, full_at} of a connection's stream, or None (never synced with a change feed)."""
+        self._cursors()
+        with self._lock:
+            r = self.db.execute("SELECT cursor, scope, full_at FROM cursors WHERE connection=? AND stream=?",
+                                (connection, stream)).fetchone()
+        return None if r is None else {"cursor": r[0], "scope": r[1], "full_at": r[2]}
+
+    def save_cursor(self, connection: str, stream: str, cursor: float, scope: str, full_at: float | None) -> None:
+        self._cursors()
+        with self.tx():
+            self.db.execute("INSERT INTO cursors (connection, stream, cursor, scope, full_at, updated) "
+                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (connection, stream) DO UPDATE SET "
+                            "cursor=excluded.cursor, scope=excluded.scope, full_at=excluded.full_at, "
+                            "updated=excluded.updated", (connection, stream, cursor, scope, full_at, time.time()))
+
+    def drop_cursor(self, connection: str, stream: str) -> None:
+        """The next run of this stream is a full scan."""
+        self._cursors()
+        with self.tx():
+            self.db.execute("DELETE FROM cursors WHERE connection=? AND stream=?", (connection, stream))
