@@ -166,11 +166,27 @@ def classify_page(classifier: "Classifier", records: list, lookup: Callable[[lis
             for rec, i in zip(records, ids):
                 row = ledger.get(i) if i is not None else None
                 if row is not None and row.status == "delivered":
-                    out.append(duplicate(Verdict(i, row.number, SKIPPED), row))
+                    out.append(at_source(classifier, rec, duplicate(Verdict(i, row.number, SKIPPED), row)))
                 else:
                     out.append(classifier.evaluate(rec))
             return out
     return list(map(classifier.evaluate, records))
+
+
+def at_source(classifier: "Classifier", rec: Any, v: Verdict) -> Verdict:
+    """An invoice whose case exists, seen again: what the source shows now (the spec's `recheck:`), kept in the
+    verdict's detail when it is no longer unpaid, so the run's re-check of open cases needs no look-up for it
+    (runner/engine/lifecycle.py)."""
+    if classifier.spec.recheck is not None:
+        from runner.engine.lifecycle import what_source_shows
+
+        try:
+            shows = what_source_shows(classifier.spec, rec)
+        except Exception:  # noqa: BLE001 - the re-check looks it up and reports what is wrong
+            shows = {"state": "unreadable"}
+        if shows:
+            v.detail["at_source"] = shows
+    return v
 
 
 def _truthy(v: Any) -> bool:

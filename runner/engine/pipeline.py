@@ -56,6 +56,7 @@ class ConnectionResult:
     seconds: float = 0.0
     rate_limit: float | None = None  # the requests per second the spec allows this connection, if it says
     statuses: Counter = field(default_factory=Counter)  # not_unpaid invoices by their status ("paid": 3)
+    after_case: dict = field(default_factory=dict)  # documents uploaded, open cases re-checked (engine/lifecycle.py)
 
     @property
     def imported(self) -> int:
@@ -108,7 +109,7 @@ class ConnectionResult:
                 "imported": self.imported, "skipped": self.skipped(), "failed": self.failed,
                 "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
                 "rate_limit_per_second": self.rate_limit, "paced_by_rate_limit": self.paced_by_limit(),
-                "not_unpaid_by_status": dict(self.statuses)}
+                "not_unpaid_by_status": dict(self.statuses), "after_case": self.after_case}
         if samples:
             out["samples"] = {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}
         return out
@@ -920,6 +921,11 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                     raise first
             finally:
                 await recorded()  # whatever happened, what was delivered is recorded before the connection ends
+        if store is not None and (conn.spec.recheck is not None or conn.spec.document is not None):
+            from runner.engine import lifecycle  # after the cases: documents, re-checks at the source
+
+            result.after_case = await _unless_stopped(run.stop, lifecycle.after_run(
+                source, store, destination, run_id, destination_down=run.fatal is not None))
     except Stopped:
         result.status = "interrupted"
         result.error = (f"the run was stopped ({run.stop.why}) before this connection finished; every page it had "
