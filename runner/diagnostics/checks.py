@@ -669,6 +669,7 @@ class Explanation:
     ledger: list = field(default_factory=list)
     history: list = field(default_factory=list)
     error: str | None = None
+    after_case: list = field(default_factory=list)  # what happened after the case: source changes, document
 
     def as_dict(self) -> dict:
         return redact_obj(dataclasses.asdict(self))
@@ -817,8 +818,9 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     if row is not None and row.status == "delivered":
         ex.verdict = pipeline.IMPORTED
         ex.summary = f"{label} was imported on {_day(row.updated)} as case {row.case_reference or row.case_id}"
-        if v.verdict != pipeline.ELIGIBLE:
+        if v.verdict != pipeline.ELIGIBLE and not store.case_events(source.account_key, v.invoice_id):
             ex.summary += f" (today it would be skipped: {v.message})"
+        _after_case(ex, source, store, v.invoice_id, rec)
     elif v.reason == "not_unpaid":
         ex.summary = (f"{label} was not imported because its status in {sname} is "
                       f"{d.get('status') or 'not unpaid'}: only unpaid invoices (nothing paid yet) become cases")
@@ -862,6 +864,61 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     else:
         ex.summary = f"{label}: {v.verdict} ({v.reason}): {v.message}"
     return ex
+
+
+def _after_case(ex: Explanation, source: pipeline.Source, store, invoice_id: str, rec: Any) -> None:
+    """The story after the case: its document, what the source showed since, and whether the case was told."""
+    from runner.engine.lifecycle import WORDS, _amount, what_source_shows
+
+    sname = source.spec.name
+    doc = store.case_document(source.account_key, invoice_id)
+    if doc is not None:
+        text = {"uploaded": f"the original invoice ({doc['file_name']}) was uploaded to the case on "
+                            f"{_day(doc['updated'])}",
+                "uploading": "an upload of the original invoice was started; the next apply checks the case's "
+                             "files and finishes it",
+                "failed": f"uploading the original invoice failed ({doc['attempts']} attempt(s)): {doc['error']}; "
+                          f"the next apply tries again",
+                "refused": f"the original invoice was not uploaded: {doc['error']}",
+                "none": f"{sname} has no document for this invoice"}.get(doc["status"], doc["status"])
+        _stage(ex.stages, "document", OK if doc["status"] in ("uploaded", "none") else FAILED
+               if doc["status"] in ("failed", "refused") else SKIPPED, text)
+        ex.after_case.append({"what": "document", **doc, "updated": _when(doc["updated"])})
+    story = []
+    events = store.case_events(source.account_key, invoice_id)
+    for e in events:
+        d = e["detail"]
+        cur = d.get("currency") or ""
+        amounts = ", ".join(x for x in (
+            f"paid {_amount(d['amount_paid'])} {cur}" if d.get("amount_paid") not in (None, "0.00", "0") else "",
+            f"credited {_amount(d['amount_credited'])} {cur}" if d.get("amount_credited") not in (None, "0.00", "0")
+            else "",
+            f"still owed {_amount(d['amount_due'])} {cur}" if d.get("amount_due") is not None else "") if x)
+        seen = (f"{WORDS[e['kind']].split(' (')[0].lower()} at {sname}" + (f" as of {d['date']}" if d.get("date") else "")
+                + (f" ({amounts})" if amounts else "") + f"; found by the runner on {_day(e['seen_at'])}")
+        _stage(ex.stages, "at the source", SKIPPED, seen)
+        told = {"told": f"Debitura was told on the case's chat on {_day(e['told_at'])}",
+                "telling": "telling Debitura was started and not confirmed; the next apply checks the case's chat "
+                           "first, so the message is never posted twice",
+                "failed": f"telling Debitura failed: {e['error']}; the next apply tries again",
+                "new": "Debitura is told on the case's chat by the next apply",
+                "recorded": "recorded (the destination has no chat to tell)"}.get(e["status"], e["status"])
+        _stage(ex.stages, "told", OK if e["status"] in ("told", "recorded") else FAILED if e["status"] == "failed"
+               else SKIPPED, told)
+        story.append(f"{seen}; {told}")
+        ex.after_case.append({"what": e["kind"], "detail": d, "status": e["status"], "seen": _when(e["seen_at"]),
+                              "told": _when(e["told_at"]), "chat_id": e["chat_id"], "message": e["message"]})
+    if source.spec.recheck is not None and rec is not None:
+        try:
+            now = what_source_shows(source.spec, rec)
+        except RunnerError:
+            now = None
+        if now and not any(e["event_key"] for e in events if e["detail"].get("state") == now["state"]):
+            _stage(ex.stages, "at the source", SKIPPED, f"{sname} shows it {WORDS[now['state']].lower()} now; the "
+                                                        f"next apply records it and tells Debitura on the case")
+            story.append(f"{sname} shows it {WORDS[now['state']].lower()} now; the next apply tells Debitura")
+    if story:
+        ex.summary += "; then " + "; then ".join(story)
 
 
 def _reported_account(conn: Connection, source: pipeline.Source) -> str | None:
@@ -1054,11 +1111,22 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
                                  "started": _when(run["started"]), "seen": c.get("seen"),
                                  "imported": c.get("imported"), "skipped": c.get("skipped"),
                                  "failed": c.get("failed"), "why_zero": c.get("why_zero"),
-                                 "connection_status": c.get("status"), "error": c.get("error")}
+                                 "connection_status": c.get("status"), "error": c.get("error"),
+                                 "after_case": c.get("after_case") or {}}
         if row.get("status") == "needs_reconnect":
             entry["fix"] = f"runner connect {conn.name}"
         conns.append(entry)
-    return redact_obj({"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns})
+    return redact_obj({"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns,
+                       "after_case": after_case_totals(store)})
+
+
+def after_case_totals(store) -> dict:
+    """Every case's life after import at this destination: changes found at the source by kind and whether
+    Debitura was told, and the invoice documents by status."""
+    events = store.case_event_counts()
+    return {"source_changes": events, "untold": sum(n for by in events.values() for st, n in by.items()
+                                                    if st in ("new", "telling", "failed")),
+            "documents": store.document_counts()}
 
 
 def _config_summary(cfg: Config) -> dict:
