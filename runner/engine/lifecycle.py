@@ -176,8 +176,7 @@ async def _fetch(source, ids: list[str], report: Report) -> dict[str, Any]:
         if batch is not None:
             for i in range(0, len(ids), batch.max_ids):
                 chunk = ids[i:i + batch.max_ids]
-                ctx = source.context(invoice_ids=chunk, invoice_ids_quoted=",".join(
-                    "'" + x.replace("'", "''") + "'" for x in chunk))
+                ctx = source.context(invoice_ids=chunk)
                 resp = await source.send_spec(batch.request, ctx)
                 recs = batch.records.search(resp.json(f"{spec.name}'s invoices by id")) or []
                 got = {str(batch.id.search(r)): r for r in recs if isinstance(r, dict)}

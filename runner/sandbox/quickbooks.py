@@ -10,6 +10,7 @@ Everything lives under one mount (``sandbox://quickbooks`` in-process, ``/quickb
     GET  /v3/company/{realmId}/query?query=...    select * from Invoice|CompanyInfo|Customer [where a op 'v' and ...]
                                                   [orderby f] [startposition n] [maxresults m]   (max 1000)
     GET  /v3/company/{realmId}/invoice/{id}
+    GET  /v3/company/{realmId}/invoice/{id}/pdf   the invoice as a PDF (Accept: application/pdf)
     GET  /v3/company/{realmId}/customer/{id}
 
 Errors use Intuit's shapes: token endpoint ``{"error": "invalid_grant", "error_description": ...}`` (400);
@@ -233,6 +234,53 @@ class QuickBooksSimulator(Simulator):
         self.data = {r: {"Invoice": _invoices(r, self.today), "Customer": list(_customers(r).values()),
                          "CompanyInfo": [self._company(r)]} for r in COMPANY}
         self.expire_after: int | None = None  # expire every access token after this many more API calls
+        from .lifecycle import Changes
+
+        self.changes = Changes(data_dir, "quickbooks")
+
+    # --- after import: pay, void or credit an invoice at the source (runner sandbox pay|void|credit) --------
+    def _apply_changes(self) -> None:
+        for c in self.changes.pending():
+            try:
+                self.act(c["action"], c["invoice"], c.get("amount"))
+            except KeyError:
+                pass
+
+    def act(self, action: str, invoice: str, amount: str | None = None) -> dict:
+        """As QuickBooks shows an invoice after a payment (Balance down, a linked Payment), a void (amounts
+        zeroed, "Voided" in the private note) or an applied credit memo (Balance down, a linked CreditMemo)."""
+        inv = next((i for realm in self.data.values() for i in realm["Invoice"] if invoice in (i["Id"], i["DocNumber"])),
+                   None)
+        if inv is None:
+            raise KeyError(invoice)
+        amt = min(inv["Balance"], float(amount)) if amount is not None else inv["Balance"]
+        seq = str(9000 + sum(len(i.get("LinkedTxn") or []) for r in self.data.values() for i in r["Invoice"]))
+        if action == "pay":
+            inv["Balance"] = round(inv["Balance"] - amt, 2)
+            inv.setdefault("LinkedTxn", []).append({"TxnId": seq, "TxnType": "Payment"})
+        elif action == "void":
+            inv["Balance"], inv["TotalAmt"] = 0.0, 0.0
+            for line in inv["Line"]:
+                line["Amount"] = 0.0
+            inv["PrivateNote"] = "Voided"
+        elif action == "credit":
+            inv["Balance"] = round(inv["Balance"] - amt, 2)
+            inv.setdefault("LinkedTxn", []).append({"TxnId": seq, "TxnType": "CreditMemo"})
+        else:
+            raise ValueError(action)
+        inv["SyncToken"] = str(int(inv["SyncToken"]) + 1)
+        inv["MetaData"]["LastUpdatedTime"] = _now_iso()
+        return inv
+
+    def invoice_pdf(self, realm: str, inv_id: str) -> bytes | None:
+        from .lifecycle import pdf
+
+        inv = next((i for i in self.data[realm]["Invoice"] if i["Id"] == inv_id), None)
+        if inv is None:
+            return None
+        return pdf(f"Invoice {inv['DocNumber']}", [f"Bill to: {inv['CustomerRef']['name']}",
+                                                   f"Date: {inv['TxnDate']}  Due: {inv['DueDate']}",
+                                                   f"Total: {inv['TotalAmt']:.2f}  Balance due: {inv['Balance']:.2f}"])
 
     def _company(self, realm: str) -> dict:
         name, country = COMPANY[realm]
@@ -270,6 +318,7 @@ class QuickBooksSimulator(Simulator):
     # --- routing ---------------------------------------------------------------------------------
     async def dispatch(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        self._apply_changes()
         if path == "/connect/oauth2" and request.method == "GET":
             return self.oauth.authorize(request, self.users, self.default_user,
                                         lambda user: {"realmId": self.users[user]["realm"]})
@@ -277,7 +326,7 @@ class QuickBooksSimulator(Simulator):
             return self.oauth.token(request, lambda user: {"x_refresh_token_expires_in": 8726400})
         if path == "/oauth2/v1/tokens/revoke" and request.method == "POST":
             return self.oauth.revoke(request)
-        m = re.match(r"^/v3/company/(\d+)/(query|preferences|companyinfo/\d+|invoice/[^/]+|customer/[^/]+)$", path)
+        m = re.match(r"^/v3/company/(\d+)/(query|preferences|companyinfo/\d+|invoice/[^/]+/pdf|invoice/[^/]+|customer/[^/]+)$", path)
         if not m or request.method not in ("GET", "POST"):
             return self._fault(404, "ValidationFault", "610", "Object Not Found", f"Unknown resource {path}")
         if self.expire_after is not None:
@@ -312,6 +361,13 @@ class QuickBooksSimulator(Simulator):
             return json_response(200, {"Preferences": {"CurrencyPrefs": {"MultiCurrencyEnabled": realm != REALM_DK,
                                                                           "HomeCurrency": {"value": home}}},
                                        "time": _now_iso()})
+        if rest.startswith("invoice/") and rest.endswith("/pdf"):
+            # GET /v3/company/{realm}/invoice/{id}/pdf with Accept: application/pdf: the invoice as QuickBooks
+            # prints it.
+            body = self.invoice_pdf(realm, rest.split("/")[1])
+            if body is None:
+                return self._fault(400, "ValidationFault", "610", "Object Not Found", "Object Not Found")
+            return httpx.Response(200, content=body, headers={"Content-Type": "application/pdf"})
         kind, _, ident = rest.partition("/")
         if kind == "companyinfo":
             if ident != realm:

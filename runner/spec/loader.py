@@ -22,7 +22,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "integrations.d"
 REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environment", "token"}
 DETAIL_NAMES = REQUEST_NAMES | {"record"}
 LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
-BATCH_LOOKUP_NAMES = REQUEST_NAMES | {"invoice_ids", "invoice_ids_quoted"}
+BATCH_LOOKUP_NAMES = REQUEST_NAMES | {"invoice_ids"}
 RECHECK_FIELDS = ("state", "status_text", "amount_paid", "amount_credited", "amount_due", "currency", "date")
 
 
