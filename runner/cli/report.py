@@ -86,7 +86,7 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
         if ac and (ac.get("open_cases") or ac.get("changes") or ac.get("documents") or ac.get("errors")):
             say(redact("  after the cases: " + after_case_line(ac)))
             shown = ac.get("changes") or []
-            if shown and (result.mode == "plan" or ac.get("recorded")):
+            if shown and (result.mode == "plan" and ac.get("would_tell") or ac.get("recorded")):
                 say(redact(f"  {'would tell' if result.mode == 'plan' else 'told'} Debitura, e.g.: " + "; ".join(
                     f"{ch['number'] or ch['invoice_id']} {ch['kind'].replace('_', ' ')} (case "
                     f"{ch['case_reference'] or ch['case_id']})" for ch in shown[:3])))
@@ -119,7 +119,9 @@ def after_case_line(ac: dict) -> str:
     parts = [f"{ac.get('open_cases', 0)} open case(s) re-checked at the source ({ac.get('seen_in_window', 0)} seen in "
              f"the window, {ac.get('looked_up', 0)} looked up in {ac.get('requests', 0)} request(s)"
              + (f", {ac['left_for_later']} left for later runs" if ac.get("left_for_later") else "") + ")"]
-    if ac.get("changed"):
+    if ac.get("recorded"):
+        parts.append(f"{ac['recorded']} newly changed at the source")
+    elif ac.get("changed") and ac.get("would_tell"):
         parts.append(f"{ac['changed']} changed at the source")
     if ac.get("told"):
         parts.append(f"{ac['told']} told to Debitura")

@@ -599,6 +599,50 @@ async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> Non
     checks["reachable"].set(OK, f"{dest.describe()} answered")
 
 
+async def _after_case_checks(cfg: Config, clients, store, conns: list, report: DoctorReport) -> None:
+    """Whether the collection partners can be told what changed at the source, and whether they were."""
+    from runner.engine import destinations
+
+    d = cfg.destination
+    if d.type != "debitura" or d.problems or not any(c.spec.recheck is not None for c in conns):
+        return
+    chat = Check("destination", "case_chat", "the runner can tell a case's partner about changes at the source")
+    report.checks.append(chat)
+    dest = destinations.make(d, clients)
+    try:
+        author = await dest.chat_author()
+        who = author.get("userEmail") or author.get("userId")
+        chat.set(OK, f"messages on a case's chat are sent as {who}" + (
+            "" if d.chat_user_email or d.chat_user_id else " (the first team member GET /users lists; set "
+                                                           "`chat_user_email:` under destination to choose)"))
+    except DestinationError as exc:
+        chat.set(FAILED, exc.message, exc.fix or "set `chat_user_email:` under destination to a member of your "
+                                                  "Debitura team")
+    if store is None:
+        return
+    totals = after_case_totals(store)
+    told = Check("destination", "source_changes", "changes at the source since import were told to Debitura")
+    report.checks.append(told)
+    untold = [e for e in store.case_events() if e["status"] in ("new", "telling", "failed")]
+    n = sum(sum(by.values()) for by in totals["source_changes"].values())
+    if untold:
+        e = untold[0]
+        told.set(FAILED, f"{len(untold)} of {n} change(s) found at the source are not told to the case's partner yet "
+                         f"(e.g. invoice {e['invoice_id']}, {e['kind'].replace('_', ' ')}"
+                         + (f": {e['error']}" if e.get("error") else "") + ")",
+                 f"the next `runner apply {cfg.file}` tells them; `runner explain {e['invoice_id']}` shows the story")
+    else:
+        told.set(OK, f"{n} change(s) found at the source since import, all told" if n else
+                 "no invoice with a case has changed at the source yet")
+    docs = totals["documents"]
+    if docs.get("failed") or docs.get("refused"):
+        doc = Check("destination", "documents", "each case has its original invoice")
+        report.checks.append(doc)
+        doc.set(FAILED, f"{docs.get('failed', 0)} document upload(s) failing, {docs.get('refused', 0)} refused "
+                        f"(too large or a type Debitura does not take); {docs.get('uploaded', 0)} uploaded",
+                f"`runner explain INVOICE` shows the error for one; failing uploads are retried by the next apply")
+
+
 async def _other_environment(d, clients) -> str | None:
     """The other environment the key works in, if any (read-only GET /me there)."""
     from runner.engine import destinations
@@ -642,6 +686,7 @@ async def doctor(cfg: Config, store, connections: list[Connection] | None = None
         await asyncio.gather(*((_connection_checks(c, cfg, clients, store, max_records, p) if c.spec.pull
                                 else _inbound_checks(c, cfg, store, p)) for c, p in zip(conns, parts)),
                              _destination_checks(cfg, clients, dest_part))
+        await _after_case_checks(cfg, clients, store, conns, dest_part)
         for p in parts + [dest_part]:
             report.checks.extend(p.checks)
             report.summaries.update(p.summaries)
