@@ -245,8 +245,6 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         unpaid, changed = store.seen_in_run(run_id, account) if run_id is not None else (set(), {})
         changed = {k: v for k, v in changed.items() if v.get("state") in KINDS}  # else: looked up below
         report.seen_in_window = len(unpaid) + len(changed)
-        if destination is not None and unpaid:
-            store.mark_checked(account, unpaid)
         todo = store.open_cases(account, spec.recheck.max_lookups, exclude=unpaid | set(changed))
         rows = {r.invoice_id: r for r in todo}
         rows.update({iid: r for iid, r in store.ledger_lookup(account, list(changed)).items()
