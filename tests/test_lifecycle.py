@@ -241,3 +241,34 @@ def test_spec_language_rejects_a_document_without_hosts(tmp_path):
     r = cli("validate", str(cfg), ok=False)
     assert r.returncode == 2
     assert "document" in (r.stdout + r.stderr)
+
+
+def test_a_document_of_a_type_debitura_does_not_take_is_refused_once_and_the_case_stays(tmp_path):
+    def edit(spec):  # the invoice's JSON, not a document: not an allowed file type
+        spec["document"] = {"request": {"method": "GET", "path": "/v1/invoices/{{ invoice_id }}"}}
+
+    cfg = workspace(tmp_path, edit)
+    out = apply(cfg)["connections"][0]
+    assert out["imported"] == 13 and out["after_case"]["documents"] == {"refused": 13}
+    assert apply(cfg)["connections"][0]["after_case"]["documents"] == {}  # refused ones are not tried again
+    explained = cli("explain", str(cfg), "SBX-0026").stdout
+    assert "the original invoice was not uploaded: the document is of type application/json" in explained
+    doctor = cli("doctor", str(cfg), ok=False).stdout
+    assert "13 refused (too large or a type Debitura does not take)" in doctor
+
+
+def test_doctor_and_status_say_what_is_not_told_yet(tmp_path):
+    cfg = workspace(tmp_path)
+    apply(cfg)
+    cli("sandbox", "void", str(cfg), "stripe", "SBX-0024")
+    text = cfg.read_text()
+    cfg.write_text(text.replace("  api_key:", "  chat_user_email: nobody@elsewhere.example\n  api_key:", 1))
+    cli("apply", str(cfg), ok=False)
+    doctor = cli("doctor", str(cfg), ok=False).stdout
+    assert "1 of 1 change(s) found at the source are not told to the case's partner yet" in doctor
+    assert "The user is not an active member of your team" in doctor  # the event's error
+    assert ("`chat_user_email: nobody@elsewhere.example` is not a member of your Debitura team (GET /users lists "
+            "finance@sandbox-creditor.example, ops@sandbox-creditor.example)") in doctor
+    st = json.loads(cli("status", str(cfg), "--output", "json").stdout)
+    assert st["after_case"]["untold"] == 1 and st["after_case"]["source_changes"] == {"void": {"failed": 1}}
+    assert "(1 not told to Debitura yet)" in cli("status", str(cfg)).stdout

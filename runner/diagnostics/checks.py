@@ -612,9 +612,19 @@ async def _after_case_checks(cfg: Config, clients, store, conns: list, report: D
     try:
         author = await dest.chat_author()
         who = author.get("userEmail") or author.get("userId")
-        chat.set(OK, f"messages on a case's chat are sent as {who}" + (
-            "" if d.chat_user_email or d.chat_user_id else " (the first team member GET /users lists; set "
-                                                           "`chat_user_email:` under destination to choose)"))
+        if d.chat_user_email or d.chat_user_id:
+            team = await dest.team_members()
+            if not any(who in (str(u.get("email") or "").lower(), str(u.get("id") or "").lower()) or
+                       str(who).lower() in (str(u.get("email") or "").lower(), str(u.get("id") or "").lower())
+                       for u in team):
+                listed = ", ".join(str(u.get("email") or u.get("id")) for u in team[:10]) or "nobody"
+                chat.set(FAILED, f"`chat_user_{'email' if d.chat_user_email else 'id'}: {who}` is not a member of "
+                                 f"your Debitura team (GET /users lists {listed}); messages on cases would be refused",
+                         "set `chat_user_email:` under destination to one of those")
+        if chat.status != FAILED:
+            chat.set(OK, f"messages on a case's chat are sent as {who}" + (
+                "" if d.chat_user_email or d.chat_user_id else " (the first team member GET /users lists; set "
+                                                               "`chat_user_email:` under destination to choose)"))
     except DestinationError as exc:
         chat.set(FAILED, exc.message, exc.fix or "set `chat_user_email:` under destination to a member of your "
                                                   "Debitura team")

@@ -286,9 +286,7 @@ class DebituraDestination:
             elif self.cfg.chat_user_id:
                 self._author = {"userId": self.cfg.chat_user_id}
             else:
-                data = await self._call("GET", "/users", "Debitura's team members (GET /users)",
-                                        params={"Page": "1", "PageSize": "100"})
-                users = [u for u in (data.get("users") or []) if isinstance(u, dict)] if isinstance(data, dict) else []
+                users = await self.team_members()
                 if not users:
                     raise DestinationError("Debitura lists no team member (GET /users) to send the case's chat "
                                            "message as", fix="add a user to your Debitura team, or set "
@@ -296,6 +294,12 @@ class DebituraDestination:
                 first = users[0]
                 self._author = {"userEmail": first["email"]} if first.get("email") else {"userId": first.get("id")}
         return self._author
+
+    async def team_members(self) -> list[dict]:
+        """GET /users: the creditor's team (id, name, email), first page of 100."""
+        data = await self._call("GET", "/users", "Debitura's team members (GET /users)",
+                                params={"Page": "1", "PageSize": "100"})
+        return [u for u in (data.get("users") or []) if isinstance(u, dict)] if isinstance(data, dict) else []
 
     async def chats(self, case_id: str) -> list[dict]:
         """GET /cases/{id}/chats: the case's chat messages."""
