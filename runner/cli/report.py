@@ -132,4 +132,6 @@ def after_case_line(ac: dict) -> str:
     docs = ac.get("documents") or {}
     if docs:
         parts.append("documents: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in docs.items()))
+    if ac.get("requests_in_all"):
+        parts.append(f"{ac['requests_in_all']} request(s) to the provider for this")
     return "; ".join(parts)

@@ -38,6 +38,7 @@ class Verdict:
     invoice: dict | None = None
     payload: bytes | None = None  # the invoice already encoded for a local sink (by the worker), if any
     key: str | None = None  # the idempotency key the payload was encoded with
+    link: str | None = None  # an eligible invoice's document link (the spec's `document: url:`), if any
 
     def as_dict(self, with_invoice: bool = False) -> dict:
         d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,
@@ -349,6 +350,13 @@ class Classifier:
             return Verdict(ext, number, SKIPPED, "not_yet_due",
                            f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
                            f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
+        doc = self.spec.document
+        if doc is not None and doc.url is not None:  # read now: after delivery the record is gone
+            try:
+                link = doc.url.search(rec)
+            except Exception:  # noqa: BLE001 - the document phase looks the invoice up instead
+                link = None
+            return Verdict(ext, number, ELIGIBLE, invoice=inv, link=link if isinstance(link, str) else None)
         return Verdict(ext, number, ELIGIBLE, invoice=inv)
 
     # --- why a value is null (only for an invoice that has already failed) ------------------------------------

@@ -46,6 +46,8 @@ async def fetch(source, invoice_id: str, number: str | None) -> tuple[bytes, str
         if resp.status == 404:
             return None
         return resp.content, _content_type(resp.headers.get("content-type"), resp.content)
+    if invoice_id in source.document_links:  # read from the page this run fetched
+        return await _follow(source, source.document_links[invoice_id])
     lr = source.spec.lookup.get("by_id")
     if lr is None:
         raise RunnerError(f"{source.spec.name}'s `document: url:` reads the invoice, and the spec has no "
@@ -86,6 +88,14 @@ async def _follow(source, link: str) -> tuple[bytes, str]:
             continue
         return resp.content, _content_type(resp.headers.get("content-type"), resp.content)
     raise ProviderError(f"{source.spec.name}'s document link redirected more than 3 times; it was not fetched")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """An error as kept in the ledger and logs: a server may quote the whole upload back."""
+    from runner.redact import redact
+
+    text = redact(text)
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def _file_name(source, invoice_id: str, number: str | None, ctype: str) -> str:
@@ -142,10 +152,11 @@ async def upload(source, store, destination) -> dict:
             store.set_document(account, iid, case_id, "refused", error=exc.message, attempt=True)
             out["refused"] += 1
         except (RunnerError, UnsafeRequest) as exc:
-            store.set_document(account, iid, case_id, "failed", error=exc.message, attempt=True)
+            why = _short(exc.message)
+            store.set_document(account, iid, case_id, "failed", error=why, attempt=True)
             out["failed"] += 1
             logger.warning("{}: the document of invoice {} was not uploaded to case {} (tried again next run): {}",
-                           source.conn.name, row.number or iid, row.case_reference or case_id, exc.message)
+                           source.conn.name, row.number or iid, row.case_reference or case_id, why)
             if isinstance(exc, DestinationError) and exc.fatal:
                 break
     return {k: v for k, v in out.items() if v}

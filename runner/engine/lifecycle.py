@@ -219,12 +219,13 @@ def _changes(source, rows: dict, shown: dict[str, dict | None]) -> list[Change]:
 
 
 async def recheck(source, store, destination, invoices: list | None = None, *, run_id: int | None = None,
-                  report: Report | None = None, tell_now: bool = True) -> Report:
+                  report: Report | None = None, tell_now: bool = True, look_up: bool = True) -> Report:
     """Find, record and tell what the source shows for invoices whose case exists.
 
     `invoices`: source records already fetched (a change feed, a webhook); only those are checked. Without
     them, the open cases of the source's account are re-checked (see the module's doc). `destination` None
-    is a plan: nothing is recorded or told, the report says what would be."""
+    is a plan: nothing is recorded or told, the report says what would be. `look_up` false: only what the
+    run saw in its window is checked."""
     report = report or Report()
     spec = source.spec
     if spec.recheck is None or store is None:
@@ -245,7 +246,7 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         unpaid, changed = store.seen_in_run(run_id, account) if run_id is not None else (set(), {})
         changed = {k: v for k, v in changed.items() if v.get("state") in KINDS}  # else: looked up below
         report.seen_in_window = len(unpaid) + len(changed)
-        todo = store.open_cases(account, spec.recheck.max_lookups, exclude=unpaid | set(changed))
+        todo = store.open_cases(account, spec.recheck.max_lookups if look_up else 0, exclude=unpaid | set(changed))
         rows = {r.invoice_id: r for r in todo}
         rows.update({iid: r for iid, r in store.ledger_lookup(account, list(changed)).items()
                      if r.status == "delivered" and r.case_id})
@@ -310,15 +311,21 @@ async def after_run(source, store, destination, run_id: int | None, destination_
     report = Report()
     if store is None or (source.spec.recheck is None and source.spec.document is None):
         return {}
+    before = source.http.requests
     dest = None if destination_down else destination
     plan = destination is None
+    # Only a Debitura destination has cases to attach documents to and chats to tell: for a file, the changes
+    # the run saw in its window are still recorded, and nothing is fetched for them.
+    cases = (store.destination or "").startswith("debitura:")
     try:
-        if source.spec.document is not None and (plan or dest is not None):
+        if source.spec.document is not None and cases and (plan or dest is not None):
             report.documents = await documents.upload(source, store, dest)
         if source.spec.recheck is not None and (plan or dest is not None):
-            await recheck(source, store, dest, run_id=run_id, report=report)
+            await recheck(source, store, dest, run_id=run_id, report=report, look_up=cases)
     except (RunnerError, UnsafeRequest) as exc:
         report.errors.append(exc.message)
     for e in report.errors:
         logger.warning("{}: {}", source.conn.name, e)
-    return report.as_dict()
+    out = report.as_dict()
+    out["requests_in_all"] = source.http.requests - before  # re-checks and documents together
+    return out

@@ -146,6 +146,7 @@ class Source:
         self.account_name: str | None = None
         self.accounts: list[dict] = []  # companies/organizations the credential can see (choose)
         self._detail_cache: dict[tuple, Any] = {}
+        self.document_links: dict[str, str] = {}  # invoice id -> its document's link, from this run's pages
         saved = store.connection(conn.name) if store is not None else {"data": {}}
         self.saved = saved
         self.options = dict(conn.options)
@@ -791,6 +792,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
             failed.append((source.account_key, v.invoice_id, err.message))
             continue
         delivered(v, delivery)
+        if v.link:  # the document phase fetches it without looking the invoice up again (engine/documents.py)
+            source.document_links[v.invoice_id] = v.link
     if failed:
         store.mark_failed(failed)
 
@@ -924,8 +927,10 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
         if store is not None and (conn.spec.recheck is not None or conn.spec.document is not None):
             from runner.engine import lifecycle  # after the cases: documents, re-checks at the source
 
+            synced = source.http.requests
             result.after_case = await _unless_stopped(run.stop, lifecycle.after_run(
                 source, store, destination, run_id, destination_down=run.fatal is not None))
+            source.http.requests = synced  # `requests` are the sync's; after_case counts its own
     except Stopped:
         result.status = "interrupted"
         result.error = (f"the run was stopped ({run.stop.why}) before this connection finished; every page it had "

@@ -357,7 +357,9 @@ class CaseLife:
         """Delivered cases of this account whose invoice is not settled at the source yet, least recently
         re-checked first (so a bounded number of look-ups per run still reaches every case in turn)."""
         skip = set(exclude)
-        out = []
+        out: list[LedgerRow] = []
+        if limit <= 0:
+            return out
         for r in self.db.execute(
                 "SELECT l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
                 "l.case_reference, l.error, l.first_seen, l.updated FROM ledger l "
