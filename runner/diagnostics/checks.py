@@ -44,6 +44,12 @@ DESTINATION_CHECKS = [
     ("environment", "destination key belongs to the configured environment"),
     ("reachable", "destination reachable"),
 ]
+# After the cases (a Debitura destination whose destination checks pass, with a spec that has `recheck:`).
+AFTER_CASE_CHECKS = [
+    ("case_chat", "the runner can tell a case's partner about changes at the source"),
+    ("source_changes", "changes at the source since import were told to Debitura"),
+    ("documents", "each case has its original invoice"),
+]
 # The other Debitura environment of each configured one: (name, base URL or None for the standard one).
 OTHER_DESTINATION_ENV = {"production": ("test", None), "test": ("production", None),
                          "sandbox": ("test", "sandbox://debitura-test")}
@@ -606,8 +612,10 @@ async def _after_case_checks(cfg: Config, clients, store, conns: list, report: D
     d = cfg.destination
     if d.type != "debitura" or d.problems or not any(c.spec.recheck is not None for c in conns):
         return
-    chat = Check("destination", "case_chat", "the runner can tell a case's partner about changes at the source")
-    report.checks.append(chat)
+    if any(c.status == FAILED for c in report.checks):  # the destination's own checks say what is wrong
+        return
+    chat, told, doc = (Check("destination", cid, title) for cid, title in AFTER_CASE_CHECKS)
+    report.checks.extend((chat, told, doc))
     dest = destinations.make(d, clients)
     try:
         author = await dest.chat_author()
@@ -629,10 +637,10 @@ async def _after_case_checks(cfg: Config, clients, store, conns: list, report: D
         chat.set(FAILED, exc.message, exc.fix or "set `chat_user_email:` under destination to a member of your "
                                                   "Debitura team")
     if store is None:
+        told.set(SKIPPED, "not checked: no state store")
+        doc.set(SKIPPED, "not checked: no state store")
         return
     totals = after_case_totals(store)
-    told = Check("destination", "source_changes", "changes at the source since import were told to Debitura")
-    report.checks.append(told)
     untold = [e for e in store.case_events() if e["status"] in ("new", "telling", "failed")]
     n = sum(sum(by.values()) for by in totals["source_changes"].values())
     if untold:
@@ -645,9 +653,10 @@ async def _after_case_checks(cfg: Config, clients, store, conns: list, report: D
         told.set(OK, f"{n} change(s) found at the source since import, all told" if n else
                  "no invoice with a case has changed at the source yet")
     docs = totals["documents"]
-    if docs.get("failed") or docs.get("refused"):
-        doc = Check("destination", "documents", "each case has its original invoice")
-        report.checks.append(doc)
+    if not docs.get("failed") and not docs.get("refused"):
+        doc.set(OK, f"{docs.get('uploaded', 0)} invoice document(s) uploaded to their cases" + (
+            f"; {docs['none']} invoice(s) have no document at the source" if docs.get("none") else ""))
+    else:
         doc.set(FAILED, f"{docs.get('failed', 0)} document upload(s) failing, {docs.get('refused', 0)} refused "
                         f"(too large or a type Debitura does not take); {docs.get('uploaded', 0)} uploaded",
                 f"`runner explain INVOICE` shows the error for one; failing uploads are retried by the next apply")
