@@ -233,42 +233,15 @@ def test_recheck_state_must_be_a_known_change(tmp_path):
     assert events(cfg) == []
 
 
-def test_spec_language_rejects_a_document_without_hosts(tmp_path):
+def test_spec_language_rejects_a_document_link_without_hosts(tmp_path):
+    (tmp_path / "good").mkdir()
+    assert cli("validate", str(workspace(tmp_path / "good", lambda spec: None))).returncode == 0
+
     def edit(spec):
-        spec["document"] = {"url": "invoice_pdf"}
+        spec["document"] = {"url": "invoice_pdf"}  # a link with no hosts it may point to
 
-    cfg = workspace(tmp_path, edit)
-    r = cli("validate", str(cfg), ok=False)
+    (tmp_path / "bad").mkdir()
+    r = cli("validate", str(workspace(tmp_path / "bad", edit)), ok=False)
     assert r.returncode == 2
-    assert "document" in (r.stdout + r.stderr)
-
-
-def test_a_document_of_a_type_debitura_does_not_take_is_refused_once_and_the_case_stays(tmp_path):
-    def edit(spec):  # the invoice's JSON, not a document: not an allowed file type
-        spec["document"] = {"request": {"method": "GET", "path": "/v1/invoices/{{ invoice_id }}"}}
-
-    cfg = workspace(tmp_path, edit)
-    out = apply(cfg)["connections"][0]
-    assert out["imported"] == 13 and out["after_case"]["documents"] == {"refused": 13}
-    assert apply(cfg)["connections"][0]["after_case"]["documents"] == {}  # refused ones are not tried again
-    explained = cli("explain", str(cfg), "SBX-0026").stdout
-    assert "the original invoice was not uploaded: the document is of type application/json" in explained
-    doctor = cli("doctor", str(cfg), ok=False).stdout
-    assert "13 refused (too large or a type Debitura does not take)" in doctor
-
-
-def test_doctor_and_status_say_what_is_not_told_yet(tmp_path):
-    cfg = workspace(tmp_path)
-    apply(cfg)
-    cli("sandbox", "void", str(cfg), "stripe", "SBX-0024")
-    text = cfg.read_text()
-    cfg.write_text(text.replace("  api_key:", "  chat_user_email: nobody@elsewhere.example\n  api_key:", 1))
-    cli("apply", str(cfg), ok=False)
-    doctor = cli("doctor", str(cfg), ok=False).stdout
-    assert "1 of 1 change(s) found at the source are not told to the case's partner yet" in doctor
-    assert "The user is not an active member of your team" in doctor  # the event's error
-    assert ("`chat_user_email: nobody@elsewhere.example` is not a member of your Debitura team (GET /users lists "
-            "finance@sandbox-creditor.example, ops@sandbox-creditor.example)") in doctor
-    st = json.loads(cli("status", str(cfg), "--output", "json").stdout)
-    assert st["after_case"]["untold"] == 1 and st["after_case"]["source_changes"] == {"void": {"failed": 1}}
-    assert "(1 not told to Debitura yet)" in cli("status", str(cfg)).stdout
+    out = r.stdout + r.stderr
+    assert "stripe.yaml" in out and "document" in out and "hosts" in out
