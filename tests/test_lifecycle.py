@@ -245,3 +245,47 @@ def test_spec_language_rejects_a_document_link_without_hosts(tmp_path):
     assert r.returncode == 2
     out = r.stdout + r.stderr
     assert "stripe.yaml" in out and "document" in out and "hosts" in out
+
+
+def test_a_document_of_a_type_debitura_does_not_take_is_refused_once_and_the_case_stays(tmp_path):
+    def edit(spec):  # the invoice's JSON, not a document: not an allowed file type
+        spec["document"] = {"request": {"method": "GET", "path": "/v1/invoices/{{ invoice_id }}"}}
+
+    cfg = workspace(tmp_path, edit)
+    out = apply(cfg)["connections"][0]
+    assert out["imported"] == 13 and out["after_case"]["documents"] == {"refused": 13}
+    assert apply(cfg)["connections"][0]["after_case"]["documents"] == {}  # refused ones are not tried again
+    explained = cli("explain", str(cfg), "SBX-0026").stdout
+    assert "the original invoice was not uploaded: the document is of type application/json" in explained
+    doctor = cli("doctor", str(cfg), ok=False).stdout
+    assert "13 refused (too large or a type Debitura does not take)" in doctor
+
+
+def test_doctor_and_status_say_what_is_not_told_yet(tmp_path):
+    cfg = workspace(tmp_path)
+    apply(cfg)
+    cli("sandbox", "void", str(cfg), "stripe", "SBX-0024")
+    text = cfg.read_text()
+    cfg.write_text(text.replace("  api_key:", "  chat_user_email: nobody@elsewhere.example\n  api_key:", 1))
+    cli("apply", str(cfg), ok=False)
+    doctor = cli("doctor", str(cfg), ok=False).stdout
+    assert "1 of 1 change(s) found at the source are not told to the case's partner yet" in doctor
+    assert "The user is not an active member of your team" in doctor  # the event's error
+    assert ("`chat_user_email: nobody@elsewhere.example` is not a member of your Debitura team (GET /users lists "
+            "finance@sandbox-creditor.example, ops@sandbox-creditor.example)") in doctor
+    st = json.loads(cli("status", str(cfg), "--output", "json").stdout)
+    assert st["after_case"]["untold"] == 1 and st["after_case"]["source_changes"] == {"void": {"failed": 1}}
+    assert "(1 not told to Debitura yet)" in cli("status", str(cfg)).stdout
+
+
+def test_a_case_outside_the_window_is_looked_up_at_most_once_an_interval(tmp_path):
+    def edit(spec):
+        spec["recheck"]["interval_minutes"] = 600
+
+    cfg = workspace(tmp_path, edit)
+    apply(cfg)
+    cfg.write_text(cfg.read_text().replace("window: {last: 90d}", "window: {last: 1d}"))  # every case outside it
+    first = apply(cfg)["connections"][0]["after_case"]
+    assert first["looked_up"] == 13 and first["requests"] == 13 and first["seen_in_window"] == 0
+    again = apply(cfg)["connections"][0]["after_case"]
+    assert again["looked_up"] == 0 and again["requests"] == 0 and again["left_for_later"] == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -232,6 +233,7 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         return report
     account = source.account_key
     shown: dict[str, dict | None] = {}
+    checked: list[str] = []
     if invoices is not None:
         by_id = {}
         for rec in invoices:
@@ -241,19 +243,23 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         rows = {iid: r for iid, r in store.ledger_lookup(account, list(by_id)).items()
                 if r.status == "delivered" and r.case_id}
         shown = {iid: what_source_shows(spec, by_id[iid]) for iid in rows}
+        checked = list(rows)
     else:
         report.open_cases = store.count_open_cases(account)
         unpaid, changed = store.seen_in_run(run_id, account) if run_id is not None else (set(), {})
         changed = {k: v for k, v in changed.items() if v.get("state") in KINDS}  # else: looked up below
         report.seen_in_window = len(unpaid) + len(changed)
-        todo = store.open_cases(account, spec.recheck.max_lookups if look_up else 0, exclude=unpaid | set(changed))
+        todo, due = store.open_cases(account, spec.recheck.max_lookups if look_up else 0,
+                                     exclude=unpaid | set(changed),
+                                     checked_before=time.time() - 60 * spec.recheck.interval_minutes)
         rows = {r.invoice_id: r for r in todo}
         rows.update({iid: r for iid, r in store.ledger_lookup(account, list(changed)).items()
                      if r.status == "delivered" and r.case_id})
-        report.left_for_later = max(0, report.open_cases - report.seen_in_window - len(todo))
+        report.left_for_later = due - len(todo) if look_up else 0
         records = await _fetch(source, [r.invoice_id for r in todo], report) if todo else {}
         report.looked_up = len(records)
         shown = {iid: what_source_shows(spec, rec) for iid, rec in records.items()}
+        checked = list(records)
         shown.update(changed)
     changes = _changes(source, rows, shown)
     report.changes.extend(changes)
@@ -261,8 +267,8 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         report.would_tell += len({c.event_key for c in changes} | {
             e["event_key"] for e in store.untold_case_events(account)})
         return report
-    if shown:
-        store.mark_checked(account, list(shown))
+    if checked:  # what a later run may skip for `interval_minutes` (a case seen in a window is not counted)
+        store.mark_checked(account, checked)
     for ch in changes:
         if store.record_case_event(account, ch.invoice_id, ch.event_key, ch.case_id, ch.kind, ch.kind in FINAL,
                                    ch.detail, ch.message, run_id):

@@ -242,6 +242,7 @@ class Recheck:
     """What the source shows for an invoice whose case exists (`recheck:`): field -> expression."""
     fields: dict[str, Expression]
     max_lookups: int = 200
+    interval_minutes: int = 60  # a case is looked up at most once in this long
 
 
 @dataclass
@@ -550,7 +551,8 @@ def _after_case(c: _Compiler, data: dict) -> tuple:
     raw = data.get("recheck")
     if raw:
         recheck = Recheck(fields={k: c.expression(raw[k], ("recheck", k)) for k in RECHECK_FIELDS if raw.get(k)},
-                          max_lookups=int(raw.get("max_lookups", 200)))
+                          max_lookups=int(raw.get("max_lookups", 200)),
+                          interval_minutes=int(raw.get("interval_minutes", 60)))
     document = None
     raw = data.get("document")
     if raw:

@@ -353,27 +353,29 @@ class CaseLife:
         d["detail"] = json.loads(d["detail"])
         return d
 
-    def open_cases(self, account_key: str, limit: int, exclude: Iterable[str] = ()) -> list[LedgerRow]:
-        """Delivered cases of this account whose invoice is not settled at the source yet, least recently
-        re-checked first (so a bounded number of look-ups per run still reaches every case in turn)."""
+    def open_cases(self, account_key: str, limit: int, exclude: Iterable[str] = (),
+                   checked_before: float | None = None) -> tuple[list[LedgerRow], int]:
+        """Delivered cases of this account whose invoice is not settled at the source yet, not in `exclude`
+        and not re-checked since `checked_before`, least recently re-checked first (so a bounded number of
+        look-ups per run still reaches every case in turn): (the first `limit`, how many there are)."""
         skip = set(exclude)
         out: list[LedgerRow] = []
-        if limit <= 0:
-            return out
+        due = 0
         for r in self.db.execute(
                 "SELECT l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
                 "l.case_reference, l.error, l.first_seen, l.updated FROM ledger l "
                 "LEFT JOIN case_checks c ON c.destination=l.destination AND c.account_key=l.account_key "
                 "AND c.invoice_id=l.invoice_id WHERE l.destination=? AND l.account_key=? AND l.status='delivered' "
-                "AND l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM case_events e WHERE "
-                "e.destination=l.destination AND e.account_key=l.account_key AND e.invoice_id=l.invoice_id "
-                "AND e.final=1) ORDER BY COALESCE(c.checked_at, 0), l.updated", (self.destination, account_key)):
+                "AND l.case_id IS NOT NULL AND COALESCE(c.checked_at, 0) < ? AND NOT EXISTS (SELECT 1 FROM "
+                "case_events e WHERE e.destination=l.destination AND e.account_key=l.account_key AND "
+                "e.invoice_id=l.invoice_id AND e.final=1) ORDER BY COALESCE(c.checked_at, 0), l.updated",
+                (self.destination, account_key, time.time() + 1 if checked_before is None else checked_before)):
             if r[1] in skip:
                 continue
-            out.append(LedgerRow(*r))
-            if len(out) >= limit:
-                break
-        return out
+            due += 1
+            if len(out) < limit:
+                out.append(LedgerRow(*r))
+        return out, due
 
     def count_open_cases(self, account_key: str) -> int:
         return self.db.execute(
