@@ -446,6 +446,8 @@ def synthetic_invoices(anchor_ts: int, n: int) -> tuple[list[dict[str, Any]], di
     for inv in invoices:
         inv["id"] = _stable_id("in_", f"test:synthetic:{inv['number']}", 16)
         inv["lines"]["url"] = f"/v1/invoices/{inv['id']}/lines"
+        inv["hosted_invoice_url"] = f"https://invoice.stripe.com/i/{ACCOUNT_ID}/{inv['id']}"
+        inv["invoice_pdf"] = f"https://pay.stripe.com/invoice/{ACCOUNT_ID}/{inv['id']}/pdf"
         for line in inv["lines"]["data"]:
             line["invoice"] = inv["id"]
         inv["_sandbox_kind"] = "open"
