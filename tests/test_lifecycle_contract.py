@@ -239,3 +239,42 @@ def test_debitura_simulator_files_chats_and_advance_follow_the_documented_rules(
     _debitura_call("POST", f"/cases/{test_case}/chats", json={"message": "x", "userEmail": "ops@sandbox-creditor.example"})
     assert _debitura_call("DELETE", f"/test/cases/{test_case}").status_code == 204
     assert sandbox.get_simulator("debitura").chats(test_case) == []
+
+
+def test_an_invoice_a_batch_answer_leaves_out_is_confirmed_deleted_on_its_own_first(tmp_path, monkeypatch):
+    shutil.copytree(ROOT / "sandbox-secrets", tmp_path / "sandbox-secrets")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text("""state: state/state.db
+destination: {type: debitura, environment: sandbox, api_key: "${file:sandbox-secrets/debitura_api_key}"}
+connections:
+  - name: q
+    integration: quickbooks_online
+    environment: sandbox
+    credentials:
+      client_id: "${file:sandbox-secrets/quickbooks_client_id}"
+      client_secret: "${file:sandbox-secrets/quickbooks_client_secret}"
+      refresh_token: "${file:sandbox-secrets/quickbooks_refresh_token}"
+    options: {realm_id: "9130357766961111"}
+    window: {last: 90d}
+""")
+    cfg, _, _ = recorded_sync(monkeypatch, cfg_path)
+    qbo = sandbox.get_simulator("quickbooks", cfg.state_path.parent / "sandbox")
+    qbo.act("delete", "1002")
+    real_query = qbo.dispatch
+
+    async def flaky(request):  # the batch answer also leaves out 1001, which still exists
+        resp = await real_query(request)
+        if " Id in " in (request.url.params.get("query") or ""):
+            body = json.loads(resp.content)
+            body["QueryResponse"]["Invoice"] = [i for i in body["QueryResponse"]["Invoice"] if i["Id"] != "101"]
+            import httpx
+
+            return httpx.Response(200, json=body)
+        return resp
+
+    monkeypatch.setattr(qbo, "dispatch", flaky)
+    _, plan, rec = recorded_sync(monkeypatch, cfg_path, mode="plan")
+    ac = plan.connections[0].after_case
+    assert {c["number"]: c["kind"] for c in ac["changes"]} == {"1002": "deleted"}  # 1001 was found on its own
+    singles = [r.url.path for r in rec["quickbooks"].requests if "/invoice/" in r.url.path]
+    assert sorted(p.rsplit("/", 1)[1] for p in singles) == ["101", "102"]

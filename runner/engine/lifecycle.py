@@ -181,28 +181,39 @@ async def _fetch(source, ids: list[str], report: Report) -> dict[str, Any]:
                 resp = await source.send_spec(batch.request, ctx)
                 recs = batch.records.search(resp.json(f"{spec.name}'s invoices by id")) or []
                 got = {str(batch.id.search(r)): r for r in recs if isinstance(r, dict)}
-                for x in chunk:
-                    if x in got:
-                        out[x] = got[x]
-                    elif batch.missing_means_deleted:
-                        out[x] = None
+                missing = [x for x in chunk if x not in got]
+                out.update((x, got[x]) for x in chunk if x in got)
+                if missing and batch.missing_means_deleted:
+                    # Telling a partner an invoice was deleted is not undone: an id a batch answer leaves out is
+                    # asked for on its own first (when the spec can), and deleted only if that says so too.
+                    if spec.lookup.get("by_id") is not None:
+                        out.update(await _one_by_one(source, missing))
+                    else:
+                        out.update((x, None) for x in missing)
         else:
-            lr = spec.lookup.get("by_id")
-            if lr is None:
+            if spec.lookup.get("by_id") is None:
                 report.errors.append(f"{spec.name}'s spec has `recheck:` but no `lookup.by_id` or `lookup.by_ids`: "
                                      f"open cases cannot be re-checked")
                 return out
-            for x in ids:
-                resp = await source.send_spec(lr.request, source.context(invoice_id=x), ok=tuple(lr.not_found))
-                if resp.status in lr.not_found:
-                    out[x] = None
-                    continue
-                rec = lr.record.search(resp.json(f"{spec.name}'s invoice answer"))
-                out[x] = rec if rec else None
+            out.update(await _one_by_one(source, ids))
     except (RunnerError, UnsafeRequest) as exc:
         report.errors.append(f"re-checking open cases at {spec.name} stopped: {exc.message}")
     finally:
         report.requests += source.http.requests - before
+    return out
+
+
+async def _one_by_one(source, ids: list[str]) -> dict[str, Any]:
+    """invoice id -> its record by `lookup.by_id` (None: the source answers that it has no such invoice)."""
+    lr = source.spec.lookup["by_id"]
+    out: dict[str, Any] = {}
+    for x in ids:
+        resp = await source.send_spec(lr.request, source.context(invoice_id=x), ok=tuple(lr.not_found))
+        if resp.status in lr.not_found:
+            out[x] = None
+            continue
+        rec = lr.record.search(resp.json(f"{source.spec.name}'s invoice answer"))
+        out[x] = rec if rec else None
     return out
 
 

@@ -266,6 +266,11 @@ class QuickBooksSimulator(Simulator):
         elif action == "credit":
             inv["Balance"] = round(inv["Balance"] - amt, 2)
             inv.setdefault("LinkedTxn", []).append({"TxnId": seq, "TxnType": "CreditMemo"})
+        elif action == "delete":  # gone: queries leave it out, a read answers Object Not Found
+            for realm in self.data.values():
+                if inv in realm["Invoice"]:
+                    realm["Invoice"].remove(inv)
+            return inv
         else:
             raise ValueError(action)
         inv["SyncToken"] = str(int(inv["SyncToken"]) + 1)
