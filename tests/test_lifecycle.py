@@ -289,3 +289,12 @@ def test_a_case_outside_the_window_is_looked_up_at_most_once_an_interval(tmp_pat
     assert first["looked_up"] == 13 and first["requests"] == 13 and first["seen_in_window"] == 0
     again = apply(cfg)["connections"][0]["after_case"]
     assert again["looked_up"] == 0 and again["requests"] == 0 and again["left_for_later"] == 0
+
+
+def test_sandbox_controls_name_what_they_cannot_find(tmp_path):
+    cfg = workspace(tmp_path)
+    r = cli("sandbox", "pay", str(cfg), "stripe", "NOPE", ok=False)
+    assert r.returncode == 1 and "the stripe simulator has no invoice 'NOPE'" in r.stderr and "fix:" in r.stderr
+    r = cli("sandbox", "void", str(cfg), "xero", "1", ok=False)
+    assert "there is no simulated source called 'xero'" in r.stderr and "stripe, quickbooks, zoho" in r.stderr
+    assert not (tmp_path / "state" / "sandbox" / "source-changes.json").exists()  # nothing recorded

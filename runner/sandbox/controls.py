@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.errors import ConfigError, Problem
+from runner.errors import RunnerError
 from runner.sandbox import lifecycle
 
 SOURCES = ("stripe", "quickbooks", "zoho")
@@ -20,19 +20,19 @@ def act(data_dir: Path, action: str, integration: str, invoice: str, amount: str
 
     name = NAMES.get(integration, integration)
     if name not in SOURCES:
-        raise ConfigError(Problem(f"there is no simulated source called {integration!r}",
-                                  fix=f"use one of: {', '.join(SOURCES)}"))
+        raise RunnerError(f"there is no simulated source called {integration!r}",
+                          fix=f"use one of: {', '.join(SOURCES)}")
     reset_cache()
     sim = get_simulator(name, data_dir)
     sim._apply_changes()  # what earlier controls did, so this one acts on the invoice as it is now
     try:
         shown = sim.act(action, invoice, amount)
     except KeyError:
-        raise ConfigError(Problem(f"the {name} simulator has no invoice {invoice!r}",
-                                  fix="give an invoice id or number the simulator serves (`runner plan` lists "
-                                      "them)")) from None
+        raise RunnerError(f"the {name} simulator has no invoice {invoice!r}",
+                          fix="give an invoice id or number the simulator serves (`runner plan --details` lists "
+                              "them)") from None
     except ValueError as exc:
-        raise ConfigError(Problem(f"cannot {action} {invoice!r}: {exc}")) from None
+        raise RunnerError(f"cannot {action} {invoice!r}: {exc}") from None
     lifecycle.record(data_dir, name, action, invoice, amount)
     reset_cache()
     return (f"{name}: invoice {invoice} {dict(pay='paid', void='voided', credit='credited')[action]}"
