@@ -73,7 +73,7 @@ def ledger(cfg: Path) -> dict[str, tuple]:
 def events(cfg: Path) -> list[tuple]:
     db = sqlite3.connect(cfg.parent / "state" / "state.db")
     try:
-        return db.execute("SELECT invoice_id, kind, status, detail FROM case_events ORDER BY seen_at").fetchall()
+        return db.execute("SELECT invoice_id, kind, status, detail FROM source_changes ORDER BY seen_at").fetchall()
     finally:
         db.close()
 

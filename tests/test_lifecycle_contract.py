@@ -172,7 +172,7 @@ def test_recheck_takes_source_records_a_caller_already_has(sandbox_config):
         assert requests == 0  # the records were given: nothing fetched from the source
         assert [c.kind for c in first.changes] == ["paid"] and first.told == 1
         assert again.recorded == 0 and again.told == 0  # the same change again is not told twice
-        events = store.case_events()
+        events = store.source_changes()
         assert [(e["kind"], e["status"]) for e in events] == [("paid", "told")]
         sim = sandbox.get_simulator("debitura", cfg.state_path.parent / "sandbox")
         assert len(sim.chats(events[0]["case_id"])) == 1

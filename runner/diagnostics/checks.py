@@ -641,7 +641,7 @@ async def _after_case_checks(cfg: Config, clients, store, conns: list, report: D
         doc.set(SKIPPED, "not checked: no state store")
         return
     totals = after_case_totals(store)
-    untold = [e for e in store.case_events() if e["status"] in ("new", "telling", "failed")]
+    untold = [e for e in store.source_changes() if e["status"] in ("new", "telling", "failed")]
     n = sum(sum(by.values()) for by in totals["source_changes"].values())
     if untold:
         e = untold[0]
@@ -882,7 +882,7 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     if row is not None and row.status == "delivered":
         ex.verdict = pipeline.IMPORTED
         ex.summary = f"{label} was imported on {_day(row.updated)} as case {row.case_reference or row.case_id}"
-        if v.verdict != pipeline.ELIGIBLE and not store.case_events(source.account_key, v.invoice_id):
+        if v.verdict != pipeline.ELIGIBLE and not store.source_changes(source.account_key, v.invoice_id):
             ex.summary += f" (today it would be skipped: {v.message})"
         _after_case(ex, source, store, v.invoice_id, rec)
     elif v.reason == "not_unpaid":
@@ -949,7 +949,7 @@ def _after_case(ex: Explanation, source: pipeline.Source, store, invoice_id: str
                if doc["status"] in ("failed", "refused") else SKIPPED, text)
         ex.after_case.append({"what": "document", **doc, "updated": _when(doc["updated"])})
     story = []
-    events = store.case_events(source.account_key, invoice_id)
+    events = store.source_changes(source.account_key, invoice_id)
     for e in events:
         d = e["detail"]
         cur = d.get("currency") or ""
@@ -1187,7 +1187,7 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
 def after_case_totals(store) -> dict:
     """Every case's life after import at this destination: changes found at the source by kind and whether
     Debitura was told, and the invoice documents by status."""
-    events = store.case_event_counts()
+    events = store.source_change_counts()
     return {"source_changes": events, "untold": sum(n for by in events.values() for st, n in by.items()
                                                     if st in ("new", "telling", "failed")),
             "documents": store.document_counts()}

@@ -4,7 +4,7 @@ Every run re-checks the invoices whose case exists and is not settled at the sou
 still unpaid in its window need nothing more; the others are fetched (the spec's `lookup.by_ids` in batches
 where the provider can, else `lookup.by_id`, at most `recheck.max_lookups` a run, least recently checked
 first). What the source shows is read with the spec's `recheck:` expressions. A change is recorded in the
-ledger (case_events) and told once on the case's chat at the destination (POST /cases/{id}/chats): the event
+ledger (source_changes) and told once on the case's chat at the destination (POST /cases/{id}/chats): the event
 is marked `telling` before the post and `told` after it; an event found `telling` (a run stopped between the
 two) is looked for in the case's chat before it is posted again. Nothing here knows any one integration.
 
@@ -256,11 +256,11 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         shown = {iid: what_source_shows(spec, by_id[iid]) for iid in rows}
         checked = list(rows)
     else:
-        report.open_cases = store.count_open_cases(account)
+        report.open_cases = store.count_cases_to_recheck(account)
         unpaid, changed = store.seen_in_run(run_id, account) if run_id is not None else (set(), {})
         changed = {k: v for k, v in changed.items() if v.get("state") in KINDS}  # else: looked up below
         report.seen_in_window = len(unpaid) + len(changed)
-        todo, due = store.open_cases(account, spec.recheck.max_lookups if look_up else 0,
+        todo, due = store.cases_to_recheck(account, spec.recheck.max_lookups if look_up else 0,
                                      exclude=unpaid | set(changed),
                                      checked_before=time.time() - 60 * spec.recheck.interval_minutes)
         rows = {r.invoice_id: r for r in todo}
@@ -276,12 +276,12 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
     report.changes.extend(changes)
     if destination is None:  # plan
         report.would_tell += len({c.event_key for c in changes} | {
-            e["event_key"] for e in store.untold_case_events(account)})
+            e["event_key"] for e in store.untold_source_changes(account)})
         return report
     if checked:  # what a later run may skip for `interval_minutes` (a case seen in a window is not counted)
         store.mark_checked(account, checked)
     for ch in changes:
-        if store.record_case_event(account, ch.invoice_id, ch.event_key, ch.case_id, ch.kind, ch.kind in FINAL,
+        if store.record_source_change(account, ch.invoice_id, ch.event_key, ch.case_id, ch.kind, ch.kind in FINAL,
                                    ch.detail, ch.message, run_id):
             report.recorded += 1
             logger.info("{}: invoice {} is {} at the source (case {}); recorded", source.conn.name,
@@ -293,10 +293,10 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
 
 async def tell(store, destination, account_key: str, report: Report) -> None:
     """Tell the destination, once, each event recorded and not told yet (see the module's doc)."""
-    for ev in store.untold_case_events(account_key):
+    for ev in store.untold_source_changes(account_key):
         iid, key, case_id = ev["invoice_id"], ev["event_key"], ev["case_id"]
         if not hasattr(destination, "post_chat"):  # a local file has no chat: the ledger holds the event
-            store.set_case_event(account_key, iid, key, "recorded")
+            store.set_source_change(account_key, iid, key, "recorded")
             continue
         marker = f"ref {key})"
         try:
@@ -304,16 +304,16 @@ async def tell(store, destination, account_key: str, report: Report) -> None:
                 found = next((c for c in await destination.chats(case_id) if marker in (c.get("message") or "")),
                              None)
                 if found is not None:
-                    store.set_case_event(account_key, iid, key, "told", chat_id=str(found.get("id") or ""))
+                    store.set_source_change(account_key, iid, key, "told", chat_id=str(found.get("id") or ""))
                     report.told += 1
                     continue
-            store.set_case_event(account_key, iid, key, "telling")
+            store.set_source_change(account_key, iid, key, "telling")
             posted = await destination.post_chat(case_id, ev["message"])
             crash_point("after_chat_post")
-            store.set_case_event(account_key, iid, key, "told", chat_id=str(posted.get("id") or "") or None)
+            store.set_source_change(account_key, iid, key, "told", chat_id=str(posted.get("id") or "") or None)
             report.told += 1
         except DestinationError as exc:
-            store.set_case_event(account_key, iid, key, "failed", error=exc.message)
+            store.set_source_change(account_key, iid, key, "failed", error=exc.message)
             report.tell_failed += 1
             report.errors.append(f"telling case {case_id} failed: {exc.message}")
             if exc.fatal:

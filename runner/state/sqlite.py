@@ -297,7 +297,7 @@ def _unusable(path: Path, exc: BaseException) -> StateFileError:
 # One block, so another store backend ports it as one piece: the DDL below and the methods of CaseLife, the
 # only way the engine (runner/engine/lifecycle.py, runner/engine/documents.py) reads or writes these tables.
 LIFECYCLE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS case_events (
+CREATE TABLE IF NOT EXISTS source_changes (
     destination TEXT NOT NULL,
     account_key TEXT NOT NULL,
     invoice_id TEXT NOT NULL,
@@ -353,7 +353,7 @@ class CaseLife:
         d["detail"] = json.loads(d["detail"])
         return d
 
-    def open_cases(self, account_key: str, limit: int, exclude: Iterable[str] = (),
+    def cases_to_recheck(self, account_key: str, limit: int, exclude: Iterable[str] = (),
                    checked_before: float | None = None) -> tuple[list[LedgerRow], int]:
         """Delivered cases of this account whose invoice is not settled at the source yet, not in `exclude`
         and not re-checked since `checked_before`, least recently re-checked first (so a bounded number of
@@ -367,7 +367,7 @@ class CaseLife:
                 "LEFT JOIN case_checks c ON c.destination=l.destination AND c.account_key=l.account_key "
                 "AND c.invoice_id=l.invoice_id WHERE l.destination=? AND l.account_key=? AND l.status='delivered' "
                 "AND l.case_id IS NOT NULL AND COALESCE(c.checked_at, 0) < ? AND NOT EXISTS (SELECT 1 FROM "
-                "case_events e WHERE e.destination=l.destination AND e.account_key=l.account_key AND "
+                "source_changes e WHERE e.destination=l.destination AND e.account_key=l.account_key AND "
                 "e.invoice_id=l.invoice_id AND e.final=1) ORDER BY COALESCE(c.checked_at, 0), l.updated",
                 (self.destination, account_key, time.time() + 1 if checked_before is None else checked_before)):
             if r[1] in skip:
@@ -377,10 +377,10 @@ class CaseLife:
                 out.append(LedgerRow(*r))
         return out, due
 
-    def count_open_cases(self, account_key: str) -> int:
+    def count_cases_to_recheck(self, account_key: str) -> int:
         return self.db.execute(
             "SELECT COUNT(*) FROM ledger l WHERE l.destination=? AND l.account_key=? AND l.status='delivered' AND "
-            "l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM case_events e WHERE e.destination=l.destination "
+            "l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM source_changes e WHERE e.destination=l.destination "
             "AND e.account_key=l.account_key AND e.invoice_id=l.invoice_id AND e.final=1)",
             (self.destination, account_key)).fetchone()[0]
 
@@ -409,34 +409,34 @@ class CaseLife:
                 "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET checked_at=excluded.checked_at",
                 [(self.destination, account_key, i, now) for i in invoice_ids])
 
-    def record_case_event(self, account_key: str, invoice_id: str, event_key: str, case_id: str | None, kind: str,
+    def record_source_change(self, account_key: str, invoice_id: str, event_key: str, case_id: str | None, kind: str,
                           final: bool, detail: dict, message: str, run_id: int | None, status: str = "new") -> bool:
         """Record what the source shows; False when this very change was recorded before (nothing new)."""
         with self.tx():
             cur = self.db.execute(
-                "INSERT INTO case_events (destination, account_key, invoice_id, event_key, case_id, kind, final, "
+                "INSERT INTO source_changes (destination, account_key, invoice_id, event_key, case_id, kind, final, "
                 "detail, message, status, run_id, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (destination, account_key, invoice_id, event_key) DO NOTHING",
                 (self.destination, account_key, invoice_id, event_key, case_id, kind, int(final),
                  json.dumps(detail, sort_keys=True), message, status, run_id, time.time()))
             return cur.rowcount == 1
 
-    def untold_case_events(self, account_key: str, limit: int = 1000) -> list[dict]:
+    def untold_source_changes(self, account_key: str, limit: int = 1000) -> list[dict]:
         """Events not told yet (new, failed, or telling when a run stopped mid-post), oldest first."""
         return [self._event(r) for r in self.db.execute(
-            "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM case_events WHERE destination=? AND account_key=? AND "
+            "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM source_changes WHERE destination=? AND account_key=? AND "
             "status IN ('new', 'telling', 'failed') ORDER BY seen_at LIMIT ?", (self.destination, account_key, limit))]
 
-    def set_case_event(self, account_key: str, invoice_id: str, event_key: str, status: str,
+    def set_source_change(self, account_key: str, invoice_id: str, event_key: str, status: str,
                        chat_id: str | None = None, error: str | None = None) -> None:
         """Committed before the next step: `telling` before the post, `told` right after it."""
         with self.tx():
             self.db.execute(
-                "UPDATE case_events SET status=?, chat_id=COALESCE(?, chat_id), error=?, told_at=CASE WHEN ?='told' "
+                "UPDATE source_changes SET status=?, chat_id=COALESCE(?, chat_id), error=?, told_at=CASE WHEN ?='told' "
                 "THEN ? ELSE told_at END WHERE destination=? AND account_key=? AND invoice_id=? AND event_key=?",
                 (status, chat_id, error, status, time.time(), self.destination, account_key, invoice_id, event_key))
 
-    def case_events(self, account_key: str | None = None, invoice_id: str | None = None) -> list[dict]:
+    def source_changes(self, account_key: str | None = None, invoice_id: str | None = None) -> list[dict]:
         """Events of one invoice (or all), oldest first (explain, status)."""
         where, args = "destination=?", [self.destination]
         if account_key is not None:
@@ -444,13 +444,13 @@ class CaseLife:
         if invoice_id is not None:
             where, args = where + " AND invoice_id=?", args + [invoice_id]
         return [self._event(r) for r in self.db.execute(
-            "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM case_events WHERE " + where + " ORDER BY seen_at", args)]
+            "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM source_changes WHERE " + where + " ORDER BY seen_at", args)]
 
-    def case_event_counts(self) -> dict:
+    def source_change_counts(self) -> dict:
         """{kind: {status: n}} of every event at this destination (status, doctor)."""
         out: dict = {}
         for kind, status, n in self.db.execute(
-                "SELECT kind, status, COUNT(*) FROM case_events WHERE destination=? GROUP BY kind, status",
+                "SELECT kind, status, COUNT(*) FROM source_changes WHERE destination=? GROUP BY kind, status",
                 (self.destination,)):
             out.setdefault(kind, {})[status] = n
         return out
