@@ -313,7 +313,8 @@ def test_doctor_api_is_read_only_and_generic(tmp_path, monkeypatch):
     rep = asyncio.run(diagnostics.doctor(cfg, store))
     store.close()
     ids = [(c.scope, c.id) for c in rep.checks]
-    assert len(ids) == len(set(ids)) == len(diagnostics.CONNECTION_CHECKS) + len(diagnostics.DESTINATION_CHECKS)
+    assert len(ids) == len(set(ids)) == len(diagnostics.CONNECTION_CHECKS) + len(diagnostics.DESTINATION_CHECKS) + len(
+        diagnostics.AFTER_CASE_CHECKS)
     assert {k for k, v in flagged(rep.as_dict()).items()} == {("acme-stripe", "addresses"), ("acme-stripe", "window"),
                                                                ("acme-stripe", "status_filter")}
     assert not rep.ok

@@ -118,7 +118,7 @@ class TimedDebitura(DebituraSimulator):
 
     async def handle(self, request):
         self.times.append((time.monotonic(), request.method, request.url.path))
-        if request.method == "POST" and self.fail_refs:
+        if request.method == "POST" and request.url.path == "/cases" and self.fail_refs:  # not chats or files
             ref = json.loads(request.content).get("creditorReference")
             if ref in self.fail_refs:
                 INJECTED["destination_503"] += 1
@@ -533,7 +533,7 @@ class LosingDebitura(TimedDebitura):
 
     async def handle(self, request):
         resp = await super().handle(request)
-        if request.method == "POST" and resp.status_code == 200:
+        if request.method == "POST" and request.url.path == "/cases" and resp.status_code == 200:
             ref = json.loads(request.content)["creditorReference"]
             if ref not in self.lost:
                 self.lost.add(ref)
@@ -550,7 +550,7 @@ def test_a_lost_answer_after_the_case_was_created_is_replayed_not_duplicated(tmp
     eligible = _eligible(stripe)
     assert result.ok and conn.imported == len(eligible) and deb.lost == eligible
     assert _refs(deb) == Counter({n: 1 for n in eligible}), "the retry (same key, same body) was replayed"
-    posts = [p for _, m, p in deb.times if m == "POST"]
+    posts = [p for _, m, p in deb.times if m == "POST" and p == "/cases"]  # each case's document follows
     assert len(posts) == 2 * len(eligible)
 
 

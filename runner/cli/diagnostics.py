@@ -208,6 +208,11 @@ def _status_text(st: dict) -> None:
                   f", failed {lr['failed']}")
             if lr.get("why_zero"):
                 _echo(f"  0 imported: {lr['why_zero']}", fg="yellow")
+            ac = lr.get("after_case") or {}
+            if ac.get("open_cases") or ac.get("changed") or ac.get("documents"):
+                from runner.cli.report import after_case_line
+
+                _echo("  " + after_case_line(ac))
         else:
             _echo("  no run recorded yet")
         for ch in c["changes"]:
@@ -226,6 +231,14 @@ def _status_text(st: dict) -> None:
             _echo(f"  refused deliveries: {r['count']} (last {r['last']}: {r['last_reason']})", fg="yellow")
         for line in cases["cases"]:
             _echo(f"  {line}")
+    ac = st.get("after_case") or {}
+    if ac.get("source_changes") or ac.get("documents"):
+        kinds = ", ".join(f"{sum(by.values())} {k.replace('_', ' ')}" for k, by in sorted(ac["source_changes"].items()))
+        docs = ", ".join(f"{n} {s}" for s, n in sorted(ac["documents"].items()))
+        _echo("after the cases: " + "; ".join(x for x in (
+            kinds and f"changed at the source since import: {kinds}" + (
+                f" ({ac['untold']} not told to Debitura yet)" if ac["untold"] else " (all told to Debitura)"),
+            docs and f"invoice documents: {docs}") if x), bold=True)
 
 
 @click.command("support-bundle")
@@ -260,3 +273,4 @@ def support_bundle(config_file, out_path, offline, connections):
         click.echo(redact(f"error: cannot write {path}: {exc}"), err=True)
         sys.exit(EXIT_INVALID)
     click.echo(redact(f"wrote {path} ({len(text)} bytes, redacted): attach it to your message to support"))
+

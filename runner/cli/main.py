@@ -577,6 +577,42 @@ def sandbox_serve(host, port, data_dir):
         sys.exit(EXIT_INVALID)
 
 
+@sandbox.command("pay")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("integration")
+@click.argument("invoice")
+@click.option("--amount", help="Pay only this much (major units, e.g. 125.50): a partial payment.")
+def sandbox_pay(config_file, integration, invoice, amount):
+    """Pay an invoice (by id or number) in a simulator: the next run finds it paid after its case exists."""
+    _sandbox_act(config_file, "pay", integration, invoice, amount)
+
+
+@sandbox.command("void")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("integration")
+@click.argument("invoice")
+def sandbox_void(config_file, integration, invoice):
+    """Void an invoice (by id or number) in a simulator."""
+    _sandbox_act(config_file, "void", integration, invoice, None)
+
+
+@sandbox.command("credit")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("integration")
+@click.argument("invoice")
+@click.option("--amount", help="Credit only this much (major units); default: all that is left.")
+def sandbox_credit(config_file, integration, invoice, amount):
+    """Credit an invoice (a credit note; by id or number) in a simulator."""
+    _sandbox_act(config_file, "credit", integration, invoice, amount)
+
+
+def _sandbox_act(config_file, action, integration, invoice, amount) -> None:
+    from runner.sandbox import controls
+
+    cfg = load_config(config_file, strict=False)
+    click.echo(controls.act(cfg.state_path.parent / "sandbox", action, integration, invoice, amount))
+
+
 def socket_error() -> type:
     """What an unknown --host raises (a failed name lookup)."""
     import socket

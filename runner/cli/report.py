@@ -86,6 +86,16 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
         why = c.why_zero()
         if why:
             say(redact(f"  0 {verb}: {why}"), style="yellow")
+        ac = c.after_case
+        if ac and (ac.get("open_cases") or ac.get("changes") or ac.get("documents") or ac.get("errors")):
+            say(redact("  after the cases: " + after_case_line(ac)))
+            shown = ac.get("changes") or []
+            if shown and (result.mode == "plan" and ac.get("would_tell") or ac.get("recorded")):
+                say(redact(f"  {'would tell' if result.mode == 'plan' else 'told'} Debitura, e.g.: " + "; ".join(
+                    f"{ch['number'] or ch['invoice_id']} {ch['kind'].replace('_', ' ')} (case "
+                    f"{ch['case_reference'] or ch['case_id']})" for ch in shown[:3])))
+            for e in ac.get("errors") or []:
+                say(redact(f"  {e}"), style="yellow")
         if details and c.verdicts:
             t = Table(show_header=True, header_style="dim", box=None, padding=(0, 2, 0, 4))
             for col in ("invoice", "number", "verdict", "reason", "why"):
@@ -113,3 +123,24 @@ def render_run(result: RunResult, *, details: bool = False, out=None) -> None:
     say(redact(line), style="bold")
     out.print(Group(*items))
 
+def after_case_line(ac: dict) -> str:
+    """One line of a run's after-the-case work (status, the run summary)."""
+    parts = [f"{ac.get('open_cases', 0)} open case(s) re-checked at the source ({ac.get('seen_in_window', 0)} seen in "
+             f"the window, {ac.get('looked_up', 0)} looked up in {ac.get('requests', 0)} request(s)"
+             + (f", {ac['left_for_later']} left for later runs" if ac.get("left_for_later") else "") + ")"]
+    if ac.get("recorded"):
+        parts.append(f"{ac['recorded']} newly changed at the source")
+    elif ac.get("changed") and ac.get("would_tell"):
+        parts.append(f"{ac['changed']} changed at the source")
+    if ac.get("told"):
+        parts.append(f"{ac['told']} told to Debitura")
+    if ac.get("would_tell"):
+        parts.append(f"would tell Debitura {ac['would_tell']}")
+    if ac.get("tell_failed"):
+        parts.append(f"{ac['tell_failed']} could not be told (retried next run)")
+    docs = ac.get("documents") or {}
+    if docs:
+        parts.append("documents: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in docs.items()))
+    if ac.get("requests_in_all"):
+        parts.append(f"{ac['requests_in_all']} request(s) to the provider for this")
+    return "; ".join(parts)

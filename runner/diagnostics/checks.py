@@ -44,6 +44,12 @@ DESTINATION_CHECKS = [
     ("environment", "destination key belongs to the configured environment"),
     ("reachable", "destination reachable"),
 ]
+# After the cases (a Debitura destination whose destination checks pass, with a spec that has `recheck:`).
+AFTER_CASE_CHECKS = [
+    ("case_chat", "the runner can tell a case's partner about changes at the source"),
+    ("source_changes", "changes at the source since import were told to Debitura"),
+    ("documents", "each case has its original invoice"),
+]
 # The other Debitura environment of each configured one: (name, base URL or None for the standard one).
 OTHER_DESTINATION_ENV = {"production": ("test", None), "test": ("production", None),
                          "sandbox": ("test", "sandbox://debitura-test")}
@@ -609,6 +615,63 @@ async def _destination_checks(cfg: Config, clients, report: DoctorReport) -> Non
     checks["reachable"].set(OK, f"{dest.describe()} answered")
 
 
+async def _after_case_checks(cfg: Config, clients, store, conns: list, report: DoctorReport) -> None:
+    """Whether the collection partners can be told what changed at the source, and whether they were."""
+    from runner.engine import destinations
+
+    d = cfg.destination
+    if d.type != "debitura" or d.problems or not any(c.spec.recheck is not None for c in conns):
+        return
+    if any(c.status == FAILED for c in report.checks):  # the destination's own checks say what is wrong
+        return
+    chat, told, doc = (Check("destination", cid, title) for cid, title in AFTER_CASE_CHECKS)
+    report.checks.extend((chat, told, doc))
+    dest = destinations.make(d, clients)
+    try:
+        author = await dest.chat_author()
+        who = author.get("userEmail") or author.get("userId")
+        if d.chat_user_email or d.chat_user_id:
+            team = await dest.team_members()
+            if not any(who in (str(u.get("email") or "").lower(), str(u.get("id") or "").lower()) or
+                       str(who).lower() in (str(u.get("email") or "").lower(), str(u.get("id") or "").lower())
+                       for u in team):
+                listed = ", ".join(str(u.get("email") or u.get("id")) for u in team[:10]) or "nobody"
+                chat.set(FAILED, f"`chat_user_{'email' if d.chat_user_email else 'id'}: {who}` is not a member of "
+                                 f"your Debitura team (GET /users lists {listed}); messages on cases would be refused",
+                         "set `chat_user_email:` under destination to one of those")
+        if chat.status != FAILED:
+            chat.set(OK, f"messages on a case's chat are sent as {who}" + (
+                "" if d.chat_user_email or d.chat_user_id else " (the first team member GET /users lists; set "
+                                                               "`chat_user_email:` under destination to choose)"))
+    except DestinationError as exc:
+        chat.set(FAILED, exc.message, exc.fix or "set `chat_user_email:` under destination to a member of your "
+                                                  "Debitura team")
+    if store is None:
+        told.set(SKIPPED, "not checked: no state store")
+        doc.set(SKIPPED, "not checked: no state store")
+        return
+    totals = after_case_totals(store)
+    untold = [e for e in store.source_changes() if e["status"] in ("new", "telling", "failed")]
+    n = sum(sum(by.values()) for by in totals["source_changes"].values())
+    if untold:
+        e = untold[0]
+        told.set(FAILED, f"{len(untold)} of {n} change(s) found at the source are not told to the case's partner yet "
+                         f"(e.g. invoice {e['invoice_id']}, {e['kind'].replace('_', ' ')}"
+                         + (f": {e['error']}" if e.get("error") else "") + ")",
+                 f"the next `runner apply {cfg.file}` tells them; `runner explain {e['invoice_id']}` shows the story")
+    else:
+        told.set(OK, f"{n} change(s) found at the source since import, all told" if n else
+                 "no invoice with a case has changed at the source yet")
+    docs = totals["documents"]
+    if not docs.get("failed") and not docs.get("refused"):
+        doc.set(OK, f"{docs.get('uploaded', 0)} invoice document(s) uploaded to their cases" + (
+            f"; {docs['none']} invoice(s) have no document at the source" if docs.get("none") else ""))
+    else:
+        doc.set(FAILED, f"{docs.get('failed', 0)} document upload(s) failing, {docs.get('refused', 0)} refused "
+                        f"(too large or a type Debitura does not take); {docs.get('uploaded', 0)} uploaded",
+                f"`runner explain INVOICE` shows the error for one; failing uploads are retried by the next apply")
+
+
 async def _other_environment(d, clients) -> str | None:
     """The other environment the key works in, if any (read-only GET /me there)."""
     from runner.engine import destinations
@@ -653,6 +716,7 @@ async def doctor(cfg: Config, store, connections: list[Connection] | None = None
                                 else _inbound_checks(c, cfg, store, p)) for c, p in zip(conns, parts)),
                              _destination_checks(cfg, clients, dest_part))
         await webhook_checks(cfg, clients, store, dest_part)
+        await _after_case_checks(cfg, clients, store, conns, dest_part)
         for p in parts + [dest_part]:
             report.checks.extend(p.checks)
             report.summaries.update(p.summaries)
@@ -680,6 +744,7 @@ class Explanation:
     ledger: list = field(default_factory=list)
     history: list = field(default_factory=list)
     error: str | None = None
+    after_case: list = field(default_factory=list)  # what happened after the case: source changes, document
 
     def as_dict(self) -> dict:
         return redact_obj(dataclasses.asdict(self))
@@ -838,8 +903,9 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     if row is not None and row.status == "delivered":
         ex.verdict = pipeline.IMPORTED
         ex.summary = f"{label} was imported on {_day(row.updated)} as case {row.case_reference or row.case_id}"
-        if v.verdict != pipeline.ELIGIBLE:
+        if v.verdict != pipeline.ELIGIBLE and not store.source_changes(source.account_key, v.invoice_id):
             ex.summary += f" (today it would be skipped: {v.message})"
+        _after_case(ex, source, store, v.invoice_id, rec)
     elif v.reason == "not_unpaid":
         ex.summary = (f"{label} was not imported because its status in {sname} is "
                       f"{d.get('status') or 'not unpaid'}: only unpaid invoices (nothing paid yet) become cases")
@@ -883,6 +949,61 @@ async def _explain_one(conn: Connection, key: str, cfg: Config, clients, store) 
     else:
         ex.summary = f"{label}: {v.verdict} ({v.reason}): {v.message}"
     return ex
+
+
+def _after_case(ex: Explanation, source: pipeline.Source, store, invoice_id: str, rec: Any) -> None:
+    """The story after the case: its document, what the source showed since, and whether the case was told."""
+    from runner.engine.lifecycle import WORDS, _amount, what_source_shows
+
+    sname = source.spec.name
+    doc = store.case_document(source.account_key, invoice_id)
+    if doc is not None:
+        text = {"uploaded": f"the original invoice ({doc['file_name']}) was uploaded to the case on "
+                            f"{_day(doc['updated'])}",
+                "uploading": "an upload of the original invoice was started; the next apply checks the case's "
+                             "files and finishes it",
+                "failed": f"uploading the original invoice failed ({doc['attempts']} attempt(s)): {doc['error']}; "
+                          f"the next apply tries again",
+                "refused": f"the original invoice was not uploaded: {doc['error']}",
+                "none": f"{sname} has no document for this invoice"}.get(doc["status"], doc["status"])
+        _stage(ex.stages, "document", OK if doc["status"] in ("uploaded", "none") else FAILED
+               if doc["status"] in ("failed", "refused") else SKIPPED, text)
+        ex.after_case.append({"what": "document", **doc, "updated": _when(doc["updated"])})
+    story = []
+    events = store.source_changes(source.account_key, invoice_id)
+    for e in events:
+        d = e["detail"]
+        cur = d.get("currency") or ""
+        amounts = ", ".join(x for x in (
+            f"paid {_amount(d['amount_paid'])} {cur}" if d.get("amount_paid") not in (None, "0.00", "0") else "",
+            f"credited {_amount(d['amount_credited'])} {cur}" if d.get("amount_credited") not in (None, "0.00", "0")
+            else "",
+            f"still owed {_amount(d['amount_due'])} {cur}" if d.get("amount_due") is not None else "") if x)
+        seen = (f"{WORDS[e['kind']].split(' (')[0].lower()} at {sname}" + (f" as of {d['date']}" if d.get("date") else "")
+                + (f" ({amounts})" if amounts else "") + f"; found by the runner on {_day(e['seen_at'])}")
+        _stage(ex.stages, "at the source", SKIPPED, seen)
+        told = {"told": f"Debitura was told on the case's chat on {_day(e['told_at'])}",
+                "telling": "telling Debitura was started and not confirmed; the next apply checks the case's chat "
+                           "first, so the message is never posted twice",
+                "failed": f"telling Debitura failed: {e['error']}; the next apply tries again",
+                "new": "Debitura is told on the case's chat by the next apply",
+                "recorded": "recorded (the destination has no chat to tell)"}.get(e["status"], e["status"])
+        _stage(ex.stages, "told", OK if e["status"] in ("told", "recorded") else FAILED if e["status"] == "failed"
+               else SKIPPED, told)
+        story.append(f"{seen}; {told}")
+        ex.after_case.append({"what": e["kind"], "detail": d, "status": e["status"], "seen": _when(e["seen_at"]),
+                              "told": _when(e["told_at"]), "chat_id": e["chat_id"], "message": e["message"]})
+    if source.spec.recheck is not None and rec is not None:
+        try:
+            now = what_source_shows(source.spec, rec)
+        except RunnerError:
+            now = None
+        if now and not any(e["event_key"] for e in events if e["detail"].get("state") == now["state"]):
+            _stage(ex.stages, "at the source", SKIPPED, f"{sname} shows it {WORDS[now['state']].lower()} now; the "
+                                                        f"next apply records it and tells Debitura on the case")
+            story.append(f"{sname} shows it {WORDS[now['state']].lower()} now; the next apply tells Debitura")
+    if story:
+        ex.summary += "; then " + "; then ".join(story)
 
 
 def _reported_account(conn: Connection, source: pipeline.Source) -> str | None:
@@ -1114,15 +1235,26 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
                                  "started": _when(run["started"]), "seen": c.get("seen"),
                                  "imported": c.get("imported"), "skipped": c.get("skipped"),
                                  "failed": c.get("failed"), "why_zero": c.get("why_zero"),
-                                 "connection_status": c.get("status"), "error": c.get("error")}
+                                 "connection_status": c.get("status"), "error": c.get("error"),
+                                 "after_case": c.get("after_case") or {}}
         if row.get("status") == "needs_reconnect":
             entry["fix"] = f"runner connect {conn.name}"
         conns.append(entry)
-    out = {"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns}
+    out = {"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns,
+           "after_case": after_case_totals(store)}
     cases = debitura_cases(cfg, store)
     if cases is not None:
         out["debitura_cases"] = cases
     return redact_obj(out)
+
+
+def after_case_totals(store) -> dict:
+    """Every case's life after import at this destination: changes found at the source by kind and whether
+    Debitura was told, and the invoice documents by status."""
+    events = store.source_change_counts()
+    return {"source_changes": events, "untold": sum(n for by in events.values() for st, n in by.items()
+                                                    if st in ("new", "telling", "failed")),
+            "documents": store.document_counts()}
 
 
 def _config_summary(cfg: Config) -> dict:

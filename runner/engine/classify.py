@@ -39,6 +39,7 @@ class Verdict:
     invoice: dict | None = None
     payload: bytes | None = None  # the invoice already encoded for a local sink (by the worker), if any
     key: str | None = None  # the idempotency key the payload was encoded with
+    link: str | None = None  # an eligible invoice's document link (the spec's `document: url:`), if any
 
     def as_dict(self, with_invoice: bool = False) -> dict:
         d = {"invoice_id": self.invoice_id, "number": self.number, "verdict": self.verdict, "reason": self.reason,
@@ -167,11 +168,27 @@ def classify_page(classifier: "Classifier", records: list, lookup: Callable[[lis
             for rec, i in zip(records, ids):
                 row = ledger.get(i) if i is not None else None
                 if row is not None and row.status == "delivered":
-                    out.append(duplicate(Verdict(i, row.number, SKIPPED), row))
+                    out.append(at_source(classifier, rec, duplicate(Verdict(i, row.number, SKIPPED), row)))
                 else:
                     out.append(classifier.evaluate(rec))
             return out
     return list(map(classifier.evaluate, records))
+
+
+def at_source(classifier: "Classifier", rec: Any, v: Verdict) -> Verdict:
+    """An invoice whose case exists, seen again: what the source shows now (the spec's `recheck:`), kept in the
+    verdict's detail when it is no longer unpaid, so the run's re-check of open cases needs no look-up for it
+    (runner/engine/lifecycle.py)."""
+    if classifier.spec.recheck is not None:
+        from runner.engine.lifecycle import what_source_shows
+
+        try:
+            shows = what_source_shows(classifier.spec, rec)
+        except Exception:  # noqa: BLE001 - the re-check looks it up and reports what is wrong
+            shows = {"state": "unreadable"}
+        if shows:
+            v.detail["at_source"] = shows
+    return v
 
 
 def _truthy(v: Any) -> bool:
@@ -351,6 +368,13 @@ class Classifier:
             return Verdict(ext, number, SKIPPED, "not_yet_due",
                            f"due on {inv['due_date']}: only overdue invoices can become collection cases; it will be "
                            f"imported by a run after that date", {"due_date": inv["due_date"]}, inv)
+        doc = self.spec.document
+        if doc is not None and doc.url is not None:  # read now: after delivery the record is gone
+            try:
+                link = doc.url.search(rec)
+            except Exception:  # noqa: BLE001 - the document phase looks the invoice up instead
+                link = None
+            return Verdict(ext, number, ELIGIBLE, invoice=inv, link=link if isinstance(link, str) else None)
         return Verdict(ext, number, ELIGIBLE, invoice=inv)
 
     # --- why a value is null (only for an invoice that has already failed) ------------------------------------

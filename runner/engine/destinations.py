@@ -265,6 +265,96 @@ class DebituraDestination:
     async def close(self) -> None:
         pass
 
+    # --- after the case exists: chats and files (runner/engine/lifecycle.py, runner/engine/documents.py) ---
+    _author: dict | None = None
+
+    async def _call(self, method: str, path: str, what: str, **kw):
+        try:
+            resp = await self.http.request(method, path, **kw)
+        except ProviderError as exc:
+            if exc.status in (401, 403):
+                raise self._fatal(exc) from None
+            raise DestinationError(f"{what}: {exc.message}", fix=exc.fix, status=exc.status) from None
+        return _safe_json(resp.content)
+
+    async def chat_author(self) -> dict:
+        """Who the runner's chat messages are from: `chat_user_email` / `chat_user_id` in the config, else the
+        first team member GET /users lists (the body's userEmail or userId)."""
+        if self._author is None:
+            if self.cfg.chat_user_email:
+                self._author = {"userEmail": self.cfg.chat_user_email}
+            elif self.cfg.chat_user_id:
+                self._author = {"userId": self.cfg.chat_user_id}
+            else:
+                users = await self.team_members()
+                if not users:
+                    raise DestinationError("Debitura lists no team member (GET /users) to send the case's chat "
+                                           "message as", fix="add a user to your Debitura team, or set "
+                                                             "`chat_user_email:` under destination in the config")
+                first = users[0]
+                self._author = {"userEmail": first["email"]} if first.get("email") else {"userId": first.get("id")}
+        return self._author
+
+    async def team_members(self) -> list[dict]:
+        """GET /users: the creditor's team (id, name, email), first page of 100."""
+        data = await self._call("GET", "/users", "Debitura's team members (GET /users)",
+                                params={"Page": "1", "PageSize": "100"})
+        return [u for u in (data.get("users") or []) if isinstance(u, dict)] if isinstance(data, dict) else []
+
+    async def chats(self, case_id: str) -> list[dict]:
+        """GET /cases/{id}/chats: the case's chat messages."""
+        data = await self._call("GET", f"/cases/{_seg(case_id)}/chats", f"the chat of case {case_id}")
+        return [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+
+    async def post_chat(self, case_id: str, message: str) -> dict:
+        """POST /cases/{id}/chats: a message on the case; the collection partner is notified."""
+        body = {"message": message, **(await self.chat_author())}
+        data = await self._call("POST", f"/cases/{_seg(case_id)}/chats", f"the chat message on case {case_id}",
+                                content=dumps(body), headers={"Content-Type": "application/json"})
+        return data if isinstance(data, dict) else {}
+
+    async def files(self, case_id: str) -> list[dict]:
+        """GET /cases/{id}/files."""
+        data = await self._call("GET", f"/cases/{_seg(case_id)}/files", f"the files of case {case_id}")
+        return [f for f in data if isinstance(f, dict)] if isinstance(data, list) else []
+
+    async def upload_file(self, case_id: str, file_name: str, content: bytes, content_type: str,
+                          document_type: str = "OriginalInvoice", description: str | None = None) -> dict:
+        """POST /cases/{id}/files (multipart/form-data: File, DocumentType, Description)."""
+        fields = [("DocumentType", None, None, document_type.encode())]
+        if description:
+            fields.append(("Description", None, None, description.encode()))
+        fields.append(("File", file_name, content_type, content))
+        body, ctype = multipart(fields)
+        data = await self._call("POST", f"/cases/{_seg(case_id)}/files", f"the upload to case {case_id}",
+                                content=body, headers={"Content-Type": ctype})
+        return data if isinstance(data, dict) else {}
+
+
+def _seg(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(str(value), safe="")
+
+
+def multipart(fields: list[tuple[str, str | None, str | None, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body (RFC 7578) of (name, file name or None, content type or None, bytes)."""
+    import secrets as _secrets
+
+    boundary = "runner-" + _secrets.token_hex(16)
+    out = bytearray()
+    for name, filename, ctype, data in fields:
+        out += f"--{boundary}\r\n".encode()
+        disp = f'form-data; name="{name}"'
+        if filename is not None:
+            disp += '; filename="' + filename.replace('"', "").replace("\r", "").replace("\n", "") + '"'
+        out += f"Content-Disposition: {disp}\r\n".encode()
+        if ctype:
+            out += f"Content-Type: {ctype}\r\n".encode()
+        out += b"\r\n" + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
+
 
 def _same_invoice(case: dict, invoice: dict) -> bool:
     """Is the case Debitura already has under this creditor reference this very invoice? Invoice numbers are

@@ -58,6 +58,7 @@ class ConnectionResult:
     rate_limit: float | None = None  # the requests per second the spec allows this connection, if it says
     statuses: Counter = field(default_factory=Counter)  # not_unpaid invoices by their status ("paid": 3)
     scan: Any = None  # incremental.Scan: full scan or change feed, and why
+    after_case: dict = field(default_factory=dict)  # documents uploaded, open cases re-checked (engine/lifecycle.py)
 
     @property
     def imported(self) -> int:
@@ -114,7 +115,7 @@ class ConnectionResult:
                 "why_zero": self.why_zero(), "requests": self.requests, "seconds": round(self.seconds, 3),
                 "rate_limit_per_second": self.rate_limit, "paced_by_rate_limit": self.paced_by_limit(),
                 "not_unpaid_by_status": dict(self.statuses),
-                "scan": self.scan.as_dict() if self.scan is not None else None}
+                "scan": self.scan.as_dict() if self.scan is not None else None, "after_case": self.after_case}
         if samples:
             out["samples"] = {k: [v.as_dict() for v in vs] for k, vs in self.samples.items()}
         return out
@@ -151,6 +152,7 @@ class Source:
         self.account_name: str | None = None
         self.accounts: list[dict] = []  # companies/organizations the credential can see (choose)
         self._detail_cache: dict[tuple, Any] = {}
+        self.document_links: dict[str, str] = {}  # invoice id -> its document's link, from this run's pages
         saved = store.connection(conn.name) if store is not None else {"data": {}}
         self.saved = saved
         self.options = dict(conn.options)
@@ -788,6 +790,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
             failed.append((source.account_key, v.invoice_id, err.message))
             continue
         delivered(v, delivery)
+        if v.link:  # the document phase fetches it without looking the invoice up again (engine/documents.py)
+            source.document_links[v.invoice_id] = v.link
     if failed:
         store.mark_failed(failed)
 
@@ -924,6 +928,13 @@ async def sync_connection(conn: Connection, *, clients: Clients, store, destinat
                 await recorded()  # whatever happened, what was delivered is recorded before the connection ends
         if destination is not None and store is not None:  # every page is recorded: the next run starts here
             incremental.commit(store, source, scan, failed=bool(result.failed))
+        if store is not None and (conn.spec.recheck is not None or conn.spec.document is not None):
+            from runner.engine import lifecycle  # after the cases: documents, re-checks at the source
+
+            synced = source.http.requests
+            result.after_case = await _unless_stopped(run.stop, lifecycle.after_run(
+                source, store, destination, run_id, destination_down=run.fatal is not None, scan=scan))
+            source.http.requests = synced  # `requests` are the sync's; after_case counts its own
     except Stopped:
         result.status = "interrupted"
         result.error = (f"the run was stopped ({run.stop.why}) before this connection finished; every page it had "

@@ -112,7 +112,9 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
         if _encode is not None and v.verdict == ELIGIBLE:
             key = idempotency_key(account_key, v.invoice_id)
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, None, _encode(v.invoice, key),
-                        key))
+                        key, v.link))
+        elif v.link:  # Verdict's fields in order; the document link last (classify.Verdict.link)
+            out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, v.invoice, None, None, v.link))
         else:
             out.append((v.invoice_id, v.number, v.verdict, v.reason, v.message, v.detail, v.invoice))
     return out, counted

@@ -20,6 +20,8 @@ Endpoints: ``GET /me``, ``POST /cases``, ``GET /cases``, ``GET /cases/{id}``,
 ``contract``) and ``POST /cases/preview`` (``PreviewCaseResponseApiViewModel``: eligible unless the debtor's
 country is in ``NO_PARTNER``; a success fee of ``BASE_FEE`` % plus an age surcharge past 12 and 24 months);
 webhooks, payments and the test-case lifecycle in ``debitura_webhooks.py``.
+``GET /users``, ``GET|POST /cases/{id}/chats``, ``GET|POST /cases/{id}/files`` (multipart, ≤ 25 MB, PDF, Excel,
+CSV, text and image files), ``POST /test/cases/{id}/advance``.
 
 ``POST /cases`` validates like the real API (400 ASP.NET ProblemDetails with ``errors`` keyed by field path,
 e.g. ``Debtor.City``), enforces a unique ``creditorReference`` per creditor (400 ``DuplicateReference``; test
@@ -195,7 +197,213 @@ class _Store:
         self.conn.close()
 
 
-class DebituraSimulator(Simulator):
+# --- after the case exists: users, case chats, case files, /test/cases/{id}/advance ------------------------
+# Kept together: DebituraSimulator.dispatch hands these paths to `_case_life` first.
+
+USERS = [
+    {"id": "6d0e7c1a-2b3f-4a5e-9c8d-7f6e5d4c3b21", "name": "Sandbox Finance", "email": "finance@sandbox-creditor.example"},
+    {"id": "9a8b7c6d-5e4f-4321-8abc-def012345678", "name": "Sandbox Operations", "email": "ops@sandbox-creditor.example"},
+]
+DOCUMENT_TYPES = ("OriginalInvoice", "DebtorDocuments", "CreditorDocuments", "PartnerDocuments", "DemandLetter",
+                  "Miscellaneous")
+FILE_EXTENSIONS = (".pdf", ".xls", ".xlsx", ".csv", ".txt", ".jpg", ".jpeg", ".png", ".gif")
+MAX_FILE_BYTES = 25 * 1024 * 1024
+CASE_LIFE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (seq INTEGER PRIMARY KEY AUTOINCREMENT, case_id TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (seq INTEGER PRIMARY KEY AUTOINCREMENT, case_id TEXT NOT NULL, body TEXT NOT NULL,
+                                  content BLOB NOT NULL);
+"""
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, str | None, bytes]] | None:
+    """name -> (file name, content type, bytes) of a multipart/form-data body; None if it is not one."""
+    import email
+    import email.policy
+
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        return None
+    msg = email.message_from_bytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw,
+                                   policy=email.policy.HTTP)
+    if not msg.is_multipart():
+        return None
+    out = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            out[name] = (part.get_filename(), part.get_content_type() if part.get("content-type") else None,
+                         part.get_payload(decode=True) or b"")
+    return out
+
+
+def _case_life(sim: "DebituraSimulator", method: str, lower: list[str], parts: list[str]):
+    """The handler of a users/chats/files/advance request, or None for other paths (an awaitable)."""
+    if lower == ["users"] and method == "GET":
+        return sim._users
+    if len(lower) == 3 and lower[0] == "cases" and lower[2] in ("chats", "files") and method in ("GET", "POST"):
+        return getattr(sim, f"_{method.lower()}_{lower[2]}")
+    if len(lower) == 4 and lower[:2] == ["test", "cases"] and lower[3] == "advance" and method == "POST":
+        return sim._advance
+    return None
+
+
+class _CaseLife:
+    """DebituraSimulator's endpoints for a case's life (see _case_life)."""
+
+    def _life_tables(self) -> None:
+        if not getattr(self.store, "_life", False):
+            self.store.conn.executescript(CASE_LIFE_SCHEMA)
+            self.store._life = True
+
+    def chats(self, case_id: str) -> list[dict[str, Any]]:
+        self._life_tables()
+        return [json.loads(r["body"]) for r in self.store.conn.execute(
+            "SELECT body FROM chats WHERE case_id = ? ORDER BY seq", (case_id.lower(),))]
+
+    def files(self, case_id: str) -> list[dict[str, Any]]:
+        self._life_tables()
+        return [json.loads(r["body"]) for r in self.store.conn.execute(
+            "SELECT body FROM files WHERE case_id = ? ORDER BY seq", (case_id.lower(),))]
+
+    def file_content(self, file_id: str) -> bytes | None:
+        self._life_tables()
+        for r in self.store.conn.execute("SELECT body, content FROM files"):
+            if json.loads(r["body"])["id"] == file_id:
+                return bytes(r["content"])
+        return None
+
+    def _case_row(self, case_id: str):
+        try:
+            cid = str(uuid.UUID(case_id))
+        except ValueError:
+            return None, self._api_error(400, "Bad Request", f"'{case_id}' is not a valid case id.", "InvalidId")
+        row = self.store.conn.execute("SELECT body, is_test FROM cases WHERE id = ?", (cid,)).fetchone()
+        if row is None:
+            return None, self._api_error(404, "Not Found", f"Case '{cid}' was not found.", "NotFound")
+        return row, None
+
+    async def _users(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        try:
+            page = int((self._qp(request, "Page") or ["1"])[-1])
+            size = int((self._qp(request, "PageSize") or ["50"])[-1])
+        except ValueError:
+            return self._problem({"Page": ["The value is not valid."]})
+        if page < 1 or not 1 <= size <= 100:
+            return self._problem({"PageSize": ["PageSize must be between 1 and 100."]})
+        chunk = USERS[(page - 1) * size: page * size]
+        return self._json(200, {"page": {"totalResults": len(USERS), "pageSize": size, "currentPage": page,
+                                         "responseCount": len(chunk), "totalPages": math.ceil(len(USERS) / size)},
+                                "users": chunk})
+
+    async def _get_chats(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        row, err = self._case_row(parts[1])
+        if err is not None:
+            return err
+        return self._json(200, self.chats(parts[1]))
+
+    async def _post_chats(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        row, err = self._case_row(parts[1])
+        if err is not None:
+            return err
+        try:
+            body = json.loads(await request.aread() or b"null")
+        except ValueError:
+            return self._problem({"$": ["The JSON input is not valid."]})
+        if not isinstance(body, dict):
+            return self._problem({"": ["A non-empty request body is required."]})
+        msg = body.get("message")
+        if not isinstance(msg, str):
+            return self._problem({"Message": ["The Message field is required."]})
+        if len(msg) > 10000:
+            return self._problem({"Message": ["The field Message must be a string with a maximum length of 10000."]})
+        email_, uid = body.get("userEmail"), body.get("userId")
+        if not email_ and not uid:
+            return self._problem({"": ["At least one of UserId or UserEmail must be provided."]})
+        user = next((u for u in USERS if (email_ and u["email"].lower() == str(email_).lower())
+                     or (uid and u["id"] == str(uid).lower())), None)
+        if user is None:
+            return self._api_error(400, "Bad Request", "The user is not an active member of your team.",
+                                   "InvalidUser")
+        first, _, last = user["name"].partition(" ")
+        now = _iso(self.now())
+        chat = {"id": str(uuid.uuid4()), "dateCreated": now, "dateUpdated": None, "role": 1, "roleLabel": "Creditor",
+                "message": msg, "isSeen": False,
+                "user": {"id": USERS.index(user) + 1, "dateCreated": None, "dateUpdated": None, "firstName": first,
+                         "lastName": last, "email": user["email"]}}
+        self._life_tables()
+        self.store.conn.execute("INSERT INTO chats (case_id, body) VALUES (?, ?)",
+                                (parts[1].lower(), json.dumps(chat, ensure_ascii=False)))
+        return self._json(200, chat)
+
+    async def _get_files(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        row, err = self._case_row(parts[1])
+        if err is not None:
+            return err
+        return self._json(200, self.files(parts[1]))
+
+    async def _post_files(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        row, err = self._case_row(parts[1])
+        if err is not None:
+            return err
+        form = _multipart(request.headers.get("content-type") or "", await request.aread())
+        if form is None:
+            return json_response(415, {"title": "Unsupported Media Type", "status": 415},
+                                 content_type="application/problem+json; charset=utf-8")
+        if "File" not in form or not form["File"][0]:
+            return self._problem({"File": ["The File field is required."]})
+        name, _, content = form["File"]
+        dtype = (form.get("DocumentType") or (None, None, b"OriginalInvoice"))[2].decode() or "OriginalInvoice"
+        if dtype not in DOCUMENT_TYPES:
+            return self._problem({"DocumentType": [f"'{dtype}' is not a valid document type."]})
+        if len(content) > MAX_FILE_BYTES:
+            return self._api_error(400, "Bad Request", "The file exceeds the maximum size of 25MB.", "FileTooLarge")
+        if not name.lower().endswith(FILE_EXTENSIONS):
+            return self._api_error(400, "Bad Request", "The file type is not allowed.", "InvalidFileType")
+        now = _iso(self.now())
+        fid = str(uuid.uuid4())
+        desc = form.get("Description")
+        dto = {"id": fid, "dateCreated": now, "dateUpdated": now, "caseId": parts[1].lower(), "entityType": "Case",
+               "entityId": parts[1].lower(), "fileName": name, "url": f"{HOSTS[self.environment]}/files/{fid}",
+               "description": desc[2].decode() if desc else None, "documentType": dtype}
+        self._life_tables()
+        self.store.conn.execute("INSERT INTO files (case_id, body, content) VALUES (?, ?, ?)",
+                                (parts[1].lower(), json.dumps(dto, ensure_ascii=False), content))
+        return self._json(200, dto)
+
+    async def _advance(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
+        """POST /test/cases/{id}/advance {to: Active | Closed:Paid | Closed:NoPayment, amount}."""
+        row, err = self._case_row(parts[2])
+        if err is not None:
+            return err if err.status_code != 404 else self._api_error(404, "Not Found", "Case not found.", "NotFound")
+        if not row["is_test"]:
+            return self._api_error(400, "Bad Request", "Only test cases can be advanced.", "NotATestCase")
+        try:
+            body = json.loads(await request.aread() or b"{}")
+        except ValueError:
+            body = {}
+        to = body.get("to") if isinstance(body, dict) else None
+        if to not in ("Active", "Closed:Paid", "Closed:NoPayment"):
+            return self._api_error(400, "Bad Request", "to must be Active, Closed:Paid or Closed:NoPayment.",
+                                   "InvalidTarget")
+        if to == "Closed:Paid" and not body.get("amount"):
+            return self._api_error(400, "Bad Request", "amount is required for Closed:Paid.", "AmountRequired")
+        case = json.loads(row["body"])
+        state = case["lifecycle"] if case.get("lifecycle") != "Closed" else f"Closed:{case.get('closeCode')}"
+        if state == to:
+            return self._json(200, {"advanced": False, "state": state})
+        if state.startswith("Closed"):
+            return self._api_error(400, "Bad Request", f"The case is already {state}.", "AlreadyClosed")
+        if to != "Active":
+            case["lifecycle"], case["closeCode"] = "Closed", to.split(":", 1)[1]
+            case["dateFinished"] = _iso(self.now())
+            if to == "Closed:Paid":
+                case["remainder"] = max(0.0, float(case["remainder"]) - float(body["amount"]))
+        case["dateUpdated"] = _iso(self.now())
+        self.store.conn.execute("UPDATE cases SET body = ? WHERE id = ?", (json.dumps(case, ensure_ascii=False),
+                                                                           case["id"]))
+        return self._json(200, {"advanced": True, "state": to})
+
+
+class DebituraSimulator(_CaseLife, Simulator):
     def __init__(self, environment: str = "production", data_dir: Path | str | None = None):
         super().__init__()
         if environment not in ("production", "test"):
@@ -242,6 +450,9 @@ class DebituraSimulator(Simulator):
         self.store.conn.execute("DELETE FROM idempotency")
         self.store.conn.execute("DELETE FROM deleted_test_cases")
         self.webhooks.reset()
+        self._life_tables()
+        self.store.conn.execute("DELETE FROM chats")
+        self.store.conn.execute("DELETE FROM files")
 
     def on_faults_changed(self) -> None:
         self._limiters.clear()
@@ -321,6 +532,9 @@ class DebituraSimulator(Simulator):
         parts = [unquote(p) for p in request.url.raw_path.decode().split("?", 1)[0].strip("/").split("/")]
         method = request.method.upper()
         lower = [p.lower() for p in parts]
+        life = _case_life(self, method, lower, parts)
+        if life is not None:
+            return await life(request, parts)
         if lower == ["me"] and method == "GET":
             return self._json(200, dict(CREDITOR_PROFILE))
         if lower == ["contracts", "debt-collection", "status"] and method == "GET":
@@ -423,6 +637,9 @@ class DebituraSimulator(Simulator):
                                                            "cases can be deleted.", "NotATestCase")
             conn.execute("DELETE FROM cases WHERE id = ?", (cid,))
             conn.execute("INSERT OR IGNORE INTO deleted_test_cases (id) VALUES (?)", (cid,))
+            self._life_tables()  # a hard delete takes the case's chats and files with it
+            conn.execute("DELETE FROM chats WHERE case_id = ?", (cid,))
+            conn.execute("DELETE FROM files WHERE case_id = ?", (cid,))
             return httpx.Response(204)
         tags = [t for t in self._qp(request, "tag") if t.strip()]
         if not tags:
@@ -723,3 +940,4 @@ class DebituraSimulator(Simulator):
         await self.webhooks.emit("case.created", case)
         return httpx.Response(200, content=payload.encode("utf-8"),
                               headers={"Content-Type": "application/json; charset=utf-8"})
+

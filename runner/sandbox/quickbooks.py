@@ -10,6 +10,7 @@ Everything lives under one mount (``sandbox://quickbooks`` in-process, ``/quickb
     GET  /v3/company/{realmId}/query?query=...    select * from Invoice|CompanyInfo|Customer [where a op 'v' and ...]
                                                   [orderby f] [startposition n] [maxresults m]   (max 1000)
     GET  /v3/company/{realmId}/invoice/{id}
+    GET  /v3/company/{realmId}/invoice/{id}/pdf   the invoice as a PDF (Accept: application/pdf)
     GET  /v3/company/{realmId}/customer/{id}
     GET  /v3/company/{realmId}/cdc?entities=Invoice&changedSince=...   change data capture (see record_change)
 
@@ -237,6 +238,57 @@ class QuickBooksSimulator(Simulator):
         self.expire_after: int | None = None  # expire every access token after this many more API calls
         self.wall = time.time  # the clock changes are stamped with (tests move it)
         self.deleted: dict[str, list[dict]] = {r: [] for r in COMPANY}  # CDC's tombstones of deleted invoices
+        from .lifecycle import Changes
+
+        self.changes = Changes(data_dir, "quickbooks")
+
+    # --- after import: pay, void or credit an invoice at the source (runner sandbox pay|void|credit) --------
+    def _apply_changes(self) -> None:
+        for c in self.changes.pending():
+            try:
+                self.act(c["action"], c["invoice"], c.get("amount"))
+            except KeyError:
+                pass
+
+    def act(self, action: str, invoice: str, amount: str | None = None) -> dict:
+        """As QuickBooks shows an invoice after a payment (Balance down, a linked Payment), a void (amounts
+        zeroed, "Voided" in the private note) or an applied credit memo (Balance down, a linked CreditMemo)."""
+        inv = next((i for realm in self.data.values() for i in realm["Invoice"] if invoice in (i["Id"], i["DocNumber"])),
+                   None)
+        if inv is None:
+            raise KeyError(invoice)
+        amt = min(inv["Balance"], float(amount)) if amount is not None else inv["Balance"]
+        seq = str(9000 + sum(len(i.get("LinkedTxn") or []) for r in self.data.values() for i in r["Invoice"]))
+        if action == "pay":
+            inv["Balance"] = round(inv["Balance"] - amt, 2)
+            inv.setdefault("LinkedTxn", []).append({"TxnId": seq, "TxnType": "Payment"})
+        elif action == "void":
+            inv["Balance"], inv["TotalAmt"] = 0.0, 0.0
+            for line in inv["Line"]:
+                line["Amount"] = 0.0
+            inv["PrivateNote"] = "Voided"
+        elif action == "credit":
+            inv["Balance"] = round(inv["Balance"] - amt, 2)
+            inv.setdefault("LinkedTxn", []).append({"TxnId": seq, "TxnType": "CreditMemo"})
+        elif action == "delete":  # gone: queries leave it out, a read answers Object Not Found; CDC reports it
+            realm = next(r for r, d in self.data.items() if inv in d["Invoice"])
+            self.record_change(realm, inv, deleted=True)
+            return inv
+        else:
+            raise ValueError(action)
+        realm = next(r for r, d in self.data.items() if inv in d["Invoice"])
+        self.record_change(realm, inv)  # SyncToken and MetaData.LastUpdatedTime move on, as CDC reads them
+        return inv
+
+    def invoice_pdf(self, realm: str, inv_id: str) -> bytes | None:
+        from .lifecycle import pdf
+
+        inv = next((i for i in self.data[realm]["Invoice"] if i["Id"] == inv_id), None)
+        if inv is None:
+            return None
+        return pdf(f"Invoice {inv['DocNumber']}", [f"Bill to: {inv['CustomerRef']['name']}",
+                                                   f"Date: {inv['TxnDate']}  Due: {inv['DueDate']}",
+                                                   f"Total: {inv['TotalAmt']:.2f}  Balance due: {inv['Balance']:.2f}"])
 
     def _company(self, realm: str) -> dict:
         name, country = COMPANY[realm]
@@ -274,6 +326,7 @@ class QuickBooksSimulator(Simulator):
     # --- routing ---------------------------------------------------------------------------------
     async def dispatch(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        self._apply_changes()
         if path == "/connect/oauth2" and request.method == "GET":
             return self.oauth.authorize(request, self.users, self.default_user,
                                         lambda user: {"realmId": self.users[user]["realm"]})
@@ -281,7 +334,8 @@ class QuickBooksSimulator(Simulator):
             return self.oauth.token(request, lambda user: {"x_refresh_token_expires_in": 8726400})
         if path == "/oauth2/v1/tokens/revoke" and request.method == "POST":
             return self.oauth.revoke(request)
-        m = re.match(r"^/v3/company/(\d+)/(query|preferences|cdc|companyinfo/\d+|invoice/[^/]+|customer/[^/]+)$", path)
+        m = re.match(r"^/v3/company/(\d+)/(query|preferences|cdc|companyinfo/\d+|invoice/[^/]+/pdf|invoice/[^/]+|"
+                     r"customer/[^/]+)$", path)
         if not m or request.method not in ("GET", "POST"):
             return self._fault(404, "ValidationFault", "610", "Object Not Found", f"Unknown resource {path}")
         if self.expire_after is not None:
@@ -318,6 +372,13 @@ class QuickBooksSimulator(Simulator):
             return json_response(200, {"Preferences": {"CurrencyPrefs": {"MultiCurrencyEnabled": realm != REALM_DK,
                                                                           "HomeCurrency": {"value": home}}},
                                        "time": _now_iso()})
+        if rest.startswith("invoice/") and rest.endswith("/pdf"):
+            # GET /v3/company/{realm}/invoice/{id}/pdf with Accept: application/pdf: the invoice as QuickBooks
+            # prints it.
+            body = self.invoice_pdf(realm, rest.split("/")[1])
+            if body is None:
+                return self._fault(400, "ValidationFault", "610", "Object Not Found", "Object Not Found")
+            return httpx.Response(200, content=body, headers={"Content-Type": "application/pdf"})
         kind, _, ident = rest.partition("/")
         if kind == "companyinfo":
             if ident != realm:

@@ -452,6 +452,8 @@ def synthetic_invoices(anchor_ts: int, n: int) -> tuple[list[dict[str, Any]], di
     for inv in invoices:
         inv["id"] = _stable_id("in_", f"test:synthetic:{inv['number']}", 16)
         inv["lines"]["url"] = f"/v1/invoices/{inv['id']}/lines"
+        inv["hosted_invoice_url"] = f"https://invoice.stripe.com/i/{ACCOUNT_ID}/{inv['id']}"
+        inv["invoice_pdf"] = f"https://pay.stripe.com/invoice/{ACCOUNT_ID}/{inv['id']}/pdf"
         for line in inv["lines"]["data"]:
             line["invoice"] = inv["id"]
         inv["_sandbox_kind"] = "open"
@@ -524,6 +526,77 @@ class StripeSimulator(Simulator):
         self._version = ACCOUNT_API_VERSION
         self.wall = time.time  # the clock events are stamped with (tests move it)
         self.events: dict[str, list[dict[str, Any]]] = {"test": [], "live": []}
+        from .lifecycle import Changes
+
+        self.changes = Changes(data_dir, "stripe")
+
+    # -- after import: pay, void or credit an invoice at the source (runner sandbox pay|void|credit)
+    def _apply_changes(self) -> None:
+        for c in self.changes.pending():
+            try:
+                self.act(c["action"], c["invoice"], c.get("amount"), at=c.get("at"))
+            except KeyError:
+                pass  # an invoice this data set does not have (another mode or a reset)
+
+    def act(self, action: str, invoice: str, amount: str | None = None, at: int | None = None) -> dict[str, Any]:
+        """pay (in full, or `amount` in major units), void, or credit (a credit note for `amount`, default what
+        is left) one invoice, by id or number, as Stripe would show it afterwards."""
+        from .lifecycle import minor
+
+        inv = next((i for m in ("test", "live") for i in self.data[m]["invoices"]
+                    if invoice in (i["id"], i["number"])), None)
+        if inv is None:
+            raise KeyError(invoice)
+        import time
+
+        at = int(at or time.time())
+        left = inv["amount_remaining"]
+        amt = min(left, minor(amount, inv["currency"])) if amount is not None else left
+        st = inv["status_transitions"]
+        if action == "pay":
+            inv["amount_paid"] += amt
+            inv["amount_remaining"] = left - amt
+            if inv["amount_remaining"] == 0:
+                inv["status"], st["paid_at"] = "paid", at
+        elif action == "void":
+            inv["status"], st["voided_at"], inv["amount_remaining"] = "void", at, 0
+        elif action == "credit":
+            # A credit note on an unpaid invoice is a pre-payment one; credited in full, the invoice is paid.
+            inv["pre_payment_credit_notes_amount"] += amt
+            inv["amount_due"] -= amt
+            inv["amount_remaining"] = left - amt
+            if inv["amount_remaining"] == 0:
+                inv["status"], st["paid_at"] = "paid", at
+        else:
+            raise ValueError(action)
+        mode = next(m for m in ("test", "live") if inv in self.data[m]["invoices"])
+        # What Stripe's events API reports for it (a credit note updates the invoice; in full, it is paid).
+        self.record_event("invoice.paid" if inv["status"] == "paid" else
+                          "invoice.voided" if action == "void" else "invoice.updated", inv, mode)
+        return public(inv)
+
+    def invoice_pdf(self, inv_id: str) -> bytes:
+        from .lifecycle import pdf
+
+        inv = next((i for m in ("test", "live") for i in self.data[m]["invoices"] if i["id"] == inv_id), None)
+        if inv is None or inv["status"] == "draft":
+            raise KeyError(inv_id)
+        return pdf(f"Invoice {inv['number']}", [f"Billed to: {inv['customer_name']}",
+                                                f"Amount due: {inv['amount_due']} ({inv['currency'].upper()}, minor units)",
+                                                f"Stripe invoice {inv['id']}"])
+
+    def _pdf_route(self, parts: list[str]) -> httpx.Response | None:
+        """pay.stripe.com/invoice/{acct}/{id}/pdf (no API key: the link is the secret) redirects to the file
+        on files.stripe.com, as Stripe's links do; both hosts map to this simulator."""
+        if len(parts) == 4 and parts[0] == "invoice" and parts[3] == "pdf":
+            return httpx.Response(302, headers={"Location": f"https://files.stripe.com/links/{parts[2]}/pdf"})
+        if len(parts) == 3 and parts[0] == "links" and parts[2] == "pdf":
+            try:
+                body = self.invoice_pdf(parts[1])
+            except KeyError:
+                return httpx.Response(404, text="Not Found")
+            return httpx.Response(200, content=body, headers={"Content-Type": "application/pdf"})
+        return None
 
     # -- test helpers
     def add_key(self, key: str, mode: str = "test", permissions: set[str] | frozenset[str] | None = None) -> None:
@@ -584,6 +657,7 @@ class StripeSimulator(Simulator):
         self.synthetic = 0
         self.api_versions.clear()
         self.events = {"test": [], "live": []}
+        self.changes.reset()
 
     def on_faults_changed(self) -> None:
         self._buckets.clear()
@@ -649,6 +723,11 @@ class StripeSimulator(Simulator):
                 raise StripeError(429, RATE_LIMIT_MESSAGE, code="rate_limit", doc_url=DOC_RATE_LIMIT)
 
     async def dispatch(self, request: httpx.Request) -> httpx.Response:
+        self._apply_changes()
+        if request.method.upper() == "GET":
+            doc = self._pdf_route(request.url.path.strip("/").split("/"))
+            if doc is not None:
+                return doc
         try:
             return self._route(request)
         except StripeError as e:

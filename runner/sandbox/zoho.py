@@ -9,7 +9,7 @@ Each data centre's hosts appear as the first path segment, so every call shows w
     POST /accounts.zoho.<tld>/oauth/v2/token/revoke
     GET  /www.zohoapis.<tld>/books/v3/organizations
     GET  /www.zohoapis.<tld>/books/v3/invoices?organization_id=&status=&date_start=&date_end=&page=&per_page=
-    GET  /www.zohoapis.<tld>/books/v3/invoices/{id}?organization_id=
+    GET  /www.zohoapis.<tld>/books/v3/invoices/{id}?organization_id=   (&accept=pdf: the invoice as a PDF)
     GET  /www.zohoapis.<tld>/books/v3/contacts/{id}?organization_id=
 
 A token only works at its own data centre's accounts server and API domain. The token response's
@@ -128,6 +128,9 @@ class ZohoSimulator(Simulator):
                                  invalid_grant_error="invalid_code", invalid_grant_status=200, refresh_token_limit=20)
         self.oauth.add_grant(BOOTSTRAP_REFRESH_TOKEN, CLIENT_ID, "sam", "ZohoBooks.fullaccess.all")
         self.oauth.add_grant(ULLA_REFRESH_TOKEN, CLIENT_ID, "ulla", "ZohoBooks.fullaccess.all")
+        from .lifecycle import Changes
+
+        self.changes = Changes(data_dir, "zoho")
         if data_dir is not None:
             import pathlib
 
@@ -181,6 +184,7 @@ class ZohoSimulator(Simulator):
 
     # --- routing ---------------------------------------------------------------------------------
     async def dispatch(self, request: httpx.Request) -> httpx.Response:
+        self._apply_changes()
         self._host = request.headers.get("host") or request.url.netloc.decode()
         host, _, rest = request.url.path.lstrip("/").partition("/")
         rest = "/" + rest
@@ -192,6 +196,43 @@ class ZohoSimulator(Simulator):
         if m and m.group(1) in DCS:
             return self._api(m.group(1), rest, request)
         return json_response(404, {"code": 5, "message": "Invalid URL Passed"})
+
+    # --- after import: pay, void or credit an invoice at the source (runner sandbox pay|void|credit) --------
+    def _apply_changes(self) -> None:
+        for c in self.changes.pending():
+            try:
+                self.act(c["action"], c["invoice"], c.get("amount"))
+            except KeyError:
+                pass
+
+    def act(self, action: str, invoice: str, amount: str | None = None) -> dict:
+        """As Zoho Books shows an invoice after a payment (payment_made, balance; paid or partially_paid), a
+        void (status void) or an applied credit note (credits_applied, balance)."""
+        inv = next((i for o in self.orgs.values() for i in o["invoices"]
+                    if invoice in (i["invoice_id"], i["invoice_number"])), None)
+        if inv is None:
+            raise KeyError(invoice)
+        amt = min(inv["balance"], float(amount)) if amount is not None else inv["balance"]
+        if action in ("pay", "credit"):
+            field = "payment_made" if action == "pay" else "credits_applied"
+            inv[field] = round(inv.get(field, 0.0) + amt, 2)
+            inv["balance"] = round(inv["balance"] - amt, 2)
+            inv["status"] = "paid" if inv["balance"] == 0 else "partially_paid"
+        elif action == "void":
+            inv["status"], inv["balance"] = "void", 0.0
+        else:
+            raise ValueError(action)
+        org = next(o for o, d in self.orgs.items() if inv in d["invoices"])
+        self.record_change(org, inv)
+        return inv
+
+    def invoice_pdf(self, inv: dict) -> bytes:
+        from .lifecycle import pdf
+
+        return pdf(f"Invoice {inv['invoice_number']}", [f"Bill to: {inv['customer_name']}",
+                                                        f"Date: {inv['date']}  Due: {inv['due_date']}",
+                                                        f"Total: {inv['total']:.2f} {inv['currency_code']}  "
+                                                        f"Balance due: {inv['balance']:.2f}"])
 
     def _accounts(self, tld: str, rest: str, request: httpx.Request) -> httpx.Response:
         if rest == "/oauth/v2/auth" and request.method == "GET":
@@ -239,6 +280,8 @@ class ZohoSimulator(Simulator):
             inv = next((i for i in org["invoices"] if i["invoice_id"] == m.group(1)), None)
             if inv is None:
                 return self._books(404, 1002, "Invoice does not exist.")
+            if (q.get("accept") or "").lower() == "pdf":  # GET /invoices/{id}?accept=pdf: the invoice as a PDF
+                return httpx.Response(200, content=self.invoice_pdf(inv), headers={"Content-Type": "application/pdf"})
             c = org["contacts"][inv["customer_id"]]
             return json_response(200, {"code": 0, "message": "success",
                                        "invoice": {**inv, "billing_address": dict(c["billing_address"])}})

@@ -90,6 +90,8 @@ class Destination:
     allow_pending_contracts: bool = False
     concurrency: int = 8
     path: Path | None = None
+    chat_user_email: str | None = None  # who the runner's chat messages on cases come from (GET /users)
+    chat_user_id: str | None = None
     problems: list[Problem] = field(default_factory=list)
     webhooks: "Webhooks | None" = None
 
@@ -371,7 +373,8 @@ def _destination(doc, raw, base, problems, resolve, environ) -> Destination:
     d = Destination(type="debitura", environment=raw["environment"], base_url=raw.get("base_url"),
                     is_test=bool(raw.get("is_test", False)), tag=raw.get("tag"),
                     allow_pending_contracts=bool(raw.get("allow_pending_contracts", False)),
-                    concurrency=int(raw.get("concurrency", 8)))
+                    concurrency=int(raw.get("concurrency", 8)), chat_user_email=raw.get("chat_user_email"),
+                    chat_user_id=raw.get("chat_user_id"))
     d.api_key = _secret(doc, raw["api_key"], ("destination", "api_key"), base, resolve, environ, d.problems)
     hooks = raw.get("webhooks")
     if hooks is not None:

@@ -23,6 +23,8 @@ REQUEST_NAMES = {"secrets", "window", "page", "connection", "options", "environm
 DETAIL_NAMES = REQUEST_NAMES | {"record"}
 LOOKUP_NAMES = REQUEST_NAMES | {"invoice_id", "number"}
 CHANGES_NAMES = REQUEST_NAMES | {"changes"}
+BATCH_LOOKUP_NAMES = REQUEST_NAMES | {"invoice_ids"}
+RECHECK_FIELDS = ("state", "status_text", "amount_paid", "amount_credited", "amount_due", "currency", "date")
 
 
 class Expression:
@@ -266,6 +268,35 @@ class LookupRequest:
 
 
 @dataclass
+class BatchLookup:
+    """lookup.by_ids: many invoices by id in one request."""
+    request: RequestSpec
+    records: Expression
+    id: Expression
+    max_ids: int = 30
+    missing_means_deleted: bool = True
+
+
+@dataclass
+class Recheck:
+    """What the source shows for an invoice whose case exists (`recheck:`): field -> expression."""
+    fields: dict[str, Expression]
+    max_lookups: int = 200
+    interval_minutes: int = 60  # a case is looked up at most once in this long
+
+
+@dataclass
+class Document:
+    """How to fetch an invoice's original document (`document:`)."""
+    request: RequestSpec | None = None
+    url: Expression | None = None
+    hosts: list[str] = field(default_factory=list)
+    file_name: Template | None = None
+    max_per_run: int = 50
+    max_attempts: int = 10
+
+
+@dataclass
 class CredentialRule:
     pattern: str
     message: str
@@ -285,6 +316,7 @@ class Environment:
     description: str = ""
     test_cases: bool = False  # cases from this environment are test cases at the destination
     test: bool = False  # holds test data: never delivered to a production destination as real cases
+    links: dict[str, str] = field(default_factory=dict)  # origin -> where its links point here (a simulator)
 
 
 @dataclass
@@ -315,6 +347,9 @@ class Spec:
     raw: dict = field(repr=False, default_factory=dict)
     retry_after: Expression | None = None  # retry.retry_after_body, compiled
     changes: Changes | None = None  # a change feed: runs read what changed since the last one
+    batch_lookup: BatchLookup | None = None  # lookup.by_ids
+    recheck: Recheck | None = None
+    document: Document | None = None
 
     @property
     def default_environment(self) -> str:
@@ -511,7 +546,7 @@ def parse(doc: Document) -> Spec:
             credentials={k: c.credential(v, p + ("credentials", k)) for k, v in (env.get("credentials") or {}).items()},
             oauth2=env.get("oauth2") or {}, rate_limit=env.get("rate_limit"),
             description=env.get("description", ""), test_cases=bool(env.get("test_cases", False)),
-            test=bool(env.get("test", False)))
+            test=bool(env.get("test", False)), links=dict(env.get("links") or {}))
     a = data["auth"]
     auth = Auth(type=a["type"], credentials=list(a.get("credentials") or []),
                 headers={k: c.template(v, ("auth", "headers", k), REQUEST_NAMES) for k, v in (a.get("headers") or {}).items()},
@@ -544,9 +579,12 @@ def parse(doc: Document) -> Spec:
     lookup = {}
     for kind, lr in (data.get("lookup") or {}).items():
         p = ("lookup", kind)
+        if kind == "by_ids":
+            continue
         lookup[kind] = LookupRequest(request=c.request(lr["request"], p + ("request",), LOOKUP_NAMES),
                                      record=c.expression(lr.get("record", "@"), p + ("record",)),
                                      not_found=list(lr.get("not_found") or [404]))
+    batch_lookup, recheck, document = _after_case(c, data)
     inbound = dict(data.get("inbound") or {})
     if "records" in inbound:
         inbound["records"] = c.expression(inbound["records"], ("inbound", "records"))
@@ -566,7 +604,36 @@ def parse(doc: Document) -> Spec:
     return Spec(id=data["id"], name=data["name"], description=data.get("description", ""), file=doc.file,
                 auth=auth, environments=envs, rate_limit=data.get("rate_limit") or {}, retry=data.get("retry") or {},
                 check=check, account=account, invoices=stream, lookup=lookup, inbound=inbound,
-                options=data.get("options") or {}, raw=data, retry_after=retry_after, changes=changes)
+                options=data.get("options") or {}, raw=data, retry_after=retry_after, changes=changes,
+                batch_lookup=batch_lookup, recheck=recheck, document=document)
+
+
+def _after_case(c: _Compiler, data: dict) -> tuple:
+    """lookup.by_ids, recheck and document: what the runner does with an invoice once its case exists."""
+    batch = None
+    raw = (data.get("lookup") or {}).get("by_ids")
+    if raw:
+        p = ("lookup", "by_ids")
+        batch = BatchLookup(request=c.request(raw["request"], p + ("request",), BATCH_LOOKUP_NAMES),
+                            records=c.expression(raw["records"], p + ("records",)),
+                            id=c.expression(raw["id"], p + ("id",)), max_ids=int(raw.get("max_ids", 30)),
+                            missing_means_deleted=bool(raw.get("missing_means_deleted", True)))
+    recheck = None
+    raw = data.get("recheck")
+    if raw:
+        recheck = Recheck(fields={k: c.expression(raw[k], ("recheck", k)) for k in RECHECK_FIELDS if raw.get(k)},
+                          max_lookups=int(raw.get("max_lookups", 200)),
+                          interval_minutes=int(raw.get("interval_minutes", 60)))
+    document = None
+    raw = data.get("document")
+    if raw:
+        p = ("document",)
+        document = Document(
+            request=c.request(raw["request"], p + ("request",), LOOKUP_NAMES) if raw.get("request") else None,
+            url=c.expression(raw.get("url"), p + ("url",)), hosts=[h.lower() for h in raw.get("hosts") or []],
+            file_name=c.template(raw["file_name"], p + ("file_name",), LOOKUP_NAMES) if raw.get("file_name") else None,
+            max_per_run=int(raw.get("max_per_run", 50)), max_attempts=int(raw.get("max_attempts", 10)))
+    return batch, recheck, document
 
 
 def spec_dirs(extra: Path | None = None) -> list[Path]:

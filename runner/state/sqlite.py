@@ -333,7 +333,212 @@ def _unusable(path: Path, exc: BaseException) -> StateFileError:
     return StateFileError(f"the state file {path} cannot be used as a database ({text})", fix=FIX_PATH)
 
 
-class Store:
+# --- after the case exists: source changes told to the destination, invoice documents -------------------
+# One block, so another store backend ports it as one piece: the DDL below and the methods of CaseLife, the
+# only way the engine (runner/engine/lifecycle.py, runner/engine/documents.py) reads or writes these tables.
+LIFECYCLE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS source_changes (
+    destination TEXT NOT NULL,
+    account_key TEXT NOT NULL,
+    invoice_id TEXT NOT NULL,
+    event_key TEXT NOT NULL,         -- a digest of what the source shows: the same change is one event
+    case_id TEXT,
+    kind TEXT NOT NULL,              -- paid | partially_paid | void | credited | deleted | uncollectible
+    final INTEGER NOT NULL,          -- the invoice is settled at the source: no more re-checks
+    detail TEXT NOT NULL,            -- JSON: status, amounts, currency, date as the source shows them
+    message TEXT NOT NULL,           -- the chat message, as sent (its marker finds it in the case's chat)
+    status TEXT NOT NULL,            -- new | telling (posting; unsure after a crash) | told | failed | recorded
+    chat_id TEXT,
+    error TEXT,
+    run_id INTEGER,
+    seen_at REAL NOT NULL,
+    told_at REAL,
+    PRIMARY KEY (destination, account_key, invoice_id, event_key)
+);
+CREATE TABLE IF NOT EXISTS case_checks (  -- when each open case was last re-checked at the source
+    destination TEXT NOT NULL,
+    account_key TEXT NOT NULL,
+    invoice_id TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (destination, account_key, invoice_id)
+);
+CREATE TABLE IF NOT EXISTS case_documents (
+    destination TEXT NOT NULL,
+    account_key TEXT NOT NULL,
+    invoice_id TEXT NOT NULL,
+    case_id TEXT,
+    status TEXT NOT NULL,            -- uploading (unsure after a crash) | uploaded | failed | none (no document)
+    file_name TEXT,
+    content_type TEXT,
+    size INTEGER,
+    file_id TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    PRIMARY KEY (destination, account_key, invoice_id)
+);
+"""
+
+EVENT_COLUMNS = ("account_key", "invoice_id", "event_key", "case_id", "kind", "final", "detail", "message", "status",
+                 "chat_id", "error", "run_id", "seen_at", "told_at")
+DOCUMENT_COLUMNS = ("account_key", "invoice_id", "case_id", "status", "file_name", "content_type", "size", "file_id",
+                    "error", "attempts", "updated")
+
+
+class CaseLife:
+    """Store methods for what happens after a case exists (tables in LIFECYCLE_SCHEMA)."""
+
+    def _event(self, r) -> dict:
+        d = dict(zip(EVENT_COLUMNS, r))
+        d["detail"] = json.loads(d["detail"])
+        return d
+
+    def cases_to_recheck(self, account_key: str, limit: int, exclude: Iterable[str] = (),
+                   checked_before: float | None = None) -> tuple[list[LedgerRow], int]:
+        """Delivered cases of this account whose invoice is not settled at the source yet, not in `exclude`
+        and not re-checked since `checked_before`, least recently re-checked first (so a bounded number of
+        look-ups per run still reaches every case in turn): (the first `limit`, how many there are)."""
+        skip = set(exclude)
+        out: list[LedgerRow] = []
+        due = 0
+        for r in self.db.execute(
+                "SELECT l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
+                "l.case_reference, l.error, l.first_seen, l.updated FROM ledger l "
+                "LEFT JOIN case_checks c ON c.destination=l.destination AND c.account_key=l.account_key "
+                "AND c.invoice_id=l.invoice_id WHERE l.destination=? AND l.account_key=? AND l.status='delivered' "
+                "AND l.case_id IS NOT NULL AND COALESCE(c.checked_at, 0) < ? AND NOT EXISTS (SELECT 1 FROM "
+                "source_changes e WHERE e.destination=l.destination AND e.account_key=l.account_key AND "
+                "e.invoice_id=l.invoice_id AND e.final=1) ORDER BY COALESCE(c.checked_at, 0), l.updated",
+                (self.destination, account_key, time.time() + 1 if checked_before is None else checked_before)):
+            if r[1] in skip:
+                continue
+            due += 1
+            if len(out) < limit:
+                out.append(LedgerRow(*r))
+        return out, due
+
+    def count_cases_to_recheck(self, account_key: str) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM ledger l WHERE l.destination=? AND l.account_key=? AND l.status='delivered' AND "
+            "l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM source_changes e WHERE e.destination=l.destination "
+            "AND e.account_key=l.account_key AND e.invoice_id=l.invoice_id AND e.final=1)",
+            (self.destination, account_key)).fetchone()[0]
+
+    def seen_in_run(self, run_id: int, account_key: str) -> tuple[set[str], dict[str, dict]]:
+        """Invoices with a case that this run saw in its window: (those still unpaid, or imported by the run;
+        {invoice id: what the source shows} of those no longer unpaid, from their verdict's detail)."""
+        unpaid, changed = set(), {}
+        for iid, detail in self.db.execute(
+                "SELECT invoice_id, detail FROM verdicts WHERE run_id=? AND account_key=? AND reason='duplicate'",
+                (run_id, account_key)):
+            shows = json.loads(detail).get("at_source") if detail and '"at_source"' in detail else None
+            if shows:
+                changed[iid] = shows
+            else:
+                unpaid.add(iid)
+        unpaid.update(r[0] for r in self.db.execute(
+            "SELECT invoice_id FROM ledger WHERE destination=? AND run_id=? AND account_key=? AND status='delivered'",
+            (self.destination, run_id, account_key)))
+        return unpaid - set(changed), changed
+
+    def mark_checked(self, account_key: str, invoice_ids: Iterable[str]) -> None:
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO case_checks (destination, account_key, invoice_id, checked_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET checked_at=excluded.checked_at",
+                [(self.destination, account_key, i, now) for i in invoice_ids])
+
+    def record_source_change(self, account_key: str, invoice_id: str, event_key: str, case_id: str | None, kind: str,
+                          final: bool, detail: dict, message: str, run_id: int | None, status: str = "new") -> bool:
+        """Record what the source shows; False when this very change was recorded before (nothing new)."""
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO source_changes (destination, account_key, invoice_id, event_key, case_id, kind, final, "
+                "detail, message, status, run_id, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (destination, account_key, invoice_id, event_key) DO NOTHING",
+                (self.destination, account_key, invoice_id, event_key, case_id, kind, int(final),
+                 json.dumps(detail, sort_keys=True), message, status, run_id, time.time()))
+            return cur.rowcount == 1
+
+    def untold_source_changes(self, account_key: str, limit: int = 1000) -> list[dict]:
+        """Events not told yet (new, failed, or telling when a run stopped mid-post), oldest first."""
+        return [self._event(r) for r in self.db.execute(
+            "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM source_changes WHERE destination=? AND account_key=? AND "
+            "status IN ('new', 'telling', 'failed') ORDER BY seen_at LIMIT ?", (self.destination, account_key, limit))]
+
+    def set_source_change(self, account_key: str, invoice_id: str, event_key: str, status: str,
+                       chat_id: str | None = None, error: str | None = None) -> None:
+        """Committed before the next step: `telling` before the post, `told` right after it."""
+        with self.tx():
+            self.db.execute(
+                "UPDATE source_changes SET status=?, chat_id=COALESCE(?, chat_id), error=?, told_at=CASE WHEN ?='told' "
+                "THEN ? ELSE told_at END WHERE destination=? AND account_key=? AND invoice_id=? AND event_key=?",
+                (status, chat_id, error, status, time.time(), self.destination, account_key, invoice_id, event_key))
+
+    def source_changes(self, account_key: str | None = None, invoice_id: str | None = None) -> list[dict]:
+        """Events of one invoice (or all), oldest first (explain, status)."""
+        where, args = "destination=?", [self.destination]
+        if account_key is not None:
+            where, args = where + " AND account_key=?", args + [account_key]
+        if invoice_id is not None:
+            where, args = where + " AND invoice_id=?", args + [invoice_id]
+        return [self._event(r) for r in self.db.execute(
+            "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM source_changes WHERE " + where + " ORDER BY seen_at", args)]
+
+    def source_change_counts(self) -> dict:
+        """{kind: {status: n}} of every event at this destination (status, doctor)."""
+        out: dict = {}
+        for kind, status, n in self.db.execute(
+                "SELECT kind, status, COUNT(*) FROM source_changes WHERE destination=? GROUP BY kind, status",
+                (self.destination,)):
+            out.setdefault(kind, {})[status] = n
+        return out
+
+    # documents
+    def documents_to_upload(self, account_key: str, limit: int, max_attempts: int) -> list[tuple[LedgerRow, dict | None]]:
+        """Delivered cases without their document yet (never tried, unsure, or failed fewer than
+        `max_attempts` times), with the document row if there is one."""
+        out = []
+        for r in self.db.execute(
+                "SELECT l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
+                "l.case_reference, l.error, l.first_seen, l.updated, " + ", ".join("d." + c for c in DOCUMENT_COLUMNS)
+                + " FROM ledger l LEFT JOIN case_documents d ON d.destination=l.destination AND "
+                "d.account_key=l.account_key AND d.invoice_id=l.invoice_id WHERE l.destination=? AND l.account_key=? "
+                "AND l.status='delivered' AND l.case_id IS NOT NULL AND (d.status IS NULL OR d.status='uploading' OR "
+                "(d.status='failed' AND d.attempts < ?)) ORDER BY COALESCE(d.attempts, 0), l.updated LIMIT ?",
+                (self.destination, account_key, max_attempts, limit)):
+            doc = dict(zip(DOCUMENT_COLUMNS, r[11:])) if r[11 + 3] is not None else None
+            out.append((LedgerRow(*r[:11]), doc))
+        return out
+
+    def set_document(self, account_key: str, invoice_id: str, case_id: str | None, status: str, *,
+                     file_name: str | None = None, content_type: str | None = None, size: int | None = None,
+                     file_id: str | None = None, error: str | None = None, attempt: bool = False) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO case_documents (destination, account_key, invoice_id, case_id, status, file_name, "
+                "content_type, size, file_id, error, attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET case_id=excluded.case_id, "
+                "status=excluded.status, file_name=COALESCE(excluded.file_name, case_documents.file_name), "
+                "content_type=COALESCE(excluded.content_type, case_documents.content_type), "
+                "size=COALESCE(excluded.size, case_documents.size), file_id=COALESCE(excluded.file_id, "
+                "case_documents.file_id), error=excluded.error, attempts=case_documents.attempts + ?, "
+                "updated=excluded.updated",
+                (self.destination, account_key, invoice_id, case_id, status, file_name, content_type, size, file_id,
+                 error, int(attempt), time.time(), int(attempt)))
+
+    def case_document(self, account_key: str, invoice_id: str) -> dict | None:
+        r = self.db.execute("SELECT " + ", ".join(DOCUMENT_COLUMNS) + " FROM case_documents WHERE destination=? AND "
+                            "account_key=? AND invoice_id=?", (self.destination, account_key, invoice_id)).fetchone()
+        return dict(zip(DOCUMENT_COLUMNS, r)) if r else None
+
+    def document_counts(self) -> dict:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM case_documents WHERE destination=? GROUP BY status",
+                                    (self.destination,)).fetchall())
+
+
+class Store(CaseLife):
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
         # The ledger is per destination: an invoice sent to a jsonl file or to Debitura's test environment
@@ -380,6 +585,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
         self.db.executescript(WEBHOOKS_SCHEMA)
+        self.db.executescript(LIFECYCLE_SCHEMA)
         # Columns a store from before lacks.
         for table, column in (("ledger", "run_id"), ("sink_marks", "recorded")):
             if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
