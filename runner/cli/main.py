@@ -29,6 +29,7 @@ LAZY = {
     "connect": "runner.cli.connect:connect",
     "serve": "runner.cli.inbound:serve",
     "keys": "runner.cli.inbound:keys",
+    "state": "runner.cli.state:state",
 }
 
 
