@@ -1058,7 +1058,10 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
         if row.get("status") == "needs_reconnect":
             entry["fix"] = f"runner connect {conn.name}"
         conns.append(entry)
-    return redact_obj({"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns})
+    from runner.state import safe_url
+
+    where = safe_url(cfg.state_url) if getattr(cfg, "state_url", None) else str(cfg.state_path)
+    return redact_obj({"config": str(cfg.file), "state": where, "connections": conns})
 
 
 def _config_summary(cfg: Config) -> dict:

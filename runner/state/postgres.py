@@ -252,15 +252,16 @@ class Store:
         self.destination = destination
         self._lock = threading.RLock()
         self._apply: psycopg.Connection | None = None
+        try:
+            # One connection first: a server that refuses is reported at once, in its own words (the pool
+            # would retry until its timeout), and the schema is migrated before anything reads it.
+            with psycopg.connect(url, autocommit=True, connect_timeout=15) as db:
+                migrate(db)
+        except (psycopg.Error, OSError) as exc:
+            raise unreachable(url, exc) from None
         self._pool = ConnectionPool(url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False,
                                     name="runner-state")
-        try:
-            self._pool.open(wait=True, timeout=15)
-            with self._pool.connection() as db:
-                migrate(db)
-        except (psycopg.Error, OSError, Exception) as exc:  # the pool's PoolTimeout included
-            self._pool.close()
-            raise unreachable(url, exc) from None
+        self._pool.open(wait=False)
 
     def describe(self) -> str:
         from runner.state import safe_url
