@@ -579,6 +579,11 @@ class Store:
             r = db.execute("SELECT token FROM tokens WHERE connection=%s FOR UPDATE", (connection,)).fetchone()
             yield (json.loads(crypto.decrypt(r[0])) if r else None), (lambda token: _save_token(db, connection, token))
 
+    def refresh_lock(self, connection: str) -> "AdvisoryLock":
+        """The lock runner/net/oauth.py holds while it refreshes `connection`'s token: a session advisory lock
+        on the server, so runners on other machines wait too (the SQLite store's is a file beside it)."""
+        return AdvisoryLock(self.url, _key("runner.oauth:" + connection))
+
     # --- inbound API keys (runner/inbound/apikeys.py) ---------------------------------------------------
     API_KEY_COLS = "id, environment, label, created, revoked, last_used"
 
@@ -638,3 +643,27 @@ def _save_token(db: psycopg.Connection, connection: str, token: dict) -> None:
     db.execute("INSERT INTO tokens (connection, token, updated) VALUES (%s, %s, %s) ON CONFLICT (connection) "
                "DO UPDATE SET token=excluded.token, updated=excluded.updated",
                (connection, crypto.encrypt(json.dumps(token)), time.time()))
+
+
+class AdvisoryLock:
+    """A blocking session advisory lock on a connection of its own: acquire() waits for it (call it from a
+    thread), release() lets it go; the server lets it go by itself if the process dies."""
+
+    def __init__(self, url: str, key: int):
+        self.url, self.key = url, key
+        self._db: psycopg.Connection | None = None
+
+    def acquire(self) -> None:
+        try:
+            self._db = psycopg.connect(self.url, autocommit=True)
+            self._db.execute("SELECT pg_advisory_lock(%s)", (self.key,))
+        except psycopg.Error as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            raise unreachable(self.url, exc) from None
+
+    def release(self) -> None:
+        if self._db is not None:
+            self._db.close()  # the session's locks go with it
+            self._db = None
