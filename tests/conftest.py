@@ -145,18 +145,31 @@ def _database_url(server: str, name: str) -> str:
 
 
 @pytest.fixture
-def pg_url(pg_server):
-    """A fresh, empty database of its own on the test server, dropped after the test."""
+def pg_databases(pg_server):
+    """A maker of fresh, empty databases on the test server (each call, a new one), dropped after the test."""
     import uuid
 
     import psycopg
 
-    name = "t_" + uuid.uuid4().hex[:16]
+    made = []
+
+    def make() -> str:
+        name = "t_" + uuid.uuid4().hex[:16]
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return _database_url(pg_server, name)
+
+    yield make
     with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield _database_url(pg_server, name)
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in made:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_databases):
+    """A fresh, empty database of its own on the test server, dropped after the test."""
+    return pg_databases()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
