@@ -71,8 +71,10 @@ def _null_usable(user: str | None) -> bool:
     return probe.returncode == 0
 
 
-def start(base: str = "/var/tmp") -> tuple[str, int, Path]:
-    """Start a server; returns (URL of its `postgres` database, the server's PID, its folder)."""
+def start(base: str = "/var/tmp", durable: bool = False) -> tuple[str, int, Path]:
+    """Start a server; returns (URL of its `postgres` database, the server's PID, its folder). `durable`: the
+    data files are synced as a production server's (commits still do not wait for the disk, as SQLite's
+    synchronous=NORMAL): for benchmarks; the tests' server syncs nothing."""
     bindir = binaries()
     if bindir is None:
         raise RuntimeError("no initdb/postgres found (install Debian's postgresql)")
@@ -96,8 +98,8 @@ def start(base: str = "/var/tmp") -> tuple[str, int, Path]:
     # Durability settings off: the data is thrown away; loopback only; the socket file in the server's folder.
     server = subprocess.Popen(_wrap([str(bindir / "postgres"), "-D", str(data), "-p", str(port),
                                      "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
-                                     "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                                     "-c", "max_connections=300"], user, private_null),
+                                     *([] if durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]),
+                                     "-c", "synchronous_commit=off", "-c", "max_connections=300"], user, private_null),
                               stdout=log, stderr=log, start_new_session=True)
     log.close()
     deadline = time.monotonic() + 60
