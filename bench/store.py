@@ -5,6 +5,7 @@ run by run; each ratio is the median of the per-pair ratios (PostgreSQL / SQLite
 
     python bench/store.py                      # N=100,000, 3 pairs; starts a PostgreSQL server itself
     python bench/store.py --n 20000 --runs 1
+    python bench/store.py --no-fsync           # the server syncs no data file (the store's own work only)
     RUNNER_BENCH_PG_URL=postgresql://user@host/postgres python bench/store.py   # an existing server
 
 The server it starts (tests/pgserver.py, durable=True) syncs its data files as a production server does;
@@ -50,6 +51,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=3, help="pairs per target")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="start the server with fsync=off (as the tests' server): what the store's own work costs, "
+                         "without the data files' syncs, which on a shared disk dominate")
     args = ap.parse_args()
 
     import psycopg
@@ -62,7 +66,7 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "tests"))
         import pgserver
 
-        server_url, pid, root = pgserver.start(durable=True)
+        server_url, pid, root = pgserver.start(durable=not args.no_fsync)
         started = (pid, root)
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-store-"))
     walls: dict[tuple[str, str], list[float]] = {}
