@@ -114,3 +114,102 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# --- the state store's backends: SQLite, and a real PostgreSQL server ------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The URL of a PostgreSQL server's admin database: RUNNER_TEST_PG_URL (as .ci/run exports it), else one
+    this session starts (tests/pgserver.py) and stops by its PID at the end. Skips when neither is possible."""
+    url = os.environ.get("RUNNER_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    from tests import pgserver
+
+    if pgserver.binaries() is None:
+        pytest.skip("no PostgreSQL: set RUNNER_TEST_PG_URL or install initdb/pg_ctl (Debian: postgresql)")
+    url, pid, root = pgserver.start()
+    try:
+        yield url
+    finally:
+        pgserver.stop(pid, root)
+
+
+def _database_url(server: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(server)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture
+def pg_databases(pg_server):
+    """A maker of fresh, empty databases on the test server (each call, a new one), dropped after the test."""
+    import uuid
+
+    import psycopg
+
+    made = []
+
+    def make() -> str:
+        name = "t_" + uuid.uuid4().hex[:16]
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return _database_url(pg_server, name)
+
+    yield make
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        for name in made:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_databases):
+    """A fresh, empty database of its own on the test server, dropped after the test."""
+    return pg_databases()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request):
+    """The state store a test runs on: "sqlite" (the config's file), or the URL of a fresh PostgreSQL
+    database. Use with use_backend(config_path, backend)."""
+    if request.param == "sqlite":
+        return "sqlite"
+    return request.getfixturevalue("pg_url")
+
+
+def use_backend(config_path: Path, backend: str) -> Path:
+    """Point a test config's `state:` at the backend (a PostgreSQL URL); "sqlite" leaves it as it is."""
+    import re
+
+    if backend == "sqlite":
+        return config_path
+    text = config_path.read_text()
+    keep = re.search(r"(?m)^state:.*keep_runs: *(\d+)", text)
+    line = f"state: {{type: postgresql, url: \"{backend}\", keep_runs: {keep.group(1)}}}" if keep else f"state: {backend}"
+    text, n = re.subn(r"(?m)^state:.*$", line, text)
+    if not n:
+        text = line + "\n" + text
+    config_path.write_text(text)
+    return config_path
+
+
+def store_of(config_path, **kw):
+    """The state store a test config names (either backend), opened as the runner opens it."""
+    from runner.engine.destinations import ledger_id
+    from runner.spec import config
+    from runner.state import open_store
+
+    cfg = config.load(config_path, strict=False, **kw)
+    return open_store(cfg, destination=ledger_id(cfg.destination))
+
+
+def query(store, sql: str, args=()) -> list[tuple]:
+    """Rows of a read-only query on either backend's store (SQLite's `?` placeholders)."""
+    if store.kind == "sqlite":
+        return store.db.execute(sql, args).fetchall()
+    with store._db() as db:
+        return db.execute(sql.replace("?", "%s"), args).fetchall()

@@ -8,14 +8,24 @@ from decimal import Decimal
 from runner import sandbox
 from runner.spec import config
 from runner.engine import pipeline
-from runner.state.sqlite import Store
+import pytest
 
-from conftest import run_cli
+from conftest import query, run_cli, store_of, use_backend
+
+
+@pytest.fixture
+def sandbox_config(sandbox_config, backend):
+    """Every test here runs on both state stores."""
+    return use_backend(sandbox_config, backend)
+
+
+def Store(path):  # noqa: N802 - the store a test config names, on its backend
+    return store_of(path)
 
 
 def _run(cfg_path, mode, details=True):
     cfg = config.load(cfg_path)
-    store = Store(cfg.state_path)
+    store = store_of(cfg_path)
     try:
         return cfg, asyncio.run(pipeline.sync(cfg, mode=mode, store=store, details=details))
     finally:
@@ -61,7 +71,7 @@ def test_apply_gives_every_invoice_one_verdict_with_the_right_reason(sandbox_con
     imported = [v for v in verdicts.values() if v.verdict == "imported"]
     assert sorted(c["creditorReference"] for c in cases) == sorted(v.number for v in imported)
     # the verdicts are recorded in the state store, one per invoice (an imported one is its ledger row)
-    store = Store(cfg.state_path)
+    store = Store(cfg.file)
     stored = store.run_verdicts(result.run_id, limit=10_000)
     store.close()
     assert len(stored) == len({r["invoice_id"] for r in stored}) == len(kinds)
@@ -88,8 +98,8 @@ def test_second_apply_creates_nothing_and_reports_duplicates(sandbox_config):
 def test_plan_creates_nothing_and_predicts_apply(sandbox_config):
     cfg, planned = _run(sandbox_config, "plan")
     assert _cases(cfg) == []
-    store = Store(cfg.state_path)
-    assert store.db.execute("SELECT COUNT(*) FROM ledger").fetchone() == (0,)
+    store = Store(cfg.file)
+    assert query(store, "SELECT COUNT(*) FROM ledger") == [(0,)]
     store.close()
     _, applied = _run(sandbox_config, "apply")
     assert planned.connections[0].counts == applied.connections[0].counts
@@ -156,7 +166,7 @@ def test_json_output_of_apply_is_the_summary_and_keeps_no_invoice_list(sandbox_c
     assert len(planned["invoices"]) == planned["seen"]  # a plan's JSON lists every invoice
 
 
-def test_the_ledger_is_per_destination(tmp_path, sandbox_env):
+def test_the_ledger_is_per_destination(tmp_path, sandbox_env, backend):
     """Cases written to a file (or to Debitura's test environment) do not make invoices duplicates for production."""
     from conftest import SANDBOX_CONFIG, write_config
 
@@ -164,18 +174,18 @@ def test_the_ledger_is_per_destination(tmp_path, sandbox_env):
     jsonl = text.replace('  type: debitura\n  environment: sandbox\n  api_key: "${DEBITURA_API_KEY}"',
                          "  type: jsonl\n  path: out/cases.jsonl")
     assert jsonl != text
-    _, to_file = _run(write_config(tmp_path, jsonl), "apply")
+    _, to_file = _run(use_backend(write_config(tmp_path, jsonl), backend), "apply")
     n = to_file.connections[0].imported
     assert n > 0
-    cfg, to_debitura = _run(write_config(tmp_path, text), "apply")
+    cfg, to_debitura = _run(use_backend(write_config(tmp_path, text), backend), "apply")
     assert to_debitura.connections[0].imported == n
     assert len(_cases(cfg)) == n
-    _, again = _run(write_config(tmp_path, jsonl), "apply")
+    _, again = _run(use_backend(write_config(tmp_path, jsonl), backend), "apply")
     assert again.connections[0].imported == 0 and again.connections[0].skipped()["duplicate"] == n
 
 
 def test_only_the_latest_runs_keep_their_verdicts_and_the_ledger_and_summaries_stay(tmp_path, sandbox_env,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, backend):
     """A run records a verdict for each invoice it skips: 26 MiB a run at 100,000 invoices once they are all
     duplicates. `state.keep_runs` (default 30) bounds the store; imports are the ledger's, kept for good. Runs
     older than the latest keep_runs and RECENT_RUNS (what status reads) keep their summary's totals, not its
@@ -185,14 +195,15 @@ def test_only_the_latest_runs_keep_their_verdicts_and_the_ledger_and_summaries_s
     monkeypatch.setattr(pipeline, "RECENT_RUNS", 3)
     cfg_path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false").replace(
         "state: state/state.db", "state: {type: sqlite, path: state/state.db, keep_runs: 2}"))
+    use_backend(cfg_path, backend)
     runs = [_run(cfg_path, "apply", details=False)[1] for _ in range(4)]
     cfg = config.load(cfg_path)
     assert cfg.keep_runs == 2
-    store = Store(cfg.state_path)
+    store = Store(cfg_path)
     try:
-        by_run = dict(store.db.execute("SELECT run_id, count(*) FROM verdicts GROUP BY run_id").fetchall())
-        summaries = {i: json.loads(s) for i, s in store.db.execute("SELECT id, summary FROM runs ORDER BY id")}
-        delivered = store.db.execute("SELECT count(*) FROM ledger WHERE status='delivered'").fetchone()[0]
+        by_run = dict(query(store, "SELECT run_id, count(*) FROM verdicts GROUP BY run_id"))
+        summaries = {i: json.loads(s) for i, s in query(store, "SELECT id, summary FROM runs ORDER BY id")}
+        delivered = query(store, "SELECT count(*) FROM ledger WHERE status='delivered'")[0][0]
     finally:
         store.close()
     first, *_, third, fourth = runs
@@ -207,9 +218,9 @@ def test_a_runs_stored_summary_has_its_counts_but_not_the_examples_its_verdicts_
     """The summary kept with each run is what status reads (counts, why nothing was imported, errors); the
     examples of each reason repeat the run's verdict rows and were 85 % of it, kept for every run forever."""
     result = _run(sandbox_config, "apply", details=False)[1]
-    store = Store(config.load(sandbox_config).state_path)
+    store = Store(sandbox_config)
     try:
-        stored = json.loads(store.db.execute("SELECT summary FROM runs WHERE id=?", (result.run_id,)).fetchone()[0])
+        stored = json.loads(query(store, "SELECT summary FROM runs WHERE id=?", (result.run_id,))[0][0])
     finally:
         store.close()
     (conn,) = stored["connections"]
@@ -228,13 +239,14 @@ def test_keep_runs_must_be_a_positive_number(tmp_path, sandbox_env):
     assert out.returncode == 2 and "keep_runs" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
-def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_failed_not_left_running(tmp_path, monkeypatch, sandbox_env):
+def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_failed_not_left_running(tmp_path, monkeypatch, sandbox_env,
+                                                                                         backend):
     import pytest
 
     from conftest import SANDBOX_CONFIG, write_config
     from runner.engine import destinations
 
-    cfg_path = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false"))
+    cfg_path = use_backend(write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false")), backend)
 
     async def broken(self):
         raise RuntimeError("the destination's check broke")
@@ -242,9 +254,9 @@ def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_failed_not_left_r
     monkeypatch.setattr(destinations.DebituraDestination, "check", broken)
     with pytest.raises(RuntimeError):
         _run(cfg_path, "apply")
-    store = Store(config.load(cfg_path).state_path)
+    store = Store(cfg_path)
     try:
-        status, summary = store.db.execute("SELECT status, summary FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        ((status, summary),) = query(store, "SELECT status, summary FROM runs ORDER BY id DESC LIMIT 1")
     finally:
         store.close()
     assert status == "failed"

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, wait_for_port
+    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, use_backend, wait_for_port
 except ImportError:  # tests/ without __init__.py
-    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, wait_for_port
+    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, free_port, use_backend, wait_for_port
 
 KILLS = int(os.environ.get("RUNNER_CRASH_KILLS", "50"))
 SYNTHETIC = int(os.environ.get("RUNNER_CRASH_INVOICES", "500"))
@@ -92,7 +92,19 @@ def _eligible_numbers(n: int) -> set[str]:
             if i["_sandbox_kind"] in ("open", "open_address_on_customer")}
 
 
-def _ledger(state_db: Path) -> Counter:
+def _pg_rows(url: str, sql: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        try:
+            return db.execute(sql).fetchall()
+        except psycopg.errors.UndefinedTable:  # killed before the schema was created
+            return []
+
+
+def _ledger(state_db) -> Counter:
+    if isinstance(state_db, str):  # a PostgreSQL store
+        return Counter(dict(_pg_rows(state_db, "SELECT status, COUNT(*) FROM ledger GROUP BY status")))
     if not state_db.exists():
         return Counter()
     db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
@@ -104,7 +116,9 @@ def _ledger(state_db: Path) -> Counter:
         db.close()
 
 
-def _pending_numbers(state_db: Path) -> set[str]:
+def _pending_numbers(state_db) -> set[str]:
+    if isinstance(state_db, str):
+        return {r[0] for r in _pg_rows(state_db, "SELECT number FROM ledger WHERE status != 'delivered'")}
     if not state_db.exists():
         return set()
     db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
@@ -128,14 +142,15 @@ def _cases(sim_db: Path) -> list[tuple[str, int]]:
         db.close()
 
 
-def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tmp_path):
+def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tmp_path, backend):
     base, sim_db = served
     _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
     cfg = tmp_path / "config.yaml"
     cfg.write_text(CONFIG.format(base=base))
+    use_backend(cfg, backend)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STRIPE_API_KEY": STRIPE_KEY, "DEBITURA_API_KEY": DEBITURA_KEY}
     env.pop("RUNNER_SECRET_KEY", None)
-    state_db = tmp_path / "state" / "state.db"
+    state_db = tmp_path / "state" / "state.db" if backend == "sqlite" else backend
     expected = _eligible_numbers(SYNTHETIC)
     rng = random.Random(SEED)
     started = time.monotonic()
@@ -198,7 +213,7 @@ def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tm
     listed = _get(base + "/debitura/cases?PageSize=1", {"XApiKey": DEBITURA_KEY})["page"]["totalResults"]
     ledger = _ledger(state_db)
     state = _get(base + "/_sandbox/state")["simulators"]
-    print(f"\nCRASH SUMMARY seed={SEED} kills={kills} kills_between_case_and_ledger={mid_delivery} "
+    print(f"\nCRASH SUMMARY store={'sqlite' if backend == 'sqlite' else 'postgresql'} seed={SEED} kills={kills} kills_between_case_and_ledger={mid_delivery} "
           f"cases_created_but_unrecorded_at_kill={in_flight} "
           f"kills_after_progress={progress_kills} runs_finished_before_kill={completed_early} reruns={reruns} "
           f"eligible={len(expected)} cases={sum(got.values())} lost={len(missing)} duplicated={len(duplicated)} "

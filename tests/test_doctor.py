@@ -42,13 +42,19 @@ SECRETS = [ssim.TEST_SECRET_KEY, ssim.TEST_REVOKED_KEY, ssim.TEST_RESTRICTED_NO_
 class Env:
     """One config + state folder + the sandbox simulators it talks to (in-process, cached per data dir)."""
 
+    # The state store: "sqlite", or a PostgreSQL URL (a module's autouse fixture sets it from conftest's backend).
+    backend = "sqlite"
+
     def __init__(self, tmp_path: Path, monkeypatch, *, env="sandbox", dest_env="sandbox", dest_extra="",
                  conn_extra="", stripe_key=ssim.TEST_SECRET_KEY, debitura_key=dsim.PRODUCTION_KEY, kinds=()):
         self.path = tmp_path / "config.yaml"
         self.path.write_text(CONFIG.format(env=env, dest_env=dest_env, dest_extra=dest_extra, conn_extra=conn_extra))
         monkeypatch.setenv("STRIPE_API_KEY", stripe_key)
         monkeypatch.setenv("DEBITURA_API_KEY", debitura_key)
-        self.data_dir = tmp_path / "state" / "sandbox"
+        from conftest import use_backend
+
+        use_backend(self.path, self.backend)
+        self.data_dir = config_mod.load(self.path, strict=False, resolve=False).state_path.parent / "sandbox"
         self.stripe = sandbox.get_simulator("stripe", self.data_dir)
         self.all_invoices = list(self.stripe.data["test"]["invoices"])
         keep = CLEAN_KINDS | set(kinds)

@@ -8,7 +8,16 @@ from click.testing import CliRunner
 from runner import sandbox
 from runner.cli.main import main
 from runner.sandbox import stripe as ssim
+import pytest
+
+from conftest import store_of
 from tests.test_doctor import SECRETS, Env, assert_no_secret
+
+
+@pytest.fixture(autouse=True)
+def _on_both_stores(backend, monkeypatch):
+    """Every test here runs on both state stores (tests/conftest.py: backend)."""
+    monkeypatch.setattr(Env, "backend", backend)
 
 
 def _inv(e: Env, kind: str, **match) -> dict:

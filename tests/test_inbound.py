@@ -16,12 +16,21 @@ from runner import sandbox
 from runner.inbound import apikeys
 from runner.spec import config
 from runner.inbound import server as inbound
-from runner.state.sqlite import Store
 
 try:
-    from conftest import DEBITURA_KEY, ROOT, run_cli
+    from conftest import DEBITURA_KEY, ROOT, query, run_cli, store_of, use_backend
 except ModuleNotFoundError:  # tests/ as a package
-    from tests.conftest import DEBITURA_KEY, ROOT, run_cli
+    from tests.conftest import DEBITURA_KEY, ROOT, query, run_cli, store_of, use_backend
+
+_BACKEND = ["sqlite"]
+
+
+@pytest.fixture(autouse=True)
+def _on_both_stores(backend):
+    """Every server here keeps its keys, answers and ledger on both state stores (conftest: backend)."""
+    _BACKEND[0] = backend
+    yield
+    _BACKEND[0] = "sqlite"
 
 CONFIG = """
 state: state/state.db
@@ -40,12 +49,11 @@ connections:
 def write(tmp_path: Path, environment: str = "production") -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG.format(environment=environment))
-    return path
+    return use_backend(path, _BACKEND[0])
 
 
 def make_key(cfg_path: Path, environment: str) -> str:
-    cfg = config.load(cfg_path, strict=False, resolve=False)
-    store = Store(cfg.state_path)
+    store = store_of(cfg_path, resolve=False)
     try:
         return apikeys.create(store, environment, f"{environment} zap")[0]
     finally:
@@ -115,13 +123,14 @@ def invoice(n: int, **extra) -> dict:
 
 def cases(cfg_path: Path) -> list[dict]:
     sandbox.reset_cache()  # read what the server process persisted, not a cached copy
-    return sandbox.get_simulator("debitura", cfg_path.parent / "state" / "sandbox").cases()
+    local = config.load(cfg_path, strict=False, resolve=False).state_path.parent
+    return sandbox.get_simulator("debitura", local / "sandbox").cases()
 
 
 def ledger(cfg_path: Path) -> dict:
-    store = Store(cfg_path.parent / "state" / "state.db")
+    store = store_of(cfg_path, resolve=False)
     try:
-        return {r[0]: r[1] for r in store.db.execute("SELECT invoice_id, status FROM ledger")}
+        return {r[0]: r[1] for r in query(store, "SELECT invoice_id, status FROM ledger")}
     finally:
         store.close()
 
@@ -189,7 +198,7 @@ def test_keys_of_the_other_environment_and_revoked_keys_are_refused_distinctly(t
 
     # Recorded for doctor: the refusals, the last accepted call, and what the checks say about them.
     loaded = config.load(cfg, strict=False, resolve=False)
-    store = Store(loaded.state_path)
+    store = store_of(cfg, resolve=False)
     try:
         data = store.connection("zaps")["data"]
         assert data["inbound_last_call"]["endpoint"] == "me"
@@ -202,7 +211,7 @@ def test_keys_of_the_other_environment_and_revoked_keys_are_refused_distinctly(t
     assert not checks["key_environment"]["ok"] and "sent no API key" in checks["key_environment"]["message"]
 
     srv.post(test_key, invoice(1))  # the most recent refusal: a test key on the production server
-    store = Store(loaded.state_path)
+    store = store_of(cfg, resolve=False)
     try:
         checks = {c["check"]: c for c in inbound.doctor_checks(loaded, store)}
         assert store.connection("zaps")["data"]["inbound_last_refused"]["reason"] == "wrong_environment"
@@ -277,7 +286,7 @@ def test_a_server_killed_right_after_answering_has_kept_every_accepted_invoice(t
     assert r.status_code == 200 and r.json()["imported"] == 20
     assert ledger(cfg) == {f"INV-{n}": "delivered" for n in range(1, 21)}
     assert len(cases(cfg)) == 20
-    store = Store(tmp_path / "state" / "state.db")
+    store = store_of(cfg, resolve=False)
     try:
         runs = store.last_runs()
         verdicts = [v["verdict"] for v in store.run_verdicts(runs[0]["id"])]

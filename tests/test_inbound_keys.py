@@ -9,13 +9,13 @@ from runner.inbound import apikeys
 from runner.spec import config
 from runner.spec import loader as specs
 from runner.errors import ConfigError
-from runner.state.sqlite import Store
+from runner.state import open_store
 from runner.spec.yamlfile import loads as load_text
 
 try:
-    from conftest import DEBITURA_KEY, STRIPE_KEY, run_cli
+    from conftest import DEBITURA_KEY, STRIPE_KEY, query, run_cli, store_of, use_backend
 except ModuleNotFoundError:  # tests/ as a package
-    from tests.conftest import DEBITURA_KEY, STRIPE_KEY, run_cli
+    from tests.conftest import DEBITURA_KEY, STRIPE_KEY, query, run_cli, store_of, use_backend
 
 CONFIG = """
 state: state/state.db
@@ -25,8 +25,8 @@ connections:
 """
 
 
-def test_keys_are_stored_only_as_hashes_and_carry_their_environment(tmp_path):
-    store = Store(tmp_path / "state.db")
+def test_keys_are_stored_only_as_hashes_and_carry_their_environment(tmp_path, backend):
+    store = open_store(tmp_path / "state.db" if backend == "sqlite" else backend)
     try:
         prod, info = apikeys.create(store, "production", "billing zap")
         test, _ = apikeys.create(store, "test")
@@ -42,17 +42,19 @@ def test_keys_are_stored_only_as_hashes_and_carry_their_environment(tmp_path):
         assert apikeys.revoke(store, info.id).revoked is not None
         assert apikeys.verify(store, prod).status == "revoked"
         assert apikeys.revoke(store, "deadbeef") is None
+        stored = repr(query(store, "SELECT * FROM api_keys")).encode()
     finally:
         store.close()
-    raw = (tmp_path / "state.db").read_bytes() + b"".join(
+    raw = stored if backend != "sqlite" else (tmp_path / "state.db").read_bytes() + b"".join(
         p.read_bytes() for p in tmp_path.glob("state.db-*") if p.is_file())
     secret_part = prod.rsplit("_", 1)[1].encode()
     assert secret_part not in raw and test.rsplit("_", 1)[1].encode() not in raw
 
 
-def test_keys_cli_shows_a_key_once_and_never_again(tmp_path):
+def test_keys_cli_shows_a_key_once_and_never_again(tmp_path, backend):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(CONFIG)
+    use_backend(cfg, backend)
     # No secret is set: managing keys needs only the state store.
     out = run_cli("keys", "create", str(cfg), "--environment", "test", "--label", "crm zap", "-o", "json",
                   env={"DEBITURA_API_KEY": ""})
@@ -130,18 +132,17 @@ def test_doctor_runs_the_inbound_checks_for_an_inbound_connection(tmp_path):
     assert checks["api_key"]["status"] == "ok" and out.returncode == 0, out.stdout
 
 
-def test_empty_batch_is_refused_as_empty_not_as_a_bad_invoice(tmp_path, monkeypatch):
+def test_empty_batch_is_refused_as_empty_not_as_a_bad_invoice(tmp_path, monkeypatch, backend):
     from starlette.testclient import TestClient
 
     from runner.inbound import apikeys
     from runner.inbound import server as inbound
-    from runner.state.sqlite import Store
-
-    path = tmp_path / "config.yaml"
+    path = use_backend(tmp_path / "config.yaml", "sqlite")
     path.write_text(CONFIG)
+    use_backend(path, backend)
     monkeypatch.setenv("DEBITURA_API_KEY", DEBITURA_KEY)
     cfg = config.load(path)
-    store = Store(cfg.state_path)
+    store = store_of(path)
     key = apikeys.create(store, "production", "zap")[0]
     store.close()
     with TestClient(inbound.create_app(cfg, cfg.connection("zaps"))) as client:
@@ -170,7 +171,7 @@ def _zap_invoice() -> dict:
 
 
 @pytest.mark.parametrize("failure", ["runner_error", "bug"])
-def test_a_failure_while_importing_finishes_the_run_and_answers_json(tmp_path, monkeypatch, failure):
+def test_a_failure_while_importing_finishes_the_run_and_answers_json(tmp_path, monkeypatch, failure, backend):
     """An error after the run row was begun: the row is finished 'failed' (never left 'running'), the answer
     is JSON (never Starlette's plain-text traceback page), and the secret in the error text is redacted."""
     from starlette.testclient import TestClient
@@ -182,9 +183,10 @@ def test_a_failure_while_importing_finishes_the_run_and_answers_json(tmp_path, m
 
     path = tmp_path / "config.yaml"
     path.write_text(ZAP_CONFIG)
+    use_backend(path, backend)
     monkeypatch.setenv("DEBITURA_API_KEY", dsim.PRODUCTION_KEY)
     cfg = config.load(path)
-    store = Store(cfg.state_path)
+    store = store_of(path)
     key = apikeys.create(store, "production", "zap")[0]
     store.close()
 
@@ -200,7 +202,7 @@ def test_a_failure_while_importing_finishes_the_run_and_answers_json(tmp_path, m
     body = r.json()
     assert "delivery broke" in body["message"] and dsim.PRODUCTION_KEY not in r.text
     assert body["error"] == ("failed" if failure == "runner_error" else "internal_error")
-    store = Store(cfg.state_path)
+    store = store_of(path)
     try:
         runs = store.last_runs()
         assert [x["status"] for x in runs] == ["failed"]

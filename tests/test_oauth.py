@@ -15,6 +15,8 @@ from oauth_helpers import (ROOT, Sandbox, by_name, load, play_browser, qbo_conne
                                  write_config, zoho_connection)
 from runner.sandbox import quickbooks as qb
 
+from conftest import use_backend
+
 
 @pytest.fixture
 def sb():
@@ -23,9 +25,9 @@ def sb():
 
 
 def _store(path):
-    from runner.state.sqlite import Store
+    from conftest import store_of
 
-    return Store(load(path).state_path)
+    return store_of(path)
 
 
 def test_connect_cli_end_to_end(sb, tmp_path):
@@ -130,10 +132,10 @@ def test_access_token_expiring_mid_run_loses_no_page(sb, tmp_path):
     assert len(starts) == 6
 
 
-def test_rotated_refresh_token_survives_a_crash(sb, tmp_path):
+def test_rotated_refresh_token_survives_a_crash(sb, tmp_path, backend):
     """SIGKILL right after the refreshed token is committed (before any request uses it). The provider has
     already killed the old refresh token; the rerun works with the one the store kept."""
-    cfg = write_config(tmp_path, qbo_connection(sb))
+    cfg = use_backend(write_config(tmp_path, qbo_connection(sb)), backend)
     r = runner_cmd("plan", str(cfg), env={"RUNNER_TEST_CRASH_AFTER_TOKEN_SAVE": "acme-qbo"})
     assert r.returncode == -9, r.stdout + r.stderr
     assert sb.qbo.oauth.refreshes == 1
@@ -153,8 +155,9 @@ def test_rotated_refresh_token_survives_a_crash(sb, tmp_path):
     assert c["status"] == "ok" and c["seen"] == 9
 
 
-def test_revoked_grant_needs_reconnect_and_other_connections_go_on(sb, tmp_path):
+def test_revoked_grant_needs_reconnect_and_other_connections_go_on(sb, tmp_path, backend):
     cfg = write_config(tmp_path, qbo_connection(sb), zoho_connection(sb, options='organization_id: "60002"'))
+    use_backend(cfg, backend)
     r = runner_cmd("apply", str(cfg))
     assert r.returncode == 0, r.stdout + r.stderr
     sb.qbo.oauth.revoke_user("alice")  # the user disconnected the app in QuickBooks
@@ -182,19 +185,19 @@ def test_revoked_grant_needs_reconnect_and_other_connections_go_on(sb, tmp_path)
     assert sb.qbo.oauth.token_requests - requests_before == 1
 
 
-def test_two_runs_never_refresh_at_the_same_time(sb, tmp_path):
+def test_two_runs_never_refresh_at_the_same_time(sb, tmp_path, backend):
     """Two sessions on two store handles refresh one connection at once: the lock lets one refresh; the other
     re-reads the token after the lock and uses it (with rotation, a second refresh would have failed)."""
     from runner.net import oauth
     from runner.net.http import Clients
-    from runner.state.sqlite import Store
+    from conftest import store_of
 
-    cfg = load(write_config(tmp_path, qbo_connection(sb)))
+    cfg = load(use_backend(write_config(tmp_path, qbo_connection(sb)), backend))
     conn = cfg.connection("acme-qbo")
 
     async def both():
         clients = Clients()
-        stores = [Store(cfg.state_path), Store(cfg.state_path)]
+        stores = [store_of(cfg.file), store_of(cfg.file)]
         sessions = [oauth.OAuthSession(conn, {"connection": {"name": conn.name}, "options": dict(conn.options),
                                               "secrets": dict(conn.credentials)}, s, clients) for s in stores]
         try:

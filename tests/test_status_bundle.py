@@ -9,8 +9,16 @@ from runner import sandbox
 from runner.engine import pipeline
 from runner.sandbox import debitura as dsim
 from runner.sandbox import stripe as ssim
-from runner.state.sqlite import Store
+import pytest
+
+from conftest import store_of
 from tests.test_doctor import Env, assert_no_secret
+
+
+@pytest.fixture(autouse=True)
+def _on_both_stores(backend, monkeypatch):
+    """Every test here runs on both state stores (tests/conftest.py: backend)."""
+    monkeypatch.setattr(Env, "backend", backend)
 
 
 def test_status_before_and_after_runs(tmp_path, monkeypatch):
@@ -46,7 +54,7 @@ def test_status_shows_credential_change_and_reconnect_state(tmp_path, monkeypatc
     [c] = json.loads(out)["connections"]
     assert [ch["what"] for ch in c["changes"]] == ["credential_fingerprint"]
     cfg = config_mod.load(e.path)
-    store = Store(cfg.state_path)
+    store = store_of(cfg.file)
     store.update_connection("acme-stripe", status="needs_reconnect", last_error="the grant was revoked",
                             last_error_at=9e9)
     store.close()
@@ -109,7 +117,7 @@ def test_support_bundle_samples_invoices_not_imported(tmp_path, monkeypatch):
 
 def _sync(e: Env, mode: str = "apply", full: bool = False):
     cfg = config_mod.load(e.path)
-    store = Store(cfg.state_path)
+    store = store_of(cfg.file)
     try:
         return asyncio.run(pipeline.sync(cfg, mode=mode, store=store, full=full))
     finally:
@@ -196,7 +204,7 @@ def test_switched_organization_shows_in_doctor_status_and_bundle(tmp_path, monke
     e.no_secret()
 
 
-def test_status_reads_the_run_history_once_for_every_connection(tmp_path):
+def test_status_reads_the_run_history_once_for_every_connection(tmp_path, backend):
     """Each connection's last run is its own latest one (a run of some connections only, as `--connection`
     makes, leaves the others on their earlier run), and status and the support bundle read the recent runs
     once for all connections: read again for each, 500 connections took 51 s (every run's summary holds every
@@ -208,9 +216,11 @@ def test_status_reads_the_run_history_once_for_every_connection(tmp_path):
     more = "".join(f"  - name: {n}\n    integration: stripe\n    environment: sandbox\n"
                    f"    credentials: {{api_key: \"${{file:sandbox-secrets/stripe_api_key}}\"}}\n    window: {{last: 3y}}\n"
                    for n in ("b", "c"))
-    cfg = config_mod.load(stripe_workspace(tmp_path, extra=more))
+    from conftest import use_backend
+
+    cfg = config_mod.load(use_backend(stripe_workspace(tmp_path, extra=more), backend))
     assert [c.name for c in cfg.connections] == ["s", "b", "c"]
-    store = Store(cfg.state_path)
+    store = store_of(cfg.file)
     try:
         for names, imported in ((["s", "b", "c"], 5), (["s"], 7)):
             run_id = store.begin_run("apply", str(cfg.file))

@@ -21,9 +21,34 @@ from runner.engine import pipeline
 from runner.state import sqlite as state
 from runner.engine import workers
 from runner.net.http import reset_limiters
-from runner.state.sqlite import Store
 
-from conftest import page_size, stripe_workspace
+from conftest import page_size, query, store_of, stripe_workspace, use_backend
+
+_TARGETS: dict = {}  # config path -> its PostgreSQL database, when the test runs on PostgreSQL
+_BACKEND = ["sqlite", None]
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def _on_both_stores(request):
+    """Every test here runs on both state stores: `state` is the backend's module (tests patch its Store and
+    lookup), and each config applied gets a database of its own (see _apply)."""
+    global state
+    if request.param == "postgresql":
+        from runner.state import postgres
+
+        state = postgres
+        _BACKEND[:] = ["postgresql", request.getfixturevalue("pg_databases")]
+    yield
+    from runner.state import sqlite
+
+    state = sqlite
+    _BACKEND[:] = ["sqlite", None]
+    _TARGETS.clear()
+
+
+def _sqlite_only(reason: str) -> None:
+    if _BACKEND[0] != "sqlite":
+        pytest.skip(reason)
 
 
 def _workspace(tmp: Path) -> Path:
@@ -50,17 +75,19 @@ def _apply(cfg_path: Path, monkeypatch, *, workers_setting: str | None):
         monkeypatch.setenv("RUNNER_WORKERS", workers_setting)
     monkeypatch.setattr(pipeline, "Workers", _Recording)
     reset_limiters()
+    if _BACKEND[0] == "postgresql":
+        use_backend(cfg_path, _TARGETS.setdefault(cfg_path, _BACKEND[1]()))
     cfg = config.load(cfg_path)
-    store = Store(cfg.state_path)
+    store = store_of(cfg_path)
     try:
         # the whole window every run (not the changes since the last): these tests compare runs page by page
         result = asyncio.run(pipeline.sync(cfg, mode="apply", store=store, full=True))
-        verdicts = sorted(store.db.execute(
-            "SELECT invoice_id, number, verdict, reason, detail FROM verdicts WHERE run_id=?", (result.run_id,)))
-        ledger = sorted(store.db.execute("SELECT invoice_id, status, idempotency_key FROM ledger"))
+        verdicts = sorted(query(
+            store, "SELECT invoice_id, number, verdict, reason, detail FROM verdicts WHERE run_id=?", (result.run_id,)))
+        ledger = sorted(query(store, "SELECT invoice_id, status, idempotency_key FROM ledger"))
     finally:
         store.close()
-    out = cfg.state_path.parent / "out.jsonl"
+    out = cfg.destination.path
     lines = sorted(out.read_bytes().splitlines()) if out.exists() else []
     return result, verdicts, ledger, lines
 
@@ -136,7 +163,8 @@ def test_every_connection_that_writes_the_store_commits_without_waiting_for_the_
     """The engine's and the worker's connections share one durability setting (WAL, synchronous=NORMAL:
     a commit survives the process being killed, and does not fsync): the worker's verdict commits used to
     wait for the disk on every page."""
-    store = Store(tmp_path / "state.db", "jsonl:x")
+    _sqlite_only("SQLite's durability settings")
+    store = state.Store(tmp_path / "state.db", "jsonl:x")
     try:
         old = workers._ledger, workers._db
         workers._ledger, workers._db = store.reader_target(), None
@@ -386,6 +414,8 @@ def test_when_a_dead_workers_lines_cannot_be_recorded_the_mark_stays_and_the_nex
     run failing too (the store locked by another process past its timeout): the run used to clear its mark
     anyway, and the next run wrote those invoices a second time (found in review: 19 lines for 16)."""
     import sqlite3
+
+    _sqlite_only("stands in SQLite's lock timeout for a store that cannot be written")
 
     cfg = _workspace(tmp_path)
     engine, calls = os.getpid(), [0]

@@ -82,7 +82,7 @@ def _staging_store(conn, store, token: dict, learned: dict):
     """An in-memory store holding only the new authorization, so it is tried before it replaces anything."""
     from runner.state.sqlite import Store
 
-    tmp = Store(":memory:")
+    tmp = Store(":memory:")  # SQLite in memory whatever the real store is: it only stages the new grant
     saved = store.connection(conn.name)
     tmp.save_token(conn.name, token)
     tmp.update_connection(conn.name, integration=conn.spec.id, status="active",
@@ -118,7 +118,7 @@ async def connect_flow(conn, store, *, clients=None, open_browser: bool = True, 
                             fix=f"set credentials: {{{name}: \"${{{spec.id.upper()}_{name.upper()}}}\"}} (an environment "
                                 f"variable or a ${{file:...}} reference)")
     own_clients = clients is None
-    clients = clients or Clients(sandbox_dir=store.path.parent / "sandbox" if str(store.path) != ":memory:" else None)
+    clients = clients or Clients(sandbox_dir=store.local_dir / "sandbox" if store.local_dir is not None else None)
     cfg = oauth.settings(spec, conn.environment)
     try:
         stored = store.get_token(conn.name)

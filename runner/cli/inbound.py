@@ -99,7 +99,7 @@ def keys():
 def _store(config_file):
     from runner.spec import config
     from runner.errors import ConfigError
-    from runner.state.sqlite import Store
+    from runner.state import open_store
 
     try:  # keys need only the state store: no secret has to be set to manage them
         cfg = config.load(config_file, strict=False, resolve=False)
@@ -107,7 +107,7 @@ def _store(config_file):
         fail(exc)
     from runner.engine.destinations import ledger_id
 
-    return cfg, Store(cfg.state_path, destination=ledger_id(cfg.destination))
+    return cfg, open_store(cfg, destination=ledger_id(cfg.destination))
 
 
 def _when(ts):

@@ -33,6 +33,7 @@ LAZY = {
     "keys": "runner.cli.inbound:keys",
     "integrations": "runner.cli.integrations:integrations",
     "webhooks": "runner.cli.webhooks:webhooks",
+    "state": "runner.cli.state:state",
 }
 
 
@@ -227,13 +228,13 @@ def select(cfg, names: tuple[str, ...]):
 
 
 def open_store(cfg, *, lock: bool = False):
-    from runner.state.sqlite import Store
+    from runner import state
 
     from runner.engine.destinations import ledger_id
 
-    store = Store(cfg.state_path, destination=ledger_id(cfg.destination))
+    store = state.open_store(cfg, destination=ledger_id(cfg.destination))
     if lock and not store.lock():
-        click.echo(f"error: another `runner apply` is using {cfg.state_path}; wait for it to finish", err=True)
+        click.echo(f"error: another `runner apply` is using {store.describe()}; wait for it to finish", err=True)
         sys.exit(EXIT_LOCKED)
     return store
 

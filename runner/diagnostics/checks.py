@@ -1240,8 +1240,10 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
         if row.get("status") == "needs_reconnect":
             entry["fix"] = f"runner connect {conn.name}"
         conns.append(entry)
-    out = {"config": str(cfg.file), "state": str(cfg.state_path), "connections": conns,
-           "after_case": after_case_totals(store)}
+    from runner.state import safe_url
+
+    where = safe_url(cfg.state_url) if getattr(cfg, "state_url", None) else str(cfg.state_path)
+    out = {"config": str(cfg.file), "state": where, "connections": conns, "after_case": after_case_totals(store)}
     cases = debitura_cases(cfg, store)
     if cases is not None:
         out["debitura_cases"] = cases

@@ -4,7 +4,7 @@ Mapping and checking invoices (runner/engine/classify.py) is pure CPU and most o
 the rest. With workers, the engine hands each page of a connection that has more than one to a forked
 process (the provider's answer as it came, when the records are all of it), to the one with the fewest
 pages still to answer, and goes on fetching while the page is classified. Each worker looks the page's
-invoices up in the ledger itself (its own SQLite connection) and records the verdicts that end with it
+invoices up in the ledger itself (its own connection to the store) and records the verdicts that end with it
 (every skipped invoice). For a run that delivers to a local sink (a jsonl file), the worker also writes
 the page's eligible invoices to the file and records them with the page's verdicts (see _deliver), under
 the file's lock and the run's mark of the file: the invoices never travel back to the engine. Otherwise
@@ -35,7 +35,6 @@ import os
 import pickle
 import socket
 import stat
-import sqlite3
 import struct
 import sys
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import Any, Callable
 import orjson
 from loguru import logger
 
-from runner.state import sqlite as state
+from runner import state
 from runner.engine.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
                              to_deliver, verdict_rows)
 from runner.spec.config import Connection
@@ -57,12 +56,12 @@ _classifiers: dict[tuple, Classifier] = {}
 _encode: Callable[[dict, str], bytes] | None = None  # a local sink's encoder, when the run delivers to one
 _sink = None  # that local sink (destinations.JsonlDestination), for pages the worker delivers itself
 _own_sink = None  # in the worker: its copy of _sink, with a file handle of its own
-_ledger: tuple[str, str] | None = None  # (state store path, destination id): where the worker looks invoices up
-_db: sqlite3.Connection | None = None  # the worker's own connection to the store, opened in the worker
+_ledger: tuple[str, str] | None = None  # (state store path or URL, destination id): where the worker looks invoices up
+_db = None  # the worker's own connection to the store (SQLite or PostgreSQL), opened in the worker
 _engine_pid = os.getpid()
 
 
-def _store() -> sqlite3.Connection:
+def _store():
     """In the worker: its own connection to the state store (WAL: it sees every transaction the engine has
     committed; its reads never block the engine, and its writes take turns with the engine's)."""
     global _db
@@ -152,7 +151,7 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
 
 
 def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], lines: dict[str, bytes],
-           ended: list[tuple], db: sqlite3.Connection, destination: str) -> None:
+           ended: list[tuple], db, destination: str) -> None:
     """Under the file's lock: look the eligible invoices up again, write those not delivered (`lines`, by
     invoice id), record the page (`ended`: the verdict rows of the rest)."""
     _repair(db, destination)
@@ -174,7 +173,7 @@ def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], li
         state.insert_verdicts(db, run_id, ended + verdict_rows(name, account_key, eligible))
 
 
-def _repair(db: sqlite3.Connection, destination: str) -> None:
+def _repair(db, destination: str) -> None:
     """Under the file's lock, before a page is looked up: lines past what the ledger is known to hold were
     written by a writer that died before recording them (another worker, killed between its write and its
     commit). They are recorded first, or this page would write the same invoices again; the engine only

@@ -22,17 +22,6 @@ ENVIRONMENTS = ("production", "test")
 _TAG = {"production": "prod", "test": "test"}
 _SHAPE = re.compile(r"^rnr_(prod|test)_([0-9a-f]{8})_([0-9a-f]{64})$")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,             -- public key id, shown by `runner keys list`
-    environment TEXT NOT NULL,       -- production | test
-    label TEXT,
-    hash TEXT NOT NULL,              -- sha256 of the whole key, hex
-    created REAL NOT NULL,
-    revoked REAL,
-    last_used REAL
-);
-"""
 
 
 @dataclass
@@ -60,14 +49,11 @@ class Check:
 
 
 def ensure(store) -> None:
-    store.db.executescript(SCHEMA)
+    """The store's migrations create the keys' table (runner/state)."""
 
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-_COLS = "id, environment, label, created, revoked, last_used"
 
 
 def create(store, environment: str, label: str | None = None) -> tuple[str, KeyInfo]:
@@ -79,23 +65,20 @@ def create(store, environment: str, label: str | None = None) -> tuple[str, KeyI
         key_id = secrets.token_hex(4)
         key = f"rnr_{_TAG[environment]}_{key_id}_{secrets.token_hex(32)}"
         now = time.time()
-        with store.tx():
-            if store.db.execute("SELECT 1 FROM api_keys WHERE id=?", (key_id,)).fetchone():
-                continue
-            store.db.execute("INSERT INTO api_keys (id, environment, label, hash, created) VALUES (?, ?, ?, ?, ?)",
-                             (key_id, environment, label, _hash(key), now))
+        if not store.add_api_key(key_id, environment, label, _hash(key), now):
+            continue
         return key, KeyInfo(key_id, environment, label, now, None, None)
 
 
 def list_keys(store) -> list[KeyInfo]:
     ensure(store)
-    return [KeyInfo(*r) for r in store.db.execute(f"SELECT {_COLS} FROM api_keys ORDER BY created, id")]
+    return [KeyInfo(*r) for r in store.api_keys()]
 
 
 def get(store, key_id: str) -> KeyInfo | None:
     ensure(store)
-    r = store.db.execute(f"SELECT {_COLS} FROM api_keys WHERE id=?", (key_id,)).fetchone()
-    return KeyInfo(*r) if r else None
+    r = store.api_key(key_id)
+    return KeyInfo(*r[:-1]) if r else None
 
 
 def revoke(store, key_id: str) -> KeyInfo | None:
@@ -104,8 +87,7 @@ def revoke(store, key_id: str) -> KeyInfo | None:
     m = _SHAPE.match(key_id.strip())
     if m:
         key_id = m.group(2)
-    with store.tx():
-        store.db.execute("UPDATE api_keys SET revoked=? WHERE id=? AND revoked IS NULL", (time.time(), key_id))
+    store.revoke_api_key(key_id, time.time())
     return get(store, key_id)
 
 
@@ -116,7 +98,7 @@ def verify(store, presented: str | None) -> Check:
     digest = _hash(presented)
     row = None
     if m:
-        row = store.db.execute(f"SELECT {_COLS}, hash FROM api_keys WHERE id=?", (m.group(2),)).fetchone()
+        row = store.api_key(m.group(2))
     stored = row[-1] if row else "0" * 64
     same = hmac.compare_digest(digest, stored)  # always run, so timing does not tell a known id from an unknown one
     if not (row and same):
@@ -126,5 +108,4 @@ def verify(store, presented: str | None) -> Check:
 
 
 def touch(store, key_id: str) -> None:
-    with store.tx():
-        store.db.execute("UPDATE api_keys SET last_used=? WHERE id=?", (time.time(), key_id))
+    store.touch_api_key(key_id, time.time())

@@ -48,7 +48,7 @@ from runner.net.http import Clients
 from runner.engine.pipeline import ELIGIBLE, IMPORTED, REASONS, SKIPPED, ConnectionResult, RunResult, Source, Verdict
 from runner.engine.classify import verdict_rows
 from runner.redact import MASK, redact, redact_obj
-from runner.state.sqlite import Store
+from runner.state import open_store
 
 MAX_BODY = 5 * 1024 * 1024
 DEFAULT_KEY_HEADER = "XApiKey"
@@ -70,22 +70,8 @@ FIXABLE = {
     "not_yet_due": "send it again after {due_date} (in a Zap: a Delay Until step set to the due date)",
 }
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbound_requests (
-    connection TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    body_hash TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    response TEXT NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (connection, idempotency_key)
-);
-"""
-
-
-def ensure(store: Store) -> None:
-    apikeys.ensure(store)
-    store.db.executescript(SCHEMA)
+def ensure(store) -> None:
+    """The store's migrations create the tables the server uses (runner/state)."""
 
 
 # --- which connection ------------------------------------------------------------------------------------
@@ -270,7 +256,7 @@ class InboundServer:
         self.reads = fields_read([e for _, e in stream.let] + [e for _, e in stream.mapping.fields]
                                  + [e for e in (stream.unpaid, stream.status_text) if e is not None],
                                  {name for name, _ in stream.let})
-        self.store: Store | None = None
+        self.store = None
         self.clients: Clients | None = None
         self.destination = None
         self.destination_ok = False
@@ -284,7 +270,7 @@ class InboundServer:
         self.lock = asyncio.Lock()  # one import at a time: retries and duplicates are decided one after another
         from runner.engine.destinations import ledger_id
 
-        self.store = Store(self.cfg.state_path, destination=ledger_id(self.cfg.destination))
+        self.store = open_store(self.cfg, destination=ledger_id(self.cfg.destination))
         ensure(self.store)
         self.clients = Clients(sandbox_dir=self.cfg.state_path.parent / "sandbox")
         dest_cfg = self.cfg.destination
@@ -436,9 +422,7 @@ class InboundServer:
         body_hash = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         async with self.lock:
             if idem:
-                prior = self.store.db.execute(
-                    "SELECT body_hash, status, response FROM inbound_requests WHERE connection=? AND idempotency_key=?",
-                    (self.conn.name, idem)).fetchone()
+                prior = self.store.inbound_request(self.conn.name, idem)
                 if prior is not None and not _final(json.loads(prior[2])):
                     prior = None  # kept by an earlier version of the runner, which kept skips too
                 if prior is not None:
@@ -465,12 +449,8 @@ class InboundServer:
             # answer (a skip to fix, a failure) is worked out again on the next request, so a corrected invoice
             # sent with the same key is imported.
             if idem and status == 200 and _final(answer):
-                with self.store.tx():
-                    self.store.db.execute(
-                        "INSERT OR REPLACE INTO inbound_requests (connection, idempotency_key, body_hash, status, "
-                        "response, at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (self.conn.name, idem, body_hash, status, orjson.dumps(answer, default=str).decode(),
-                         time.time()))
+                self.store.save_inbound_request(self.conn.name, idem, body_hash, status,
+                                                orjson.dumps(answer, default=str).decode())
         return self._json(status, answer)
 
     def _unprocessable(self, code: str, message: str, errors: list[dict]):
@@ -726,13 +706,7 @@ class InboundServer:
         limit, after, problem = self._page_params(request)
         if problem is not None:
             return problem
-        sql = ("SELECT rowid, updated, case_id, idempotency_key, case_reference, invoice_id, number, connection "
-               "FROM ledger WHERE destination=? AND account_key=? AND status='delivered'")
-        args: list = [self.store.destination, self.account_key]
-        if after is not None:
-            sql += " AND (updated < ? OR (updated = ? AND rowid < ?))"
-            args += [after[0], after[0], after[1]]
-        rows = self.store.db.execute(sql + " ORDER BY updated DESC, rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        rows = self.store.delivered_page(self.account_key, after, limit + 1)
         items = [{"id": f"case-{case_id or idem}", "case_id": case_id, "case_reference": ref, "invoice_id": inv,
                   "invoice_number": number, "connection": conn, "environment": self.environment,
                   "created_at": _iso(updated)}
@@ -747,12 +721,7 @@ class InboundServer:
         if problem is not None:
             return problem
         # One item per invoice and reason (its latest verdict), so a retried payload is not news twice.
-        having = "HAVING r < ? " if after is not None else ""
-        rows = self.store.db.execute(
-            "SELECT connection, invoice_id, number, reason, detail, at, MAX(rowid) AS r FROM verdicts "
-            "WHERE account_key=? AND verdict='skipped' AND reason IS NOT 'duplicate' "
-            f"GROUP BY invoice_id, reason {having}ORDER BY r DESC LIMIT ?",
-            (self.account_key, *([after[1]] if after is not None else []), limit + 1)).fetchall()
+        rows = self.store.skipped_page(self.account_key, after[1] if after is not None else None, limit + 1)
         items = []
         for conn, invoice_id, number, reason, detail, at, _ in rows:
             d = json.loads(detail) if detail else {}
@@ -896,7 +865,7 @@ def access_log(app, key_header: str = DEFAULT_KEY_HEADER):
 
 # --- doctor --------------------------------------------------------------------------------------------------
 
-def doctor_checks(cfg: Config, store: Store | None, connections: list[Connection] | None = None) -> list[dict]:
+def doctor_checks(cfg: Config, store, connections: list[Connection] | None = None) -> list[dict]:
     """The seed's checks for inbound connections, from what the server recorded: a usable key for the
     environment, no key of the other environment (or a revoked one) refused since the last good call, and the
     last time a Zap called. Each: {connection, check, title, status: ok|warning|failed, ok, message, fix}."""

@@ -234,13 +234,13 @@ def create_app(cfg: Config):
     from starlette.routing import Route
 
     from runner.engine.destinations import ledger_id
-    from runner.state.sqlite import Store
+    from runner.state import open_store
 
     receiver = Receiver(cfg)
 
     @asynccontextmanager
     async def lifespan(app):
-        store = Store(cfg.state_path, destination=ledger_id(cfg.destination))
+        store = open_store(cfg, destination=ledger_id(cfg.destination))
         receiver.startup(store)
         try:
             yield

@@ -276,7 +276,10 @@ class OAuthSession:
                              f"stored for it)", fix=f"runner connect {self.name}")
 
     async def _refresh(self, force: bool) -> None:
-        lock = _FileLock(lock_path(self.store, self.name))
+        # One refresh of a connection at a time, across processes: the store's own lock when it has one (a
+        # server's, which runners on other machines see too), else a file beside the store.
+        own = getattr(self.store, "refresh_lock", None)
+        lock = own(self.name) if own is not None else _FileLock(lock_path(self.store, self.name))
         await asyncio.to_thread(lock.acquire)
         try:
             stored = self._usable_stored()

@@ -125,6 +125,8 @@ class Config:
     connections: list[Connection]
     integrations_dir: Path | None
     keep_runs: int = KEEP_RUNS  # apply runs whose verdicts of skipped invoices are kept (state.keep_runs)
+    # The PostgreSQL store's URL (`state: postgresql://...`), secrets resolved; None: SQLite at state_path.
+    state_url: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -307,7 +309,13 @@ def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ
 
     base = path.resolve().parent
     state_raw = data.get("state", ".runner/state.db")
-    state_path = Path(state_raw if isinstance(state_raw, str) else state_raw.get("path", ".runner/state.db"))
+    state_url = _state_url(doc, state_raw, base, environ, problems)
+    if state_url is not None or _is_server_state(state_raw):
+        # A database server holds the state; this folder beside the config keeps only local files (the
+        # sandbox simulators' data).
+        state_path = Path(".runner/state.db")
+    else:
+        state_path = Path(state_raw if isinstance(state_raw, str) else state_raw.get("path", ".runner/state.db"))
     state_path = state_path if state_path.is_absolute() else base / state_path
     integrations_dir = Path(data["integrations_dir"]) if data.get("integrations_dir") else base / "integrations.d"
     if not integrations_dir.is_absolute():
@@ -337,13 +345,64 @@ def load(path: Path | str, *, strict: bool = True, resolve: bool = True, environ
         problems += dest.problems
     if problems:
         raise ConfigError(problems)
-    return Config(file=path, doc=doc, state_path=state_path, destination=dest, connections=connections,
+    return Config(file=path, doc=doc, state_path=state_path, state_url=state_url, destination=dest,
+                  connections=connections,
                   integrations_dir=integrations_dir if integrations_dir.is_dir() else None,
                   keep_runs=KEEP_RUNS if isinstance(state_raw, str) else state_raw.get("keep_runs", KEEP_RUNS))
 
 
 # What a shell, a CI system or a Kubernetes Secret can set as an environment variable.
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SERVER_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _is_server_state(raw) -> bool:
+    if isinstance(raw, dict):
+        return raw.get("type") == "postgresql"
+    return isinstance(raw, str) and (raw.strip().lower().startswith(SERVER_SCHEMES) or secrets.parse_ref(raw) is not None)
+
+
+def _state_url(doc, raw, base, environ, problems) -> str | None:
+    """The PostgreSQL URL `state:` names (a URL, a ${...} reference to one, or {type: postgresql, url}); None
+    for an SQLite file. Resolved even when other secrets are not: nothing opens the store without it."""
+    if not _is_server_state(raw):
+        return None
+    at = ("state", "url") if isinstance(raw, dict) else ("state",)
+    value = raw.get("url") if isinstance(raw, dict) else raw
+    ref = secrets.parse_ref(value)
+    if ref is not None:
+        url = secrets.resolve(ref, base, environ)
+        if url is None:
+            problems.append(secrets.missing_problem(ref, doc, at))
+            return None
+        url = url.strip()
+    else:
+        url = value.strip()
+        if _url_password(url):
+            problems.append(doc.problem(at, "the state store's URL holds a password written in the config",
+                                        "remove the password from the file (and change it if it was committed); "
+                                        "write state: {type: postgresql, url: \"${DATABASE_URL}\"} with the whole "
+                                        "URL in that environment variable, or give the password in PGPASSWORD"))
+            return None
+    if not url.lower().startswith(SERVER_SCHEMES):
+        problems.append(doc.problem(at, "the state store's URL must start with postgresql:// (from "
+                                        f"{ref.describe() if ref else 'the config'})",
+                                    "give a URL such as postgresql://runner@db.example.com:5432/runner"))
+        return None
+    from runner import redact
+
+    redact.register(_url_password(url))
+    return url
+
+
+def _url_password(url: str) -> str | None:
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return parts.password or (parse_qs(parts.query).get("password") or [None])[0]
+    except ValueError:
+        return None
 
 
 def _secret(doc, value, path, base, resolve, environ, problems) -> str | None:

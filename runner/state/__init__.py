@@ -1,1 +1,104 @@
-"""The state store: ledger, runs, verdicts, connection health, tokens."""
+"""The state store: the ledger, verdicts, runs, connection health, OAuth tokens, inbound keys.
+
+Two backends with one surface: SQLite (runner/state/sqlite.py, a file beside the config: the default, no
+server needed) and PostgreSQL (runner/state/postgres.py, for runners whose disk does not last: a CI job, a
+container, several machines on one ledger). `open_store` picks one from a config or a URL/path; the
+functions below are what a forked classification worker (runner/engine/workers.py) calls on the connection
+it opens itself from `Store.reader_target()`, whichever backend that is.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from runner.state import sqlite
+from runner.state.sqlite import IMPORTED, RECENT_RUNS, LedgerRow, StateFileError  # noqa: F401
+
+SERVER_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target) -> bool:
+    """Whether `target` names a PostgreSQL server rather than an SQLite file."""
+    return isinstance(target, str) and target.strip().lower().startswith(SERVER_SCHEMES)
+
+
+def safe_url(url: str) -> str:
+    """A PostgreSQL URL as messages show it: the password (in the authority or the query) left out."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)])
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "postgresql://(a URL that cannot be read)"
+
+
+def open_store(target, destination: str = "", *, local_dir: Path | None = None):
+    """The store a config names (`state:`), or the one at a URL (postgresql://...) or SQLite path.
+
+    `destination`: the ledger id of the destination (runner/engine/destinations.ledger_id). A URL opens a
+    PostgreSQL store; its schema is migrated at open, as an SQLite file's is."""
+    if hasattr(target, "state_path"):  # a loaded Config
+        url = getattr(target, "state_url", None)
+        if url is None:
+            return sqlite.Store(target.state_path, destination=destination)
+        target, local_dir = url, target.state_path.parent
+    if is_url(target):
+        from runner.state import postgres
+
+        return postgres.Store(target, destination=destination, local_dir=local_dir)
+    return sqlite.Store(target, destination=destination)
+
+
+# --- for forked workers: one connection of their own, either backend -----------------------------------------
+
+def connect(target: str):
+    """A connection of this process's own to the store at `target` (Store.reader_target()[0])."""
+    if is_url(target):
+        from runner.state import postgres
+
+        return postgres.connect(target)
+    return sqlite.connect(target)
+
+
+def _backend(db):
+    if isinstance(db, sqlite.sqlite3.Connection):
+        return sqlite
+    from runner.state import postgres
+
+    return postgres
+
+
+def lookup(db, destination: str, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
+    """The ledger rows of these invoices of one source account, by invoice id (a few queries per page)."""
+    return _backend(db).lookup(db, destination, account_key, ids)
+
+
+@contextmanager
+def transaction(db) -> Iterator:
+    """A write transaction on a worker's connection (committed at the end, rolled back on an exception)."""
+    with _backend(db).transaction(db) as tx:
+        yield tx
+
+
+def insert_verdicts(db, run_id: int, rows: list[tuple]) -> None:
+    """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json), in a transaction."""
+    _backend(db).insert_verdicts(db, run_id, rows)
+
+
+def insert_imported(db, destination: str, rows: list[tuple], run_id: int | None) -> None:
+    """Invoices a local sink holds, as delivered by `run_id` (see sqlite.insert_imported), in a transaction."""
+    _backend(db).insert_imported(db, destination, rows, run_id)
+
+
+def sink_recorded(db, destination: str) -> tuple[int, int | None] | None:
+    return _backend(db).sink_recorded(db, destination)
+
+
+def set_sink_recorded(db, destination: str, length: int) -> None:
+    _backend(db).set_sink_recorded(db, destination, length)

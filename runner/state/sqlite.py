@@ -99,6 +99,24 @@ CREATE TABLE IF NOT EXISTS changes (
     new TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS api_keys (  -- `runner serve`'s keys (runner/inbound/apikeys.py)
+    id TEXT PRIMARY KEY,             -- public key id, shown by `runner keys list`
+    environment TEXT NOT NULL,       -- production | test
+    label TEXT,
+    hash TEXT NOT NULL,              -- sha256 of the whole key, hex
+    created REAL NOT NULL,
+    revoked REAL,
+    last_used REAL
+);
+CREATE TABLE IF NOT EXISTS inbound_requests (  -- answers `runner serve` keeps per Idempotency-Key
+    connection TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (connection, idempotency_key)
+);
 """
 
 # Debitura's side of a case (runner/inbound/webhooks.py): the webhook subscription `runner webhooks sync` made,
@@ -140,6 +158,57 @@ CREATE TABLE IF NOT EXISTS case_poll_state (
     PRIMARY KEY (destination, case_id)
 );
 """
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one: executescript() would commit the migration's transaction."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return out
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    """The schema as it was before versions were numbered; a store made before gets what it lacks (its
+    tables and rows stay as they are)."""
+    for stmt in _statements(SCHEMA):
+        db.execute(stmt)
+    for table, column in (("ledger", "run_id"), ("sink_marks", "recorded")):
+        if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+
+
+# Numbered migrations, applied in order at open (PRAGMA user_version is the store's version). A new one is
+# appended, never edited once released; runner/state/postgres.py keeps the same numbers.
+def _v2(db: sqlite3.Connection) -> None:
+    """Debitura's side of the cases (webhook subscription, case events, polling state), change-feed cursors,
+    and what happened after each case (changes at the source told to Debitura, re-checks, invoice documents)."""
+    for script in (WEBHOOKS_SCHEMA, Store.CURSORS_SCHEMA, LIFECYCLE_SCHEMA):
+        for stmt in _statements(script):
+            db.execute(stmt)
+
+
+MIGRATIONS = [(1, _v1), (2, _v2)]
+VERSION = MIGRATIONS[-1][0]
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the store to VERSION, under the write lock (BEGIN IMMEDIATE): of several runners opening one
+    store at once, one migrates and the others then find nothing to do. Returns the version found."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found >= VERSION:
+        return found
+    with transaction(db):
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, step in MIGRATIONS:
+            if number > found:
+                step(db)
+        if found < VERSION:
+            db.execute(f"PRAGMA user_version={VERSION}")
+    return found
 
 
 @dataclass
@@ -255,10 +324,10 @@ IMPORTED = "status='delivered' AND run_id IS NOT NULL"  # the ledger rows that a
 
 
 def imported_detail(case_id: str | None, case_reference: str | None) -> dict:
-    """The detail (message, case) of an imported verdict, as classify.delivered gives it."""
-    from runner.engine.classify import imported_message
-
-    return {"message": imported_message(case_id, case_reference), "case_id": case_id, "case_reference": case_reference}
+    """The detail (message, case) of an imported verdict, as classify.delivered gives it (classify.imported_message:
+    the state store does not import the engine)."""
+    return {"message": f"imported as case {case_reference or case_id}", "case_id": case_id,
+            "case_reference": case_reference}
 
 
 def insert_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> None:
@@ -539,8 +608,12 @@ class CaseLife:
 
 
 class Store(CaseLife):
+    kind = "sqlite"
+
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
+        # Beside the store: the sandbox simulators' data (runner/net/http.py), a connect flow's files.
+        self.local_dir = None if str(path) == ":memory:" else self.path.parent
         # The ledger is per destination: an invoice sent to a jsonl file or to Debitura's test environment
         # has not been sent to production. Runs set this from the config (destinations.ledger_id).
         self.destination = destination
@@ -583,13 +656,11 @@ class Store(CaseLife):
         self.db = connect(str(self.path))
         self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        self.db.executescript(WEBHOOKS_SCHEMA)
-        self.db.executescript(LIFECYCLE_SCHEMA)
-        # Columns a store from before lacks.
-        for table, column in (("ledger", "run_id"), ("sink_marks", "recorded")):
-            if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+        migrate(self.db)
+
+    def describe(self) -> str:
+        """The store, as messages name it."""
+        return str(self.path)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -940,6 +1011,21 @@ class Store(CaseLife):
             self.db.execute("INSERT INTO tokens (connection, token, updated) VALUES (?, ?, ?) ON CONFLICT (connection) "
                             "DO UPDATE SET token=excluded.token, updated=excluded.updated", (connection, blob, time.time()))
 
+    @contextmanager
+    def refreshing(self, connection: str) -> Iterator[tuple[dict | None, object]]:
+        """Single-flight refresh: the store's write lock (BEGIN IMMEDIATE, every process) is held until the
+        block ends; yields (the token as it is now, save(token)), committed when the block ends."""
+        from runner.state import crypto
+
+        def save(token: dict) -> None:
+            self.db.execute("INSERT INTO tokens (connection, token, updated) VALUES (?, ?, ?) ON CONFLICT "
+                            "(connection) DO UPDATE SET token=excluded.token, updated=excluded.updated",
+                            (connection, crypto.encrypt(json.dumps(token)), time.time()))
+
+        with self.tx():
+            r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
+            yield (json.loads(crypto.decrypt(r[0])) if r else None), save
+
     def delete_token(self, connection: str) -> None:
         with self.tx():
             self.db.execute("DELETE FROM tokens WHERE connection=?", (connection,))
@@ -1102,3 +1188,70 @@ class Store(CaseLife):
         self._cursors()
         with self.tx():
             self.db.execute("DELETE FROM cursors WHERE connection=? AND stream=?", (connection, stream))
+    # --- inbound API keys (runner/inbound/apikeys.py) ---------------------------------------------------
+    API_KEY_COLS = "id, environment, label, created, revoked, last_used"
+
+    def add_api_key(self, key_id: str, environment: str, label: str | None, digest: str, created: float) -> bool:
+        """False when the id is taken (the caller draws another)."""
+        with self.tx():
+            if self.db.execute("SELECT 1 FROM api_keys WHERE id=?", (key_id,)).fetchone():
+                return False
+            self.db.execute("INSERT INTO api_keys (id, environment, label, hash, created) VALUES (?, ?, ?, ?, ?)",
+                            (key_id, environment, label, digest, created))
+        return True
+
+    def api_keys(self) -> list[tuple]:
+        """(id, environment, label, created, revoked, last_used) of every key, oldest first."""
+        with self._lock:
+            return self.db.execute(f"SELECT {self.API_KEY_COLS} FROM api_keys ORDER BY created, id").fetchall()
+
+    def api_key(self, key_id: str) -> tuple | None:
+        """(id, environment, label, created, revoked, last_used, hash) of one key."""
+        with self._lock:
+            return self.db.execute(f"SELECT {self.API_KEY_COLS}, hash FROM api_keys WHERE id=?", (key_id,)).fetchone()
+
+    def revoke_api_key(self, key_id: str, at: float) -> None:
+        with self.tx():
+            self.db.execute("UPDATE api_keys SET revoked=? WHERE id=? AND revoked IS NULL", (at, key_id))
+
+    def touch_api_key(self, key_id: str, at: float) -> None:
+        with self.tx():
+            self.db.execute("UPDATE api_keys SET last_used=? WHERE id=?", (at, key_id))
+
+    # --- inbound requests (runner/inbound/server.py) ----------------------------------------------------
+    def inbound_request(self, connection: str, idempotency_key: str) -> tuple | None:
+        """(body_hash, status, response JSON) kept under an Idempotency-Key, or None."""
+        with self._lock:
+            return self.db.execute("SELECT body_hash, status, response FROM inbound_requests WHERE connection=? "
+                                   "AND idempotency_key=?", (connection, idempotency_key)).fetchone()
+
+    def save_inbound_request(self, connection: str, idempotency_key: str, body_hash: str, status: int,
+                             response: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO inbound_requests (connection, idempotency_key, body_hash, status, "
+                            "response, at) VALUES (?, ?, ?, ?, ?, ?)",
+                            (connection, idempotency_key, body_hash, status, response, time.time()))
+
+    def delivered_page(self, account_key: str, after: tuple[float, int] | None, limit: int) -> list[tuple]:
+        """A page of this destination's delivered cases of one account, newest first, after the position
+        `after` (updated, row): (row, updated, case_id, idempotency_key, case_reference, invoice_id, number,
+        connection)."""
+        sql = ("SELECT rowid, updated, case_id, idempotency_key, case_reference, invoice_id, number, connection "
+               "FROM ledger WHERE destination=? AND account_key=? AND status='delivered'")
+        args: list = [self.destination, account_key]
+        if after is not None:
+            sql += " AND (updated < ? OR (updated = ? AND rowid < ?))"
+            args += [after[0], after[0], after[1]]
+        with self._lock:
+            return self.db.execute(sql + " ORDER BY updated DESC, rowid DESC LIMIT ?", (*args, limit)).fetchall()
+
+    def skipped_page(self, account_key: str, before_row: int | None, limit: int) -> list[tuple]:
+        """One row per invoice and skip reason (its latest verdict, duplicates left out), newest first, before
+        the verdict row `before_row`: (connection, invoice_id, number, reason, detail, at, row)."""
+        having = "HAVING r < ? " if before_row is not None else ""
+        with self._lock:
+            return self.db.execute(
+                "SELECT connection, invoice_id, number, reason, detail, at, MAX(rowid) AS r FROM verdicts "
+                "WHERE account_key=? AND verdict='skipped' AND reason IS NOT 'duplicate' "
+                f"GROUP BY invoice_id, reason {having}ORDER BY r DESC LIMIT ?",
+                (account_key, *([before_row] if before_row is not None else []), limit)).fetchall()

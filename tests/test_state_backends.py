@@ -1,0 +1,188 @@
+"""The state store on either backend: choosing it from `state:`, migrations, copying SQLite into PostgreSQL,
+the apply lock and single-flight token refresh on a real PostgreSQL server (tests/pgserver.py)."""
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import psycopg
+import pytest
+
+from conftest import ROOT, SANDBOX_CONFIG, query, run_cli, store_of, use_backend, write_config
+
+
+def _sandbox_copy(where):
+    """The README's sample config with its sandbox secrets, as a fresh clone of the repository holds them."""
+    where.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "sample-config.yaml", where / "sample-config.yaml")
+    shutil.copytree(ROOT / "sandbox-secrets", where / "sandbox-secrets")
+    return where / "sample-config.yaml"
+
+
+def test_a_postgresql_url_is_a_server_not_a_folder_named_postgresql(tmp_path, pg_url):
+    """`state: postgresql://...` used to be taken as a file path: the run succeeded and left a folder named
+    `postgresql:` beside the config. It is the server's database now, and a fresh copy of the repository in
+    another folder (as a CI job has) imports nothing again."""
+    first = use_backend(_sandbox_copy(tmp_path / "one"), pg_url)
+    out = run_cli("apply", str(first), cwd=first.parent)
+    assert out.returncode in (0, 1), out.stderr
+    assert "imported 0" not in out.stdout
+    assert not any(p.name.startswith("postgres") for p in first.parent.rglob("*")), "no folder named after the URL"
+    store = store_of(first)
+    try:
+        assert store.kind == "postgresql"
+        delivered = query(store, "SELECT count(*) FROM ledger WHERE status='delivered'")[0][0]
+    finally:
+        store.close()
+    assert delivered > 0
+    again = use_backend(_sandbox_copy(tmp_path / "two"), pg_url)  # another checkout: no local state at all
+    out = run_cli("apply", str(again), "--connection", "acme-stripe", "--output", "json", cwd=again.parent)
+    import json
+
+    data = json.loads(out.stdout)
+    assert data["totals"]["imported"] == 0 and data["totals"]["skipped"]["duplicate"] > 0, out.stdout
+
+
+def test_a_password_in_the_url_is_refused_and_a_referenced_one_never_shown(tmp_path, sandbox_env, pg_server):
+    cfg = write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false").replace(
+        "state: state/state.db", "state: postgresql://runner:Sup3rSecretPw@127.0.0.1:1/runner"))
+    out = run_cli("validate", str(cfg))
+    assert out.returncode == 2 and "password written in the config" in out.stdout + out.stderr
+    assert "Sup3rSecretPw" not in out.stdout + out.stderr
+    # By reference: a server that does not answer; the error names it without the password.
+    cfg.write_text(cfg.read_text().replace("state: postgresql://runner:Sup3rSecretPw@127.0.0.1:1/runner",
+                                           'state: {type: postgresql, url: "${DATABASE_URL}"}'))
+    out = run_cli("apply", str(cfg), env={"DATABASE_URL": "postgresql://runner:Sup3rSecretPw@127.0.0.1:1/runner"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "postgresql://runner:***@127.0.0.1:1/runner" in out.stderr and "fix:" in out.stderr
+    assert "Sup3rSecretPw" not in out.stdout + out.stderr
+    assert not (tmp_path / "postgresql:").exists()
+    missing = run_cli("apply", str(cfg), env={"DATABASE_URL": ""})
+    assert missing.returncode == 2 and "DATABASE_URL" in missing.stdout + missing.stderr
+
+
+def test_runners_starting_at_once_on_a_new_database_migrate_it_once(pg_url):
+    code = ("import sys; from runner.state import open_store; s = open_store(sys.argv[1]); "
+            "s.close(); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for _ in range(6)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    with psycopg.connect(pg_url) as db:
+        from runner.state import postgres
+
+        assert db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [
+            (n,) for n, _ in postgres.MIGRATIONS]
+
+
+def test_an_sqlite_store_from_before_numbered_migrations_keeps_everything(tmp_path):
+    """A store the runner wrote before its schema had versions (user_version 0, no run_id, no keys table)
+    is brought to the current version in place at open; nothing it held is lost."""
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE ledger (account_key TEXT NOT NULL, invoice_id TEXT NOT NULL, connection TEXT NOT NULL,
+            number TEXT, status TEXT NOT NULL, idempotency_key TEXT NOT NULL, case_id TEXT, case_reference TEXT,
+            destination TEXT NOT NULL, error TEXT, first_seen REAL NOT NULL, updated REAL NOT NULL,
+            PRIMARY KEY (destination, account_key, invoice_id));
+        CREATE TABLE sink_marks (destination TEXT PRIMARY KEY, offset INTEGER NOT NULL, run_id INTEGER, at REAL NOT NULL);
+        CREATE TABLE tokens (connection TEXT PRIMARY KEY, token TEXT NOT NULL, updated REAL NOT NULL);
+        INSERT INTO ledger VALUES ('acct', 'in_1', 'c', 'N1', 'delivered', 'k1', 'case1', 'R1', 'd', NULL, 1.0, 2.0);
+        INSERT INTO sink_marks VALUES ('jsonl:x', 10, NULL, 1.0);
+        INSERT INTO tokens VALUES ('c', '{"refresh_token": "r1"}', 1.0);
+    """)
+    db.close()
+    from runner.state import open_store, sqlite as backend
+
+    store = open_store(path, destination="d")
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == backend.VERSION
+        row = store.ledger_lookup("acct", ["in_1"])["in_1"]
+        assert (row.status, row.case_id, row.run_id) == ("delivered", "case1", None)
+        assert store.get_token("c") == {"refresh_token": "r1"}
+        assert store.sink_mark() is None and store.db.execute("SELECT recorded FROM sink_marks").fetchone() == (None,)
+        assert store.add_api_key("k1", "test", None, "h", 1.0)  # a table the old store did not have
+    finally:
+        store.close()
+
+
+def test_state_migrate_copies_everything_and_nothing_is_imported_again(tmp_path, pg_url):
+    """An SQLite store with a ledger, tokens (QuickBooks' OAuth), keys and history, copied with `runner state
+    migrate`; the config pointed at PostgreSQL; the next apply imports nothing and finds the tokens."""
+    cfg = _sandbox_copy(tmp_path)
+    first = run_cli("apply", str(cfg), "--output", "json", cwd=tmp_path)
+    import json
+
+    imported = json.loads(first.stdout)["totals"]["imported"]
+    assert imported > 0
+    keys = run_cli("keys", "create", str(cfg), "--environment", "test", cwd=tmp_path)
+    assert keys.returncode == 0, keys.stderr
+    before = store_of(cfg)
+    tables = {t: query(before, f"SELECT count(*) FROM {t}")[0][0] for t in
+              ("ledger", "verdicts", "runs", "tokens", "connections", "api_keys")}
+    token = before.get_token("acme-quickbooks")
+    before.close()
+    assert tables["tokens"] and tables["api_keys"] == 1
+    out = run_cli("state", "migrate", str(cfg), "--to", pg_url, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"{tables['ledger']} ledger" in out.stdout
+    use_backend(cfg, pg_url)
+    after = store_of(cfg)
+    try:
+        assert {t: query(after, f"SELECT count(*) FROM {t}")[0][0] for t in tables} == tables
+        assert after.get_token("acme-quickbooks") == token
+    finally:
+        after.close()
+    second = run_cli("apply", str(cfg), "--output", "json", cwd=tmp_path)
+    data = json.loads(second.stdout)
+    assert data["totals"]["imported"] == 0 and data["totals"]["skipped"]["duplicate"] >= imported, second.stdout
+    assert all(c["status"] == "ok" for c in data["connections"]), second.stdout
+    again = run_cli("state", "migrate", str(cfg.with_name("sample-config.yaml")), "--to", pg_url, cwd=tmp_path)
+    assert again.returncode == 2  # the config now keeps its state there: nothing to copy
+
+
+def test_one_apply_per_postgresql_store(tmp_path, sandbox_env, pg_url):
+    cfg = use_backend(write_config(tmp_path, SANDBOX_CONFIG.format(server_filters="false")), pg_url)
+    holder = store_of(cfg)
+    try:
+        assert holder.lock()
+        out = run_cli("apply", str(cfg))
+        assert out.returncode == 3 and "another `runner apply`" in out.stderr, out.stderr
+    finally:
+        holder.close()  # the server lets the lock go with the session
+    out = run_cli("apply", str(cfg))
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_a_token_refresh_is_single_flight_across_stores(tmp_path, backend):
+    """Two runners (two stores on one database) refreshing one connection's token: the second waits for
+    the first's block to end and reads the token it saved, so a rotating refresh token is spent once."""
+    from runner.state import open_store
+
+    target = tmp_path / "state.db" if backend == "sqlite" else backend
+    one, two = open_store(target), open_store(target)
+    one.save_token("qbo", {"refresh_token": "r0"})
+    seen = []
+    entered = threading.Event()
+
+    def second():
+        entered.wait()
+        with two.refreshing("qbo") as (token, save):
+            seen.append(token["refresh_token"])
+
+    t = threading.Thread(target=second)
+    t.start()
+    with one.refreshing("qbo") as (token, save):
+        assert token["refresh_token"] == "r0"
+        entered.set()
+        t.join(0.5)
+        assert t.is_alive(), "the second runner waits while the first refreshes"
+        save({"refresh_token": "r1"})
+    t.join(30)
+    assert seen == ["r1"]
+    one.close()
+    two.close()
