@@ -182,6 +182,13 @@ def at_source(classifier: "Classifier", rec: Any, v: Verdict) -> Verdict:
     if classifier.spec.recheck is not None:
         from runner.engine.lifecycle import what_source_shows
 
+        # Most invoices seen again are still unpaid as imported: the spec's own unpaid rule (compiled, cheap)
+        # says so, and there is nothing at the source to tell. Only the others are read with `recheck:`.
+        try:
+            if _truthy(classifier._unpaid(classifier.stream.prepare(rec) if classifier._unpaid_needs_let else rec)):
+                return v
+        except Exception:  # noqa: BLE001 - unreadable: the recheck rules below decide
+            pass
         try:
             shows = what_source_shows(classifier.spec, rec)
         except Exception:  # noqa: BLE001 - the re-check looks it up and reports what is wrong
@@ -248,6 +255,7 @@ class Classifier:
         # The per-record path calls these for each invoice: bound once, compiled (specs.Expression, Mapping).
         self._map = self.stream.mapping.compiled()
         self._unpaid = self.stream.unpaid.compiled()
+        self._unpaid_needs_let = bool(lets & _fields(self.stream.unpaid.ast))
         # To tell a value that is absent from one that is there but unreadable, once an invoice has failed:
         # the let names (not the record's own fields), and which expressions can read a value they cannot use.
         self._lets = frozenset(lets)

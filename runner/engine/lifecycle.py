@@ -104,13 +104,16 @@ def what_source_shows(spec, record: Any) -> dict | None:
     if record is None:
         return {"state": "deleted"}
     out = {}
-    for name, expr in rc.fields.items():
+    # `state` first: while it is null (unpaid as imported) the other fields are not read.
+    for name, expr in sorted(rc.fields.items(), key=lambda item: item[0] != "state"):
         try:
             v = expr.search(record)
         except Exception:  # noqa: BLE001 - a field the record lacks reads as absent
             v = None
         if isinstance(v, Decimal):
             v = str(v)
+        if name == "state" and not v:
+            return None
         out[name] = v
     state = out.get("state")
     if not state:
