@@ -75,10 +75,12 @@ def table(schema: dict, node: dict, prefix: str, rows: list, sections: list) -> 
         elif sub.get("type") == "array" and isinstance(sub.get("items"), dict):
             sections.append((path + "[]", resolve(schema, sub["items"])))
         elif "oneOf" in sub:
-            for branch in sub["oneOf"]:
-                branch = resolve(schema, branch)
-                if branch.get("type") == "object" and branch.get("properties"):
-                    sections.append((path, branch))
+            shapes = [b for b in (resolve(schema, b) for b in sub["oneOf"])
+                      if b.get("type") == "object" and b.get("properties")]
+            if len(shapes) == 1:
+                sections.append((path, shapes[0]))
+            elif shapes:  # several block shapes (state: sqlite or postgresql): a table for each
+                sections.append((path, {"type": "object", "oneOf": shapes}))
     extra = node.get("additionalProperties")
     if isinstance(extra, dict):
         rows.append(f"| `{prefix}<name>` | {cell(kind(schema, extra))} |  | any name (see the description above) |")

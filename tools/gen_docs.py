@@ -26,6 +26,12 @@ WILDCARD = "<name>"
 
 # Examples of keys no built-in spec uses (YAML text of the key's value).
 EXAMPLES: dict[str, str] = {
+    "lookup.by_ids.request.json": "{ids: \"{{ invoice_ids | join(',') }}\"}",
+    "lookup.by_ids.missing_means_deleted": "false",
+    "document.request.json": "{format: pdf}",
+    "document.file_name": "\"invoice-{{ number }}.pdf\"",
+    "document.max_per_run": "50",
+    "document.max_attempts": "10",
     "changes.request.json": "{since: \"{{ changes.since | isoformat }}\"}",
     "changes.paginate.max_pages": "1000",
     "auth.advice.401": "\"the key is wrong or revoked: create a new one and update the secret it is read from\"",

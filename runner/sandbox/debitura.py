@@ -21,7 +21,8 @@ Endpoints: ``GET /me``, ``POST /cases``, ``GET /cases``, ``GET /cases/{id}``,
 country is in ``NO_PARTNER``; a success fee of ``BASE_FEE`` % plus an age surcharge past 12 and 24 months);
 webhooks, payments and the test-case lifecycle in ``debitura_webhooks.py``.
 ``GET /users``, ``GET|POST /cases/{id}/chats``, ``GET|POST /cases/{id}/files`` (multipart, ≤ 25 MB, PDF, Excel,
-CSV, text and image files), ``POST /test/cases/{id}/advance``.
+CSV, text and image files); ``POST /test/cases/{id}/advance`` is in ``debitura_webhooks.py``, with the events
+it sends.
 
 ``POST /cases`` validates like the real API (400 ASP.NET ProblemDetails with ``errors`` keyed by field path,
 e.g. ``Debtor.City``), enforces a unique ``creditorReference`` per creditor (400 ``DuplicateReference``; test
@@ -197,7 +198,7 @@ class _Store:
         self.conn.close()
 
 
-# --- after the case exists: users, case chats, case files, /test/cases/{id}/advance ------------------------
+# --- after the case exists: users, case chats, case files --------------------------------------------------
 # Kept together: DebituraSimulator.dispatch hands these paths to `_case_life` first.
 
 USERS = [
@@ -236,13 +237,11 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, str
 
 
 def _case_life(sim: "DebituraSimulator", method: str, lower: list[str], parts: list[str]):
-    """The handler of a users/chats/files/advance request, or None for other paths (an awaitable)."""
+    """The handler of a users/chats/files request, or None for other paths (an awaitable)."""
     if lower == ["users"] and method == "GET":
         return sim._users
     if len(lower) == 3 and lower[0] == "cases" and lower[2] in ("chats", "files") and method in ("GET", "POST"):
         return getattr(sim, f"_{method.lower()}_{lower[2]}")
-    if len(lower) == 4 and lower[:2] == ["test", "cases"] and lower[3] == "advance" and method == "POST":
-        return sim._advance
     return None
 
 
@@ -368,39 +367,6 @@ class _CaseLife:
         self.store.conn.execute("INSERT INTO files (case_id, body, content) VALUES (?, ?, ?)",
                                 (parts[1].lower(), json.dumps(dto, ensure_ascii=False), content))
         return self._json(200, dto)
-
-    async def _advance(self, request: httpx.Request, parts: list[str]) -> httpx.Response:
-        """POST /test/cases/{id}/advance {to: Active | Closed:Paid | Closed:NoPayment, amount}."""
-        row, err = self._case_row(parts[2])
-        if err is not None:
-            return err if err.status_code != 404 else self._api_error(404, "Not Found", "Case not found.", "NotFound")
-        if not row["is_test"]:
-            return self._api_error(400, "Bad Request", "Only test cases can be advanced.", "NotATestCase")
-        try:
-            body = json.loads(await request.aread() or b"{}")
-        except ValueError:
-            body = {}
-        to = body.get("to") if isinstance(body, dict) else None
-        if to not in ("Active", "Closed:Paid", "Closed:NoPayment"):
-            return self._api_error(400, "Bad Request", "to must be Active, Closed:Paid or Closed:NoPayment.",
-                                   "InvalidTarget")
-        if to == "Closed:Paid" and not body.get("amount"):
-            return self._api_error(400, "Bad Request", "amount is required for Closed:Paid.", "AmountRequired")
-        case = json.loads(row["body"])
-        state = case["lifecycle"] if case.get("lifecycle") != "Closed" else f"Closed:{case.get('closeCode')}"
-        if state == to:
-            return self._json(200, {"advanced": False, "state": state})
-        if state.startswith("Closed"):
-            return self._api_error(400, "Bad Request", f"The case is already {state}.", "AlreadyClosed")
-        if to != "Active":
-            case["lifecycle"], case["closeCode"] = "Closed", to.split(":", 1)[1]
-            case["dateFinished"] = _iso(self.now())
-            if to == "Closed:Paid":
-                case["remainder"] = max(0.0, float(case["remainder"]) - float(body["amount"]))
-        case["dateUpdated"] = _iso(self.now())
-        self.store.conn.execute("UPDATE cases SET body = ? WHERE id = ?", (json.dumps(case, ensure_ascii=False),
-                                                                           case["id"]))
-        return self._json(200, {"advanced": True, "state": to})
 
 
 class DebituraSimulator(_CaseLife, Simulator):
