@@ -11,14 +11,14 @@ import pytest
 from runner import sandbox
 from runner.engine import pipeline
 from runner.spec import config
-from runner.state.sqlite import Store
+from runner.state import open_store as Store  # the store a config names, on either backend
 
-from conftest import run_cli, stripe_workspace
+from conftest import run_cli, stripe_workspace, use_backend
 
 
 def _apply(cfg_path, mode="apply", full=False):
     cfg = config.load(cfg_path)
-    store = Store(cfg.state_path)
+    store = Store(cfg)
     try:
         result = asyncio.run(pipeline.sync(cfg, mode=mode, store=store, details=True, full=full))
     finally:
@@ -49,8 +49,8 @@ def _finalize(sim, inv_id):
                               due_date=int(time.time()) - 86400)
 
 
-def test_second_run_reads_only_what_changed_and_each_changed_invoice_gets_one_verdict(tmp_path):
-    cfg_path = stripe_workspace(tmp_path)
+def test_second_run_reads_only_what_changed_and_each_changed_invoice_gets_one_verdict(tmp_path, backend):
+    cfg_path = use_backend(stripe_workspace(tmp_path), backend)
     cfg, first = _apply(cfg_path)
     assert first.scan.mode == "full" and "no change cursor" in first.scan.reason
     sim = _stripe(cfg)
@@ -83,13 +83,13 @@ def test_second_run_reads_only_what_changed_and_each_changed_invoice_gets_one_ve
     assert len(_cases(cfg_path)) == first.imported + 1 and sim.requests - before <= 4
 
 
-def test_full_flag_and_the_full_scan_interval_read_the_whole_window(tmp_path):
-    cfg_path = stripe_workspace(tmp_path, extra="    full_scan_every: 12h\n")
+def test_full_flag_and_the_full_scan_interval_read_the_whole_window(tmp_path, backend):
+    cfg_path = use_backend(stripe_workspace(tmp_path, extra="    full_scan_every: 12h\n"), backend)
     cfg, first = _apply(cfg_path)
     cfg, forced = _apply(cfg_path, full=True)
     assert forced.scan.mode == "full" and "--full" in forced.scan.reason
     assert forced.seen == first.seen
-    store = Store(cfg.state_path)
+    store = Store(cfg)
     try:
         saved = store.cursor("s", "invoices")
         store.save_cursor("s", "invoices", saved["cursor"], saved["scope"], saved["full_at"] - 13 * 3600)
@@ -101,10 +101,11 @@ def test_full_flag_and_the_full_scan_interval_read_the_whole_window(tmp_path):
     assert after.scan.mode == "changes"
 
 
-def test_a_cursor_older_than_the_providers_retention_means_a_full_scan_and_the_report_says_so(tmp_path, sandbox_env):
-    cfg_path = stripe_workspace(tmp_path)
+def test_a_cursor_older_than_the_providers_retention_means_a_full_scan_and_the_report_says_so(tmp_path, sandbox_env,
+                                                                                             backend):
+    cfg_path = use_backend(stripe_workspace(tmp_path), backend)
     cfg, first = _apply(cfg_path)
-    store = Store(cfg.state_path)
+    store = Store(cfg)
     try:
         saved = store.cursor("s", "invoices")
         store.save_cursor("s", "invoices", saved["cursor"] - 31 * 86400, saved["scope"], saved["full_at"])
@@ -114,10 +115,10 @@ def test_a_cursor_older_than_the_providers_retention_means_a_full_scan_and_the_r
     assert "full scan of the window" in out.stdout and "longer than Stripe keeps changes (30.0 days)" in out.stdout
 
 
-def test_a_run_that_fails_leaves_the_cursor_so_no_change_is_skipped(tmp_path):
-    cfg_path = stripe_workspace(tmp_path)
+def test_a_run_that_fails_leaves_the_cursor_so_no_change_is_skipped(tmp_path, backend):
+    cfg_path = use_backend(stripe_workspace(tmp_path), backend)
     cfg, first = _apply(cfg_path)
-    store = Store(cfg.state_path)
+    store = Store(cfg)
     try:
         saved = store.cursor("s", "invoices")
     finally:
@@ -127,7 +128,7 @@ def test_a_run_that_fails_leaves_the_cursor_so_no_change_is_skipped(tmp_path):
     _pay(sim, paid)
     sim.set_faults({"fail_next": [400]})  # the account request of the next run fails
     c = config.load(cfg_path)
-    store = Store(c.state_path)
+    store = Store(c)
     try:
         failed = asyncio.run(pipeline.sync(c, mode="apply", store=store, details=True))
         assert failed.connections[0].status == "failed"
@@ -138,20 +139,20 @@ def test_a_run_that_fails_leaves_the_cursor_so_no_change_is_skipped(tmp_path):
     assert again.scan.mode == "changes" and {v.invoice_id for v in again.verdicts} == {paid}
 
 
-def test_a_spec_without_a_change_feed_always_scans_fully(tmp_path):
-    cfg_path = stripe_workspace(tmp_path, edit=lambda spec: spec.pop("changes"))
+def test_a_spec_without_a_change_feed_always_scans_fully(tmp_path, backend):
+    cfg_path = use_backend(stripe_workspace(tmp_path, edit=lambda spec: spec.pop("changes")), backend)
     cfg, first = _apply(cfg_path)
     cfg, second = _apply(cfg_path)
     assert second.scan.mode == "full" and second.seen == first.seen
-    store = Store(cfg.state_path)
+    store = Store(cfg)
     try:
         assert store.cursor("s", "invoices") is None
     finally:
         store.close()
 
 
-def test_a_plan_reads_changes_but_never_moves_the_cursor(tmp_path):
-    cfg_path = stripe_workspace(tmp_path)
+def test_a_plan_reads_changes_but_never_moves_the_cursor(tmp_path, backend):
+    cfg_path = use_backend(stripe_workspace(tmp_path), backend)
     cfg, first = _apply(cfg_path)
     sim = _stripe(cfg)
     paid = next(v.invoice_id for v in first.verdicts if v.verdict == "imported")
@@ -168,10 +169,10 @@ def test_full_scan_every_is_checked_by_the_config_schema(tmp_path, sandbox_env):
     assert "full_scan_every" in out.stdout + out.stderr and "1d" in out.stdout + out.stderr
 
 
-def test_a_new_destination_reads_the_whole_window_again(tmp_path):
+def test_a_new_destination_reads_the_whole_window_again(tmp_path, backend):
     """The ledger is per destination: after runs into one file, a config that sends cases elsewhere has
     imported nothing there, so its first run there is a full scan, not the (empty) changes since."""
-    cfg_path = stripe_workspace(tmp_path)
+    cfg_path = use_backend(stripe_workspace(tmp_path), backend)
     cfg, first = _apply(cfg_path)
     cfg, second = _apply(cfg_path)
     assert second.scan.mode == "changes"

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, query, run_cli, store_of, use_backend
 
 CONFIG = """state: state/state.db
 {integrations_dir}
@@ -27,7 +26,7 @@ connections:
 """
 
 
-def workspace(tmp: Path, edit=None) -> Path:
+def workspace(tmp: Path, edit=None, backend: str = "sqlite") -> Path:
     shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
     extra = ""
     if edit is not None:
@@ -40,7 +39,7 @@ def workspace(tmp: Path, edit=None) -> Path:
         extra = "integrations_dir: integrations.d"
     cfg = tmp / "config.yaml"
     cfg.write_text(CONFIG.format(integrations_dir=extra))
-    return cfg
+    return use_backend(cfg, backend)
 
 
 def cli(*args, env=None, ok=True):
@@ -57,29 +56,31 @@ def apply(cfg: Path, env=None, ok=True) -> dict | None:
 
 def debitura(cfg: Path):
     from runner.sandbox.debitura import DebituraSimulator
+    from runner.spec import config
 
-    return DebituraSimulator("production", data_dir=cfg.parent / "state" / "sandbox")
+    # Beside the store's file, or for a PostgreSQL store beside the config (the store's local_dir).
+    return DebituraSimulator("production", data_dir=config.load(cfg, strict=False).state_path.parent / "sandbox")
+
+
+def rows(cfg: Path, sql: str) -> list[tuple]:
+    store = store_of(cfg)
+    try:
+        return query(store, sql)
+    finally:
+        store.close()
 
 
 def ledger(cfg: Path) -> dict[str, tuple]:
-    db = sqlite3.connect(cfg.parent / "state" / "state.db")
-    try:
-        return {r[0]: r[1:] for r in db.execute("SELECT number, invoice_id, case_id, case_reference FROM ledger "
-                                                "WHERE status='delivered'")}
-    finally:
-        db.close()
+    return {r[0]: r[1:] for r in rows(cfg, "SELECT number, invoice_id, case_id, case_reference FROM ledger "
+                                           "WHERE status='delivered'")}
 
 
 def events(cfg: Path) -> list[tuple]:
-    db = sqlite3.connect(cfg.parent / "state" / "state.db")
-    try:
-        return db.execute("SELECT invoice_id, kind, status, detail FROM source_changes ORDER BY seen_at").fetchall()
-    finally:
-        db.close()
+    return rows(cfg, "SELECT invoice_id, kind, status, detail FROM source_changes ORDER BY seen_at")
 
 
-def test_paid_and_voided_at_the_source_are_told_once_on_each_case(tmp_path):
-    cfg = workspace(tmp_path)
+def test_paid_and_voided_at_the_source_are_told_once_on_each_case(tmp_path, backend):
+    cfg = workspace(tmp_path, backend=backend)
     first = apply(cfg)
     assert first["connections"][0]["imported"] == 13
     cases = ledger(cfg)
@@ -125,8 +126,8 @@ def test_paid_and_voided_at_the_source_are_told_once_on_each_case(tmp_path):
     assert "changed at the source since import: 1 paid, 1 void (all told to Debitura)" in status
 
 
-def test_sigkill_between_chat_post_and_record_tells_once(tmp_path):
-    cfg = workspace(tmp_path)
+def test_sigkill_between_chat_post_and_record_tells_once(tmp_path, backend):
+    cfg = workspace(tmp_path, backend=backend)
     apply(cfg)
     cases = ledger(cfg)
     cli("sandbox", "pay", str(cfg), "stripe", "SBX-0026")
@@ -141,8 +142,8 @@ def test_sigkill_between_chat_post_and_record_tells_once(tmp_path):
     assert len(debitura(cfg).chats(cases["SBX-0026"][1])) == 1
 
 
-def test_a_failed_chat_post_is_retried_on_the_next_run(tmp_path):
-    cfg = workspace(tmp_path)
+def test_a_failed_chat_post_is_retried_on_the_next_run(tmp_path, backend):
+    cfg = workspace(tmp_path, backend=backend)
     apply(cfg)
     cli("sandbox", "void", str(cfg), "stripe", "SBX-0024")
     text = cfg.read_text().replace("  api_key:", "  chat_user_email: nobody@elsewhere.example\n  api_key:", 1)
@@ -176,8 +177,8 @@ def test_partial_payment_and_credit_are_told_with_their_amounts(tmp_path):
     assert len(msgs) == 2 and "PAID IN FULL" in msgs[1]
 
 
-def test_invoice_pdf_is_on_each_case_once_across_a_sigkill(tmp_path):
-    cfg = workspace(tmp_path)
+def test_invoice_pdf_is_on_each_case_once_across_a_sigkill(tmp_path, backend):
+    cfg = workspace(tmp_path, backend=backend)
     killed = cli("apply", str(cfg), env={"RUNNER_TEST_CRASH_AT": "after_file_upload"}, ok=False)
     assert killed.returncode == -9
     cases = ledger(cfg)
@@ -205,9 +206,7 @@ def test_a_document_link_off_the_declared_hosts_is_not_fetched_and_never_blocks_
     out = apply(cfg)["connections"][0]
     assert out["imported"] == 13 and out["status"] == "ok"
     assert out["after_case"]["documents"] == {"failed": 13}
-    db = sqlite3.connect(cfg.parent / "state" / "state.db")
-    errors = {r[0] for r in db.execute("SELECT error FROM case_documents")}
-    db.close()
+    errors = {r[0] for r in rows(cfg, "SELECT error FROM case_documents")}
     assert len(errors) == 1 and "pay.stripe.com, which is not one of the spec's document hosts" in errors.pop()
     assert all(debitura(cfg).files(c[1]) == [] for c in ledger(cfg).values())
 
@@ -261,8 +260,8 @@ def test_a_document_of_a_type_debitura_does_not_take_is_refused_once_and_the_cas
     assert "13 refused (too large or a type Debitura does not take)" in doctor
 
 
-def test_doctor_and_status_say_what_is_not_told_yet(tmp_path):
-    cfg = workspace(tmp_path)
+def test_doctor_and_status_say_what_is_not_told_yet(tmp_path, backend):
+    cfg = workspace(tmp_path, backend=backend)
     apply(cfg)
     cli("sandbox", "void", str(cfg), "stripe", "SBX-0024")
     text = cfg.read_text()

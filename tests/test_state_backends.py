@@ -121,11 +121,30 @@ def test_state_migrate_copies_everything_and_nothing_is_imported_again(tmp_path,
     keys = run_cli("keys", "create", str(cfg), "--environment", "test", cwd=tmp_path)
     assert keys.returncode == 0, keys.stderr
     before = store_of(cfg)
+    # Debitura's side of the cases, a change-feed cursor and what happened after a case, as the runner records them.
+    case_id = query(before, "SELECT case_id FROM ledger WHERE status='delivered' AND case_id IS NOT NULL")[0][0]
+    account, invoice = query(before, "SELECT account_key, invoice_id FROM ledger WHERE case_id=?", (case_id,))[0]
+    before.save_webhook_subscription("sub_1", "https://runner.example/webhooks", ["case.closed"], False, "s3cret")
+    before.record_case_event("evt_1", "case.closed", case_id, "REF1", "2026-12-01T00:00:00Z", "webhook", {"a": 1})
+    before.note_webhook_refused("bad signature")
+    before.save_case_poll_state(case_id, {"lifecycle": "Closed"})
+    before.save_cursor("acme-stripe", "invoices", 1765000000.25, "scope-1", 1764000000.5)
+    before.record_source_change(account, invoice, "ev1", case_id, "paid", True, {"status": "paid"}, "PAID", None)
+    before.set_source_change(account, invoice, "ev1", "told", chat_id="chat_1")
+    before.mark_checked(account, [invoice])
+    before.set_document(account, invoice, case_id, "uploaded", file_name="invoice.pdf", size=10, file_id="f1",
+                        attempt=True)
+    after_case = ("webhook_subscriptions", "case_events", "webhook_refusals", "case_poll_state", "cursors",
+                  "source_changes", "case_checks", "case_documents")
     tables = {t: query(before, f"SELECT count(*) FROM {t}")[0][0] for t in
-              ("ledger", "verdicts", "runs", "tokens", "connections", "api_keys")}
+              ("ledger", "verdicts", "runs", "tokens", "connections", "api_keys", *after_case)}
     token = before.get_token("acme-quickbooks")
+    kept = {"subscription": before.webhook_subscription(), "events": before.case_events([case_id]),
+            "refusals": before.webhook_refusals(), "poll": before.case_poll_state(case_id),
+            "cursor": before.cursor("acme-stripe", "invoices"), "changes": before.source_changes(),
+            "document": before.case_document(account, invoice), "documents": before.document_counts()}
     before.close()
-    assert tables["tokens"] and tables["api_keys"] == 1
+    assert tables["tokens"] and tables["api_keys"] == 1 and all(tables[t] >= 1 for t in after_case)
     out = run_cli("state", "migrate", str(cfg), "--to", pg_url, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"{tables['ledger']} ledger" in out.stdout
@@ -134,12 +153,21 @@ def test_state_migrate_copies_everything_and_nothing_is_imported_again(tmp_path,
     try:
         assert {t: query(after, f"SELECT count(*) FROM {t}")[0][0] for t in tables} == tables
         assert after.get_token("acme-quickbooks") == token
+        assert {"subscription": after.webhook_subscription(), "events": after.case_events([case_id]),
+                "refusals": after.webhook_refusals(), "poll": after.case_poll_state(case_id),
+                "cursor": after.cursor("acme-stripe", "invoices"), "changes": after.source_changes(),
+                "document": after.case_document(account, invoice), "documents": after.document_counts()} == kept
     finally:
         after.close()
     second = run_cli("apply", str(cfg), "--output", "json", cwd=tmp_path)
     data = json.loads(second.stdout)
-    assert data["totals"]["imported"] == 0 and data["totals"]["skipped"]["duplicate"] >= imported, second.stdout
-    assert all(c["status"] == "ok" for c in data["connections"]), second.stdout
+    assert data["totals"]["imported"] == 0 and all(c["status"] == "ok" for c in data["connections"]), second.stdout
+    # The change-feed cursors came along: a connection with one reads only what changed since the SQLite run.
+    assert any(c["scan"]["mode"] == "changes" for c in data["connections"]), second.stdout
+    whole = run_cli("apply", str(cfg), "--full", "--output", "json", cwd=tmp_path)
+    data = json.loads(whole.stdout)
+    assert data["totals"]["imported"] == 0 and data["totals"]["skipped"]["duplicate"] >= imported, whole.stdout
+    assert all(c["status"] == "ok" for c in data["connections"]), whole.stdout
     again = run_cli("state", "migrate", str(cfg.with_name("sample-config.yaml")), "--to", pg_url, cwd=tmp_path)
     assert again.returncode == 2  # the config now keeps its state there: nothing to copy
 

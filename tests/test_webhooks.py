@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DEBITURA_KEY, ROOT, free_port, run_cli, wait_for_port
+from conftest import DEBITURA_KEY, ROOT, free_port, query, run_cli, store_of, use_backend, wait_for_port
 from runner import sandbox
 from runner.inbound.webhooks import ROUTE, sign
 
 SECRET_KEY = "correct horse battery staple"  # RUNNER_SECRET_KEY: the stored signing secret is encrypted with it
 
 
-def write(tmp_path: Path, port: int, hooks: str | None = None) -> Path:
+def write(tmp_path: Path, port: int, hooks: str | None = None, backend: str = "sqlite") -> Path:
     hooks = hooks if hooks is not None else f"""
   webhooks:
     url: http://127.0.0.1:{port}{ROUTE}"""
@@ -40,7 +39,14 @@ connections:
     credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
     window: {{last: 90d}}
 """)
-    return path
+    return use_backend(path, backend)
+
+
+def sandbox_dir(cfg: Path) -> Path:
+    """Where the simulators keep their data: beside the store's file, or for PostgreSQL beside the config."""
+    from runner.spec import config
+
+    return config.load(cfg, strict=False).state_path.parent / "sandbox"
 
 
 @pytest.fixture
@@ -85,13 +91,13 @@ def serve(env):
 
 def sim(cfg: Path):
     sandbox.reset_cache()  # what the other processes persisted, not a cached copy
-    return sandbox.get_simulator("debitura", cfg.parent / "state" / "sandbox")
+    return sandbox.get_simulator("debitura", sandbox_dir(cfg))
 
 
 def control(cfg: Path, method: str, path: str, body: dict | None = None) -> httpx.Response:
     """A request to the Debitura simulator (as a test or a demo would make it), in this process."""
     async def go():
-        transport = sandbox.get_transport("debitura", cfg.parent / "state" / "sandbox")
+        transport = sandbox.get_transport("debitura", sandbox_dir(cfg))
         async with httpx.AsyncClient(transport=transport, base_url="http://debitura.sandbox.invalid") as client:
             return await client.request(method, path, json=body, headers={"XApiKey": DEBITURA_KEY})
 
@@ -99,28 +105,28 @@ def control(cfg: Path, method: str, path: str, body: dict | None = None) -> http
     return asyncio.run(go())
 
 
-def events(cfg: Path) -> list[tuple]:
-    db = sqlite3.connect(cfg.parent / "state" / "state.db")
+def rows(cfg: Path, sql: str) -> list[tuple]:
+    store = store_of(cfg)
     try:
-        return db.execute("SELECT event_id, event, case_id, via FROM case_events ORDER BY received").fetchall()
+        return query(store, sql)
     finally:
-        db.close()
+        store.close()
+
+
+def events(cfg: Path) -> list[tuple]:
+    return rows(cfg, "SELECT event_id, event, case_id, via FROM case_events ORDER BY received")
 
 
 def delivered(cfg: Path) -> list[tuple]:
-    db = sqlite3.connect(cfg.parent / "state" / "state.db")
-    try:
-        return db.execute("SELECT invoice_id, case_id, case_reference FROM ledger WHERE status='delivered' "
-                          "ORDER BY invoice_id").fetchall()
-    finally:
-        db.close()
+    return rows(cfg, "SELECT invoice_id, case_id, case_reference FROM ledger WHERE status='delivered' "
+                     "ORDER BY invoice_id")
 
 
 def stored_secret(cfg: Path, env: dict) -> str:
-    out = subprocess.run([sys.executable, "-c", "import sys; from runner.state.sqlite import Store; "
+    out = subprocess.run([sys.executable, "-c", "import sys; from runner.state import open_store; "
                           "from runner.spec import config; from runner.engine.destinations import ledger_id; "
                           "c = config.load(sys.argv[1]); "
-                          "print(Store(c.state_path, destination=ledger_id(c.destination)).webhook_subscription()"
+                          "print(open_store(c, destination=ledger_id(c.destination)).webhook_subscription()"
                           "['secret'])", str(cfg)],
                          capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -129,9 +135,9 @@ def stored_secret(cfg: Path, env: dict) -> str:
 
 # --- webhooks sync ---------------------------------------------------------------------------------------------
 
-def test_sync_creates_once_keeps_the_secret_encrypted_and_follows_the_config(tmp_path, env):
+def test_sync_creates_once_keeps_the_secret_encrypted_and_follows_the_config(tmp_path, env, backend):
     port = free_port()
-    cfg = write(tmp_path, port)
+    cfg = write(tmp_path, port, backend=backend)
     dry = run_cli("webhooks", "sync", str(cfg), "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith(f"would create subscription → http://127.0.0.1:{port}{ROUTE}")
@@ -147,8 +153,7 @@ def test_sync_creates_once_keeps_the_secret_encrypted_and_follows_the_config(tmp
                                                 "payment.deleted", "chat.created"])
     secret = stored_secret(cfg, env)
     assert len(base64.b64decode(secret)) == 32
-    raw = sqlite3.connect(tmp_path / "state" / "state.db").execute(
-        "SELECT secret FROM webhook_subscriptions").fetchone()[0]
+    raw = rows(cfg, "SELECT secret FROM webhook_subscriptions")[0][0]
     assert raw.startswith("enc:v1:") and secret not in raw
     assert secret not in first.stdout + first.stderr
 
@@ -164,7 +169,7 @@ def test_sync_creates_once_keeps_the_secret_encrypted_and_follows_the_config(tmp
     write(tmp_path, port, f"""
   webhooks:
     url: http://127.0.0.1:{port}{ROUTE}
-    events: [case.closed, payment.created]""")
+    events: [case.closed, payment.created]""", backend)
     changed = run_cli("webhooks", "sync", str(cfg), env=env)
     assert changed.returncode == 0, changed.stderr
     lines = changed.stdout.splitlines()
@@ -175,7 +180,7 @@ def test_sync_creates_once_keeps_the_secret_encrypted_and_follows_the_config(tmp
     assert stored_secret(cfg, env) != secret
 
     # No webhooks in the config: the runner's subscription goes.
-    write(tmp_path, port, "")
+    write(tmp_path, port, "", backend)
     gone = run_cli("webhooks", "sync", str(cfg), env=env)
     assert gone.returncode == 0 and gone.stdout.startswith("delete subscription"), gone.stdout + gone.stderr
     assert sim(cfg).webhooks.subscriptions() == []
@@ -274,9 +279,9 @@ def _story(cfg: Path, invoice_id: str, env: dict) -> str:
     return next(s["text"] for s in stages if s["stage"] == "Debitura")
 
 
-def test_simulator_deliveries_to_runner_serve_show_in_explain_and_status(tmp_path, env, serve):
+def test_simulator_deliveries_to_runner_serve_show_in_explain_and_status(tmp_path, env, serve, backend):
     port = free_port()
-    cfg = write(tmp_path, port)
+    cfg = write(tmp_path, port, backend=backend)
     assert run_cli("webhooks", "sync", str(cfg), env=env).returncode == 0
     srv = serve(cfg, port)
     applied = run_cli("apply", str(cfg), env=env)
@@ -348,10 +353,10 @@ def test_a_test_subscription_gets_the_advance_lifecycle_of_test_cases(tmp_path, 
 
 # --- polling -------------------------------------------------------------------------------------------------------
 
-def test_polling_records_the_same_lifecycle_within_its_request_budget(tmp_path, env):
+def test_polling_records_the_same_lifecycle_within_its_request_budget(tmp_path, env, backend):
     cfg = write(tmp_path, 0, """
   webhooks:
-    mode: poll""")
+    mode: poll""", backend)
     assert run_cli("apply", str(cfg), env=env).returncode == 0
     cases = delivered(cfg)
     n = len(cases)
@@ -442,9 +447,9 @@ def _doctor_webhooks(cfg: Path, env: dict) -> dict:
     return next(c for c in checks if c["scope"] == "destination" and c["check"] == "webhooks")
 
 
-def test_doctor_checks_the_subscription_and_the_secret(tmp_path, env):
+def test_doctor_checks_the_subscription_and_the_secret(tmp_path, env, backend):
     port = free_port()
-    cfg = write(tmp_path, port)
+    cfg = write(tmp_path, port, backend=backend)
     before = _doctor_webhooks(cfg, env)
     assert before["status"] == "failed" and f"no webhook subscription to http://127.0.0.1:{port}" in before["message"]
     assert before["fix"] == f"runner webhooks sync {cfg}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from runner.redact import redact
+from runner.state import sqlite
 from runner.state.sqlite import IMPORTED, LedgerRow, StateFileError, imported_detail
 
 _LEDGER_COLS = ("account_key, invoice_id, connection, number, status, idempotency_key, case_id, case_reference, "
@@ -42,6 +44,13 @@ def _key(name: str) -> int:
 
 MIGRATE_LOCK = _key("runner.state.migrate")
 APPLY_LOCK = _key("runner.state.apply")
+
+
+def _types(script: str) -> str:
+    """SQLite DDL (runner/state/sqlite.py) as PostgreSQL's: times as DOUBLE PRECISION (PostgreSQL's REAL has
+    6 digits, not enough for a unix time), integers as BIGINT. Names, keys and upserts are the same in both."""
+    return re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", script))
+
 
 # Numbered as runner/state/sqlite.py's MIGRATIONS; applied in order, each in the transaction that records it.
 MIGRATIONS: list[tuple[int, str]] = [(1, """
@@ -136,7 +145,8 @@ CREATE TABLE IF NOT EXISTS inbound_requests (
     at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (connection, idempotency_key)
 );
-""")]
+"""), (2, "".join(_types(script) for script in (sqlite.WEBHOOKS_SCHEMA, sqlite.CURSORS_SCHEMA,
+                                                  sqlite.LIFECYCLE_SCHEMA)))]
 VERSION = MIGRATIONS[-1][0]
 
 
@@ -254,8 +264,9 @@ def unreachable(url: str, exc: BaseException) -> StateFileError:
                               "the right to create tables in it)")
 
 
-class Store:
+class Store(sqlite.CaseLife, sqlite.CaseEvents, sqlite.Cursors):
     kind = "postgresql"
+    PARAM = "%s"  # the shared methods' `?` (sqlite.Portable)
 
     def __init__(self, url: str, destination: str = "", local_dir: Path | None = None):
         self.url = url

@@ -186,7 +186,7 @@ def _v1(db: sqlite3.Connection) -> None:
 def _v2(db: sqlite3.Connection) -> None:
     """Debitura's side of the cases (webhook subscription, case events, polling state), change-feed cursors,
     and what happened after each case (changes at the source told to Debitura, re-checks, invoice documents)."""
-    for script in (WEBHOOKS_SCHEMA, Store.CURSORS_SCHEMA, LIFECYCLE_SCHEMA):
+    for script in (WEBHOOKS_SCHEMA, CURSORS_SCHEMA, LIFECYCLE_SCHEMA):
         for stmt in _statements(script):
             db.execute(stmt)
 
@@ -402,9 +402,28 @@ def _unusable(path: Path, exc: BaseException) -> StateFileError:
     return StateFileError(f"the state file {path} cannot be used as a database ({text})", fix=FIX_PATH)
 
 
-# --- after the case exists: source changes told to the destination, invoice documents -------------------
-# One block, so another store backend ports it as one piece: the DDL below and the methods of CaseLife, the
-# only way the engine (runner/engine/lifecycle.py, runner/engine/documents.py) reads or writes these tables.
+# --- after the case exists: Debitura's case events, change-feed cursors, source changes, invoice documents ----
+# One block, shared by both store backends: the DDL (WEBHOOKS_SCHEMA above, CURSORS_SCHEMA and LIFECYCLE_SCHEMA
+# below; runner/state/postgres.py derives its types from them) and the methods of CaseEvents, Cursors and
+# CaseLife, the only way the engine (runner/inbound/webhooks.py, runner/engine/incremental.py,
+# runner/engine/lifecycle.py, runner/engine/documents.py) reads or writes these tables. Their SQL is written
+# once, with `?` placeholders, through the helpers of Portable.
+
+# Where each connection's change feed resumes, per stream: the start of its last recorded run, what the cursor
+# is valid for (account, window rule, filters), and when its last full scan started. Written only after a run's
+# pages are recorded, so a crash reads the same changes again rather than skipping them.
+CURSORS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursors (
+    connection TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    cursor REAL NOT NULL,            -- unix time the last recorded run started reading
+    scope TEXT NOT NULL,             -- what the cursor is valid for; another scope means a full scan
+    full_at REAL,                    -- unix time the last full scan started
+    updated REAL NOT NULL,
+    PRIMARY KEY (connection, stream)
+);
+"""
+
 LIFECYCLE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS source_changes (
     destination TEXT NOT NULL,
@@ -452,9 +471,164 @@ EVENT_COLUMNS = ("account_key", "invoice_id", "event_key", "case_id", "kind", "f
                  "chat_id", "error", "run_id", "seen_at", "told_at")
 DOCUMENT_COLUMNS = ("account_key", "invoice_id", "case_id", "status", "file_name", "content_type", "size", "file_id",
                     "error", "attempts", "updated")
+_LEDGER_ROW = ("l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
+               "l.case_reference, l.error, l.first_seen, l.updated")
 
 
-class CaseLife:
+class Portable:
+    """SQL written once for both backends, with `?` placeholders; a backend whose driver wants another
+    (psycopg's %s) sets PARAM. The store provides tx(), _all(sql, args) and _one(sql, args)."""
+
+    PARAM = "?"
+
+    def _q(self, sql: str) -> str:
+        return sql if self.PARAM == "?" else sql.replace("?", self.PARAM)
+
+    def _rows(self, sql: str, args=()) -> list[tuple]:
+        return self._all(self._q(sql), args)
+
+    def _row(self, sql: str, args=()) -> tuple | None:
+        return self._one(self._q(sql), args)
+
+    def _write(self, sql: str, args=()) -> int:
+        """One statement in a transaction of its own, committed on return: the rows it changed."""
+        with self.tx() as db:
+            return db.execute(self._q(sql), args).rowcount
+
+    def _write_many(self, sql: str, rows: list[tuple]) -> None:
+        with self.tx() as db:
+            cur = db.cursor()
+            try:
+                cur.executemany(self._q(sql), rows)
+            finally:
+                cur.close()
+
+
+class CaseEvents(Portable):
+    """Debitura webhooks and case events (runner/inbound/webhooks.py; tables in WEBHOOKS_SCHEMA)."""
+
+    def webhook_subscription(self) -> dict | None:
+        """The subscription `runner webhooks sync` made for this store's destination, its secret decrypted."""
+        r = self._row("SELECT subscription_id, url, events, is_test, secret, updated FROM webhook_subscriptions "
+                      "WHERE destination=?", (self.destination,))
+        if r is None:
+            return None
+        from runner.state import crypto
+
+        return {"id": r[0], "url": r[1], "events": json.loads(r[2]), "is_test": bool(r[3]),
+                "secret": crypto.decrypt(r[4]) if r[4] else None, "updated": r[5]}
+
+    def webhook_secret_blob(self) -> str | None:
+        """The stored secret as stored (encrypted or not): a server re-decrypts only when it changed."""
+        r = self._row("SELECT secret FROM webhook_subscriptions WHERE destination=?", (self.destination,))
+        return r[0] if r else None
+
+    def save_webhook_subscription(self, subscription_id: str, url: str, events: list[str], is_test: bool,
+                                  secret: str | None = None) -> None:
+        """Committed before anything else happens: Debitura shows a new secret only once. secret=None keeps
+        the stored one (an update that did not regenerate it)."""
+        from runner.state import crypto
+
+        blob = crypto.encrypt(secret) if secret else None
+        self._write(
+            "INSERT INTO webhook_subscriptions (destination, subscription_id, url, events, is_test, secret, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination) DO UPDATE SET "
+            "subscription_id=excluded.subscription_id, url=excluded.url, events=excluded.events, "
+            "is_test=excluded.is_test, secret=COALESCE(excluded.secret, CASE WHEN "
+            "webhook_subscriptions.subscription_id = excluded.subscription_id THEN webhook_subscriptions.secret "
+            "END), updated=excluded.updated",
+            (self.destination, subscription_id, url, json.dumps(sorted(events)), int(is_test), blob, time.time()))
+
+    def delete_webhook_subscription(self) -> None:
+        self._write("DELETE FROM webhook_subscriptions WHERE destination=?", (self.destination,))
+
+    def record_case_event(self, event_id: str, event: str, case_id: str | None, case_reference: str | None,
+                          occurred: str | None, via: str, data: dict) -> bool:
+        """True when recorded now, False when this event id was recorded before (a replay)."""
+        return self._write(
+            "INSERT INTO case_events (destination, event_id, event, case_id, case_reference, occurred, via, data, "
+            "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination, event_id) DO NOTHING",
+            (self.destination, event_id, event, case_id, case_reference, occurred, via,
+             json.dumps(data, sort_keys=True), time.time())) == 1
+
+    def case_events(self, case_ids: Iterable[str]) -> list[dict]:
+        """The recorded events of these cases, oldest first (by Debitura's time, then arrival)."""
+        ids = list(dict.fromkeys(i for i in case_ids if i))
+        out: list[dict] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            out += [{"event_id": r[0], "event": r[1], "case_id": r[2], "case_reference": r[3], "occurred": r[4],
+                     "via": r[5], "data": json.loads(r[6]), "received": r[7]} for r in self._rows(
+                "SELECT event_id, event, case_id, case_reference, occurred, via, data, received FROM case_events "
+                f"WHERE destination=? AND case_id IN ({', '.join('?' * len(chunk))})", [self.destination, *chunk])]
+        out.sort(key=lambda e: (e["occurred"] or "", e["received"]))
+        return out
+
+    def recent_case_ids(self, limit: int = 10) -> list[str]:
+        """The cases whose latest event arrived most recently, newest first."""
+        return [r[0] for r in self._rows(
+            "SELECT case_id FROM case_events WHERE destination=? AND case_id IS NOT NULL GROUP BY case_id "
+            "ORDER BY MAX(received) DESC LIMIT ?", (self.destination, limit))]
+
+    def case_event_totals(self) -> dict:
+        """Events recorded per kind, and the time of the latest."""
+        rows = self._rows("SELECT event, COUNT(*), MAX(received) FROM case_events WHERE destination=? "
+                          "GROUP BY event", (self.destination,))
+        return {"by_event": {r[0]: r[1] for r in rows}, "last": max((r[2] for r in rows), default=None)}
+
+    def note_webhook_refused(self, reason: str) -> None:
+        self._write("INSERT INTO webhook_refusals (destination, refused, last_at, last_reason) VALUES "
+                    "(?, 1, ?, ?) ON CONFLICT (destination) DO UPDATE SET refused=webhook_refusals.refused+1, "
+                    "last_at=excluded.last_at, last_reason=excluded.last_reason",
+                    (self.destination, time.time(), reason[:500]))
+
+    def webhook_refusals(self) -> dict | None:
+        """{refused, last_at, last_reason} of the deliveries refused so far, or None."""
+        r = self._row("SELECT refused, last_at, last_reason FROM webhook_refusals WHERE destination=?",
+                      (self.destination,))
+        return {"refused": r[0], "last_at": r[1], "last_reason": r[2]} if r else None
+
+    def open_cases(self, limit: int) -> list[tuple[str, str | None]]:
+        """(case id, reference) of delivered cases with no recorded close, least recently polled first."""
+        return [(r[0], r[1]) for r in self._rows(
+            "SELECT l.case_id, l.case_reference FROM ledger l LEFT JOIN case_poll_state p ON "
+            "p.destination = l.destination AND p.case_id = l.case_id WHERE l.destination=? AND "
+            "l.status='delivered' AND l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM case_events e WHERE "
+            "e.destination = l.destination AND e.case_id = l.case_id AND e.event='case.closed') "
+            "ORDER BY COALESCE(p.checked, 0), l.updated LIMIT ?", (self.destination, limit))]
+
+    def case_poll_state(self, case_id: str) -> dict | None:
+        r = self._row("SELECT state FROM case_poll_state WHERE destination=? AND case_id=?",
+                      (self.destination, case_id))
+        return json.loads(r[0]) if r else None
+
+    def save_case_poll_state(self, case_id: str, state: dict) -> None:
+        self._write("INSERT INTO case_poll_state (destination, case_id, state, checked) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (destination, case_id) DO UPDATE SET state=excluded.state, "
+                    "checked=excluded.checked", (self.destination, case_id, json.dumps(state), time.time()))
+
+
+class Cursors(Portable):
+    """Change-feed cursors (runner/engine/incremental.py; the table in CURSORS_SCHEMA)."""
+
+    def cursor(self, connection: str, stream: str) -> dict | None:
+        """{cursor, scope, full_at} of a connection's stream, or None (never synced with a change feed)."""
+        r = self._row("SELECT cursor, scope, full_at FROM cursors WHERE connection=? AND stream=?",
+                      (connection, stream))
+        return None if r is None else {"cursor": r[0], "scope": r[1], "full_at": r[2]}
+
+    def save_cursor(self, connection: str, stream: str, cursor: float, scope: str, full_at: float | None) -> None:
+        self._write("INSERT INTO cursors (connection, stream, cursor, scope, full_at, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (connection, stream) DO UPDATE SET "
+                    "cursor=excluded.cursor, scope=excluded.scope, full_at=excluded.full_at, "
+                    "updated=excluded.updated", (connection, stream, cursor, scope, full_at, time.time()))
+
+    def drop_cursor(self, connection: str, stream: str) -> None:
+        """The next run of this stream is a full scan."""
+        self._write("DELETE FROM cursors WHERE connection=? AND stream=?", (connection, stream))
+
+
+class CaseLife(Portable):
     """Store methods for what happens after a case exists (tables in LIFECYCLE_SCHEMA)."""
 
     def _event(self, r) -> dict:
@@ -470,9 +644,8 @@ class CaseLife:
         skip = set(exclude)
         out: list[LedgerRow] = []
         due = 0
-        for r in self.db.execute(
-                "SELECT l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
-                "l.case_reference, l.error, l.first_seen, l.updated FROM ledger l "
+        for r in self._rows(
+                f"SELECT {_LEDGER_ROW} FROM ledger l "
                 "LEFT JOIN case_checks c ON c.destination=l.destination AND c.account_key=l.account_key "
                 "AND c.invoice_id=l.invoice_id WHERE l.destination=? AND l.account_key=? AND l.status='delivered' "
                 "AND l.case_id IS NOT NULL AND COALESCE(c.checked_at, 0) < ? AND NOT EXISTS (SELECT 1 FROM "
@@ -487,17 +660,17 @@ class CaseLife:
         return out, due
 
     def count_cases_to_recheck(self, account_key: str) -> int:
-        return self.db.execute(
+        return self._row(
             "SELECT COUNT(*) FROM ledger l WHERE l.destination=? AND l.account_key=? AND l.status='delivered' AND "
             "l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM source_changes e WHERE e.destination=l.destination "
             "AND e.account_key=l.account_key AND e.invoice_id=l.invoice_id AND e.final=1)",
-            (self.destination, account_key)).fetchone()[0]
+            (self.destination, account_key))[0]
 
     def seen_in_run(self, run_id: int, account_key: str) -> tuple[set[str], dict[str, dict]]:
         """Invoices with a case that this run saw in its window: (those still unpaid, or imported by the run;
         {invoice id: what the source shows} of those no longer unpaid, from their verdict's detail)."""
         unpaid, changed = set(), {}
-        for iid, detail in self.db.execute(
+        for iid, detail in self._rows(
                 "SELECT invoice_id, detail FROM verdicts WHERE run_id=? AND account_key=? AND reason='duplicate'",
                 (run_id, account_key)):
             shows = json.loads(detail).get("at_source") if detail and '"at_source"' in detail else None
@@ -505,45 +678,44 @@ class CaseLife:
                 changed[iid] = shows
             else:
                 unpaid.add(iid)
-        unpaid.update(r[0] for r in self.db.execute(
+        unpaid.update(r[0] for r in self._rows(
             "SELECT invoice_id FROM ledger WHERE destination=? AND run_id=? AND account_key=? AND status='delivered'",
             (self.destination, run_id, account_key)))
         return unpaid - set(changed), changed
 
     def mark_checked(self, account_key: str, invoice_ids: Iterable[str]) -> None:
         now = time.time()
-        with self.tx():
-            self.db.executemany(
+        rows = [(self.destination, account_key, i, now) for i in invoice_ids]
+        if rows:
+            self._write_many(
                 "INSERT INTO case_checks (destination, account_key, invoice_id, checked_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET checked_at=excluded.checked_at",
-                [(self.destination, account_key, i, now) for i in invoice_ids])
+                rows)
 
     def record_source_change(self, account_key: str, invoice_id: str, event_key: str, case_id: str | None, kind: str,
                           final: bool, detail: dict, message: str, run_id: int | None, status: str = "new") -> bool:
         """Record what the source shows; False when this very change was recorded before (nothing new)."""
-        with self.tx():
-            cur = self.db.execute(
-                "INSERT INTO source_changes (destination, account_key, invoice_id, event_key, case_id, kind, final, "
-                "detail, message, status, run_id, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (destination, account_key, invoice_id, event_key) DO NOTHING",
-                (self.destination, account_key, invoice_id, event_key, case_id, kind, int(final),
-                 json.dumps(detail, sort_keys=True), message, status, run_id, time.time()))
-            return cur.rowcount == 1
+        return self._write(
+            "INSERT INTO source_changes (destination, account_key, invoice_id, event_key, case_id, kind, final, "
+            "detail, message, status, run_id, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (destination, account_key, invoice_id, event_key) DO NOTHING",
+            (self.destination, account_key, invoice_id, event_key, case_id, kind, int(final),
+             json.dumps(detail, sort_keys=True), message, status, run_id, time.time())) == 1
 
     def untold_source_changes(self, account_key: str, limit: int = 1000) -> list[dict]:
         """Events not told yet (new, failed, or telling when a run stopped mid-post), oldest first."""
-        return [self._event(r) for r in self.db.execute(
+        return [self._event(r) for r in self._rows(
             "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM source_changes WHERE destination=? AND account_key=? AND "
             "status IN ('new', 'telling', 'failed') ORDER BY seen_at LIMIT ?", (self.destination, account_key, limit))]
 
     def set_source_change(self, account_key: str, invoice_id: str, event_key: str, status: str,
                        chat_id: str | None = None, error: str | None = None) -> None:
         """Committed before the next step: `telling` before the post, `told` right after it."""
-        with self.tx():
-            self.db.execute(
-                "UPDATE source_changes SET status=?, chat_id=COALESCE(?, chat_id), error=?, told_at=CASE WHEN ?='told' "
-                "THEN ? ELSE told_at END WHERE destination=? AND account_key=? AND invoice_id=? AND event_key=?",
-                (status, chat_id, error, status, time.time(), self.destination, account_key, invoice_id, event_key))
+        self._write(
+            "UPDATE source_changes SET status=?, chat_id=COALESCE(?, chat_id), error=?, told_at=CASE WHEN ? THEN ? "
+            "ELSE told_at END WHERE destination=? AND account_key=? AND invoice_id=? AND event_key=?",
+            (status, chat_id, error, status == "told", time.time(), self.destination, account_key, invoice_id,
+             event_key))
 
     def source_changes(self, account_key: str | None = None, invoice_id: str | None = None) -> list[dict]:
         """Events of one invoice (or all), oldest first (explain, status)."""
@@ -552,13 +724,13 @@ class CaseLife:
             where, args = where + " AND account_key=?", args + [account_key]
         if invoice_id is not None:
             where, args = where + " AND invoice_id=?", args + [invoice_id]
-        return [self._event(r) for r in self.db.execute(
+        return [self._event(r) for r in self._rows(
             "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM source_changes WHERE " + where + " ORDER BY seen_at", args)]
 
     def source_change_counts(self) -> dict:
         """{kind: {status: n}} of every event at this destination (status, doctor)."""
         out: dict = {}
-        for kind, status, n in self.db.execute(
+        for kind, status, n in self._rows(
                 "SELECT kind, status, COUNT(*) FROM source_changes WHERE destination=? GROUP BY kind, status",
                 (self.destination,)):
             out.setdefault(kind, {})[status] = n
@@ -569,9 +741,8 @@ class CaseLife:
         """Delivered cases without their document yet (never tried, unsure, or failed fewer than
         `max_attempts` times), with the document row if there is one."""
         out = []
-        for r in self.db.execute(
-                "SELECT l.account_key, l.invoice_id, l.connection, l.number, l.status, l.idempotency_key, l.case_id, "
-                "l.case_reference, l.error, l.first_seen, l.updated, " + ", ".join("d." + c for c in DOCUMENT_COLUMNS)
+        for r in self._rows(
+                f"SELECT {_LEDGER_ROW}, " + ", ".join("d." + c for c in DOCUMENT_COLUMNS)
                 + " FROM ledger l LEFT JOIN case_documents d ON d.destination=l.destination AND "
                 "d.account_key=l.account_key AND d.invoice_id=l.invoice_id WHERE l.destination=? AND l.account_key=? "
                 "AND l.status='delivered' AND l.case_id IS NOT NULL AND (d.status IS NULL OR d.status='uploading' OR "
@@ -584,30 +755,29 @@ class CaseLife:
     def set_document(self, account_key: str, invoice_id: str, case_id: str | None, status: str, *,
                      file_name: str | None = None, content_type: str | None = None, size: int | None = None,
                      file_id: str | None = None, error: str | None = None, attempt: bool = False) -> None:
-        with self.tx():
-            self.db.execute(
-                "INSERT INTO case_documents (destination, account_key, invoice_id, case_id, status, file_name, "
-                "content_type, size, file_id, error, attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET case_id=excluded.case_id, "
-                "status=excluded.status, file_name=COALESCE(excluded.file_name, case_documents.file_name), "
-                "content_type=COALESCE(excluded.content_type, case_documents.content_type), "
-                "size=COALESCE(excluded.size, case_documents.size), file_id=COALESCE(excluded.file_id, "
-                "case_documents.file_id), error=excluded.error, attempts=case_documents.attempts + ?, "
-                "updated=excluded.updated",
-                (self.destination, account_key, invoice_id, case_id, status, file_name, content_type, size, file_id,
-                 error, int(attempt), time.time(), int(attempt)))
+        self._write(
+            "INSERT INTO case_documents (destination, account_key, invoice_id, case_id, status, file_name, "
+            "content_type, size, file_id, error, attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (destination, account_key, invoice_id) DO UPDATE SET case_id=excluded.case_id, "
+            "status=excluded.status, file_name=COALESCE(excluded.file_name, case_documents.file_name), "
+            "content_type=COALESCE(excluded.content_type, case_documents.content_type), "
+            "size=COALESCE(excluded.size, case_documents.size), file_id=COALESCE(excluded.file_id, "
+            "case_documents.file_id), error=excluded.error, attempts=case_documents.attempts + excluded.attempts, "
+            "updated=excluded.updated",
+            (self.destination, account_key, invoice_id, case_id, status, file_name, content_type, size, file_id,
+             error, int(attempt), time.time()))
 
     def case_document(self, account_key: str, invoice_id: str) -> dict | None:
-        r = self.db.execute("SELECT " + ", ".join(DOCUMENT_COLUMNS) + " FROM case_documents WHERE destination=? AND "
-                            "account_key=? AND invoice_id=?", (self.destination, account_key, invoice_id)).fetchone()
+        r = self._row("SELECT " + ", ".join(DOCUMENT_COLUMNS) + " FROM case_documents WHERE destination=? AND "
+                      "account_key=? AND invoice_id=?", (self.destination, account_key, invoice_id))
         return dict(zip(DOCUMENT_COLUMNS, r)) if r else None
 
     def document_counts(self) -> dict:
-        return dict(self.db.execute("SELECT status, COUNT(*) FROM case_documents WHERE destination=? GROUP BY status",
-                                    (self.destination,)).fetchall())
+        return dict(self._rows("SELECT status, COUNT(*) FROM case_documents WHERE destination=? GROUP BY status",
+                               (self.destination,)))
 
 
-class Store(CaseLife):
+class Store(CaseLife, CaseEvents, Cursors):
     kind = "sqlite"
 
     def __init__(self, path: Path | str, destination: str = ""):
@@ -675,6 +845,14 @@ class Store(CaseLife):
     def tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock, transaction(self.db):
             yield self.db
+
+    def _all(self, sql: str, args=()) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _one(self, sql: str, args=()) -> tuple | None:
+        with self._lock:
+            return self.db.execute(sql, args).fetchone()
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
@@ -1030,164 +1208,6 @@ class Store(CaseLife):
         with self.tx():
             self.db.execute("DELETE FROM tokens WHERE connection=?", (connection,))
 
-    # --- Debitura webhooks and case events (runner/inbound/webhooks.py) --------------------------------------
-    def webhook_subscription(self) -> dict | None:
-        """The subscription `runner webhooks sync` made for this store's destination, its secret decrypted."""
-        with self._lock:
-            r = self.db.execute("SELECT subscription_id, url, events, is_test, secret, updated FROM "
-                                "webhook_subscriptions WHERE destination=?", (self.destination,)).fetchone()
-        if r is None:
-            return None
-        from runner.state import crypto
-
-        return {"id": r[0], "url": r[1], "events": json.loads(r[2]), "is_test": bool(r[3]),
-                "secret": crypto.decrypt(r[4]) if r[4] else None, "updated": r[5]}
-
-    def webhook_secret_blob(self) -> str | None:
-        """The stored secret as stored (encrypted or not): a server re-decrypts only when it changed."""
-        with self._lock:
-            r = self.db.execute("SELECT secret FROM webhook_subscriptions WHERE destination=?",
-                                (self.destination,)).fetchone()
-        return r[0] if r else None
-
-    def save_webhook_subscription(self, subscription_id: str, url: str, events: list[str], is_test: bool,
-                                  secret: str | None = None) -> None:
-        """Committed before anything else happens: Debitura shows a new secret only once. secret=None keeps
-        the stored one (an update that did not regenerate it)."""
-        from runner.state import crypto
-
-        blob = crypto.encrypt(secret) if secret else None
-        with self.tx():
-            self.db.execute(
-                "INSERT INTO webhook_subscriptions (destination, subscription_id, url, events, is_test, secret, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination) DO UPDATE SET "
-                "subscription_id=excluded.subscription_id, url=excluded.url, events=excluded.events, "
-                "is_test=excluded.is_test, secret=COALESCE(excluded.secret, CASE WHEN "
-                "webhook_subscriptions.subscription_id = excluded.subscription_id THEN webhook_subscriptions.secret "
-                "END), updated=excluded.updated",
-                (self.destination, subscription_id, url, json.dumps(sorted(events)), int(is_test), blob, time.time()))
-
-    def delete_webhook_subscription(self) -> None:
-        with self.tx():
-            self.db.execute("DELETE FROM webhook_subscriptions WHERE destination=?", (self.destination,))
-
-    def record_case_event(self, event_id: str, event: str, case_id: str | None, case_reference: str | None,
-                          occurred: str | None, via: str, data: dict) -> bool:
-        """True when recorded now, False when this event id was recorded before (a replay)."""
-        with self.tx():
-            cur = self.db.execute(
-                "INSERT INTO case_events (destination, event_id, event, case_id, case_reference, occurred, via, data, "
-                "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (destination, event_id) DO NOTHING",
-                (self.destination, event_id, event, case_id, case_reference, occurred, via,
-                 json.dumps(data, sort_keys=True), time.time()))
-            return cur.rowcount == 1
-
-    def case_events(self, case_ids: Iterable[str]) -> list[dict]:
-        """The recorded events of these cases, oldest first (by Debitura's time, then arrival)."""
-        ids = list(dict.fromkeys(i for i in case_ids if i))
-        out: list[dict] = []
-        with self._lock:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                out += [{"event_id": r[0], "event": r[1], "case_id": r[2], "case_reference": r[3], "occurred": r[4],
-                         "via": r[5], "data": json.loads(r[6]), "received": r[7]} for r in self.db.execute(
-                    "SELECT event_id, event, case_id, case_reference, occurred, via, data, received FROM case_events "
-                    f"WHERE destination=? AND case_id IN ({', '.join('?' * len(chunk))})", [self.destination, *chunk])]
-        out.sort(key=lambda e: (e["occurred"] or "", e["received"]))
-        return out
-
-    def recent_case_ids(self, limit: int = 10) -> list[str]:
-        """The cases whose latest event arrived most recently, newest first."""
-        with self._lock:
-            return [r[0] for r in self.db.execute(
-                "SELECT case_id FROM case_events WHERE destination=? AND case_id IS NOT NULL GROUP BY case_id "
-                "ORDER BY MAX(received) DESC LIMIT ?", (self.destination, limit))]
-
-    def case_event_totals(self) -> dict:
-        """Events recorded per kind, and the time of the latest."""
-        with self._lock:
-            rows = self.db.execute("SELECT event, COUNT(*), MAX(received) FROM case_events WHERE destination=? "
-                                   "GROUP BY event", (self.destination,)).fetchall()
-        return {"by_event": {r[0]: r[1] for r in rows}, "last": max((r[2] for r in rows), default=None)}
-
-    def note_webhook_refused(self, reason: str) -> None:
-        with self.tx():
-            self.db.execute("INSERT INTO webhook_refusals (destination, refused, last_at, last_reason) VALUES "
-                            "(?, 1, ?, ?) ON CONFLICT (destination) DO UPDATE SET refused=refused+1, "
-                            "last_at=excluded.last_at, last_reason=excluded.last_reason",
-                            (self.destination, time.time(), reason[:500]))
-
-    def webhook_refusals(self) -> dict | None:
-        """{refused, last_at, last_reason} of the deliveries refused so far, or None."""
-        with self._lock:
-            r = self.db.execute("SELECT refused, last_at, last_reason FROM webhook_refusals WHERE destination=?",
-                                (self.destination,)).fetchone()
-        return {"refused": r[0], "last_at": r[1], "last_reason": r[2]} if r else None
-
-    def open_cases(self, limit: int) -> list[tuple[str, str | None]]:
-        """(case id, reference) of delivered cases with no recorded close, least recently polled first."""
-        with self._lock:
-            return [(r[0], r[1]) for r in self.db.execute(
-                "SELECT l.case_id, l.case_reference FROM ledger l LEFT JOIN case_poll_state p ON "
-                "p.destination = l.destination AND p.case_id = l.case_id WHERE l.destination=? AND "
-                "l.status='delivered' AND l.case_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM case_events e WHERE "
-                "e.destination = l.destination AND e.case_id = l.case_id AND e.event='case.closed') "
-                "ORDER BY COALESCE(p.checked, 0), l.updated LIMIT ?", (self.destination, limit))]
-
-    def case_poll_state(self, case_id: str) -> dict | None:
-        with self._lock:
-            r = self.db.execute("SELECT state FROM case_poll_state WHERE destination=? AND case_id=?",
-                                (self.destination, case_id)).fetchone()
-        return json.loads(r[0]) if r else None
-
-    def save_case_poll_state(self, case_id: str, state: dict) -> None:
-        with self.tx():
-            self.db.execute("INSERT INTO case_poll_state (destination, case_id, state, checked) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT (destination, case_id) DO UPDATE SET state=excluded.state, "
-                            "checked=excluded.checked", (self.destination, case_id, json.dumps(state), time.time()))
-    # --- change cursors (runner/engine/incremental.py) ---------------------------------------------------
-    # Where each connection's change feed resumes, per stream: the start of its last recorded run, what the
-    # cursor is valid for (account, window rule, filters), and when its last full scan started. Written only
-    # after a run's pages are recorded, so a crash reads the same changes again rather than skipping them.
-    CURSORS_SCHEMA = """
-    CREATE TABLE IF NOT EXISTS cursors (
-        connection TEXT NOT NULL,
-        stream TEXT NOT NULL,
-        cursor REAL NOT NULL,            -- unix time the last recorded run started reading
-        scope TEXT NOT NULL,             -- what the cursor is valid for; another scope means a full scan
-        full_at REAL,                    -- unix time the last full scan started
-        updated REAL NOT NULL,
-        PRIMARY KEY (connection, stream)
-    );
-    """
-
-    def _cursors(self) -> None:
-        if not getattr(self, "_cursors_ready", False):
-            with self.tx():
-                self.db.execute(self.CURSORS_SCHEMA)
-            self._cursors_ready = True
-
-    def cursor(self, connection: str, stream: str) -> dict | None:
-        """{cursor, scope, full_at} of a connection's stream, or None (never synced with a change feed)."""
-        self._cursors()
-        with self._lock:
-            r = self.db.execute("SELECT cursor, scope, full_at FROM cursors WHERE connection=? AND stream=?",
-                                (connection, stream)).fetchone()
-        return None if r is None else {"cursor": r[0], "scope": r[1], "full_at": r[2]}
-
-    def save_cursor(self, connection: str, stream: str, cursor: float, scope: str, full_at: float | None) -> None:
-        self._cursors()
-        with self.tx():
-            self.db.execute("INSERT INTO cursors (connection, stream, cursor, scope, full_at, updated) "
-                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (connection, stream) DO UPDATE SET "
-                            "cursor=excluded.cursor, scope=excluded.scope, full_at=excluded.full_at, "
-                            "updated=excluded.updated", (connection, stream, cursor, scope, full_at, time.time()))
-
-    def drop_cursor(self, connection: str, stream: str) -> None:
-        """The next run of this stream is a full scan."""
-        self._cursors()
-        with self.tx():
-            self.db.execute("DELETE FROM cursors WHERE connection=? AND stream=?", (connection, stream))
     # --- inbound API keys (runner/inbound/apikeys.py) ---------------------------------------------------
     API_KEY_COLS = "id, environment, label, created, revoked, last_used"
 

@@ -20,6 +20,17 @@ TABLES: dict[str, list[str]] = {
     "changes": ["connection", "what", "old", "new", "at"],
     "api_keys": ["id", "environment", "label", "hash", "created", "revoked", "last_used"],
     "inbound_requests": ["connection", "idempotency_key", "body_hash", "status", "response", "at"],
+    "webhook_subscriptions": ["destination", "subscription_id", "url", "events", "is_test", "secret", "updated"],
+    "case_events": ["destination", "event_id", "event", "case_id", "case_reference", "occurred", "via", "data",
+                    "received"],
+    "webhook_refusals": ["destination", "refused", "last_at", "last_reason"],
+    "case_poll_state": ["destination", "case_id", "state", "checked"],
+    "cursors": ["connection", "stream", "cursor", "scope", "full_at", "updated"],
+    "source_changes": ["destination", "account_key", "invoice_id", "event_key", "case_id", "kind", "final", "detail",
+                       "message", "status", "chat_id", "error", "run_id", "seen_at", "told_at"],
+    "case_checks": ["destination", "account_key", "invoice_id", "checked_at"],
+    "case_documents": ["destination", "account_key", "invoice_id", "case_id", "status", "file_name", "content_type",
+                       "size", "file_id", "error", "attempts", "updated"],
 }
 
 
