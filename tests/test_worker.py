@@ -210,3 +210,44 @@ def test_apply_beside_running_workers_delivers_nothing_twice(served, tmp_path, p
     assert codes[3] >= 1, codes  # the first apply met a worker's sync
     assert {ref for ref, n in cases.items() if n > 1} == set()
     assert set(cases) == expected
+
+
+def test_status_shows_schedule_and_the_worker_holding_a_connection(served, tmp_path, pg_url, monkeypatch):
+    """While an apply holds the store, a worker's job of the connection waits (no sync starts) and status names
+    the worker holding the connection; once the apply ends, the sync runs and status shows its last and next."""
+    from runner.cli.diagnostics import schedule_line
+    from runner.diagnostics.checks import worker_schedule
+    from runner.spec import config as config_mod
+    from runner.state import postgres
+
+    base, sim_db = served
+    cfg_path = _workspace(tmp_path, pg_url, base)
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    monkeypatch.setenv("DEBITURA_API_KEY", DEBITURA_KEY)
+    cfg = config_mod.load(cfg_path)
+    assert worker_schedule(cfg) == {"w-stripe": {"every_s": 2.0, "last_started": None, "last_finished": None,
+                                                 "last_status": None, "next_run": None, "worker": None}}
+    apply_lock = psycopg.connect(pg_url, autocommit=True)
+    apply_lock.execute("SELECT pg_advisory_lock(%s)", (postgres.APPLY_LOCK,))  # as `runner apply` holds it
+    proc = _start(cfg_path, tmp_path, 0)
+    try:
+        deadline = time.monotonic() + 60
+        while worker_schedule(cfg)["w-stripe"]["worker"] is None:
+            assert time.monotonic() < deadline and proc.poll() is None, "the worker never took the connection"
+            time.sleep(0.2)
+        s = worker_schedule(cfg)["w-stripe"]
+        assert s["worker"].endswith(f":{proc.pid}")
+        assert f"syncing now on {s['worker']}" in schedule_line(s) and "every 2s" in schedule_line(s)
+        assert _syncs(pg_url) == [] and _cases(sim_db) == []  # nothing delivered while the apply runs
+        apply_lock.close()
+        while worker_schedule(cfg)["w-stripe"]["last_status"] is None:
+            assert time.monotonic() < deadline, "the sync did not run after the apply ended"
+            time.sleep(0.2)
+    finally:
+        apply_lock.close()
+        _stop([proc])
+    s = worker_schedule(cfg)["w-stripe"]
+    assert s["last_status"] == "ok" and s["worker"] is None and s["next_run"] is not None
+    line = schedule_line(s)
+    assert "last sync " in line and "(ok)" in line and "not syncing now" in line
+    assert set(dict(_cases(sim_db))) == _eligible_numbers(0)

@@ -141,11 +141,11 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
     from runner.state import postgres
 
     with psycopg.connect(url, autocommit=True) as guard:
+        guard.execute("UPDATE runner_schedule SET worker = %s, last_started = now(), "
+                      "next_run = now() + make_interval(secs => every_s) WHERE connection = %s", (name, conn.name))
         # Waits while a `runner apply` holds the lock exclusively; released when this connection closes, a
         # killed worker's included.
         guard.execute("SELECT pg_advisory_lock_shared(%s)", (postgres.APPLY_LOCK,))
-        guard.execute("UPDATE runner_schedule SET worker = %s, last_started = now(), "
-                      "next_run = now() + make_interval(secs => every_s) WHERE connection = %s", (name, conn.name))
         # A history of syncs (a killed worker's has no `finished`): what `runner status` and audits read.
         sync_id = guard.execute("INSERT INTO runner_syncs (connection, worker, started) VALUES (%s, %s, %s) "
                                 "RETURNING id", (conn.name, name, time.time())).fetchone()[0]
