@@ -251,3 +251,38 @@ def test_status_shows_schedule_and_the_worker_holding_a_connection(served, tmp_p
     line = schedule_line(s)
     assert "last sync " in line and "(ok)" in line and "not syncing now" in line
     assert set(dict(_cases(sim_db))) == _eligible_numbers(0)
+
+
+def test_worker_serves_health_readiness_and_metrics(served, tmp_path, pg_url):
+    import urllib.request
+
+    from tests.conftest import free_port, wait_for_port
+
+    base, _ = served
+    cfg = _workspace(tmp_path, pg_url, base)
+    port = free_port()
+    log = open(tmp_path / "worker.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "worker", str(cfg), "--port", str(port)],
+                            cwd=tmp_path, env=_env(), stdout=log, stderr=log)
+    try:
+        wait_for_port(port, timeout=60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert r.status == 200
+        deadline = time.monotonic() + 60
+        while True:  # ready once the job queue is connected
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+                    assert r.status == 200
+                    break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and time.monotonic() < deadline
+                time.sleep(0.2)
+        while not any(s[4] for s in _syncs(pg_url)):  # a sync has finished
+            assert time.monotonic() < deadline, "no sync finished"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            body = r.read().decode()
+        assert 'runner_runs_total{command="worker",outcome="ok"}' in body
+    finally:
+        _stop([proc])
+    assert proc.returncode == 143 or proc.returncode == 0, proc.returncode
