@@ -130,7 +130,7 @@ def test_sigkill_workers_at_random_points_every_invoice_once(served, tmp_path, p
     rng = random.Random(SEED)
     procs = {n: _start(cfg, tmp_path, n) for n in range(3)}
     killed_at: dict[str, float] = {}
-    mid_sync = 0
+    mid_sync = importing = 0
     started = time.monotonic()
     try:
         for k in range(KILLS):
@@ -142,6 +142,7 @@ def test_sigkill_workers_at_random_points_every_invoice_once(served, tmp_path, p
                 pid = running[-1][1].rsplit(":", 1)[1]
                 n = next((i for i, p in procs.items() if str(p.pid) == pid), n)
                 mid_sync += str(procs[n].pid) == pid
+            importing += len(_cases(sim_db)) < len(expected)  # cases were still being created
             procs[n].send_signal(signal.SIGKILL)
             procs[n].wait()
             killed_at[str(procs[n].pid)] = time.time()
@@ -170,7 +171,7 @@ def test_sigkill_workers_at_random_points_every_invoice_once(served, tmp_path, p
         nxt = [s[2] for s in syncs if s[2] > at]
         if any(s[1].endswith(":" + pid) and s[3] is None for s in syncs) and nxt:
             gaps.append(min(nxt) - at)
-    print(f"\nworker kills: {len(killed_at)} ({mid_sync} mid-sync), seed {SEED}, syncs {len(syncs)}, "
+    print(f"\nworker kills: {len(killed_at)} ({mid_sync} mid-sync, {importing} while cases were being created), seed {SEED}, syncs {len(syncs)}, "
           f"cases {len(cases)}/{len(expected)}, lost {len(lost)}, twice {len(twice)}, "
           f"longest takeover {max(gaps, default=0):.1f}s")
     assert not twice, f"invoices delivered twice: {sorted(twice)[:10]} (seed {SEED})"
@@ -227,6 +228,13 @@ def test_status_shows_schedule_and_the_worker_holding_a_connection(served, tmp_p
     cfg = config_mod.load(cfg_path)
     assert worker_schedule(cfg) == {"w-stripe": {"every_s": 2.0, "last_started": None, "last_finished": None,
                                                  "last_status": None, "next_run": None, "worker": None}}
+    from runner.engine import schedule
+
+    schedule.prepare(pg_url)
+    schedule.prepare(pg_url)  # idempotent: a second worker starting finds the tables there
+    with psycopg.connect(pg_url) as db:  # a sync of eight days ago: older than the week kept
+        db.execute("INSERT INTO runner_syncs (connection, worker, started, finished, status) "
+                   "VALUES ('w-stripe', 'old:1', %s, %s, 'ok')", (time.time() - 8 * 86400, time.time() - 8 * 86400))
     apply_lock = psycopg.connect(pg_url, autocommit=True)
     apply_lock.execute("SELECT pg_advisory_lock(%s)", (postgres.APPLY_LOCK,))  # as `runner apply` holds it
     proc = _start(cfg_path, tmp_path, 0)
@@ -238,7 +246,7 @@ def test_status_shows_schedule_and_the_worker_holding_a_connection(served, tmp_p
         s = worker_schedule(cfg)["w-stripe"]
         assert s["worker"].endswith(f":{proc.pid}")
         assert f"syncing now on {s['worker']}" in schedule_line(s) and "every 2s" in schedule_line(s)
-        assert _syncs(pg_url) == [] and _cases(sim_db) == []  # nothing delivered while the apply runs
+        assert len(_syncs(pg_url)) == 1 and _cases(sim_db) == []  # nothing synced while the apply runs
         apply_lock.close()
         while worker_schedule(cfg)["w-stripe"]["last_status"] is None:
             assert time.monotonic() < deadline, "the sync did not run after the apply ended"
@@ -251,6 +259,7 @@ def test_status_shows_schedule_and_the_worker_holding_a_connection(served, tmp_p
     line = schedule_line(s)
     assert "last sync " in line and "(ok)" in line and "not syncing now" in line
     assert set(dict(_cases(sim_db))) == _eligible_numbers(0)
+    assert "old:1" not in {w for _, w, *_ in _syncs(pg_url)}, "syncs older than a week are deleted"
 
 
 def test_worker_serves_health_readiness_and_metrics(served, tmp_path, pg_url):

@@ -31,6 +31,7 @@ from loguru import logger
 QUEUE = "runner"
 TASK = "runner.sync"
 SCHEMA_LOCK_NAME = "runner.worker.schema"
+KEEP_SYNCS_S = 7 * 86400  # runner_syncs rows older than this are deleted
 
 SCHEDULE_TABLE = """
 CREATE TABLE IF NOT EXISTS runner_schedule (
@@ -165,6 +166,9 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
                           "WHERE connection = %s", (status, conn.name))
             guard.execute("UPDATE runner_syncs SET finished = %s, status = %s WHERE id = %s",
                           (time.time(), status, sync_id))
+            # A connection synced every few minutes adds hundreds of rows a day: keep a week of them.
+            guard.execute("DELETE FROM runner_syncs WHERE connection = %s AND started < %s",
+                          (conn.name, time.time() - KEEP_SYNCS_S))
     return status
 
 
