@@ -45,10 +45,19 @@ connections:
     base_url: {base}/stripe
     credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
     window: {{last: 90d}}
+{extra}"""
+
+
+SECOND = """  - name: w-stripe-2
+    integration: stripe
+    environment: sandbox
+    base_url: {base}/stripe
+    credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
+    window: {{last: 90d}}
 """
 
 
-def _workspace(tmp_path, url: str, base: str):
+def _workspace(tmp_path, url: str, base: str, extra: str = ""):
     """The config, beside a copy of the Stripe spec without its change feed, re-checks and documents: the
     PostgreSQL store does not keep their state yet (runner/state/postgres.py), and the ledger's guarantees are
     what these tests are about."""
@@ -60,7 +69,7 @@ def _workspace(tmp_path, url: str, base: str):
     (tmp_path / "integrations.d").mkdir()
     (tmp_path / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG.format(url=url, base=base))
+    cfg.write_text(CONFIG.format(url=url, base=base, extra=extra.format(base=base)))
     return cfg
 
 
@@ -119,13 +128,14 @@ def test_worker_refuses_sqlite_state(tmp_path):
 
 
 def test_sigkill_workers_at_random_points_every_invoice_once(served, tmp_path, pg_url):
-    """3 workers sync one connection every 2s; one of them at random is SIGKILLed at a random moment, KILLS
+    """3 workers sync two connections of one Stripe account every 2s (both read the same invoices: the ledger,
+    keyed by the account, must deliver each once); one of them at random is SIGKILLed at a random moment, KILLS
     times, and started again. Afterwards: every eligible invoice is one Debitura case (none lost, none twice),
     every invoice is delivered in the ledger, the syncs of the connection never overlapped, and a killed
     worker's sync was finished by another within the documented bound."""
     base, sim_db = served
     _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
-    cfg = _workspace(tmp_path, pg_url, base)
+    cfg = _workspace(tmp_path, pg_url, base, SECOND)
     expected = _eligible_numbers(SYNTHETIC)
     rng = random.Random(SEED)
     procs = {n: _start(cfg, tmp_path, n) for n in range(3)}
