@@ -305,3 +305,18 @@ def test_worker_serves_health_readiness_and_metrics(served, tmp_path, pg_url):
     finally:
         _stop([proc])
     assert proc.returncode == 143 or proc.returncode == 0, proc.returncode
+
+
+def test_schedule_per_connection_overrides_the_default_and_a_bad_interval_is_explained(tmp_path, monkeypatch):
+    from runner.spec import config as config_mod
+
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    monkeypatch.setenv("DEBITURA_API_KEY", DEBITURA_KEY)
+    cfg_path = _workspace(tmp_path, "state.db", "http://127.0.0.1:9", SECOND + "    schedule: {{every: 1h}}\n")
+    cfg = config_mod.load(cfg_path)
+    assert [c.schedule_every for c in cfg.connections] == [2.0, 3600.0]
+    cfg_path.write_text(cfg_path.read_text().replace("{every: 1h}", "{every: 5 minutes}"))
+    r = run_cli("validate", str(cfg_path), env=_env(), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "config.yaml:" in out and "schedule" in out and "schedule: {every: 5m}" in out, out
