@@ -190,6 +190,18 @@ def status(config_file, output, exit_code):
     sys.exit(EXIT_FAILED if exit_code and bad else EXIT_OK)
 
 
+def schedule_line(s: dict) -> str:
+    """`runner worker`'s side of a connection: its schedule, last and next sync, who holds it now."""
+    every = s["every_s"]
+    every = (f"{every / 3600:g}h" if every >= 3600 and every % 3600 == 0 else f"{every / 60:g}m"
+             if every >= 60 and every % 60 == 0 else f"{every:g}s")
+    last = s["last_started"] or "never"
+    if s["last_status"] and s["last_finished"]:
+        last += f" ({s['last_status']})"
+    holder = f"syncing now on {s['worker']}" if s["worker"] else "not syncing now"
+    return f"worker schedule: every {every}; last sync {last}; next {s['next_run'] or 'when a worker starts'}; {holder}"
+
+
 def _status_text(st: dict) -> None:
     for c in st["connections"]:
         acct = c["account"].get("name") or c["account"].get("id")
@@ -198,6 +210,8 @@ def _status_text(st: dict) -> None:
         if c["state"] != "active":
             _echo(f"  state: {c['state']}" + (f" → {c['fix']}" if c.get("fix") else ""), fg="red")
         _echo(f"  last successful sync: {c['last_success'] or 'never'}")
+        if c.get("schedule"):
+            _echo("  " + schedule_line(c["schedule"]))
         if c["last_error"]:
             _echo(f"  last error ({c['last_error_at']}): {c['last_error']}", fg="red")
         lr = c["last_run"]

@@ -34,6 +34,7 @@ LAZY = {
     "integrations": "runner.cli.integrations:integrations",
     "webhooks": "runner.cli.webhooks:webhooks",
     "state": "runner.cli.state:state",
+    "worker": "runner.cli.worker:worker",
 }
 
 

@@ -1220,6 +1220,7 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
     if last_runs is None:
         last_runs = _last_runs_by_connection(store)
     conns = []
+    scheduled = worker_schedule(cfg)
     for conn in cfg.connections:
         row = store.connection(conn.name)
         run, c = last_runs.get(conn.name, (None, None))
@@ -1239,6 +1240,8 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
                                  "after_case": c.get("after_case") or {}}
         if row.get("status") == "needs_reconnect":
             entry["fix"] = f"runner connect {conn.name}"
+        if scheduled is not None:
+            entry["schedule"] = scheduled[conn.name]
         conns.append(entry)
     from runner.state import safe_url
 
@@ -1248,6 +1251,28 @@ def status(cfg: Config, store, last_runs: dict[str, tuple[dict, dict]] | None = 
     if cases is not None:
         out["debitura_cases"] = cases
     return redact_obj(out)
+
+
+def worker_schedule(cfg: Config) -> dict[str, dict] | None:
+    """Per connection, what `runner worker` does with it: its interval, last and next sync, the worker syncing
+    it now. None when the state is not on PostgreSQL (no worker can run)."""
+    url = getattr(cfg, "state_url", None)
+    if url is None:
+        return None
+    from runner.engine import schedule
+
+    rows = schedule.schedule_rows(url)
+
+    def when(dt) -> str | None:
+        return None if dt is None else _when(dt.timestamp())
+
+    out = {}
+    for conn in cfg.connections:
+        r = rows.get(conn.name) or {}
+        out[conn.name] = {"every_s": conn.schedule_every, "last_started": when(r.get("last_started")),
+                          "last_finished": when(r.get("last_finished")), "last_status": r.get("last_status"),
+                          "next_run": when(r.get("next_run")), "worker": r.get("worker")}
+    return out
 
 
 def after_case_totals(store) -> dict:

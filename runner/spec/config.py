@@ -75,6 +75,7 @@ class Connection:
     options: dict
     enabled: bool = True
     full_scan_every: float = 86400.0  # seconds between full scans where the spec reads a change feed
+    schedule_every: float = 300.0  # seconds between two syncs by `runner worker` (`schedule: {every: 5m}`)
     problems: list[Problem] = field(default_factory=list)  # non-fatal in lenient mode (doctor)
     index: int = 0
 
@@ -490,7 +491,9 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
                       options=_options(doc, spec, raw.get("options") or {}, p, problems),
                       enabled=raw.get("enabled", True), index=index,
                       full_scan_every=specs.interval_seconds(raw.get("full_scan_every") or defaults.get("full_scan_every")
-                                                       or "1d"))
+                                                       or "1d"),
+                      schedule_every=specs.interval_seconds((raw.get("schedule") or defaults.get("schedule")
+                                                             or {"every": "5m"})["every"]))
     if not spec.names_account and not conn.account_id:
         conn.problems.append(doc.problem(
             p, f"integration '{spec.id}' cannot tell which account its invoices come from, and the ledger must "

@@ -1,0 +1,322 @@
+"""`runner worker`: several worker processes on one PostgreSQL ledger, killed at random points.
+
+Real processes against a real PostgreSQL (tests/pgserver.py) and `runner sandbox serve` (the Stripe simulator
+with synthetic invoices, the Debitura simulator persisting its cases). Reproduce the full kill run:
+    RUNNER_WORKER_KILLS=50 RUNNER_WORKER_SEED=<seed> pytest -q -s tests/test_worker.py -k sigkill
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psycopg
+
+try:
+    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli
+    from tests.test_crash import _cases, _eligible_numbers, _post, served  # noqa: F401 (a fixture)
+except ImportError:  # tests/ without __init__.py
+    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli
+    from test_crash import _cases, _eligible_numbers, _post, served  # noqa: F401
+
+KILLS = int(os.environ.get("RUNNER_WORKER_KILLS", "5"))
+SYNTHETIC = int(os.environ.get("RUNNER_WORKER_INVOICES", "1500"))
+SEED = int(os.environ.get("RUNNER_WORKER_SEED", str(random.SystemRandom().randrange(1 << 30))))
+STALLED_AFTER = 3  # seconds: --stalled-after of the workers under test
+
+CONFIG = """
+state: "{url}"
+integrations_dir: integrations.d
+defaults:
+  schedule: {{every: 2s}}
+destination:
+  type: debitura
+  environment: sandbox
+  base_url: {base}/debitura
+  api_key: "${{DEBITURA_API_KEY}}"
+connections:
+  - name: w-stripe
+    integration: stripe
+    environment: sandbox
+    base_url: {base}/stripe
+    credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
+    window: {{last: 90d}}
+{extra}"""
+
+
+SECOND = """  - name: w-stripe-2
+    integration: stripe
+    environment: sandbox
+    base_url: {base}/stripe
+    credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
+    window: {{last: 90d}}
+"""
+
+
+def _workspace(tmp_path, url: str, base: str, extra: str = ""):
+    """The config, beside a copy of the Stripe spec without its change feed, re-checks and documents: the
+    PostgreSQL store does not keep their state yet (runner/state/postgres.py), and the ledger's guarantees are
+    what these tests are about."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
+    for key in ("changes", "recheck", "document"):
+        spec.pop(key, None)
+    (tmp_path / "integrations.d").mkdir()
+    (tmp_path / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG.format(url=url, base=base, extra=extra.format(base=base)))
+    return cfg
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STRIPE_API_KEY": STRIPE_KEY, "DEBITURA_API_KEY": DEBITURA_KEY}
+    env.pop("RUNNER_SECRET_KEY", None)
+    return env
+
+
+def _start(cfg, tmp_path, n: int) -> subprocess.Popen:
+    log = open(tmp_path / f"worker-{n}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "runner", "worker", str(cfg), "--concurrency", "2",
+                             "--stalled-after", str(STALLED_AFTER)], cwd=tmp_path, env=_env(),
+                            stdout=log, stderr=log)
+
+
+def _syncs(url: str) -> list[tuple]:
+    with psycopg.connect(url) as db:
+        try:
+            return db.execute("SELECT connection, worker, started, finished, status FROM runner_syncs "
+                              "ORDER BY started").fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+
+
+def _assert_one_at_a_time(syncs: list[tuple], killed_at: dict[str, float]) -> None:
+    """No two syncs of one connection overlap; a killed worker's sync ends at the moment it was killed."""
+    by_conn: dict[str, list[tuple[float, float, str]]] = {}
+    for conn, worker, started, finished, _ in syncs:
+        end = finished if finished is not None else killed_at.get(worker.rsplit(":", 1)[1], float("inf"))
+        by_conn.setdefault(conn, []).append((started, end, worker))
+    for conn, spans in by_conn.items():
+        spans.sort()
+        for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"{conn}: a sync by {w2} started at {s2} while {w1}'s ({s1}..{e1}) ran"
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def test_worker_refuses_sqlite_state(tmp_path):
+    cfg = _workspace(tmp_path, "state.db", "http://127.0.0.1:9")
+    r = run_cli("worker", str(cfg), env=_env(), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "PostgreSQL" in r.stderr and "runner state migrate" in r.stderr
+    assert not (tmp_path / "state.db").exists()
+
+
+def test_sigkill_workers_at_random_points_every_invoice_once(served, tmp_path, pg_url):
+    """3 workers sync two connections of one Stripe account every 2s (both read the same invoices: the ledger,
+    keyed by the account, must deliver each once); one of them at random is SIGKILLed at a random moment, KILLS
+    times, and started again. Afterwards: every eligible invoice is one Debitura case (none lost, none twice),
+    every invoice is delivered in the ledger, the syncs of the connection never overlapped, and a killed
+    worker's sync was finished by another within the documented bound."""
+    base, sim_db = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
+    cfg = _workspace(tmp_path, pg_url, base, SECOND)
+    expected = _eligible_numbers(SYNTHETIC)
+    rng = random.Random(SEED)
+    procs = {n: _start(cfg, tmp_path, n) for n in range(3)}
+    killed_at: dict[str, float] = {}
+    mid_sync = importing = 0
+    started = time.monotonic()
+    try:
+        for k in range(KILLS):
+            assert time.monotonic() - started < 60 + 20 * KILLS, "the kill loop is far slower than expected"
+            time.sleep(rng.uniform(0.2, 3.0))  # a random point of the workers' lives, not a timing crutch
+            running = [s for s in _syncs(pg_url) if s[3] is None and s[1].rsplit(":", 1)[1] not in killed_at]
+            n = rng.randrange(3)
+            if running and rng.random() < 0.8:  # mostly the worker that is syncing right now
+                pid = running[-1][1].rsplit(":", 1)[1]
+                n = next((i for i, p in procs.items() if str(p.pid) == pid), n)
+                mid_sync += str(procs[n].pid) == pid
+            importing += len(_cases(sim_db)) < len(expected)  # cases were still being created
+            procs[n].send_signal(signal.SIGKILL)
+            procs[n].wait()
+            killed_at[str(procs[n].pid)] = time.time()
+            procs[n] = _start(cfg, tmp_path, n)
+        # Every sync a kill interrupted is finished by a worker, and the connection's invoices all land.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            cases = dict(_cases(sim_db))
+            last = max((s for s in _syncs(pg_url)), key=lambda s: s[2], default=None)
+            if set(cases) >= expected and last is not None and last[2] > max(killed_at.values(), default=0) \
+                    and any(s[3] is not None and s[4] == "ok" and s[2] > max(killed_at.values(), default=0)
+                            for s in _syncs(pg_url)):
+                break
+            time.sleep(0.5)
+    finally:
+        _stop(procs.values())
+    cases = dict(_cases(sim_db))
+    twice = {ref: n for ref, n in cases.items() if n > 1}
+    lost = expected - set(cases)
+    syncs = _syncs(pg_url)
+    with psycopg.connect(pg_url) as db:
+        ledger = Counter(dict(db.execute("SELECT status, COUNT(*) FROM ledger GROUP BY status").fetchall()))
+    # Recovery bound: after a kill, the next sync of the connection starts within stalled-after + a poll.
+    gaps = []
+    for pid, at in killed_at.items():
+        nxt = [s[2] for s in syncs if s[2] > at]
+        if any(s[1].endswith(":" + pid) and s[3] is None for s in syncs) and nxt:
+            gaps.append(min(nxt) - at)
+    print(f"\nworker kills: {len(killed_at)} ({mid_sync} mid-sync, {importing} while cases were being created), seed {SEED}, syncs {len(syncs)}, "
+          f"cases {len(cases)}/{len(expected)}, lost {len(lost)}, twice {len(twice)}, "
+          f"longest takeover {max(gaps, default=0):.1f}s")
+    assert not twice, f"invoices delivered twice: {sorted(twice)[:10]} (seed {SEED})"
+    assert not lost, f"{len(lost)} invoices never delivered, e.g. {sorted(lost)[:10]} (seed {SEED})"
+    assert set(cases) == expected
+    assert ledger.get("delivered", 0) >= len(expected) and set(ledger) <= {"delivered", "imported"}, ledger
+    _assert_one_at_a_time(syncs, killed_at)
+    assert max(gaps, default=0) < STALLED_AFTER * 2 + 10, gaps
+
+
+def test_apply_beside_running_workers_delivers_nothing_twice(served, tmp_path, pg_url):
+    """`runner apply` while two workers sync the same connection: it either refuses (exit 3, a worker holds
+    the store) or runs while no worker syncs; every invoice is one case."""
+    base, sim_db = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
+    cfg = _workspace(tmp_path, pg_url, base)
+    expected = _eligible_numbers(SYNTHETIC)
+    procs = [_start(cfg, tmp_path, n) for n in range(2)]
+    codes = Counter()
+    try:
+        deadline = time.monotonic() + 120
+        while not _syncs(pg_url):  # a worker has started a sync
+            assert time.monotonic() < deadline, "no worker started a sync"
+            time.sleep(0.2)
+        for _ in range(4):
+            r = run_cli("apply", str(cfg), env=_env(), cwd=tmp_path)
+            codes[r.returncode] += 1
+            assert r.returncode in (0, 3), r.stderr
+            if r.returncode == 3:
+                assert "another `runner apply`" in r.stderr
+        while set(dict(_cases(sim_db))) < expected:
+            assert time.monotonic() < deadline, "the invoices were not all delivered"
+            time.sleep(0.5)
+    finally:
+        _stop(procs)
+    cases = dict(_cases(sim_db))
+    assert codes[3] >= 1, codes  # the first apply met a worker's sync
+    assert {ref for ref, n in cases.items() if n > 1} == set()
+    assert set(cases) == expected
+
+
+def test_status_shows_schedule_and_the_worker_holding_a_connection(served, tmp_path, pg_url, monkeypatch):
+    """While an apply holds the store, a worker's job of the connection waits (no sync starts) and status names
+    the worker holding the connection; once the apply ends, the sync runs and status shows its last and next."""
+    from runner.cli.diagnostics import schedule_line
+    from runner.diagnostics.checks import worker_schedule
+    from runner.spec import config as config_mod
+    from runner.state import postgres
+
+    base, sim_db = served
+    cfg_path = _workspace(tmp_path, pg_url, base)
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    monkeypatch.setenv("DEBITURA_API_KEY", DEBITURA_KEY)
+    cfg = config_mod.load(cfg_path)
+    assert worker_schedule(cfg) == {"w-stripe": {"every_s": 2.0, "last_started": None, "last_finished": None,
+                                                 "last_status": None, "next_run": None, "worker": None}}
+    from runner.engine import schedule
+
+    schedule.prepare(pg_url)
+    schedule.prepare(pg_url)  # idempotent: a second worker starting finds the tables there
+    with psycopg.connect(pg_url) as db:  # a sync of eight days ago: older than the week kept
+        db.execute("INSERT INTO runner_syncs (connection, worker, started, finished, status) "
+                   "VALUES ('w-stripe', 'old:1', %s, %s, 'ok')", (time.time() - 8 * 86400, time.time() - 8 * 86400))
+    apply_lock = psycopg.connect(pg_url, autocommit=True)
+    apply_lock.execute("SELECT pg_advisory_lock(%s)", (postgres.APPLY_LOCK,))  # as `runner apply` holds it
+    proc = _start(cfg_path, tmp_path, 0)
+    try:
+        deadline = time.monotonic() + 60
+        while worker_schedule(cfg)["w-stripe"]["worker"] is None:
+            assert time.monotonic() < deadline and proc.poll() is None, "the worker never took the connection"
+            time.sleep(0.2)
+        s = worker_schedule(cfg)["w-stripe"]
+        assert s["worker"].endswith(f":{proc.pid}")
+        assert f"syncing now on {s['worker']}" in schedule_line(s) and "every 2s" in schedule_line(s)
+        assert len(_syncs(pg_url)) == 1 and _cases(sim_db) == []  # nothing synced while the apply runs
+        apply_lock.close()
+        while worker_schedule(cfg)["w-stripe"]["last_status"] is None:
+            assert time.monotonic() < deadline, "the sync did not run after the apply ended"
+            time.sleep(0.2)
+    finally:
+        apply_lock.close()
+        _stop([proc])
+    s = worker_schedule(cfg)["w-stripe"]
+    assert s["last_status"] == "ok" and s["worker"] is None and s["next_run"] is not None
+    line = schedule_line(s)
+    assert "last sync " in line and "(ok)" in line and "not syncing now" in line
+    assert set(dict(_cases(sim_db))) == _eligible_numbers(0)
+    assert "old:1" not in {w for _, w, *_ in _syncs(pg_url)}, "syncs older than a week are deleted"
+
+
+def test_worker_serves_health_readiness_and_metrics(served, tmp_path, pg_url):
+    import urllib.request
+
+    from tests.conftest import free_port, wait_for_port
+
+    base, _ = served
+    cfg = _workspace(tmp_path, pg_url, base)
+    port = free_port()
+    log = open(tmp_path / "worker.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "worker", str(cfg), "--port", str(port)],
+                            cwd=tmp_path, env=_env(), stdout=log, stderr=log)
+    try:
+        wait_for_port(port, timeout=60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert r.status == 200
+        deadline = time.monotonic() + 60
+        while True:  # ready once the job queue is connected
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+                    assert r.status == 200
+                    break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and time.monotonic() < deadline
+                time.sleep(0.2)
+        while not any(s[4] for s in _syncs(pg_url)):  # a sync has finished
+            assert time.monotonic() < deadline, "no sync finished"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            body = r.read().decode()
+        assert 'runner_runs_total{command="worker",outcome="ok"}' in body
+    finally:
+        _stop([proc])
+    assert proc.returncode == 143 or proc.returncode == 0, proc.returncode
+
+
+def test_schedule_per_connection_overrides_the_default_and_a_bad_interval_is_explained(tmp_path, monkeypatch):
+    from runner.spec import config as config_mod
+
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    monkeypatch.setenv("DEBITURA_API_KEY", DEBITURA_KEY)
+    cfg_path = _workspace(tmp_path, "state.db", "http://127.0.0.1:9", SECOND + "    schedule: {{every: 1h}}\n")
+    cfg = config_mod.load(cfg_path)
+    assert [c.schedule_every for c in cfg.connections] == [2.0, 3600.0]
+    cfg_path.write_text(cfg_path.read_text().replace("{every: 1h}", "{every: 5 minutes}"))
+    r = run_cli("validate", str(cfg_path), env=_env(), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "config.yaml:" in out and "schedule" in out and "schedule: {every: 5m}" in out, out
