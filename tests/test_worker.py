@@ -58,14 +58,10 @@ SECOND = """  - name: w-stripe-2
 
 
 def _workspace(tmp_path, url: str, base: str, extra: str = ""):
-    """The config, beside a copy of the Stripe spec without its change feed, re-checks and documents: the
-    PostgreSQL store does not keep their state yet (runner/state/postgres.py), and the ledger's guarantees are
-    what these tests are about."""
+    """The config, beside a copy of the built-in Stripe spec (change feed, re-checks and documents included)."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
-    for key in ("changes", "recheck", "document"):
-        spec.pop(key, None)
     (tmp_path / "integrations.d").mkdir()
     (tmp_path / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = tmp_path / "config.yaml"
