@@ -1,7 +1,7 @@
 """Change feeds: a scheduled run reads only the invoices that changed since the last one.
 
-A spec's `changes:` section says how its provider reports changes since a moment (Stripe's events list,
-QuickBooks' change data capture, Zoho's last_modified_time filter). Each connection keeps a cursor per
+A spec's `changes:` section says how its provider reports changes since a moment (an events list, change
+data capture, a last-modified filter on the invoice list). Each connection keeps a cursor per
 stream in the state store: the moment its last recorded run started. A run then either
 
 - reads the change feed since the cursor (minus the spec's `overlap`), keeps the newest version of each
@@ -193,7 +193,7 @@ class ChangeFeed:
     async def enrich(self, records: list) -> None:
         """The feed's own detail lookups (what a change item lacks), then the invoice list's, for the invoices
         that may be imported: a paid, void or deleted one gets its verdict (and its re-check) from its own
-        fields, and a feed of payments must not cost a customer look-up each (Zoho counts every call)."""
+        fields, and a feed of payments must not cost a customer look-up each (providers may count every call)."""
         unpaid = self.source.stream.unpaid
         todo = []
         for rec in records:

@@ -628,7 +628,7 @@ class InboundServer:
                 answer["errors"] = [{"invoice": i, "invoice_id": item["invoice_id"], "reason": item["reason"],
                                      "message": item["message"], "fix": item["fix"]} for i, item in to_fix[:MAX_ERRORS]]
                 answer["errors_total"] = len(to_fix)
-            if single:  # one invoice posted on its own: its result at the top, with the `id` a Zapier create expects
+            if single:  # one invoice posted on its own: its result at the top, with the `id` a create action expects
                 answer = {"id": items[0]["invoice_id"], **items[0], **answer}
         # Committed before the answer leaves: the verdicts, the run, the connection's health.
         store.record_verdicts(run_id, verdict_rows(conn.name, source.account_key, recorded))
@@ -674,7 +674,7 @@ class InboundServer:
     # Newest first, `limit` items a page. When more are left, the answer carries the next page's address in
     # the `X-Next-Cursor` header (and a `Link: <…>; rel="next"` header): `?cursor=` with it returns the items
     # after the last one of this page, however many arrived in between. The body stays a plain list, which is
-    # what Zapier's polling triggers read.
+    # what polling triggers read.
     def _page_params(self, request):
         """(limit, cursor position or None, None) or (None, None, the 422 to answer)."""
         raw_limit = (request.query_params.get("limit") or "").strip()

@@ -71,7 +71,7 @@ def verify(secret: str, header: str | None, body: bytes, now: float | None = Non
     except (binascii.Error, ValueError):
         return "the configured webhook secret is not base64 (as Debitura issues it): it cannot check signatures"
     digest = hmac.new(key, f"{t}.".encode() + body, hashlib.sha256).digest()
-    # The OpenAPI document does not say how v1 is encoded: hex (as Stripe-style schemes do) and base64 both match.
+    # The OpenAPI document does not say how v1 is encoded: hex (as many signing schemes do) and base64 both match.
     expected = (digest.hex().encode(), base64.b64encode(digest))
     good = False
     for sig in sigs:

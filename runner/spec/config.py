@@ -529,7 +529,7 @@ def _connection(doc, raw, p, index, defaults, base, integrations_dir, problems, 
 
 
 def _test_into_production(doc, conn: Connection, raw: dict, dest: Destination) -> Problem | None:
-    """A connection reading an environment of test data (a Stripe test-mode key, a QuickBooks sandbox company)
+    """A connection reading an environment of test data (a test-mode API key, a provider's sandbox company)
     must not create real collection cases: refused when the destination is Debitura production without isTest."""
     env = conn.spec.environments[conn.environment]
     if not env.test or env.test_cases or raw.get("allow_test_source"):
