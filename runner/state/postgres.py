@@ -264,7 +264,7 @@ def unreachable(url: str, exc: BaseException) -> StateFileError:
                               "the right to create tables in it)")
 
 
-class Store(sqlite.CaseLife, sqlite.CaseEvents, sqlite.Cursors):
+class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Cursors):
     kind = "postgresql"
     PARAM = "%s"  # the shared methods' `?` (sqlite.Portable)
 
@@ -542,59 +542,11 @@ class Store(sqlite.CaseLife, sqlite.CaseEvents, sqlite.Cursors):
                 f" AND {IMPORTED} ORDER BY seq LIMIT %s", [*args, limit - len(rows)])]
         return rows
 
-    # --- connections -----------------------------------------------------------------------------------
-    _CONN_COLS = ["name", "integration", "status", "account_id", "account_name", "credential_fingerprint", "data",
-                  "last_success", "last_error", "last_error_at", "last_run_id"]
-
-    def connection(self, name: str) -> dict:
-        r = self._one(f"SELECT {', '.join(self._CONN_COLS)} FROM connections WHERE name=%s", (name,))
-        if r is None:
-            return {"name": name, "status": "active", "data": {}}
-        d = dict(zip(self._CONN_COLS, r))
-        d["data"] = json.loads(d["data"] or "{}")
-        return d
-
-    def update_connection(self, name: str, **fields) -> None:
-        """Upsert fields of a connection's row; records a `changes` row when the account or credential changes."""
-        cur = self.connection(name)
-        if "data" in fields:
-            fields["data"] = json.dumps({**cur.get("data", {}), **fields["data"]})
-        now = time.time()
-        changes = []
-        for what in ("account_id", "account_name", "credential_fingerprint"):
-            if what in fields and cur.get(what) and fields[what] and cur.get(what) != fields[what]:
-                changes.append((name, what, cur.get(what), fields[what], now))
-        cols = ["name", "updated"] + [c for c in fields if c in self._CONN_COLS]
-        vals = [name, now] + [fields[c] for c in cols[2:]]
-        with self.tx() as db:
-            db.execute(f"INSERT INTO connections ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
-                       "ON CONFLICT (name) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols[1:]), vals)
-            if changes:
-                with db.cursor() as c:
-                    c.executemany("INSERT INTO changes (connection, what, old, new, at) VALUES (%s, %s, %s, %s, %s)",
-                                  changes)
-
-    def changes(self, name: str, limit: int = 20) -> list[dict]:
-        return [{"what": r[0], "old": r[1], "new": r[2], "at": r[3]} for r in self._all(
-            "SELECT what, old, new, at FROM changes WHERE connection=%s ORDER BY at DESC LIMIT %s", (name, limit))]
-
     # --- tokens ----------------------------------------------------------------------------------------
-    def get_token(self, connection: str) -> dict | None:
-        r = self._one("SELECT token FROM tokens WHERE connection=%s", (connection,))
-        if r is None:
-            return None
-        from runner.state import crypto
-
-        return json.loads(crypto.decrypt(r[0]))
-
     def save_token(self, connection: str, token: dict) -> None:
         """Committed before the caller uses the token: a rotated refresh token is never lost."""
         with self.tx() as db:
             _save_token(db, connection, token)
-
-    def delete_token(self, connection: str) -> None:
-        with self.tx() as db:
-            db.execute("DELETE FROM tokens WHERE connection=%s", (connection,))
 
     @contextmanager
     def refreshing(self, connection: str) -> Iterator[tuple[dict | None, callable]]:

@@ -504,6 +504,63 @@ class Portable:
                 cur.close()
 
 
+class Connections(Portable):
+    """A connection's health row, its changes and its OAuth token, the same SQL on both backends."""
+
+    COLUMNS = ("name", "integration", "status", "account_id", "account_name", "credential_fingerprint", "data",
+               "last_success", "last_error", "last_error_at", "last_run_id")
+
+    def connection(self, name: str) -> dict:
+        r = self._row(f"SELECT {', '.join(self.COLUMNS)} FROM connections WHERE name=?", (name,))
+        if r is None:
+            return {"name": name, "status": "active", "data": {}}
+        d = dict(zip(self.COLUMNS, r))
+        d["data"] = json.loads(d["data"] or "{}")
+        return d
+
+    def update_connection(self, name: str, **fields) -> None:
+        """Upsert fields of a connection's row; records a `changes` row when the account or credential changes."""
+        unknown = set(fields) - set(self.COLUMNS)
+        if unknown:  # a caller's mistake, on either backend
+            raise TypeError(f"update_connection: no column {', '.join(sorted(unknown))}")
+        cur = self.connection(name)
+        if "data" in fields:
+            fields["data"] = json.dumps({**cur.get("data", {}), **fields["data"]})
+        now = time.time()
+        changes = []
+        for what in ("account_id", "account_name", "credential_fingerprint"):
+            if what in fields and cur.get(what) and fields[what] and cur.get(what) != fields[what]:
+                changes.append((name, what, cur.get(what), fields[what], now))
+        cols = ["name", "updated"] + list(fields)
+        vals = [name, now] + list(fields.values())
+        with self.tx() as db:
+            db.execute(self._q(f"INSERT INTO connections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                               "ON CONFLICT (name) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols[1:])),
+                       vals)
+            if changes:
+                c = db.cursor()
+                try:
+                    c.executemany(self._q("INSERT INTO changes (connection, what, old, new, at) VALUES (?, ?, ?, ?, ?)"),
+                                  changes)
+                finally:
+                    c.close()
+
+    def changes(self, name: str, limit: int = 20) -> list[dict]:
+        return [{"what": r[0], "old": r[1], "new": r[2], "at": r[3]} for r in self._rows(
+            "SELECT what, old, new, at FROM changes WHERE connection=? ORDER BY at DESC LIMIT ?", (name, limit))]
+
+    def get_token(self, connection: str) -> dict | None:
+        r = self._row("SELECT token FROM tokens WHERE connection=?", (connection,))
+        if r is None:
+            return None
+        from runner.state import crypto
+
+        return json.loads(crypto.decrypt(r[0]))
+
+    def delete_token(self, connection: str) -> None:
+        self._write("DELETE FROM tokens WHERE connection=?", (connection,))
+
+
 class CaseEvents(Portable):
     """Debitura webhooks and case events (runner/inbound/webhooks.py; tables in WEBHOOKS_SCHEMA)."""
 
@@ -777,7 +834,7 @@ class CaseLife(Portable):
                                (self.destination,)))
 
 
-class Store(CaseLife, CaseEvents, Cursors):
+class Store(Connections, CaseLife, CaseEvents, Cursors):
     kind = "sqlite"
 
     def __init__(self, path: Path | str, destination: str = ""):
@@ -1129,57 +1186,7 @@ class Store(CaseLife, CaseEvents, Cursors):
                 f" AND {IMPORTED} LIMIT ?", [*args, limit - len(rows)])]
         return rows
 
-    # --- connections -----------------------------------------------------------------------------------
-    def connection(self, name: str) -> dict:
-        with self._lock:
-            return self._connection(name)
-
-    def _connection(self, name: str) -> dict:
-        r = self.db.execute("SELECT name, integration, status, account_id, account_name, credential_fingerprint, "
-                            "data, last_success, last_error, last_error_at, last_run_id FROM connections WHERE name=?",
-                            (name,)).fetchone()
-        if r is None:
-            return {"name": name, "status": "active", "data": {}}
-        keys = ["name", "integration", "status", "account_id", "account_name", "credential_fingerprint", "data",
-                "last_success", "last_error", "last_error_at", "last_run_id"]
-        d = dict(zip(keys, r))
-        d["data"] = json.loads(d["data"] or "{}")
-        return d
-
-    def update_connection(self, name: str, **fields) -> None:
-        """Upsert fields of a connection's row; records a `changes` row when the account or credential changes."""
-        cur = self.connection(name)
-        if "data" in fields:
-            fields["data"] = json.dumps({**cur.get("data", {}), **fields["data"]})
-        now = time.time()
-        changes = []
-        for what in ("account_id", "account_name", "credential_fingerprint"):
-            if what in fields and cur.get(what) and fields[what] and cur.get(what) != fields[what]:
-                changes.append((name, what, cur.get(what), fields[what], now))
-        cols = ["name", "updated"] + list(fields)
-        vals = [name, now] + list(fields.values())
-        with self.tx():
-            self.db.execute(
-                f"INSERT INTO connections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                f"ON CONFLICT (name) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols[1:]), vals)
-            if changes:
-                self.db.executemany("INSERT INTO changes (connection, what, old, new, at) VALUES (?, ?, ?, ?, ?)",
-                                    changes)
-
-    def changes(self, name: str, limit: int = 20) -> list[dict]:
-        return [{"what": r[0], "old": r[1], "new": r[2], "at": r[3]} for r in self.db.execute(
-            "SELECT what, old, new, at FROM changes WHERE connection=? ORDER BY at DESC LIMIT ?", (name, limit))]
-
     # --- tokens ----------------------------------------------------------------------------------------
-    def get_token(self, connection: str) -> dict | None:
-        with self._lock:
-            r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
-        if r is None:
-            return None
-        from runner.state import crypto
-
-        return json.loads(crypto.decrypt(r[0]))
-
     def save_token(self, connection: str, token: dict) -> None:
         """Committed (durably) before the caller uses the token: a rotated refresh token is never lost."""
         from runner.state import crypto
@@ -1203,10 +1210,6 @@ class Store(CaseLife, CaseEvents, Cursors):
         with self.tx():
             r = self.db.execute("SELECT token FROM tokens WHERE connection=?", (connection,)).fetchone()
             yield (json.loads(crypto.decrypt(r[0])) if r else None), save
-
-    def delete_token(self, connection: str) -> None:
-        with self.tx():
-            self.db.execute("DELETE FROM tokens WHERE connection=?", (connection,))
 
     # --- inbound API keys (runner/inbound/apikeys.py) ---------------------------------------------------
     API_KEY_COLS = "id, environment, label, created, revoked, last_used"
