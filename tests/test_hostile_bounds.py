@@ -20,7 +20,8 @@ MEMORY = 1 << 30  # 1 GiB of address space for each hostile run
 ENV = {"STRIPE_API_KEY": STRIPE_KEY, "DEBITURA_API_KEY": "dbt_sandbox_live_Hq7Xv2Lm9Pz4"}
 
 
-def _limit() -> None:
+def limit_memory() -> None:
+    """In the child, before it runs: at most MEMORY of address space (a blow-up is a MemoryError, not a hang)."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
 
 
@@ -30,7 +31,7 @@ def bounded(args: list[str], *, timeout: float = 30, cwd=None, env=None) -> tupl
     start = time.monotonic()
     try:
         r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
-                           timeout=timeout, preexec_fn=_limit)
+                           timeout=timeout, preexec_fn=limit_memory)
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running after {timeout} s: {args}")
     return r, time.monotonic() - start

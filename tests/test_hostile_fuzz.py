@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,24 +22,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import ROOT
+from test_hostile_bounds import CONFIG, limit_memory  # the same config, and the same 1 GiB bound
 
 SEED = int(os.environ.get("RUNNER_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 CASES = 40  # about 0.5 s each: the whole file stays well under a minute
-MEMORY = 1 << 30
 TIMEOUT = 30
 SPEC = (ROOT / "integrations.d" / "stripe.yaml").read_text()
-CONFIG = """\
-version: 1
-state: state.db
-integrations_dir: integrations.d
-destination: {type: jsonl, path: out.jsonl}
-connections:
-  - name: s
-    integration: stripe
-    environment: sandbox
-    credentials: {api_key: "${file:sandbox-secrets/stripe_api_key}"}
-    window: {last: 90d}
-"""
 
 
 @dataclass
@@ -236,10 +223,6 @@ def generate(seed: int, n: int) -> list[Case]:
     return [kind(rnd) for kind in kinds[:n]]
 
 
-def _limits() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
-
-
 def _workspace(tmp, case: Case):
     shutil.copytree(ROOT / "sandbox-secrets", tmp / "sandbox-secrets")
     (tmp / "integrations.d").mkdir()
@@ -268,7 +251,7 @@ def test_hostile_configs_and_specs_end_in_a_clear_error(tmp_path, index):
     try:
         r = subprocess.run([sys.executable, "-m", "runner", case.command,
                             *(["--check-secrets"] if case.command == "validate" else []), str(config)], capture_output=True,
-                           text=True, cwd=tmp_path, env=env, timeout=TIMEOUT, preexec_fn=_limits)
+                           text=True, cwd=tmp_path, env=env, timeout=TIMEOUT, preexec_fn=limit_memory)
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung for more than {TIMEOUT} s: {where}")
     out = r.stdout + r.stderr
