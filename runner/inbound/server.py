@@ -38,6 +38,7 @@ from loguru import logger
 
 from runner import metrics
 from runner.inbound import apikeys
+from runner.inbound.body import read_bounded
 from runner.spec import config as config_mod
 from runner.engine import destinations
 from runner.engine import pipeline
@@ -385,16 +386,8 @@ class InboundServer:
         (None, the 413 to answer)."""
         too_large = self._json(413, {"error": "too_large", "message": f"the payload is over {MAX_BODY // 1024 // 1024}"
                                      f" MB: send at most {MAX_INVOICES} invoices per request, in smaller batches"})
-        declared = request.headers.get("content-length")
-        declared = (declared or "").strip()
-        if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY):
-            return None, too_large
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > MAX_BODY:
-                return None, too_large
-        return bytes(buf), None
+        body = await read_bounded(request, MAX_BODY)
+        return (None, too_large) if body is None else (body, None)
 
     async def invoices(self, request):
         key, refused = self.authenticate(request, "invoices")

@@ -25,6 +25,7 @@ from typing import Any
 from loguru import logger
 
 from runner.errors import ConfigError, DestinationError, Problem, ProviderError, RunnerError
+from runner.inbound.body import read_bounded
 from runner.spec.config import WEBHOOK_EVENTS, Config
 
 ROUTE = "/v1/webhooks/debitura"
@@ -170,19 +171,8 @@ class Receiver:
             self.store.note_webhook_refused(reason)
         return self._json(status, {"error": "refused", "message": reason})
 
-    async def _read(self, request) -> bytes | None:
-        declared = (request.headers.get("content-length") or "").strip()
-        if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY):
-            return None
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > MAX_BODY:
-                return None
-        return bytes(buf)
-
     async def handle(self, request):
-        raw = await self._read(request)
+        raw = await read_bounded(request, MAX_BODY)
         if raw is None:
             return self._refuse(413, f"the body is over {MAX_BODY // 1024} KB", request)
         try:
