@@ -42,7 +42,7 @@ connections:
   - name: w-stripe
     integration: stripe
     environment: sandbox
-    base_url: {base}/stripe
+    base_url: {stripe_base}
     credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
     window: {{last: 90d}}
 {extra}"""
@@ -51,21 +51,26 @@ connections:
 SECOND = """  - name: w-stripe-2
     integration: stripe
     environment: sandbox
-    base_url: {base}/stripe
+    base_url: {stripe_base}
     credentials: {{api_key: "${{STRIPE_API_KEY}}"}}
     window: {{last: 90d}}
 """
 
 
-def _workspace(tmp_path, url: str, base: str, extra: str = ""):
-    """The config, beside a copy of the built-in Stripe spec (change feed, re-checks and documents included)."""
+def _workspace(tmp_path, url: str, base: str, extra: str = "", *, spec_change=None, stripe_base: str | None = None):
+    """The config, beside a copy of the built-in Stripe spec (change feed, re-checks and documents included,
+    unless `spec_change` edits it); the Stripe connections call `stripe_base` (default: the simulator)."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "integrations.d" / "stripe.yaml").read_text())
+    if spec_change is not None:
+        spec_change(spec)
     (tmp_path / "integrations.d").mkdir()
     (tmp_path / "integrations.d" / "stripe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG.format(url=url, base=base, extra=extra.format(base=base)))
+    stripe_base = stripe_base or base + "/stripe"
+    cfg.write_text(CONFIG.format(url=url, base=base, stripe_base=stripe_base,
+                                 extra=extra.format(base=base, stripe_base=stripe_base)))
     return cfg
 
 
@@ -75,10 +80,10 @@ def _env() -> dict:
     return env
 
 
-def _start(cfg, tmp_path, n: int) -> subprocess.Popen:
+def _start(cfg, tmp_path, n: int, concurrency: int = 2, stalled_after: float = STALLED_AFTER) -> subprocess.Popen:
     log = open(tmp_path / f"worker-{n}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "runner", "worker", str(cfg), "--concurrency", "2",
-                             "--stalled-after", str(STALLED_AFTER)], cwd=tmp_path, env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "runner", "worker", str(cfg), "--concurrency", str(concurrency),
+                             "--stalled-after", str(stalled_after)], cwd=tmp_path, env=_env(),
                             stdout=log, stderr=log)
 
 

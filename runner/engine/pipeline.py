@@ -133,6 +133,14 @@ def _text(expr, view) -> str | None:
     return None if v is None or v == "" else str(v)
 
 
+def _share_budget(store, http: Http | None) -> None:
+    """A store other processes use too (PostgreSQL) keeps the request budgets of the accounts this run calls,
+    so runners side by side stay within each account's limits together."""
+    budget = store.rate_budget() if store is not None else None
+    if budget is not None and http is not None and http.limiter is not None:
+        http.limiter.share(budget)
+
+
 def credential_fingerprint(conn: Connection) -> str | None:
     """One short, non-reversible name for a connection's credentials: a rotated key shows up as a change,
     and connections with the same credentials share one rate limit."""
@@ -175,6 +183,7 @@ class Source:
         self.http = Http(clients, self.base_url, policy=Policy.from_spec(self.spec.retry, self.spec.retry_after),
                          limiter=limiter_for(scope_value, rl), label=self.spec.name, pool=conn.name,
                          advice=self.spec.auth.advice)
+        _share_budget(store, self.http)
         self.auth = None
         self.today = datetime.now(conn.window.zone).date()
         self.today_iso = self.today.isoformat()
@@ -1067,6 +1076,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     dest = destinations.make(cfg.destination, clients)
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)
+        _share_budget(store, getattr(dest, "http", None))
     pool = Workers(conns, dest if mode == "apply" else None, store,
                    recover=(lambda: _recover_local_sink(store, dest, clear=False)) if hasattr(dest, "recover") else None)
     run_id = None

@@ -16,7 +16,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 from urllib.parse import quote_plus, unquote, urlsplit
 
 import httpcore
@@ -69,11 +69,22 @@ class Policy:
                    deadline_s=raw.get("deadline_s", DEADLINE_S))
 
 
+class SharedBudget(Protocol):
+    """Request budgets kept where several processes see them (runner/state/postgres.py RateBudget)."""
+
+    def take(self, scope: str, interval: float | None, windows: tuple[tuple[int, float], ...]) -> tuple[float, bool]:
+        """One request: (seconds to wait, taken); not taken: ask again after the wait."""
+
+    def hold(self, scope: str, seconds: float) -> None:
+        """No request of `scope` before `seconds` from now, in any process."""
+
+
 class Limiter:
-    """A token bucket plus a concurrency cap, shared by every connection with the same scope."""
+    """A token bucket plus a concurrency cap, shared by every connection with the same scope in this process
+    and, with a shared budget (share), by every process on the same state store."""
 
     def __init__(self, per_second: float | None, concurrency: int | None,
-                 windows: list[tuple[int, float]] | None = None):
+                 windows: list[tuple[int, float]] | None = None, scope: str = ""):
         self.rate = per_second
         self.capacity = max(1.0, per_second or 1.0)
         # Start with one token, not a full bucket: a burst at start-up is what trips a provider's limiter.
@@ -84,6 +95,27 @@ class Limiter:
         self.paused_until = 0.0
         # Quotas over longer windows (e.g. 20,000 an hour besides 2,000 a minute): an exact sliding log each.
         self.windows = [(int(n), float(s), collections.deque()) for n, s in (windows or [])]
+        self.scope = scope  # whose budget: a provider account's (limiter_for)
+        self.shared: SharedBudget | None = None  # a budget other processes draw on too (share)
+
+    def share(self, budget: "SharedBudget") -> None:
+        """Draw on `budget` as well, under this limiter's scope: the processes that share a state store (workers
+        on several machines) then stay within the declared limits together. This process's own bucket still
+        paces its requests; the shared budget spaces them among all."""
+        self.shared = budget
+
+    async def _take_shared(self) -> None:
+        interval = 1.0 / self.rate if self.rate else None
+        windows = tuple((n, s) for n, s, _ in self.windows)
+        while True:
+            wait, taken = await asyncio.to_thread(self.shared.take, self.scope, interval, windows)
+            if not taken and wait >= QUOTA_WAIT_LOGGED_S:
+                logger.warning("a quota shared with the other runners on this state store is used up: waiting {} "
+                               "before the next request", _duration(wait))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if taken:
+                return
 
     def _window_full(self, now: float) -> tuple[str, int]:
         """Which quota window is full (for the log line): its span in words and its number of requests."""
@@ -124,7 +156,15 @@ class Limiter:
                     self.tokens -= 1.0
                 for _, _, log in self.windows:
                     log.append(now)
+                if self.shared is not None:
+                    await self._take_shared()
                 return
+
+    async def hold(self, seconds: float) -> None:
+        """A 429 told us to wait: pause here (pause) and, with a shared budget, in every process sharing it."""
+        self.pause(seconds)
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.hold, self.scope, seconds)
 
     def pause(self, seconds: float) -> None:
         """A 429 told us to wait: every request sharing this budget waits, not only the one refused. The
@@ -156,7 +196,7 @@ def limiter_for(scope: str, rate_limit: dict | None) -> Limiter:
     key = (scope, rps, rate_limit.get("concurrency"), windows)
     lim = _limiters.get(key)
     if lim is None:
-        lim = _limiters[key] = Limiter(rps, rate_limit.get("concurrency"), list(windows))
+        lim = _limiters[key] = Limiter(rps, rate_limit.get("concurrency"), list(windows), scope=scope)
     return lim
 
 
@@ -643,7 +683,7 @@ class Http:
                 elif time.monotonic() + wait >= deadline:
                     raise _status_error(self.label, resp, attempt, method, self.advice)
                 if resp.status == 429 and self.limiter is not None:
-                    self.limiter.pause(wait)
+                    await self.limiter.hold(wait)
                 logger.info("{} {}: HTTP {} — retrying in {:.1f}s (attempt {}/{})", method, _short(url),
                             resp.status, wait, attempt, self.policy.attempts)
                 self.retries += 1

@@ -52,7 +52,8 @@ def _types(script: str) -> str:
     return re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", script))
 
 
-# Numbered as runner/state/sqlite.py's MIGRATIONS; applied in order, each in the transaction that records it.
+# Numbered as runner/state/sqlite.py's MIGRATIONS (3 is PostgreSQL's alone); applied in order, each in the
+# transaction that records it.
 MIGRATIONS: list[tuple[int, str]] = [(1, """
 CREATE TABLE IF NOT EXISTS ledger (
     account_key TEXT NOT NULL,
@@ -146,7 +147,21 @@ CREATE TABLE IF NOT EXISTS inbound_requests (
     PRIMARY KEY (connection, idempotency_key)
 );
 """), (2, "".join(_types(script) for script in (sqlite.WEBHOOKS_SCHEMA, sqlite.CURSORS_SCHEMA,
-                                                  sqlite.LIFECYCLE_SCHEMA)))]
+                                                  sqlite.LIFECYCLE_SCHEMA))), (3, """
+-- PostgreSQL's own (an SQLite store has one runner at a time): the request budgets of provider accounts,
+-- shared by every process on this database (RateBudget).
+CREATE TABLE IF NOT EXISTS rate_budgets (
+    scope TEXT PRIMARY KEY,
+    tat DOUBLE PRECISION NOT NULL  -- when the scope's next request may go (the server's clock, unix seconds)
+);
+CREATE TABLE IF NOT EXISTS rate_windows (
+    scope TEXT NOT NULL,
+    span DOUBLE PRECISION NOT NULL,  -- the quota's window, seconds (3600: an hourly quota)
+    bucket BIGINT NOT NULL,          -- floor(time / (span / RateBudget.BUCKETS))
+    used INTEGER NOT NULL,
+    PRIMARY KEY (scope, span, bucket)
+);
+""")]
 VERSION = MIGRATIONS[-1][0]
 
 
@@ -297,6 +312,10 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         from runner.state import safe_url
 
         return safe_url(self.url)
+
+    def rate_budget(self) -> RateBudget:
+        """The request budgets every process on this database shares (see RateBudget)."""
+        return rate_budget(self.url)
 
     def close(self) -> None:
         if self._apply is not None:
@@ -631,6 +650,89 @@ def _save_token(db: psycopg.Connection, connection: str, token: dict) -> None:
     db.execute("INSERT INTO tokens (connection, token, updated) VALUES (%s, %s, %s) ON CONFLICT (connection) "
                "DO UPDATE SET token=excluded.token, updated=excluded.updated",
                (connection, crypto.encrypt(json.dumps(token)), time.time()))
+
+
+class RateBudget:
+    """The request budget of each provider account (a limiter's scope), shared by every process that uses this
+    database: two workers syncing two connections of one account stay within the account's declared limit
+    together, not each. One row per scope, read and written under its row lock, by the server's clock (the
+    machines' clocks may differ):
+
+    - the rate (requests_per_second or _minute): the generic cell rate algorithm. `tat` is when the scope's
+      next request may go; each request takes the later of `tat` and now, and moves `tat` on by one interval.
+      No burst is granted across processes: requests are spaced by the interval, whoever sends them.
+    - quotas over long windows (requests_per_hour or _day): counts per sixtieth of the window. A request goes
+      when the counts of the BUCKETS + 1 buckets that cover the last window (and any later) are under the
+      quota, so no window of that length ever holds more; the price is up to a sixtieth of the quota unused.
+    - a 429's wait (`hold`): `tat` moves to the end of the wait, so every process waits, not only the one
+      refused.
+
+    One connection per process and database, kept across syncs; calls come from threads (asyncio.to_thread)."""
+
+    BUCKETS = 60
+
+    def __init__(self, url: str):
+        self.url = url
+        self._db: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _row(self, scope: str) -> Iterator[tuple[psycopg.Connection, float, float]]:
+        """(connection, tat, now) in a transaction that holds the scope's row."""
+        with self._lock:
+            try:
+                if self._db is None or self._db.closed:
+                    self._db = psycopg.connect(self.url, autocommit=True)
+                with self._db.transaction():
+                    self._db.execute("INSERT INTO rate_budgets (scope, tat) VALUES (%s, 0) ON CONFLICT DO NOTHING",
+                                     (scope,))
+                    tat, now = self._db.execute(
+                        "SELECT tat, extract(epoch FROM clock_timestamp())::float8 FROM rate_budgets "
+                        "WHERE scope = %s FOR UPDATE", (scope,)).fetchone()
+                    yield self._db, tat, now
+            except psycopg.Error as exc:
+                if self._db is not None and self._db.broken:
+                    self._db = None
+                raise unreachable(self.url, exc) from None
+
+    def take(self, scope: str, interval: float | None, windows: tuple[tuple[int, float], ...] = ()) -> tuple[float, bool]:
+        """One request of `scope`: (seconds to wait, taken). Taken: the request is counted and goes after the
+        wait. Not taken (a quota is used up): nothing is counted; ask again after the wait."""
+        with self._row(scope) as (db, tat, now):
+            go = max(tat, now)
+            for limit, span in windows:
+                width = span / self.BUCKETS
+                bucket = int(go // width)
+                db.execute("DELETE FROM rate_windows WHERE scope = %s AND span = %s AND bucket < %s",
+                           (scope, span, bucket - self.BUCKETS))
+                used = db.execute("SELECT coalesce(sum(used), 0) FROM rate_windows WHERE scope = %s AND span = %s",
+                                  (scope, span)).fetchone()[0]
+                if used >= limit:
+                    return max((bucket + 1) * width - now, 0.001), False
+            for limit, span in windows:
+                db.execute("INSERT INTO rate_windows (scope, span, bucket, used) VALUES (%s, %s, %s, 1) "
+                           "ON CONFLICT (scope, span, bucket) DO UPDATE SET used = rate_windows.used + 1",
+                           (scope, span, int(go // (span / self.BUCKETS))))
+            if interval:
+                db.execute("UPDATE rate_budgets SET tat = %s WHERE scope = %s", (go + interval, scope))
+            return go - now, True
+
+    def hold(self, scope: str, seconds: float) -> None:
+        """The provider asked `scope` to wait `seconds` (a 429): no process sends before then."""
+        with self._row(scope) as (db, tat, now):
+            if now + seconds > tat:
+                db.execute("UPDATE rate_budgets SET tat = %s WHERE scope = %s", (now + seconds, scope))
+
+
+_budgets: dict[str, RateBudget] = {}
+
+
+def rate_budget(url: str) -> RateBudget:
+    """This process's RateBudget of the database at `url` (one connection, kept across syncs)."""
+    budget = _budgets.get(url)
+    if budget is None:
+        budget = _budgets[url] = RateBudget(url)
+    return budget
 
 
 class AdvisoryLock:

@@ -1036,6 +1036,11 @@ class Store(Connections, CaseLife, CaseEvents, Cursors):
     def _lookup(self, db, account_key: str, ids: list[str]) -> dict[str, LedgerRow]:
         return lookup(db, self.destination, account_key, ids)
 
+    def rate_budget(self) -> None:
+        """No budget shared with other processes: one runner syncs on an SQLite store at a time, and its own
+        limiters (runner/net/http.py) hold it to the declared limits (see the PostgreSQL store's)."""
+        return None
+
     def reader_target(self) -> tuple[str, str] | None:
         """(path, destination) for another process's ledger lookups (runner/engine/workers.py); None in memory."""
         return None if str(self.path) == ":memory:" else (str(self.path), self.destination)
