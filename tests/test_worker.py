@@ -17,10 +17,10 @@ from collections import Counter
 import psycopg
 
 try:
-    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli
+    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli, use_backend
     from tests.test_crash import _cases, _eligible_numbers, _post, served  # noqa: F401 (a fixture)
 except ImportError:  # tests/ without __init__.py
-    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli
+    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli, use_backend
     from test_crash import _cases, _eligible_numbers, _post, served  # noqa: F401
 
 KILLS = int(os.environ.get("RUNNER_WORKER_KILLS", "5"))
@@ -321,3 +321,30 @@ def test_schedule_per_connection_overrides_the_default_and_a_bad_interval_is_exp
     assert r.returncode == 2, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "config.yaml:" in out and "schedule" in out and "schedule: {every: 5m}" in out, out
+
+
+def test_a_workers_syncs_keep_each_connections_recent_verdicts(tmp_path, sandbox_env, pg_url):
+    """`keep_runs` counts each connection's own syncs in a worker: every sync is a run of its own, and counted
+    together, the syncs of the other connections (500 of them, every 5 minutes) pruned a connection's
+    verdicts of skipped invoices minutes after they were written, so `runner explain` had nothing to show."""
+    from runner.engine import schedule
+    from runner.spec import config as config_mod
+
+    try:
+        from tests.conftest import SANDBOX_CONFIG, write_config
+    except ImportError:
+        from conftest import SANDBOX_CONFIG, write_config
+
+    text = SANDBOX_CONFIG.format(server_filters="false")
+    second = text[text.index("  - name: acme-stripe"):].replace("acme-stripe", "acme-stripe-eu")
+    cfg_path = write_config(tmp_path, text.replace("state: state/state.db",
+                                                   "state: {type: sqlite, path: state/state.db, keep_runs: 1}") + second)
+    cfg = config_mod.load(use_backend(cfg_path, pg_url))
+    schedule.prepare(pg_url)
+    first, other = cfg.connections[0], cfg.connections[1]
+    for conn in (first, other, other, other):
+        assert schedule.run_sync(cfg, pg_url, conn, "test:1") == "ok"
+    with psycopg.connect(pg_url) as db:
+        kept = dict(db.execute("SELECT connection, count(DISTINCT run_id) FROM verdicts GROUP BY 1").fetchall())
+    assert kept.get(first.name) == 1, kept  # its one sync's verdicts, after three syncs of another connection
+    assert kept.get(other.name) == 1, kept  # and the other's last sync's only

@@ -155,7 +155,9 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
             store = state.open_store(cfg, destination=ledger_id(cfg.destination))
             try:
                 result = asyncio.run_coroutine_threadsafe(
-                    pipeline.sync(cfg, mode="apply", store=store, connections=[conn], command="worker"),
+                    # A run per sync, named after its connection: `keep_runs` then keeps each connection's
+                    # last syncs, not the last few syncs of all the connections together.
+                    pipeline.sync(cfg, mode="apply", store=store, connections=[conn], command=f"worker {conn.name}"),
                     sync_loop()).result()
             finally:
                 store.close()

@@ -161,6 +161,8 @@ CREATE TABLE IF NOT EXISTS rate_windows (
     used INTEGER NOT NULL,
     PRIMARY KEY (scope, span, bucket)
 );
+-- Retention counts the runs of one command (a worker's: of one connection) among hundreds of thousands.
+CREATE INDEX IF NOT EXISTS runs_command ON runs (command, id);
 """)]
 VERSION = MIGRATIONS[-1][0]
 
