@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Many connections on one PostgreSQL ledger: one `runner apply` against two `runner worker` processes on the
+same machine, and the per-connection costs a capacity model needs.
+
+    python bench/workers.py                              # 500 connections x 2,000 invoices, 50 ms a request
+    python bench/workers.py --connections 100 --latency-ms 0
+    RUNNER_BENCH_PG_URL=postgresql://user@host/postgres python bench/workers.py   # an existing server
+
+Each scenario gets a new database on the server (tests/pgserver.py's, durable, as bench/store.py) and a
+workspace of N connections of the peers' fake Stripe server (bench/workspace.py: each connection an account
+of its own, the same 2,000 invoices each; jsonl destination):
+
+1. `runner apply` (the first import of every connection), then `runner apply` again (every invoice already
+   delivered: what a scheduled sync costs when nothing changed, with the full read of the window);
+2. two `runner worker --concurrency C` processes on a fresh database, from start until every connection has
+   one finished sync (the first import); then every connection is made due again and two new workers sync
+   them all (the steady state). Each pass's walls count from the workers' start, as an apply's do.
+
+It prints the walls side by side, and, from the workers' steady state, the CPU seconds and wall seconds one
+sync of one connection costs (the workers' process trees, from their rusage; the server's processes, from
+/proc), and what they make of how many connections a worker machine sustains at a 5-minute schedule
+(docs/worker.md explains the model).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+from bench import workspace  # noqa: E402
+from bench.run import ENV, PY, FakeServer, log, runner_cmd  # noqa: E402
+
+
+WORKER_ENV = dict(kv.split("=", 1) for kv in os.environ.get("BENCH_WORKER_ENV", "").split() if "=" in kv)
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds of every PostgreSQL process on this machine, ended backends included (the postmaster's
+    children's time)."""
+    hz, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if "(postgres)" in stat:
+            fields = stat.rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])
+    return total / hz
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _database(server_url: str) -> str:
+    import psycopg
+
+    name = "bench_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def _workspace(work: Path, server_url: str, fake_url: str, connections: int) -> tuple[Path, str]:
+    cfg = workspace.make(work, fake_url, connections=connections)
+    db = _database(server_url)
+    text = cfg.read_text().replace("state: state/state.db", f"state: {db}")
+    cfg.write_text(text + "defaults:\n  schedule: {every: 1h}\n")  # one sync of each, until made due again
+    return cfg, db
+
+
+def _finished(db: str, since: float) -> int:
+    import psycopg
+
+    with psycopg.connect(db) as c:
+        try:
+            return c.execute("SELECT count(DISTINCT connection) FROM runner_syncs WHERE finished IS NOT NULL "
+                             "AND status = 'ok' AND started >= %s", (since,)).fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+
+
+def _sync_walls(db: str, since: float) -> list[float]:
+    import psycopg
+
+    with psycopg.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT finished - started FROM runner_syncs WHERE started >= %s AND "
+                                        "finished IS NOT NULL", (since,)).fetchall()]
+
+
+def _apply(cfg: Path) -> tuple[float, float, float]:
+    cpu, pg = _children_cpu(), _postgres_cpu()
+    t0 = time.perf_counter()
+    r = subprocess.run(runner_cmd(cfg), cwd=cfg.parent, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = time.perf_counter() - t0
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"runner apply failed: {r.stderr.decode()[-2000:]}")
+    return wall, _children_cpu() - cpu, _postgres_cpu() - pg
+
+
+def _workers(cfg: Path, db: str, connections: int, n: int, concurrency: int) -> tuple[float, float, float, list]:
+    """`n` workers started together, stopped (SIGTERM) once every connection has one finished sync since they
+    started: (wall, their CPU with their children's, PostgreSQL's CPU, each sync's wall)."""
+    logs = cfg.parent / "workers.log"
+    cpu, pg = _children_cpu(), _postgres_cpu()
+    start = time.time()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([PY, "-m", "runner", "worker", str(cfg), "--concurrency", str(concurrency)],
+                              cwd=cfg.parent, env={**ENV, **WORKER_ENV}, stdout=open(logs, "ab"),
+                              stderr=subprocess.STDOUT)
+             for _ in range(n)]
+    try:
+        while _finished(db, start) < connections:
+            if any(p.poll() is not None for p in procs):
+                raise SystemExit(f"a worker stopped: {logs.read_text()[-2000:]}")
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+    return wall, _children_cpu() - cpu, _postgres_cpu() - pg, sorted(_sync_walls(db, start))
+
+
+def _due_again(db: str) -> None:
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("UPDATE runner_schedule SET next_run = now()")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", type=int, default=500)
+    ap.add_argument("--invoices", type=int, default=2000, help="per connection")
+    ap.add_argument("--latency-ms", type=int, default=50, help="the fake server's latency per request")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=4, help="each worker's --concurrency")
+    args = ap.parse_args()
+
+    server_url = os.environ.get("RUNNER_BENCH_PG_URL")
+    started = None
+    if not server_url:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import pgserver
+
+        server_url, pid, root = pgserver.start(durable=True)
+        started = (pid, root)
+    tmp = Path(tempfile.mkdtemp(prefix="runner-bench-workers-"))
+    try:
+        with FakeServer(args.invoices, latency_ms=args.latency_ms) as fake:
+            records = fake.stats()["workload"]["records"]
+            log(f"{args.connections} connections x {args.invoices} invoices ({records} open each), "
+                f"{args.latency_ms} ms a request")
+            cfg, _ = _workspace(tmp / "apply", server_url, fake.url, args.connections)
+            first = _apply(cfg)
+            log(f"apply: first import {first[0]:.1f} s")
+            steady = _apply(cfg)
+            log(f"apply: re-run {steady[0]:.1f} s")
+            cfg, db = _workspace(tmp / "workers", server_url, fake.url, args.connections)
+            wfirst = _workers(cfg, db, args.connections, args.workers, args.concurrency)
+            log(f"workers: first import {wfirst[0]:.1f} s")
+            _due_again(db)
+            wsteady = _workers(cfg, db, args.connections, args.workers, args.concurrency)
+            log(f"workers: every connection again {wsteady[0]:.1f} s")
+    finally:
+        if started is not None:
+            pgserver.stop(*started)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    n, walls = args.connections, wsteady[3]
+    per_sync_cpu = (wsteady[1] + wsteady[2]) / n
+    per_sync_wall = walls[len(walls) // 2]
+    print(f"| scenario ({n} connections x {args.invoices:,} invoices, {args.latency_ms} ms/request) | wall s | "
+          f"runner CPU s | PostgreSQL CPU s |")
+    print("|---|---|---|---|")
+    print(f"| `runner apply`, first import | {first[0]:.1f} | {first[1]:.1f} | {first[2]:.1f} |")
+    print(f"| {args.workers} workers (--concurrency {args.concurrency}), first import | {wfirst[0]:.1f} | "
+          f"{wfirst[1]:.1f} | {wfirst[2]:.1f} |")
+    print(f"| `runner apply`, re-run (nothing new) | {steady[0]:.1f} | {steady[1]:.1f} | {steady[2]:.1f} |")
+    print(f"| {args.workers} workers, every connection again (nothing new) | {wsteady[0]:.1f} | {wsteady[1]:.1f} | "
+          f"{wsteady[2]:.1f} |")
+    ratio = wfirst[0] / first[0]
+    print(f"\nfirst import: {args.workers} workers {ratio:.2f}x one apply (goal: not slower, <= 1.0x: "
+          f"{'MET' if ratio <= 1.0 else 'NOT MET'}); steady state {wsteady[0] / steady[0]:.2f}x")
+    print(f"one steady-state sync of one connection: {per_sync_cpu * 1000:.0f} ms of CPU (runner + PostgreSQL), "
+          f"{per_sync_wall:.2f} s of wall (median; p90 {walls[int(len(walls) * 0.9)]:.2f} s)")
+    cores = os.cpu_count() or 1
+    by_cpu = 300 * cores / per_sync_cpu
+    by_slots = 300 * args.concurrency / per_sync_wall
+    print(f"capacity at a 5-minute schedule, per worker machine of {cores} cores and --concurrency "
+          f"{args.concurrency}: min(CPU: 300 s x {cores} / {per_sync_cpu:.3f} s = {by_cpu:.0f}, slots: 300 s x "
+          f"{args.concurrency} / {per_sync_wall:.2f} s = {by_slots:.0f}) = {min(by_cpu, by_slots):.0f} connections")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
