@@ -342,8 +342,11 @@ def test_a_workers_syncs_keep_each_connections_recent_verdicts(tmp_path, sandbox
     cfg = config_mod.load(use_backend(cfg_path, pg_url))
     schedule.prepare(pg_url)
     first, other = cfg.connections[0], cfg.connections[1]
-    for conn in (first, other, other, other):
-        assert schedule.run_sync(cfg, pg_url, conn, "test:1") == "ok"
+    try:
+        for conn in (first, other, other, other):
+            assert schedule.run_sync(cfg, pg_url, conn, "test:1") == "ok"
+    finally:
+        schedule.close_stores()
     with psycopg.connect(pg_url) as db:
         kept = dict(db.execute("SELECT connection, count(DISTINCT run_id) FROM verdicts GROUP BY 1").fetchall())
     assert kept.get(first.name) == 1, kept  # its one sync's verdicts, after three syncs of another connection

@@ -1046,20 +1046,23 @@ async def _logged(coro, **context):
 
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
                progress: Callable | None = None, command: str | None = None,
-               stop: StopRequest | None = None, allow: Callable | None = None, full: bool = False) -> RunResult:
+               stop: StopRequest | None = None, allow: Callable | None = None, full: bool = False,
+               fork_after: int = 1) -> RunResult:
     """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers. `stop`: set
     by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted). `allow`
     (connection name, eligible Verdict) -> None to deliver it, or (reason, message) to skip it: applying a
     saved plan (runner/engine/plan.py); it needs details=True (the engine, not a worker, then delivers).
-    `full`: read the whole window even where a change feed would do (runner/engine/incremental.py)."""
+    `full`: read the whole window even where a change feed would do (runner/engine/incremental.py).
+    `fork_after`: pages a connection classifies in this process before classification workers are forked
+    (runner/engine/workers.py)."""
     with _few_collections():
         return await _sync(cfg, mode=mode, store=store, connections=connections, details=details, progress=progress,
-                           command=command, stop=stop, allow=allow, full=full)
+                           command=command, stop=stop, allow=allow, full=full, fork_after=fork_after)
 
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
                 progress: Callable | None, command: str | None, stop: StopRequest | None = None,
-                allow: Callable | None = None, full: bool = False) -> RunResult:
+                allow: Callable | None = None, full: bool = False, fork_after: int = 1) -> RunResult:
     from runner.engine import destinations
 
     from runner.net.http import reset_limiters
@@ -1078,7 +1081,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         store.destination = destinations.ledger_id(cfg.destination)
         _share_budget(store, getattr(dest, "http", None))
     pool = Workers(conns, dest if mode == "apply" else None, store,
-                   recover=(lambda: _recover_local_sink(store, dest, clear=False)) if hasattr(dest, "recover") else None)
+                   recover=(lambda: _recover_local_sink(store, dest, clear=False)) if hasattr(dest, "recover") else None,
+                   fork_after=fork_after)
     run_id = None
     dest_error = None
     try:
@@ -1119,7 +1123,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),
                        started=started, finished=time.time(), destination_error=dest_error, inbound=inbound,
                        interrupted=stop.why if stop is not None and stop.is_set() else None)
-    metrics.record_run(result, command or mode)
+    # By kind of command: a worker's runs are named after their connection, which is the connection label's.
+    metrics.record_run(result, (command or mode).split(" ", 1)[0])
     if run_id is not None:
         working = [c for c in result.connections if c.status == "ok"]
         status = ("interrupted" if result.interrupted else "ok" if result.ok

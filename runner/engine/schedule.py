@@ -133,10 +133,37 @@ def sync_loop() -> asyncio.AbstractEventLoop:
         return _sync_loop
 
 
+# A worker syncs several connections at once on one core (run one worker per core): classification workers
+# are forked only for a sync past this many pages (5,000 invoices at 100 a page), where they pay for their
+# start and their own database connections.
+FORK_AFTER_PAGES = 50
+
+_stores: dict[str, object] = {}
+_stores_lock = threading.Lock()
+
+
+def _store(cfg, url: str, destination: str):
+    """The state store of this process's syncs, opened at the first and kept (its connection pool with it):
+    a sync then opens no connections to the ledger of its own."""
+    from runner import state
+
+    with _stores_lock:
+        store = _stores.get(url)
+        if store is None:
+            store = _stores[url] = state.open_store(cfg, destination=destination)
+        return store
+
+
+def close_stores() -> None:
+    with _stores_lock:
+        for store in _stores.values():
+            store.close()
+        _stores.clear()
+
+
 def run_sync(cfg, url: str, conn, name: str) -> str:
     """One sync of `conn` (called in a thread; the sync itself runs on `sync_loop()`). Holds the store's apply
     lock shared while it runs."""
-    from runner import state
     from runner.engine import pipeline
     from runner.engine.destinations import ledger_id
     from runner.state import postgres
@@ -152,15 +179,13 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
                                 "RETURNING id", (conn.name, name, time.time())).fetchone()[0]
         status = "failed"
         try:
-            store = state.open_store(cfg, destination=ledger_id(cfg.destination))
-            try:
-                result = asyncio.run_coroutine_threadsafe(
-                    # A run per sync, named after its connection: `keep_runs` then keeps each connection's
-                    # last syncs, not the last few syncs of all the connections together.
-                    pipeline.sync(cfg, mode="apply", store=store, connections=[conn], command=f"worker {conn.name}"),
-                    sync_loop()).result()
-            finally:
-                store.close()
+            store = _store(cfg, url, ledger_id(cfg.destination))
+            result = asyncio.run_coroutine_threadsafe(
+                # A run per sync, named after its connection: `keep_runs` then keeps each connection's last
+                # syncs, not the last few syncs of all the connections together.
+                pipeline.sync(cfg, mode="apply", store=store, connections=[conn], command=f"worker {conn.name}",
+                              fork_after=FORK_AFTER_PAGES),
+                sync_loop()).result()
             status = "ok" if result.ok else "failed"
             logger.info("synced {}: {}", conn.name, status)
         finally:
@@ -234,3 +259,4 @@ async def serve(cfg, url: str, opts: Options, ready: asyncio.Event | None = None
                                        install_signal_handlers=False, delete_jobs="successful")
         finally:
             loop.cancel()
+            await asyncio.to_thread(close_stores)

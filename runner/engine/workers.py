@@ -367,11 +367,13 @@ class Workers:
     """Classifies pages for the connections of one run, in a worker process when that helps."""
 
     def __init__(self, connections: list[Connection], destination=None, store=None,
-                 recover: Callable[[], None] | None = None):
+                 recover: Callable[[], None] | None = None, fork_after: int = 1):
         """`recover`: records what the worker wrote to the local sink without recording it (it failed or died
-        mid-page), before the engine delivers such a page itself (see _answered)."""
+        mid-page), before the engine delivers such a page itself (see _answered). `fork_after`: the pages a
+        connection's sync classifies itself before workers are forked for the rest (see _takes)."""
         global _encode, _ledger, _sink
         self.enabled = _wanted()
+        self.fork_after = fork_after
         self._pool: list[_Worker] = []  # forked at the first page handed over
         self._names = {c.name for c in connections}
         self._recover = recover
@@ -385,9 +387,10 @@ class Workers:
 
     def _takes(self, source, store, page: int, more: bool = False) -> bool:
         # A connection's first page stays here unless more pages follow or the worker runs already: a
-        # one-page sync never forks. A store the worker cannot open (in memory) keeps the lookups here too.
-        return (self.enabled and (page > 1 or more or bool(self._pool)) and source.conn.name in self._names
-                and (store is None or _ledger is not None))
+        # one-page sync never forks (nor, with a larger fork_after, a sync of fewer pages than that). A store
+        # the worker cannot open (in memory) keeps the lookups here too.
+        return (self.enabled and (page > self.fork_after or (more and self.fork_after <= 1) or bool(self._pool))
+                and source.conn.name in self._names and (store is None or _ledger is not None))
 
     def _delivers(self, store, run_id: int | None, deliver: Callable[[], None] | None) -> bool:
         """Whether the worker delivers this page to the local sink itself; if so, `deliver()` (the run's mark
