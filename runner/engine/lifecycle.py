@@ -23,6 +23,7 @@ from typing import Any
 
 from loguru import logger
 
+from runner import state
 from runner.errors import DestinationError, RunnerError, UnsafeRequest
 
 KINDS = ("paid", "partially_paid", "void", "credited", "deleted", "uncollectible")
@@ -233,6 +234,22 @@ def _changes(source, rows: dict, shown: dict[str, dict | None]) -> list[Change]:
     return out
 
 
+def _open_cases(store, account: str, run_id: int | None, lookups: int | None, checked_before: float) -> tuple:
+    """What the store says of the account's open cases for a re-check: (how many are open, the invoices the
+    run saw unpaid, the changes it saw, the cases to look up (at most `lookups`; None: none is looked up),
+    how many were due, the ledger rows of those and of the changed ones)."""
+    open_cases = store.count_cases_to_recheck(account)
+    unpaid, changed = store.seen_in_run(run_id, account) if run_id is not None else (set(), {})
+    changed = {k: v for k, v in changed.items() if v.get("state") in KINDS}  # else: looked up below
+    # Nothing to look up (a destination without cases): the cases due are not even listed.
+    todo, due = (store.cases_to_recheck(account, lookups, exclude=unpaid | set(changed), checked_before=checked_before)
+                 if lookups is not None else ([], 0))
+    rows = {r.invoice_id: r for r in todo}
+    rows.update({iid: r for iid, r in store.ledger_lookup(account, list(changed)).items()
+                 if r.status == "delivered" and r.case_id})
+    return open_cases, unpaid, changed, todo, due, rows
+
+
 async def recheck(source, store, destination, invoices: list | None = None, *, run_id: int | None = None,
                   report: Report | None = None, tell_now: bool = True, look_up: bool = True,
                   deleted: tuple | list = ()) -> Report:
@@ -260,16 +277,10 @@ async def recheck(source, store, destination, invoices: list | None = None, *, r
         shown = {iid: what_source_shows(spec, by_id[iid]) for iid in rows}
         checked = list(rows)
     else:
-        report.open_cases = store.count_cases_to_recheck(account)
-        unpaid, changed = store.seen_in_run(run_id, account) if run_id is not None else (set(), {})
-        changed = {k: v for k, v in changed.items() if v.get("state") in KINDS}  # else: looked up below
+        report.open_cases, unpaid, changed, todo, due, rows = await state.off_loop(
+            store, _open_cases, store, account, run_id, spec.recheck.max_lookups if look_up else None,
+            time.time() - 60 * spec.recheck.interval_minutes)
         report.seen_in_window = len(unpaid) + len(changed)
-        todo, due = store.cases_to_recheck(account, spec.recheck.max_lookups if look_up else 0,
-                                     exclude=unpaid | set(changed),
-                                     checked_before=time.time() - 60 * spec.recheck.interval_minutes)
-        rows = {r.invoice_id: r for r in todo}
-        rows.update({iid: r for iid, r in store.ledger_lookup(account, list(changed)).items()
-                     if r.status == "delivered" and r.case_id})
         report.left_for_later = due - len(todo) if look_up else 0
         records = await _fetch(source, [r.invoice_id for r in todo], report) if todo else {}
         report.looked_up = len(records)

@@ -66,6 +66,17 @@ def connect(target: str):
     return sqlite.connect(target)
 
 
+async def off_loop(store, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, a call of `store`'s, from async code: a remote store's (PostgreSQL) in a thread,
+    so its wait for the server holds no event loop (the one every connection of a run, and every sync of a
+    `runner worker`, shares); an SQLite store's right here (microseconds, and one writer at a time)."""
+    if getattr(store, "remote", False):
+        import asyncio
+
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def _backend(db):
     if isinstance(db, sqlite.sqlite3.Connection):
         return sqlite

@@ -290,6 +290,7 @@ def unreachable(url: str, exc: BaseException) -> StateFileError:
 
 class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Cursors):
     kind = "postgresql"
+    remote = True  # across a network: a wait for it must not hold the event loop (workers.classify_here)
     PARAM = "%s"  # the shared methods' `?` (sqlite.Portable)
 
     def __init__(self, url: str, destination: str = "", local_dir: Path | None = None):

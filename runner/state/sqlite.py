@@ -836,6 +836,7 @@ class CaseLife(Portable):
 
 class Store(Connections, CaseLife, CaseEvents, Cursors):
     kind = "sqlite"
+    remote = False  # a file beside the config: a lookup takes microseconds
 
     def __init__(self, path: Path | str, destination: str = ""):
         self.path = Path(path)
