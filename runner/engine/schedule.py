@@ -144,7 +144,7 @@ _stores_lock = threading.Lock()
 
 def _store(cfg, url: str, destination: str):
     """The state store of this process's syncs, opened at the first and kept (its connection pool with it):
-    a sync then opens no connections to the ledger of its own."""
+    a sync then opens no connections to the ledger of its own. Closed with close_stores()."""
     from runner import state
 
     with _stores_lock:
@@ -154,11 +154,30 @@ def _store(cfg, url: str, destination: str):
         return store
 
 
+_guard_pools: dict[str, object] = {}
+
+
+def _guards(url: str):
+    """Connections that hold the store's apply lock (shared) through a sync, kept across syncs: a sync opens
+    no connection of its own. As many as syncs run at once (--concurrency, up to 256)."""
+    from psycopg_pool import ConnectionPool
+
+    with _stores_lock:
+        pool = _guard_pools.get(url)
+        if pool is None:
+            pool = _guard_pools[url] = ConnectionPool(url, min_size=1, max_size=256, kwargs={"autocommit": True},
+                                                      name="runner-sync-guards", open=True)
+        return pool
+
+
 def close_stores() -> None:
     with _stores_lock:
         for store in _stores.values():
             store.close()
         _stores.clear()
+        for pool in _guard_pools.values():
+            pool.close()
+        _guard_pools.clear()
 
 
 def run_sync(cfg, url: str, conn, name: str) -> str:
@@ -168,11 +187,11 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
     from runner.engine.destinations import ledger_id
     from runner.state import postgres
 
-    with psycopg.connect(url, autocommit=True) as guard:
+    with _guards(url).connection() as guard:
         guard.execute("UPDATE runner_schedule SET worker = %s, last_started = now(), "
                       "next_run = now() + make_interval(secs => every_s) WHERE connection = %s", (name, conn.name))
-        # Waits while a `runner apply` holds the lock exclusively; released when this connection closes, a
-        # killed worker's included.
+        # Waits while a `runner apply` holds the lock exclusively; let go at the end of the sync, and by the
+        # server when the connection closes (a killed worker's).
         guard.execute("SELECT pg_advisory_lock_shared(%s)", (postgres.APPLY_LOCK,))
         # A history of syncs (a killed worker's has no `finished`): what `runner status` and audits read.
         sync_id = guard.execute("INSERT INTO runner_syncs (connection, worker, started) VALUES (%s, %s, %s) "
@@ -196,19 +215,21 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
             # A connection synced every few minutes adds hundreds of rows a day: keep a week of them.
             guard.execute("DELETE FROM runner_syncs WHERE connection = %s AND started < %s",
                           (conn.name, time.time() - KEEP_SYNCS_S))
+            guard.execute("SELECT pg_advisory_unlock_shared(%s)", (postgres.APPLY_LOCK,))
     return status
 
 
 async def _defer_due(app, url: str, cfg) -> None:
     from procrastinate.exceptions import AlreadyEnqueued
 
+    enabled = [c for c in cfg.connections if c.enabled]
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:
-        for conn in cfg.connections:
-            if not conn.enabled:
-                continue
-            await db.execute("INSERT INTO runner_schedule (connection, every_s, next_run) VALUES (%s, %s, now()) "
-                             "ON CONFLICT (connection) DO UPDATE SET every_s = EXCLUDED.every_s",
-                             (conn.name, conn.schedule_every))
+        # Every connection's row in one statement (hundreds of connections, every tick, in every worker), and
+        # a row rewritten only when its interval changed.
+        await db.execute("INSERT INTO runner_schedule (connection, every_s, next_run) SELECT c, e, now() FROM "
+                         "unnest(%s::text[], %s::float8[]) AS t(c, e) ON CONFLICT (connection) DO UPDATE SET "
+                         "every_s = EXCLUDED.every_s WHERE runner_schedule.every_s IS DISTINCT FROM EXCLUDED.every_s",
+                         ([c.name for c in enabled], [float(c.schedule_every) for c in enabled]))
         cur = await db.execute("SELECT connection FROM runner_schedule WHERE next_run <= now()")
         due = {r[0] for r in await cur.fetchall()}
     for conn in cfg.connections:
