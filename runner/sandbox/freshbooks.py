@@ -119,11 +119,7 @@ class FreshBooksSimulator(Simulator):
         self.oauth = OAuthServer(clients={CLIENT_ID: CLIENT_SECRET}, rotate=True, access_ttl=ACCESS_TTL)
         self.oauth.add_grant(BOOTSTRAP_REFRESH_TOKEN, CLIENT_ID, "fiona", "user:profile:read user:invoices:read")
         self.oauth.add_grant(GUS_REFRESH_TOKEN, CLIENT_ID, "gus", "user:profile:read user:invoices:read")
-        if data_dir is not None:
-            import pathlib
-
-            self.oauth.persist = pathlib.Path(data_dir) / f"{self.name}-oauth.json"
-            self.oauth.load()
+        self.oauth.keep_in(data_dir, self.name)
         self.users = {u: dict(v) for u, v in USERS.items()}
         self.default_user = "fiona"
         self.invoices = {acc: _invoices(acc, b["currency"], self.today) for acc, b in BUSINESSES.items()}
@@ -135,8 +131,7 @@ class FreshBooksSimulator(Simulator):
 
     def reset(self) -> None:
         super().reset()
-        if self.oauth.persist is not None and self.oauth.persist.exists():
-            self.oauth.persist.unlink()
+        self.oauth.forget()
         self.__init__(data_dir=self._data_dir, today=self.today)
 
     @staticmethod

@@ -76,6 +76,20 @@ class OAuthServer:
         # rotated refresh token stays the only valid one across runs of `runner apply`.
         self.persist = persist
 
+    def keep_in(self, data_dir: Any, name: str) -> None:
+        """Keep the grants and tokens in `data_dir` (a simulator's, beside the config's state), read back now:
+        nothing without one."""
+        if data_dir is not None:
+            import pathlib
+
+            self.persist = pathlib.Path(data_dir) / f"{name}-oauth.json"
+            self.load()
+
+    def forget(self) -> None:
+        """Delete what was kept (a simulator's reset)."""
+        if self.persist is not None and self.persist.exists():
+            self.persist.unlink()
+
     def load(self) -> None:
         """Read persisted grants and tokens (after seeding: a persisted grant wins over a seeded one)."""
         import json

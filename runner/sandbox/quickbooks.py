@@ -226,11 +226,7 @@ class QuickBooksSimulator(Simulator):
         self.today = today or datetime.now(timezone.utc).date()
         self.oauth = OAuthServer(clients={CLIENT_ID: CLIENT_SECRET}, rotate=True, token_prefix="")
         self.oauth.add_grant(BOOTSTRAP_REFRESH_TOKEN, CLIENT_ID, "alice", "com.intuit.quickbooks.accounting")
-        if data_dir is not None:
-            import pathlib
-
-            self.oauth.persist = pathlib.Path(data_dir) / f"{self.name}-oauth.json"
-            self.oauth.load()
+        self.oauth.keep_in(data_dir, self.name)
         self.users = {u: {"realm": r} for u, r in USERS.items()}
         self.default_user = "alice"
         self.data = {r: {"Invoice": _invoices(r, self.today), "Customer": list(_customers(r).values()),
@@ -303,8 +299,7 @@ class QuickBooksSimulator(Simulator):
 
     def reset(self) -> None:
         super().reset()
-        if self.oauth.persist is not None and self.oauth.persist.exists():
-            self.oauth.persist.unlink()
+        self.oauth.forget()
         self.__init__(data_dir=self._data_dir, today=self.today)
 
     def fault_response(self, status: int) -> httpx.Response:

@@ -131,11 +131,7 @@ class ZohoSimulator(Simulator):
         from .lifecycle import Changes
 
         self.changes = Changes(data_dir, "zoho")
-        if data_dir is not None:
-            import pathlib
-
-            self.oauth.persist = pathlib.Path(data_dir) / f"{self.name}-oauth.json"
-            self.oauth.load()
+        self.oauth.keep_in(data_dir, self.name)
         self.users = {u: {"dc": dc} for u, dc in USERS.items()}
         self.default_user = "sam"
         self.orgs: dict[str, dict] = {}
@@ -166,8 +162,7 @@ class ZohoSimulator(Simulator):
 
     def reset(self) -> None:
         super().reset()
-        if self.oauth.persist is not None and self.oauth.persist.exists():
-            self.oauth.persist.unlink()
+        self.oauth.forget()
         self.__init__(data_dir=self._data_dir, today=self.today, public_base=self.public_base)
 
     def fault_response(self, status: int) -> httpx.Response:
