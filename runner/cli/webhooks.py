@@ -14,10 +14,23 @@ def webhooks():
     or polling. Configured in destination.webhooks; shown by `runner status` and `runner explain`."""
 
 
-def _clients(cfg):
+def _run(cfg, work):
+    """`work(store, clients)` to its end, with the config's state store and HTTP clients, both closed after."""
     from runner.net.http import Clients
 
-    return Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
+    store = open_store(cfg)
+    clients = Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
+
+    async def go():
+        try:
+            return await work(store, clients)
+        finally:
+            await clients.aclose()
+
+    try:
+        return run(go())
+    finally:
+        store.close()
 
 
 @webhooks.command("sync")
@@ -33,19 +46,7 @@ def sync(config_file, dry_run, output, verbose):
     from runner.inbound import webhooks as hooks
 
     cfg = load_config(config_file)
-    store = open_store(cfg)
-    clients = _clients(cfg)
-
-    async def go():
-        try:
-            return await hooks.sync(cfg, store, clients, dry_run=dry_run)
-        finally:
-            await clients.aclose()
-
-    try:
-        res = run(go())
-    finally:
-        store.close()
+    res = _run(cfg, lambda store, clients: hooks.sync(cfg, store, clients, dry_run=dry_run))
     if output == "json":
         from runner.cli.report import print_json
 
@@ -76,19 +77,7 @@ def poll(config_file, max_requests, output, verbose):
 
         fail(ConfigError(Problem(f"{cfg.file}: the destination is a file; only Debitura cases can be polled",
                                  fix="set destination.type: debitura")))
-    store = open_store(cfg)
-    clients = _clients(cfg)
-
-    async def go():
-        try:
-            return await hooks.poll(cfg, store, clients, max_requests)
-        finally:
-            await clients.aclose()
-
-    try:
-        res = run(go())
-    finally:
-        store.close()
+    res = _run(cfg, lambda store, clients: hooks.poll(cfg, store, clients, max_requests))
     if output == "json":
         from runner.cli.report import print_json
 
