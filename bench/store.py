@@ -16,12 +16,10 @@ Stripe server, the jsonl destination, one verdict per invoice).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,23 +54,13 @@ def main() -> int:
                          "without the data files' syncs, which on a shared disk dominate")
     args = ap.parse_args()
 
-    import psycopg
-
     from runner.state import open_store
 
-    server_url = os.environ.get("RUNNER_BENCH_PG_URL")
-    started = None
-    if not server_url:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import pgserver
-
-        server_url, pid, root = pgserver.start(durable=not args.no_fsync)
-        started = (pid, root)
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-store-"))
     walls: dict[tuple[str, str], list[float]] = {}
     counts: dict[str, dict] = {}
     try:
-        with FakeServer(args.n) as server:
+        with workspace.postgres_server(durable=not args.no_fsync) as server_url, FakeServer(args.n) as server:
             log(f"N={args.n}: {server.stats()['workload']}")
             works = {b: workspace.make(tmp / b, server.url) for b in ("sqlite", "postgresql")}
             for i in range(args.runs + 1):  # the first pair warms the caches and is not counted
@@ -81,10 +69,7 @@ def main() -> int:
                     shutil.rmtree(work / "out", ignore_errors=True)
                     shutil.rmtree(work / "state", ignore_errors=True)
                     if backend == "postgresql":
-                        name = "bench_" + uuid.uuid4().hex[:12]
-                        with psycopg.connect(server_url, autocommit=True) as admin:
-                            admin.execute(f'CREATE DATABASE "{name}"')
-                        _set_state(cfg, server_url.rsplit("/", 1)[0] + "/" + name)
+                        _set_state(cfg, workspace.new_database(server_url))
                     for target, label in ((1, "first import"), (2, "re-run")):
                         m = timed(server, runner_cmd(cfg), cwd=work)
                         if m["rc"] not in (0, 1):
@@ -98,8 +83,6 @@ def main() -> int:
                         store.close()
                         log(f"pair {i} {backend:10} {label:12} {m['wall']:.2f} s {counts[f'{backend} {label}']}")
     finally:
-        if started is not None:
-            pgserver.stop(*started)
         shutil.rmtree(tmp, ignore_errors=True)
     for label in ("first import", "re-run"):
         assert counts[f"sqlite {label}"] == counts[f"postgresql {label}"], "both stores must reach the same verdicts"

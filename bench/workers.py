@@ -5,6 +5,7 @@ same machine, and the per-connection costs a capacity model needs.
     python bench/workers.py                              # 500 connections x 2,000 invoices, 50 ms a request
     python bench/workers.py --connections 100 --latency-ms 0
     RUNNER_BENCH_PG_URL=postgresql://user@host/postgres python bench/workers.py   # an existing server
+    BENCH_WORKER_ENV="RUNNER_WORKERS=0" python bench/workers.py   # environment of the workers only
 
 Each scenario gets a new database on the server (tests/pgserver.py's, durable, as bench/store.py) and a
 workspace of N connections of the peers' fake Stripe server (bench/workspace.py: each connection an account
@@ -32,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,18 +65,9 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _database(server_url: str) -> str:
-    import psycopg
-
-    name = "bench_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
 def _workspace(work: Path, server_url: str, fake_url: str, connections: int) -> tuple[Path, str]:
     cfg = workspace.make(work, fake_url, connections=connections)
-    db = _database(server_url)
+    db = workspace.new_database(server_url)
     text = cfg.read_text().replace("state: state/state.db", f"state: {db}")
     cfg.write_text(text + "defaults:\n  schedule: {every: 1h}\n")  # one sync of each, until made due again
     return cfg, db
@@ -152,17 +143,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="each worker's --concurrency")
     args = ap.parse_args()
 
-    server_url = os.environ.get("RUNNER_BENCH_PG_URL")
-    started = None
-    if not server_url:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import pgserver
-
-        server_url, pid, root = pgserver.start(durable=True)
-        started = (pid, root)
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-workers-"))
     try:
-        with FakeServer(args.invoices, latency_ms=args.latency_ms) as fake:
+        with workspace.postgres_server() as server_url, \
+                FakeServer(args.invoices, latency_ms=args.latency_ms) as fake:
             records = fake.stats()["workload"]["records"]
             log(f"{args.connections} connections x {args.invoices} invoices ({records} open each), "
                 f"{args.latency_ms} ms a request")
@@ -178,8 +162,6 @@ def main() -> int:
             wsteady = _workers(cfg, db, args.connections, args.workers, args.concurrency)
             log(f"workers: every connection again {wsteady[0]:.1f} s")
     finally:
-        if started is not None:
-            pgserver.stop(*started)
         shutil.rmtree(tmp, ignore_errors=True)
 
     n, walls = args.connections, wsteady[3]

@@ -7,8 +7,13 @@ unthrottled like the peers; the latency-bound target (4) keeps the test environm
 """
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -50,3 +55,31 @@ def make(work: Path, url: str, *, connections: int = 1, rate_limit: dict | None 
     cfg.write_text("version: 1\nstate: state/state.db\ndestination: {type: jsonl, path: out/cases.jsonl}\n"
                    "integrations_dir: integrations.d\nconnections:\n" + conns)
     return cfg
+
+
+@contextmanager
+def postgres_server(durable: bool = True) -> Iterator[str]:
+    """The admin URL of a PostgreSQL server: RUNNER_BENCH_PG_URL's, else one started here (tests/pgserver.py)
+    and stopped after. `durable`: its data files synced as a production server's."""
+    url = os.environ.get("RUNNER_BENCH_PG_URL")
+    if url:
+        yield url
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    import pgserver
+
+    url, pid, root = pgserver.start(durable=durable)
+    try:
+        yield url
+    finally:
+        pgserver.stop(pid, root)
+
+
+def new_database(server_url: str) -> str:
+    """The URL of a new, empty database on the server."""
+    import psycopg
+
+    name = "bench_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + "/" + name
