@@ -10,8 +10,8 @@ run by run; each ratio is the median of the per-pair ratios (PostgreSQL / SQLite
 
 The server it starts (tests/pgserver.py, durable=True) syncs its data files as a production server does;
 commits do not wait for the disk (synchronous_commit=off), as the SQLite store's do not (WAL,
-synchronous=NORMAL). Each first import gets a new database. Same workspace as bench/run.py (the peers' fake
-Stripe server, the jsonl destination, one verdict per invoice).
+synchronous=NORMAL). Each first import gets a new database; the one before is dropped. Same workspace as
+bench/run.py (the peers' fake Stripe server, the jsonl destination, one verdict per invoice).
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-store-"))
     walls: dict[tuple[str, str], list[float]] = {}
     counts: dict[str, dict] = {}
+    database = None  # the PostgreSQL run's, dropped when the next pair starts
     try:
         with workspace.postgres_server(durable=not args.no_fsync) as server_url, FakeServer(args.n) as server:
             log(f"N={args.n}: {server.stats()['workload']}")
@@ -69,7 +70,10 @@ def main() -> int:
                     shutil.rmtree(work / "out", ignore_errors=True)
                     shutil.rmtree(work / "state", ignore_errors=True)
                     if backend == "postgresql":
-                        _set_state(cfg, workspace.new_database(server_url))
+                        if database:
+                            workspace.drop_database(database)
+                        database = workspace.new_database(server_url)
+                        _set_state(cfg, database)
                     for target, label in ((1, "first import"), (2, "re-run")):
                         m = timed(server, runner_cmd(cfg), cwd=work)
                         if m["rc"] not in (0, 1):
