@@ -249,3 +249,40 @@ def test_ledger_lookups_probe_each_invoice_before_the_server_has_analyzed_the_le
         assert ledger_reads and all(n["Node Type"] == "Index Scan" for n in ledger_reads), nodes
     finally:
         store.close()
+
+
+def test_a_page_a_worker_wrote_is_recorded_once_whatever_the_ledger_held(tmp_path, backend):
+    """A classification worker records a page it wrote to a local sink in one write (on PostgreSQL one
+    statement: a plain insert, made again as an upsert when an invoice is in the ledger after all). An
+    invoice left pending by an unfinished delivery becomes delivered by this run, one already delivered
+    keeps its case and run, and the page's verdicts and the sink's recorded length are written once."""
+    from runner import state
+
+    target = str(tmp_path / "state.db") if backend == "sqlite" else backend
+    store = state.open_store(target, destination="jsonl:out/cases.jsonl")
+    try:
+        first = store.begin_run("apply", "config.yaml")
+        store.mark_pending([("acct", "in_pending", "c", "P-1", "key-old")])
+        store.record_imported([("acct", "in_done", "c", "D-1", "key-done", "case-done", "ref-done")], first)
+        store.mark_sink(0, first)
+        second = store.begin_run("apply", "config.yaml")
+        db = state.connect(store.reader_target()[0])
+        verdict = ("c", "acct", "in_bad", "B-1", "skipped", "incomplete_address", '{"message": "no city"}')
+
+        def page(*ids):
+            return [("acct", i, "c", i.upper(), f"key-{i}", f"case-{i}", None) for i in ids]
+
+        state.record_written(db, store.destination, second, page("in_new1", "in_new2"), 100, [verdict])
+        state.record_written(db, store.destination, second, page("in_pending", "in_done", "in_new3"), 250, [])
+        mark, rows = state.sink_lookup(db, store.destination, "acct",
+                                       ["in_new1", "in_new2", "in_pending", "in_done", "in_new3", "in_absent"])
+        db.close()
+        assert mark == (250, first)
+        assert {i: (r.status, r.case_id, r.run_id) for i, r in rows.items()} == {
+            "in_new1": ("delivered", "case-in_new1", second), "in_new2": ("delivered", "case-in_new2", second),
+            "in_pending": ("delivered", "case-in_pending", second), "in_new3": ("delivered", "case-in_new3", second),
+            "in_done": ("delivered", "case-done", first)}
+        assert [(v["invoice_id"], v["reason"]) for v in store.run_verdicts(second, not_imported=True)] == [
+            ("in_bad", "incomplete_address")]
+    finally:
+        store.close()

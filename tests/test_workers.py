@@ -260,16 +260,16 @@ def test_a_worker_killed_between_writing_a_page_and_recording_it_writes_nothing_
     the run reads as a run without workers."""
     reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
     engine, calls = os.getpid(), [0]
-    real = workers.state.insert_imported
+    real = workers.state.record_written
 
-    def killed_after_writing(db, destination, rows, run_id):
-        if os.getpid() != engine:  # in a worker: its third page is in the file, its rows not committed
+    def killed_after_writing(db, destination, run_id, rows, *args):
+        if os.getpid() != engine and rows:  # in a worker: its third page is in the file, its rows not committed
             calls[0] += 1
             if calls[0] == 3:
                 os._exit(9)
-        return real(db, destination, rows, run_id)
+        return real(db, destination, run_id, rows, *args)
 
-    monkeypatch.setattr(workers.state, "insert_imported", killed_after_writing)
+    monkeypatch.setattr(workers.state, "record_written", killed_after_writing)
     result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "k"), monkeypatch, workers_setting=setting)
     assert _Recording.last.submitted > 0 and not _Recording.last.enabled, "the worker died and the engine took over"
     expected = reference[0].totals()["imported"]
@@ -419,14 +419,14 @@ def test_when_a_dead_workers_lines_cannot_be_recorded_the_mark_stays_and_the_nex
 
     cfg = _workspace(tmp_path)
     engine, calls = os.getpid(), [0]
-    real_insert = workers.state.insert_imported
+    real_record = workers.state.record_written
 
-    def killed_after_writing(db, destination, rows, run_id):
-        if os.getpid() != engine:
+    def killed_after_writing(db, destination, run_id, rows, *args):
+        if os.getpid() != engine and rows:
             calls[0] += 1
             if calls[0] == 2:
                 os._exit(9)
-        return real_insert(db, destination, rows, run_id)
+        return real_record(db, destination, run_id, rows, *args)
 
     real_recover = pipeline._recover_local_sink
 
@@ -435,7 +435,7 @@ def test_when_a_dead_workers_lines_cannot_be_recorded_the_mark_stays_and_the_nex
             raise sqlite3.OperationalError("database is locked")
         return real_recover(store, dest, clear=clear)
 
-    monkeypatch.setattr(workers.state, "insert_imported", killed_after_writing)
+    monkeypatch.setattr(workers.state, "record_written", killed_after_writing)
     monkeypatch.setattr(pipeline, "_recover_local_sink", locked)
     first = _apply(cfg, monkeypatch, workers_setting="1")[0]
     assert first.connections[0].status == "failed" and "database is locked" in first.connections[0].error
@@ -485,19 +485,19 @@ def test_a_worker_killed_between_writing_and_recording_leaves_nothing_for_the_ot
     one = text[text.index("  - name: s"):]
     cfg.write_text(text + one.replace("name: s", "name: s2") + one.replace("name: s", "name: s3"))
     engine, flag = os.getpid(), str(tmp_path / "killed")
-    real = workers.state.insert_imported
+    real = workers.state.record_written
 
-    def first_writer_killed(db, destination, rows, run_id):
-        if os.getpid() != engine:
+    def first_writer_killed(db, destination, run_id, rows, *args):
+        if os.getpid() != engine and rows:
             try:
                 os.close(os.open(flag, os.O_CREAT | os.O_EXCL))  # the first page written in the run, once
             except FileExistsError:
-                return real(db, destination, rows, run_id)
+                return real(db, destination, run_id, rows, *args)
             time.sleep(0.3)  # a slow commit: the other worker waits for the file's lock with its page meanwhile
             os._exit(9)
-        return real(db, destination, rows, run_id)
+        return real(db, destination, run_id, rows, *args)
 
-    monkeypatch.setattr(workers.state, "insert_imported", first_writer_killed)
+    monkeypatch.setattr(workers.state, "record_written", first_writer_killed)
     result, verdicts, ledger, lines = _apply(cfg, monkeypatch, workers_setting="2")
     keys = [orjson.loads(line)["idempotency_key"] for line in lines]
     assert os.path.exists(flag) and all(c.status == "ok" for c in result.connections)

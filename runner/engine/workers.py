@@ -101,8 +101,7 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
     if run_id is not None and _ledger is not None:
         ended = [v for v in verdicts if v.verdict != ELIGIBLE]
         if ended:
-            with state.transaction(_store()) as db:
-                state.insert_verdicts(db, run_id, verdict_rows(name, account_key, ended))
+            state.record_verdicts(_store(), run_id, verdict_rows(name, account_key, ended))
             verdicts = [v for v in verdicts if v.verdict == ELIGIBLE]
         counted = Tally()
         tally(counted, ended)
@@ -143,8 +142,7 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
         with _own_sink.exclusive():
             _write(name, account_key, run_id, eligible, lines, ended, db, destination)
     else:  # nothing to write (a second run: every invoice a duplicate): the file is not touched
-        with state.transaction(db):
-            state.insert_verdicts(db, run_id, ended)
+        state.record_verdicts(db, run_id, ended)
     counted = Tally()
     tally(counted, verdicts)
     return counted
@@ -153,9 +151,12 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
 def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], lines: dict[str, bytes],
            ended: list[tuple], db, destination: str) -> None:
     """Under the file's lock: look the eligible invoices up again, write those not delivered (`lines`, by
-    invoice id), record the page (`ended`: the verdict rows of the rest)."""
-    _repair(db, destination)
-    ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible])
+    invoice id), record the page (`ended`: the verdict rows of the rest). Two round trips to a server
+    while the other workers wait: the look-up (with the sink's mark) and the record."""
+    ids = [v.invoice_id for v in eligible]
+    mark, ledger = state.sink_lookup(db, destination, account_key, ids)
+    if _repair(db, destination, mark):
+        ledger = state.lookup(db, destination, account_key, ids)
     to_send = to_deliver(eligible, ledger, account_key)
     if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
         _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
@@ -166,30 +167,25 @@ def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], li
         for (v, k), d in zip(to_send, deliveries):
             delivered(v, d)
             written.append((account_key, v.invoice_id, name, v.number, k, d.case_id, d.case_reference))
-    with state.transaction(db):
-        if written:
-            state.insert_imported(db, destination, written, run_id)
-            state.set_sink_recorded(db, destination, _own_sink.length())
-        state.insert_verdicts(db, run_id, ended + verdict_rows(name, account_key, eligible))
+    state.record_written(db, destination, run_id, written, _own_sink.length() if written else None,
+                         ended + verdict_rows(name, account_key, eligible))
 
 
-def _repair(db, destination: str) -> None:
-    """Under the file's lock, before a page is looked up: lines past what the ledger is known to hold were
-    written by a writer that died before recording them (another worker, killed between its write and its
-    commit). They are recorded first, or this page would write the same invoices again; the engine only
-    records them once it learns of the death, which may be after this page."""
-    mark = state.sink_recorded(db, destination)
+def _repair(db, destination: str, mark: tuple[int, int | None] | None) -> bool:
+    """Under the file's lock, before a page is written (`mark`: sink_recorded's, read with the look-up):
+    lines past what the ledger is known to hold were written by a writer that died before recording them
+    (another worker, killed between its write and its commit). They are recorded first, or this page would
+    write the same invoices again; the engine only records them once it learns of the death, which may be
+    after this page. True if it recorded any (the page's look-up is then out of date)."""
     if mark is None:
-        return
+        return False
     recorded, run_id = mark
     length = _own_sink.length()
     if length <= recorded:
-        return
+        return False
     rows = list(_own_sink.recover(recorded))
-    with state.transaction(db):
-        if rows:
-            state.insert_imported(db, destination, rows, run_id)
-        state.set_sink_recorded(db, destination, length)
+    state.record_written(db, destination, run_id, rows, length, [])
+    return bool(rows)
 
 
 def _worker_start() -> None:

@@ -97,19 +97,26 @@ def transaction(db) -> Iterator:
         yield tx
 
 
-def insert_verdicts(db, run_id: int, rows: list[tuple]) -> None:
-    """rows: (connection, account_key, invoice_id, number, verdict, reason, detail_json), in a transaction."""
-    _backend(db).insert_verdicts(db, run_id, rows)
+def record_written(db, destination: str, run_id: int, imported: list[tuple], length: int | None,
+                   verdicts: list[tuple]) -> None:
+    """A page a worker wrote to a local sink, recorded atomically: the ledger rows of what it wrote
+    (insert_imported's, as delivered by `run_id`), the sink recorded up to `length` (None: unchanged), and
+    the page's verdict rows."""
+    _backend(db).record_written(db, destination, run_id, imported, length, verdicts)
 
 
-def insert_imported(db, destination: str, rows: list[tuple], run_id: int | None) -> None:
-    """Invoices a local sink holds, as delivered by `run_id` (see sqlite.insert_imported), in a transaction."""
-    _backend(db).insert_imported(db, destination, rows, run_id)
+def record_verdicts(db, run_id: int, rows: list[tuple]) -> None:
+    """Verdict rows (insert_verdicts's), recorded atomically on their own."""
+    _backend(db).record_verdicts(db, run_id, rows)
+
+
+def sink_lookup(db, destination: str, account_key: str,
+                ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
+    """sink_recorded's mark and these invoices' ledger rows (one round trip to a server): what a worker reads
+    under a local sink's lock (see workers._write)."""
+    return _backend(db).sink_lookup(db, destination, account_key, ids)
 
 
 def sink_recorded(db, destination: str) -> tuple[int, int | None] | None:
     return _backend(db).sink_recorded(db, destination)
 
-
-def set_sink_recorded(db, destination: str, length: int) -> None:
-    _backend(db).set_sink_recorded(db, destination, length)

@@ -367,6 +367,30 @@ def insert_imported(db: sqlite3.Connection, destination: str, rows: list[tuple],
         [(destination, a, i, c, n, k, cid, cref, now, now, run_id) for a, i, c, n, k, cid, cref in rows])
 
 
+def record_written(db: sqlite3.Connection, destination: str, run_id: int, imported: list[tuple],
+                   length: int | None, verdicts: list[tuple]) -> None:
+    """A page a worker wrote to a local sink, recorded in one transaction: `imported` (insert_imported's
+    rows), the sink recorded up to `length` (None: unchanged), the page's verdict rows."""
+    with transaction(db):
+        if imported:
+            insert_imported(db, destination, imported, run_id)
+        if length is not None:
+            set_sink_recorded(db, destination, length)
+        insert_verdicts(db, run_id, verdicts)
+
+
+def record_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> None:
+    """Verdict rows on their own, in a transaction of their own."""
+    with transaction(db):
+        insert_verdicts(db, run_id, rows)
+
+
+def sink_lookup(db: sqlite3.Connection, destination: str, account_key: str,
+                ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
+    """sink_recorded's mark and lookup: what a worker reads under a local sink's lock (see workers._write)."""
+    return sink_recorded(db, destination), lookup(db, destination, account_key, ids)
+
+
 # `runner status` finds each connection's last run among the latest RECENT_RUNS runs; apply runs older than that
 # (and than state.keep_runs) keep only their totals (Store.trim_summaries).
 RECENT_RUNS = 50
