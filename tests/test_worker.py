@@ -351,3 +351,40 @@ def test_a_workers_syncs_keep_each_connections_recent_verdicts(tmp_path, sandbox
         kept = dict(db.execute("SELECT connection, count(DISTINCT run_id) FROM verdicts GROUP BY 1").fetchall())
     assert kept.get(first.name) == 1, kept  # its one sync's verdicts, after three syncs of another connection
     assert kept.get(other.name) == 1, kept  # and the other's last sync's only
+
+
+def test_a_connection_taken_by_one_worker_is_not_deferred_again_by_anothers_tick(tmp_path, sandbox_env, pg_url):
+    """Between a worker taking a connection's job and starting its sync, the job's queueing lock is free and
+    the connection was still due: another worker's tick deferred a second job, and the connection was synced
+    twice in a row (a third of them on a first import of 100 with two workers). A tick now claims what it
+    defers: the connection is due again after its interval."""
+    import asyncio
+
+    from runner.engine import schedule
+    from runner.spec import config as config_mod
+
+    try:
+        from tests.conftest import SANDBOX_CONFIG, write_config
+    except ImportError:
+        from conftest import SANDBOX_CONFIG, write_config
+
+    text = SANDBOX_CONFIG.format(server_filters="false")
+    second = text[text.index("  - name: acme-stripe"):].replace("acme-stripe", "acme-stripe-eu")
+    cfg = config_mod.load(use_backend(write_config(tmp_path, text + second), pg_url))
+    schedule.prepare(pg_url)
+
+    async def ticks() -> list:
+        app = schedule.make_app(cfg, pg_url, "test:1")
+        async with app.open_async():
+            await schedule._defer_due(app, pg_url, cfg)  # one worker's tick
+            worker = await app.job_manager.register_worker()
+            taken = await app.job_manager.fetch_job(queues=[schedule.QUEUE], worker_id=worker)
+            await schedule._defer_due(app, pg_url, cfg)  # another's, before the first starts the sync
+            return taken.task_kwargs["connection"]
+
+    taken = asyncio.run(ticks())
+    with psycopg.connect(pg_url) as db:
+        jobs = Counter(r[0] for r in db.execute("SELECT args->>'connection' FROM procrastinate_jobs").fetchall())
+        due = db.execute("SELECT count(*) FROM runner_schedule WHERE next_run <= now()").fetchone()[0]
+    assert jobs == Counter({c.name: 1 for c in cfg.connections}), (taken, jobs)
+    assert due == 0

@@ -230,15 +230,28 @@ async def _defer_due(app, url: str, cfg) -> None:
                          "unnest(%s::text[], %s::float8[]) AS t(c, e) ON CONFLICT (connection) DO UPDATE SET "
                          "every_s = EXCLUDED.every_s WHERE runner_schedule.every_s IS DISTINCT FROM EXCLUDED.every_s",
                          ([c.name for c in enabled], [float(c.schedule_every) for c in enabled]))
-        cur = await db.execute("SELECT connection FROM runner_schedule WHERE next_run <= now()")
+        # Claimed: the next run moves on as the job is deferred, not when a worker starts it. A job a worker
+        # has taken but not yet started frees its queueing lock, and every worker's tick found the connection
+        # due again meanwhile and deferred a second sync of it (a third of the connections were synced twice
+        # in a row on a first import of 100 with two workers).
+        cur = await db.execute("UPDATE runner_schedule SET next_run = now() + make_interval(secs => every_s) "
+                               "WHERE next_run <= now() AND connection = ANY(%s) RETURNING connection",
+                               ([c.name for c in enabled],))
         due = {r[0] for r in await cur.fetchall()}
-    for conn in cfg.connections:
-        if conn.enabled and conn.name in due:
-            key = job_key(conn.name)
-            try:
-                await app.configure_task(TASK, lock=key, queueing_lock=key).defer_async(connection=conn.name)
-            except AlreadyEnqueued:  # one is waiting already: nothing piles up behind a slow sync
-                pass
+        todo = [c.name for c in enabled if c.name in due]
+        deferred = 0
+        try:
+            for name in todo:
+                key = job_key(name)
+                try:
+                    await app.configure_task(TASK, lock=key, queueing_lock=key).defer_async(connection=name)
+                except AlreadyEnqueued:  # one is waiting already: nothing piles up behind a slow sync
+                    pass
+                deferred += 1
+        finally:
+            if deferred < len(todo):  # not deferred (the database went away): due again at the next tick
+                await db.execute("UPDATE runner_schedule SET next_run = now() WHERE connection = ANY(%s)",
+                                 (todo[deferred:],))
 
 
 async def _retry_stalled(app, stalled_after: float) -> None:
