@@ -231,7 +231,7 @@ def test_ledger_lookups_probe_each_invoice_before_the_server_has_analyzed_the_le
 
     store = postgres.Store(pg_url, destination="d")
     try:
-        with store._writes() as db:
+        with store._db() as db:
             db.execute("ALTER TABLE ledger SET (autovacuum_enabled = false)")  # no statistics, as right after a run
         run = store.begin_run("apply", "config.yaml")
         ids = [f"in_{i:06d}" for i in range(5000)]

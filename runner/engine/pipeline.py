@@ -22,7 +22,7 @@ from urllib.parse import urljoin
 
 from loguru import logger
 
-from runner import metrics
+from runner import metrics, state
 from runner.net import auth as auth_mod
 from runner.engine import incremental, pagination
 from runner.spec import secrets
@@ -704,7 +704,9 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     page's verdicts."""
     # Looked up again, not taken from the lookup before classifying: the page before this one may have delivered
     # the same invoice since (offset paging shifts under changes).
-    ledger = store.ledger_lookup(source.account_key, [v.invoice_id for v in eligible]) if store else {}
+    # A server's store waits for its answer off the event loop: a `runner worker`'s syncs all share it.
+    ledger = (await state.off_loop(store, store.ledger_lookup, source.account_key, [v.invoice_id for v in eligible])
+              if store else {})
     to_send = to_deliver(eligible, ledger, source.account_key, own)
     if destination is None:  # plan: say what would happen, touch nothing
         for v, _ in to_send:

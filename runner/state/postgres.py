@@ -281,12 +281,18 @@ def insert_imported(db: psycopg.Connection, destination: str, rows: list[tuple],
 
 
 def record_written(db: psycopg.Connection, destination: str, run_id: int, imported: list[tuple],
-                   length: int | None, verdicts: list[tuple]) -> None:
+                   length: int | None, verdicts: list[tuple],
+                   replacing: tuple[str, str, list[str]] | None = None) -> None:
     """A page a worker wrote to a local sink, recorded in one statement (atomic on its own, one round trip
     where a transaction of three takes five: under the sink's lock, which the other workers wait for):
     `imported` as insert_imported's rows, the sink recorded up to `length` (None: unchanged), the page's
-    verdict rows (insert_verdicts's)."""
+    verdict rows (insert_verdicts's). `replacing`: as Store.record_page's."""
     parts, args = [], []
+    if replacing is not None and replacing[2]:
+        # The statement's parts all see the table as it was before it: the rows deleted are the earlier ones.
+        parts.append("d AS (DELETE FROM verdicts WHERE run_id=%s AND connection=%s AND account_key=%s AND "
+                     "invoice_id = ANY(%b::text[]))")
+        args += [run_id, replacing[0], replacing[1], list(replacing[2])]
     if imported:
         parts.append(f"l AS ({_IMPORTED_SQL})")
         args += _imported_args(destination, imported, run_id)
@@ -393,13 +399,9 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
             yield db
 
     @contextmanager
-    def _writes(self) -> Iterator[psycopg.Connection]:
-        """A transaction of writes."""
-        with self._pool.connection() as db, db.transaction():
-            yield db
-
-    @contextmanager
     def _db(self) -> Iterator[psycopg.Connection]:
+        """A connection in autocommit mode: each statement is a transaction of its own (one round trip where
+        BEGIN ... COMMIT around it takes three); tx() for several that go together."""
         with self._pool.connection() as db:
             yield db
 
@@ -438,25 +440,25 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
 
     def _close_abandoned(self) -> None:
         now = time.time()
-        with self.tx() as db:
+        with self._db() as db:
             db.execute("UPDATE runs SET status='interrupted', finished=%s, summary=json_build_object('run_id', id, "
                        "'mode', command, 'started', started, 'finished', %s::float8, 'error', %s::text)::text "
                        "WHERE status='running' AND command='apply'", (now, now, self.ABANDONED))
 
     # --- runs ------------------------------------------------------------------------------------------
     def begin_run(self, command: str, config: str) -> int:
-        with self.tx() as db:
+        with self._db() as db:
             return db.execute("INSERT INTO runs (command, config, started, status) VALUES (%s, %s, %s, 'running') "
                               "RETURNING id", (command, config, time.time())).fetchone()[0]
 
     def prune_verdicts(self, command: str, keep_runs: int) -> int:
-        with self.tx() as db:
+        with self._db() as db:
             return db.execute(
                 "DELETE FROM verdicts WHERE run_id IN (SELECT id FROM runs WHERE command=%s ORDER BY id DESC "
                 "LIMIT 1000 OFFSET %s)", (command, keep_runs)).rowcount
 
     def trim_summaries(self, command: str, keep_runs: int) -> int:
-        with self.tx() as db:
+        with self._db() as db:
             return db.execute(
                 "UPDATE runs SET summary = (summary::jsonb - 'connections')::text WHERE id IN (SELECT id FROM runs "
                 "WHERE command=%s ORDER BY id DESC LIMIT 1000 OFFSET %s) AND summary LIKE '{%%' "
@@ -464,7 +466,7 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
                 (command, keep_runs)).rowcount
 
     def finish_run(self, run_id: int, status: str, summary: dict) -> None:
-        with self.tx() as db:
+        with self._db() as db:
             db.execute("UPDATE runs SET finished=%s, status=%s, summary=%s WHERE id=%s",
                        (time.time(), status, json.dumps(summary, default=str), run_id))
 
@@ -521,7 +523,7 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         rows = _last_per_invoice(rows)
         a, i, c, n, k = (list(x) for x in zip(*rows))
         now = time.time()
-        with self._writes() as db:
+        with self._db() as db:
             db.execute(
                 "INSERT INTO ledger (destination, account_key, invoice_id, connection, number, status, "
                 "idempotency_key, first_seen, updated) SELECT %s, a, i, c, n, 'pending', k, %s, %s FROM "
@@ -536,7 +538,7 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
             return
         rows = _last_per_invoice(rows)
         a, i, cid, cref = (list(x) for x in zip(*rows))
-        with self._writes() as db:
+        with self._db() as db:
             db.execute(
                 "UPDATE ledger SET status='delivered', case_id=t.cid, case_reference=t.cref, error=NULL, updated=%s, "
                 "run_id=%s FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[]) AS t(a, i, cid, cref) "
@@ -549,14 +551,14 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
             return
         rows = _last_per_invoice(rows)
         a, i, e = (list(x) for x in zip(*rows))
-        with self._writes() as db:
+        with self._db() as db:
             db.execute(
                 "UPDATE ledger SET status='failed', error=t.e, updated=%s FROM unnest(%b::text[], %b::text[], "
                 "%b::text[]) AS t(a, i, e) WHERE ledger.destination=%s AND ledger.account_key=t.a AND "
                 "ledger.invoice_id=t.i AND ledger.status != 'delivered'", (time.time(), a, i, e, self.destination))
 
     def record_imported(self, rows: list[tuple], run_id: int | None) -> None:
-        with self._writes() as db:
+        with self._db() as db:
             insert_imported(db, self.destination, rows, run_id)
 
     # --- local sinks -----------------------------------------------------------------------------------
@@ -565,12 +567,12 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         return None if r is None else (r[0], r[1])
 
     def mark_sink(self, offset: int, run_id: int | None) -> None:
-        with self.tx() as db:
+        with self._db() as db:
             db.execute('INSERT INTO sink_marks (destination, "offset", run_id, at, recorded) VALUES (%s, %s, %s, %s, %s) '
                        "ON CONFLICT (destination) DO NOTHING", (self.destination, offset, run_id, time.time(), offset))
 
     def clear_sink_mark(self) -> None:
-        with self.tx() as db:
+        with self._db() as db:
             db.execute("DELETE FROM sink_marks WHERE destination=%s", (self.destination,))
 
     # --- verdicts --------------------------------------------------------------------------------------
@@ -579,15 +581,9 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
 
     def record_page(self, run_id: int, verdicts: list[tuple], imported: list[tuple] = (),
                     replacing: tuple[str, str, list[str]] | None = None) -> None:
-        """As the SQLite store's: one page's verdicts and local-sink imports in one transaction."""
-        with self._writes() as db:
-            if replacing is not None and replacing[2]:
-                connection, account_key, ids = replacing
-                db.execute("DELETE FROM verdicts WHERE run_id=%s AND connection=%s AND account_key=%s AND "
-                           "invoice_id = ANY(%b::text[])", (run_id, connection, account_key, list(ids)))
-            if imported:
-                insert_imported(db, self.destination, list(imported), run_id)
-            insert_verdicts(db, run_id, verdicts)
+        """As the SQLite store's: one page's verdicts and local-sink imports, in one statement."""
+        with self._db() as db:
+            record_written(db, self.destination, run_id, list(imported), None, verdicts, replacing)
 
     def verdict_history(self, account_key: str, invoice_id: str, limit: int = 20) -> list[dict]:
         rows = self._all("SELECT run_id, verdict, reason, detail, at FROM verdicts WHERE account_key=%s AND "
