@@ -388,3 +388,47 @@ def test_a_connection_taken_by_one_worker_is_not_deferred_again_by_anothers_tick
         due = db.execute("SELECT count(*) FROM runner_schedule WHERE next_run <= now()").fetchone()[0]
     assert jobs == Counter({c.name: 1 for c in cfg.connections}), (taken, jobs)
     assert due == 0
+
+
+def test_a_worker_runs_as_many_syncs_at_once_as_its_concurrency(tmp_path, sandbox_env, pg_url, monkeypatch):
+    """Each sync waits in a thread while it runs. They were asyncio's default threads, min(32, cores + 4) of
+    them: a worker of --concurrency 16 on 2 cores ran 6 syncs at a time. Here every sync waits until all of
+    them have started: they pass only if the worker runs them all at once."""
+    import asyncio
+    import threading
+
+    from runner.engine import schedule
+    from runner.spec import config as config_mod
+
+    try:
+        from tests.conftest import SANDBOX_CONFIG, write_config
+    except ImportError:
+        from conftest import SANDBOX_CONFIG, write_config
+
+    n = min(32, (os.cpu_count() or 1) + 4) + 2  # more than asyncio's default threads on this machine
+    text = SANDBOX_CONFIG.format(server_filters="false")
+    one = text[text.index("  - name: acme-stripe"):]
+    cfg = config_mod.load(use_backend(write_config(tmp_path, text + "".join(
+        one.replace("acme-stripe", f"acme-stripe-{i}") for i in range(n - 1))), pg_url))
+    assert len(cfg.connections) >= n
+    all_started = threading.Barrier(n, timeout=20)
+    ran = []
+
+    def waits_for_the_others(cfg_, url, conn, name):
+        all_started.wait()  # raises BrokenBarrierError if fewer than n run at once
+        ran.append(conn.name)
+        return "ok"
+
+    monkeypatch.setattr(schedule, "run_sync", waits_for_the_others)
+    schedule.prepare(pg_url)
+
+    async def work() -> None:
+        app = schedule.make_app(cfg, pg_url, "test:1", concurrency=n)
+        async with app.open_async():
+            for conn in cfg.connections[:n]:
+                await app.configure_task(schedule.TASK).defer_async(connection=conn.name)
+            await app.run_worker_async(queues=[schedule.QUEUE], concurrency=n, wait=False,
+                                       install_signal_handlers=False)
+
+    asyncio.run(work())
+    assert sorted(ran) == sorted(c.name for c in cfg.connections[:n])
