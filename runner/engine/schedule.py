@@ -232,22 +232,22 @@ async def _defer_due(app, url: str, cfg) -> None:
     from procrastinate.exceptions import AlreadyEnqueued
 
     enabled = [c for c in cfg.connections if c.enabled]
+    names = [c.name for c in enabled]
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:
         # Every connection's row in one statement (hundreds of connections, every tick, in every worker), and
         # a row rewritten only when its interval changed.
         await db.execute("INSERT INTO runner_schedule (connection, every_s, next_run) SELECT c, e, now() FROM "
                          "unnest(%s::text[], %s::float8[]) AS t(c, e) ON CONFLICT (connection) DO UPDATE SET "
                          "every_s = EXCLUDED.every_s WHERE runner_schedule.every_s IS DISTINCT FROM EXCLUDED.every_s",
-                         ([c.name for c in enabled], [float(c.schedule_every) for c in enabled]))
+                         (names, [float(c.schedule_every) for c in enabled]))
         # Claimed: the next run moves on as the job is deferred, not when a worker starts it. A job a worker
         # has taken but not yet started frees its queueing lock, and every worker's tick found the connection
         # due again meanwhile and deferred a second sync of it (a third of the connections were synced twice
         # in a row on a first import of 100 with two workers).
         cur = await db.execute("UPDATE runner_schedule SET next_run = now() + make_interval(secs => every_s) "
-                               "WHERE next_run <= now() AND connection = ANY(%s) RETURNING connection",
-                               ([c.name for c in enabled],))
+                               "WHERE next_run <= now() AND connection = ANY(%s) RETURNING connection", (names,))
         due = {r[0] for r in await cur.fetchall()}
-        todo = [c.name for c in enabled if c.name in due]
+        todo = [name for name in names if name in due]
         deferred = 0
         try:
             for name in todo:

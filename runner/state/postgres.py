@@ -321,6 +321,9 @@ def record_verdicts(db: psycopg.Connection, run_id: int, rows: list[tuple]) -> N
     insert_verdicts(db, run_id, rows)
 
 
+_SINK_SQL = 'SELECT coalesce(recorded, "offset"), run_id FROM sink_marks WHERE destination=%s'
+
+
 def sink_lookup(db: psycopg.Connection, destination: str, account_key: str,
                 ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
     """sink_recorded's mark and lookup, in one round trip (a pipeline): what a worker reads under a local
@@ -332,16 +335,9 @@ def sink_lookup(db: psycopg.Connection, destination: str, account_key: str,
     return (None if r is None else (r[0], r[1])), ({} if rows is None else {r[1]: LedgerRow(*r) for r in rows})
 
 
-_SINK_SQL = 'SELECT coalesce(recorded, "offset"), run_id FROM sink_marks WHERE destination=%s'
-
-
 def sink_recorded(db: psycopg.Connection, destination: str) -> tuple[int, int | None] | None:
     r = db.execute(_SINK_SQL, (destination,)).fetchone()
     return None if r is None else (r[0], r[1])
-
-
-def set_sink_recorded(db: psycopg.Connection, destination: str, length: int) -> None:
-    db.execute("UPDATE sink_marks SET recorded=%s WHERE destination=%s", (length, destination))
 
 
 def unreachable(url: str, exc: BaseException) -> StateFileError:
@@ -357,7 +353,7 @@ def unreachable(url: str, exc: BaseException) -> StateFileError:
 
 class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Cursors):
     kind = "postgresql"
-    remote = True  # across a network: a wait for it must not hold the event loop (workers.classify_here)
+    remote = True  # across a network: a wait for it must not hold the event loop (state.off_loop)
     PARAM = "%s"  # the shared methods' `?` (sqlite.Portable)
 
     def __init__(self, url: str, destination: str = "", local_dir: Path | None = None):
