@@ -17,10 +17,10 @@ from collections import Counter
 import psycopg
 
 try:
-    from tests.conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli, use_backend
+    from tests.conftest import DEBITURA_KEY, ROOT, SANDBOX_CONFIG, STRIPE_KEY, run_cli, use_backend, write_config
     from tests.test_crash import _cases, _eligible_numbers, _post, served  # noqa: F401 (a fixture)
 except ImportError:  # tests/ without __init__.py
-    from conftest import DEBITURA_KEY, ROOT, STRIPE_KEY, run_cli, use_backend
+    from conftest import DEBITURA_KEY, ROOT, SANDBOX_CONFIG, STRIPE_KEY, run_cli, use_backend, write_config
     from test_crash import _cases, _eligible_numbers, _post, served  # noqa: F401
 
 KILLS = int(os.environ.get("RUNNER_WORKER_KILLS", "5"))
@@ -118,6 +118,17 @@ def _stop(procs) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def _sandbox_connections(tmp_path, pg_url: str, names: list[str], state: str = "state: state/state.db"):
+    """The sandbox config (tests/conftest.py) on `pg_url`, its Stripe connection copied once per name in
+    `names`, loaded; `state`: its `state:` line before the URL replaces the path (keep_runs)."""
+    from runner.spec import config as config_mod
+
+    text = SANDBOX_CONFIG.format(server_filters="false")
+    one = text[text.index("  - name: acme-stripe"):]
+    text = text.replace("state: state/state.db", state) + "".join(one.replace("acme-stripe", n) for n in names)
+    return config_mod.load(use_backend(write_config(tmp_path, text), pg_url))
 
 
 def test_worker_refuses_sqlite_state(tmp_path):
@@ -328,18 +339,9 @@ def test_a_workers_syncs_keep_each_connections_recent_verdicts(tmp_path, sandbox
     together, the syncs of the other connections (500 of them, every 5 minutes) pruned a connection's
     verdicts of skipped invoices minutes after they were written, so `runner explain` had nothing to show."""
     from runner.engine import schedule
-    from runner.spec import config as config_mod
 
-    try:
-        from tests.conftest import SANDBOX_CONFIG, write_config
-    except ImportError:
-        from conftest import SANDBOX_CONFIG, write_config
-
-    text = SANDBOX_CONFIG.format(server_filters="false")
-    second = text[text.index("  - name: acme-stripe"):].replace("acme-stripe", "acme-stripe-eu")
-    cfg_path = write_config(tmp_path, text.replace("state: state/state.db",
-                                                   "state: {type: sqlite, path: state/state.db, keep_runs: 1}") + second)
-    cfg = config_mod.load(use_backend(cfg_path, pg_url))
+    cfg = _sandbox_connections(tmp_path, pg_url, ["acme-stripe-eu"],
+                               state="state: {type: sqlite, path: state/state.db, keep_runs: 1}")
     schedule.prepare(pg_url)
     first, other = cfg.connections[0], cfg.connections[1]
     try:
@@ -361,16 +363,8 @@ def test_a_connection_taken_by_one_worker_is_not_deferred_again_by_anothers_tick
     import asyncio
 
     from runner.engine import schedule
-    from runner.spec import config as config_mod
 
-    try:
-        from tests.conftest import SANDBOX_CONFIG, write_config
-    except ImportError:
-        from conftest import SANDBOX_CONFIG, write_config
-
-    text = SANDBOX_CONFIG.format(server_filters="false")
-    second = text[text.index("  - name: acme-stripe"):].replace("acme-stripe", "acme-stripe-eu")
-    cfg = config_mod.load(use_backend(write_config(tmp_path, text + second), pg_url))
+    cfg = _sandbox_connections(tmp_path, pg_url, ["acme-stripe-eu"])
     schedule.prepare(pg_url)
 
     async def ticks() -> list:
@@ -398,18 +392,9 @@ def test_a_worker_runs_as_many_syncs_at_once_as_its_concurrency(tmp_path, sandbo
     import threading
 
     from runner.engine import schedule
-    from runner.spec import config as config_mod
-
-    try:
-        from tests.conftest import SANDBOX_CONFIG, write_config
-    except ImportError:
-        from conftest import SANDBOX_CONFIG, write_config
 
     n = min(32, (os.cpu_count() or 1) + 4) + 2  # more than asyncio's default threads on this machine
-    text = SANDBOX_CONFIG.format(server_filters="false")
-    one = text[text.index("  - name: acme-stripe"):]
-    cfg = config_mod.load(use_backend(write_config(tmp_path, text + "".join(
-        one.replace("acme-stripe", f"acme-stripe-{i}") for i in range(n - 1))), pg_url))
+    cfg = _sandbox_connections(tmp_path, pg_url, [f"acme-stripe-{i}" for i in range(n - 1)])
     assert len(cfg.connections) >= n
     all_started = threading.Barrier(n, timeout=20)
     ran = []
