@@ -1,14 +1,17 @@
 """The example Zapier app (examples/zapier-app) driven by Zapier's own test harness, zapier-platform-core's
 `createAppTester`, against real `runner serve` processes over real sockets: a production server and a test
-server, keys made with `runner keys create`. Needs node and npm (one `npm ci` per session, skipped when the
-installed packages already match package-lock.json)."""
+server, keys made with `runner keys create`. Needs node and npm (one `npm ci`, by one test process at a time,
+skipped when the installed packages already match package-lock.json)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,11 +58,16 @@ def _installed() -> bool:
 
 @pytest.fixture(scope="session")
 def zapier_app():
-    if not _installed():
-        done = subprocess.run([NPM, "ci", "--no-audit", "--no-fund", "--prefer-offline"], cwd=APP,
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"npm ci failed (no registry access?): {done.stderr[-1500:]}")
+    # Each test process (pytest -n 3) has a session of its own: they take turns, or one's `npm ci` (which
+    # deletes node_modules first) pulls mocha from under another's tests (MODULE_NOT_FOUND).
+    lock = Path(tempfile.gettempdir()) / f"runner-zapier-app-{hashlib.sha256(str(APP).encode()).hexdigest()[:12]}.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if not _installed():
+            done = subprocess.run([NPM, "ci", "--no-audit", "--no-fund", "--prefer-offline"], cwd=APP,
+                                  capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                pytest.skip(f"npm ci failed (no registry access?): {done.stderr[-1500:]}")
     return APP
 
 
