@@ -45,8 +45,8 @@ import orjson
 from loguru import logger
 
 from runner import state
-from runner.engine.classify import (ELIGIBLE, Classifier, Tally, Verdict, classify_page, delivered, tally,
-                             to_deliver, verdict_rows)
+from runner.engine import localsink
+from runner.engine.classify import ELIGIBLE, Classifier, Tally, Verdict, classify_page, tally, verdict_rows
 from runner.spec.config import Connection
 from runner.engine.destinations import idempotency_key, idempotency_keys
 
@@ -140,52 +140,12 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
             v.key = key
             lines[v.invoice_id] = encode(v.invoice, key)
         with _own_sink.exclusive():
-            _write(name, account_key, run_id, eligible, lines, ended, db, destination)
+            localsink.write_page(db, _own_sink, destination, name, account_key, run_id, eligible, lines, ended)
     else:  # nothing to write (a second run: every invoice a duplicate): the file is not touched
         state.record_verdicts(db, run_id, ended)
     counted = Tally()
     tally(counted, verdicts)
     return counted
-
-
-def _write(name: str, account_key: str, run_id: int, eligible: list[Verdict], lines: dict[str, bytes],
-           ended: list[tuple], db, destination: str) -> None:
-    """Under the file's lock: look the eligible invoices up again, write those not delivered (`lines`, by
-    invoice id), record the page (`ended`: the verdict rows of the rest). Two round trips to a server
-    while the other workers wait: the look-up (with the sink's mark) and the record."""
-    ids = [v.invoice_id for v in eligible]
-    mark, ledger = state.sink_lookup(db, destination, account_key, ids)
-    if _repair(db, destination, mark):
-        ledger = state.lookup(db, destination, account_key, ids)
-    to_send = to_deliver(eligible, ledger, account_key)
-    if any(v.invoice_id in ledger for v, _ in to_send):  # which of those the file holds already
-        _own_sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
-    written = []
-    if to_send:
-        deliveries = _own_sink.write_many([(v.invoice, k, lines[v.invoice_id]) for v, k in to_send])
-        _own_sink.flush()
-        for (v, k), d in zip(to_send, deliveries):
-            delivered(v, d)
-            written.append((account_key, v.invoice_id, name, v.number, k, d.case_id, d.case_reference))
-    state.record_written(db, destination, run_id, written, _own_sink.length() if written else None,
-                         ended + verdict_rows(name, account_key, eligible))
-
-
-def _repair(db, destination: str, mark: tuple[int, int | None] | None) -> bool:
-    """Under the file's lock, before a page is written (`mark`: sink_recorded's, read with the look-up):
-    lines past what the ledger is known to hold were written by a writer that died before recording them
-    (another worker, killed between its write and its commit). They are recorded first, or this page would
-    write the same invoices again; the engine only records them once it learns of the death, which may be
-    after this page. True if it recorded any (the page's look-up is then out of date)."""
-    if mark is None:
-        return False
-    recorded, run_id = mark
-    length = _own_sink.length()
-    if length <= recorded:
-        return False
-    rows = list(_own_sink.recover(recorded))
-    state.record_written(db, destination, run_id, rows, length, [])
-    return bool(rows)
 
 
 def _worker_start() -> None:

@@ -113,7 +113,7 @@ def record_verdicts(db, run_id: int, rows: list[tuple]) -> None:
 def sink_lookup(db, destination: str, account_key: str,
                 ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
     """sink_recorded's mark and these invoices' ledger rows (one round trip to a server): what a worker reads
-    under a local sink's lock (see workers._write)."""
+    under a local sink's lock (see localsink.write_page)."""
     return _backend(db).sink_lookup(db, destination, account_key, ids)
 
 

@@ -327,7 +327,7 @@ _SINK_SQL = 'SELECT coalesce(recorded, "offset"), run_id FROM sink_marks WHERE d
 def sink_lookup(db: psycopg.Connection, destination: str, account_key: str,
                 ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
     """sink_recorded's mark and lookup, in one round trip (a pipeline): what a worker reads under a local
-    sink's lock (see workers._write)."""
+    sink's lock (see localsink.write_page)."""
     with db.pipeline():
         mark = db.execute(_SINK_SQL, (destination,))
         rows = db.execute(LOOKUP_SQL, (list(ids), destination, account_key)) if ids else None

@@ -341,7 +341,7 @@ def sink_recorded(db: sqlite3.Connection, destination: str) -> tuple[int, int | 
     """How much of a local sink is known to be in the ledger (its length after the last page a worker
     recorded, or the run's mark), and the marking run; None when no run is writing it. A worker reads it
     under the file's lock: the file being longer means a writer died between writing a page and recording
-    it (see workers._repair)."""
+    it (see localsink.repair)."""
     r = db.execute("SELECT coalesce(recorded, offset), run_id FROM sink_marks WHERE destination=?",
                    (destination,)).fetchone()
     return None if r is None else (r[0], r[1])
@@ -387,7 +387,7 @@ def record_verdicts(db: sqlite3.Connection, run_id: int, rows: list[tuple]) -> N
 
 def sink_lookup(db: sqlite3.Connection, destination: str, account_key: str,
                 ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
-    """sink_recorded's mark and lookup: what a worker reads under a local sink's lock (see workers._write)."""
+    """sink_recorded's mark and lookup: what a worker reads under a local sink's lock (see localsink.write_page)."""
     return sink_recorded(db, destination), lookup(db, destination, account_key, ids)
 
 
