@@ -286,3 +286,42 @@ def test_a_page_a_worker_wrote_is_recorded_once_whatever_the_ledger_held(tmp_pat
             ("in_bad", "incomplete_address")]
     finally:
         store.close()
+
+
+def test_a_page_claimed_before_it_is_written_is_recorded_whole_or_not_at_all(pg_url):
+    """PostgreSQL's writers of a local sink record a page before writing it (runner/engine/localsink.py), in
+    one statement that also moves the sink's mark: nothing is recorded if an invoice of the page is delivered
+    already, or if the mark is not where the writer found the file's end; a row left pending by an unfinished
+    delivery is taken over when asked. settle_sink takes back the rows of a page never written."""
+    from runner import state
+
+    store = state.open_store(pg_url, destination="jsonl:out/cases.jsonl")
+    try:
+        run = store.begin_run("apply", "config.yaml")
+        store.mark_pending([("acct", "in_pending", "c", "P-1", "key-old")])
+        store.mark_sink(0, run)
+        db = state.connect(store.reader_target()[0])
+
+        def page(*ids):
+            return [("acct", i, "c", i.upper(), f"key-{i}", f"key-{i}", None) for i in ids]
+
+        skipped = ("c", "acct", "in_bad", "B-1", "skipped", "incomplete_address", '{"message": "no city"}')
+        assert state.claim_written(db, store.destination, run, page("in_1", "in_2"), 0, 100, [skipped]) == "claimed"
+        assert state.claim_written(db, store.destination, run, page("in_3"), 0, 150, []) == "moved"
+        assert state.claim_written(db, store.destination, run, page("in_3", "in_2"), 100, 200, [skipped]) == "conflict"
+        assert state.claim_written(db, store.destination, run, page("in_pending"), 100, 180, []) == "conflict"
+        assert state.claim_written(db, store.destination, run, page("in_pending", "in_4"), 100, 180, [],
+                                   upsert=True) == "claimed"
+        assert state.sink_state(db, store.destination) == (180, run, 100, "acct", ["in_pending", "in_4"])
+        rows = state.lookup(db, store.destination, "acct", ["in_1", "in_2", "in_3", "in_4", "in_pending"])
+        assert {i: r.status for i, r in rows.items()} == {
+            "in_1": "delivered", "in_2": "delivered", "in_4": "delivered", "in_pending": "delivered"}
+        assert [v["invoice_id"] for v in store.run_verdicts(run, not_imported=True)] == ["in_bad"]
+        # That last page never reached the file (its writer died): its rows are taken back, not the others'
+        state.settle_sink(db, store.destination, 100, ("acct", ["in_pending", "in_4"], run), [], run)
+        assert set(state.lookup(db, store.destination, "acct", ["in_1", "in_2", "in_4", "in_pending"])) == {
+            "in_1", "in_2"}
+        assert state.sink_state(db, store.destination) == (100, run, None, None, None)
+        db.close()
+    finally:
+        store.close()

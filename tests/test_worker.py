@@ -204,6 +204,175 @@ def test_sigkill_workers_at_random_points_every_invoice_once(served, tmp_path, p
     assert max(gaps, default=0) < STALLED_AFTER * 2 + 10, gaps
 
 
+def _jsonl_numbers(path) -> Counter:
+    """How many lines of the jsonl file hold each invoice number (a torn last line is not a case)."""
+    import orjson
+
+    out: Counter = Counter()
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                out[orjson.loads(line)["invoice"]["number"]] += 1
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def test_sigkill_workers_writing_one_jsonl_file_every_invoice_once(served, tmp_path, pg_url):
+    """A jsonl destination written by several syncs at once: 3 workers of --concurrency 2 sync three
+    connections of one Stripe account (the same invoices) into one file, a worker at random is SIGKILLed at
+    a random moment, max(3, KILLS // 5) times. Afterwards the file holds every eligible invoice on exactly
+    one line, and the ledger has each as delivered."""
+    base, _ = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
+    third = SECOND.replace("w-stripe-2", "w-stripe-3")
+    cfg = _workspace(tmp_path, pg_url, base, SECOND + third)
+    text = cfg.read_text()
+    head, rest = text.split("destination:", 1)
+    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
+    out = tmp_path / "out" / "cases.jsonl"
+    expected = _eligible_numbers(SYNTHETIC)
+    rng = random.Random(SEED)
+    procs = {n: _start(cfg, tmp_path, n) for n in range(3)}
+    kills = 0
+    try:
+        for _ in range(max(3, KILLS // 5)):
+            time.sleep(rng.uniform(0.1, 2.0))  # a random point of the workers' lives, not a timing crutch
+            n = rng.randrange(3)
+            procs[n].send_signal(signal.SIGKILL)
+            procs[n].wait()
+            kills += 1
+            procs[n] = _start(cfg, tmp_path, n)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and set(_jsonl_numbers(out)) < expected:
+            time.sleep(0.5)
+        # Every connection synced again after the last kill: whatever a kill left unrecorded is repaired.
+        last_kill = time.time()
+        while time.monotonic() < deadline:
+            done = {s[0] for s in _syncs(pg_url) if s[2] > last_kill and s[4] == "ok"}
+            if done >= {"w-stripe", "w-stripe-2", "w-stripe-3"}:
+                break
+            time.sleep(0.5)
+    finally:
+        _stop(procs.values())
+    lines = _jsonl_numbers(out)
+    twice = {num: c for num, c in lines.items() if c > 1}
+    print(f"\njsonl kills: {kills}, seed {SEED}, lines {sum(lines.values())}, invoices {len(lines)}/{len(expected)}, "
+          f"twice {len(twice)}")
+    assert not twice, f"invoices written twice: {sorted(twice)[:10]} (seed {SEED})"
+    assert set(lines) == expected, f"missing {sorted(expected - set(lines))[:10]} (seed {SEED})"
+    with psycopg.connect(pg_url) as db:
+        delivered = db.execute("SELECT count(*) FROM ledger WHERE status='delivered' AND destination LIKE 'jsonl:%'"
+                               ).fetchone()[0]
+    assert delivered == len(expected)
+
+
+def _waiting_on(url: str, table: str) -> int:
+    """How many of the server's sessions wait for a lock of `table`."""
+    with psycopg.connect(url) as db:
+        return db.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+                          (table,)).fetchone()[0]
+
+
+def _flock_waiters(path) -> int:
+    """How many processes wait for an flock() of the file at `path` (Linux's /proc/locks: a waiter's line
+    has `->` before its lock type)."""
+    inode = os.stat(path).st_ino
+    return sum(1 for line in open("/proc/locks") if "->" in line and line.split()[-3].endswith(f":{inode}"))
+
+
+def test_two_syncs_writing_one_jsonl_file_at_once_write_each_invoice_once(served, tmp_path, pg_url):
+    """A worker of --concurrency 2 syncs two connections of the same Stripe account (the same invoices) at
+    once, into one jsonl file. The ledger is held (LOCK ... IN SHARE MODE: read, not written) until each sync
+    has either written its page and waits to record it, or waits for the other's turn at the file: a sync
+    must look its page up and write it only while no other writer is between its own look-up and record.
+    Afterwards the file holds every eligible invoice once."""
+    from runner.state import open_store
+
+    base, _ = served
+    cfg = _workspace(tmp_path, pg_url, base, SECOND)
+    text = cfg.read_text()
+    head, rest = text.split("destination:", 1)
+    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
+    open_store(pg_url).close()  # the schema, before the ledger is held
+    out = tmp_path / "out" / "cases.jsonl"
+    out.parent.mkdir()
+    out.touch()
+    holder = psycopg.connect(pg_url)
+    worker = None
+    try:
+        holder.execute("LOCK TABLE ledger IN SHARE MODE")
+        worker = _start(cfg, tmp_path, 0, concurrency=2)
+        deadline = time.monotonic() + 60
+        while not (_waiting_on(pg_url, "ledger") >= 2
+                   or (_waiting_on(pg_url, "ledger") == 1 and _flock_waiters(out) >= 1)):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                break  # reported below, once the ledger is free again
+            time.sleep(0.05)
+        reached = _waiting_on(pg_url, "ledger"), _flock_waiters(out)
+    finally:
+        holder.rollback()
+        holder.close()
+    try:
+        assert reached[0] >= 2 or reached == (1, 1), \
+            f"the syncs never reached their record: {reached}, {(tmp_path / 'worker-0.log').read_text()[-2000:]}"
+        while time.monotonic() < deadline:
+            if {s[0] for s in _syncs(pg_url) if s[4] == "ok"} >= {"w-stripe", "w-stripe-2"}:
+                break
+            time.sleep(0.2)
+    finally:
+        _stop([worker])
+    lines = _jsonl_numbers(out)
+    assert {n: c for n, c in lines.items() if c > 1} == {}
+    assert set(lines) == _eligible_numbers(0)
+
+
+def test_a_page_recorded_and_never_written_is_written_by_the_next_run_and_a_replaced_file_is_followed(
+        served, tmp_path, pg_url):
+    """Through PostgreSQL a page goes to a jsonl file recorded first, then written. A writer killed in
+    between leaves ledger rows for lines the file does not hold (here: the file cut back to the middle of its
+    last page, as a kill mid-write leaves it). The next run takes those rows back and writes those invoices:
+    each once. Then the user deletes the file and new invoices appear: the next run writes only the new ones,
+    once (the mark, kept from run to run, follows the new file)."""
+    base, _ = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": 150})
+    cfg = _workspace(tmp_path, pg_url, base)
+    text = cfg.read_text()
+    head, rest = text.split("destination:", 1)
+    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
+    out = tmp_path / "out" / "cases.jsonl"
+    first = run_cli("apply", str(cfg), env=_env(), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    expected = _eligible_numbers(150)
+    assert set(_jsonl_numbers(out)) == expected
+    with psycopg.connect(pg_url) as db:
+        start, length, claimed = db.execute("SELECT writing_from, recorded, cardinality(writing_ids) FROM sink_marks"
+                                            ).fetchone()
+    assert 0 < start < length == out.stat().st_size and claimed > 2
+    data = out.read_bytes()
+    page = data[start:]
+    cut = start + page.index(b"\n", page.index(b"\n") + 1) + 1 + 40  # two whole lines, and 40 bytes of a third
+    out.write_bytes(data[:cut])
+    assert len(_jsonl_numbers(out)) == len(expected) - claimed + 2
+
+    again = run_cli("apply", str(cfg), "--full", env=_env(), cwd=tmp_path)  # --full: the synthetic invoices
+    assert again.returncode == 0, again.stdout + again.stderr              # have no events in the change feed
+    lines = _jsonl_numbers(out)
+    assert {n: c for n, c in lines.items() if c > 1} == {} and set(lines) == expected
+
+    out.unlink()
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": 180})
+    new = _eligible_numbers(180) - expected
+    third = run_cli("apply", str(cfg), "--full", env=_env(), cwd=tmp_path)
+    assert third.returncode == 0, third.stdout + third.stderr
+    lines = _jsonl_numbers(out)
+    assert {n: c for n, c in lines.items() if c > 1} == {} and set(lines) == new and new
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT count(*) FROM ledger WHERE status='delivered'").fetchone()[0] == len(
+            _eligible_numbers(180))
+        assert db.execute("SELECT recorded FROM sink_marks").fetchone()[0] == out.stat().st_size
+
+
 def test_apply_beside_running_workers_delivers_nothing_twice(served, tmp_path, pg_url):
     """`runner apply` while two workers sync the same connection: it either refuses (exit 3, a worker holds
     the store) or runs while no worker syncs; every invoice is one case."""

@@ -254,13 +254,14 @@ def test_a_broken_page_mid_run_is_reported_as_the_engine_would(tmp_path, monkeyp
 @pytest.mark.skipif(not workers._wanted(), reason="needs fork and a second core")
 @pytest.mark.parametrize("setting", ["1", "2"])
 def test_a_worker_killed_between_writing_a_page_and_recording_it_writes_nothing_twice(tmp_path, monkeypatch, setting):
-    """Workers deliver their pages to the jsonl file themselves: write, then record. One is killed after it
-    wrote its third page and before recording it; the engine waits for the other's pages, records what the
-    file holds, and delivers the rest itself. Every eligible invoice is in the file once and in the ledger, and
-    the run reads as a run without workers."""
+    """Workers deliver their pages to the jsonl file themselves: through SQLite, write then record; through
+    PostgreSQL, record then write (runner/engine/localsink.py). One is killed in between, on its third page;
+    the engine waits for the other's pages, makes the ledger and the file agree again (records the lines
+    written, or takes back the rows of lines never written), and delivers the rest itself. Every eligible
+    invoice is in the file once and in the ledger, and the run reads as a run without workers."""
     reference = _apply(_workspace(tmp_path / "ref"), monkeypatch, workers_setting="0")
     engine, calls = os.getpid(), [0]
-    real = workers.state.record_written
+    real, real_claim = workers.state.record_written, workers.state.claim_written
 
     def killed_after_writing(db, destination, run_id, rows, *args):
         if os.getpid() != engine and rows:  # in a worker: its third page is in the file, its rows not committed
@@ -269,13 +270,23 @@ def test_a_worker_killed_between_writing_a_page_and_recording_it_writes_nothing_
                 os._exit(9)
         return real(db, destination, run_id, rows, *args)
 
+    def killed_before_writing(db, destination, run_id, rows, *args):
+        claimed = real_claim(db, destination, run_id, rows, *args)
+        if os.getpid() != engine and claimed == "claimed":  # its third page is recorded, not in the file
+            calls[0] += 1
+            if calls[0] == 3:
+                os._exit(9)
+        return claimed
+
     monkeypatch.setattr(workers.state, "record_written", killed_after_writing)
+    monkeypatch.setattr(workers.state, "claim_written", killed_before_writing)
     result, verdicts, ledger, lines = _apply(_workspace(tmp_path / "k"), monkeypatch, workers_setting=setting)
     assert _Recording.last.submitted > 0 and not _Recording.last.enabled, "the worker died and the engine took over"
     expected = reference[0].totals()["imported"]
     totals = result.totals()
     assert result.ok and totals["seen"] == reference[0].totals()["seen"]
-    # The killed page's invoices were written by this run before the kill: imported by it, as without workers.
+    # The killed page's invoices were written (or, through PostgreSQL, are written after the kill) by this
+    # run: imported by it, as without workers.
     assert totals == reference[0].totals()
     keys = [orjson.loads(line)["idempotency_key"] for line in lines]
     assert len(keys) == len(set(keys)) == expected, "every eligible invoice in the file, none twice"
@@ -349,9 +360,11 @@ def test_a_new_accounts_first_run_skips_the_lookup_before_classifying_and_still_
     second = text[text.index("  - name: s"):].replace("name: s", "name: s-recent").replace("last: 3y", "last: 1y")
     cfg.write_text(text + second)
     looked_up = []
-    real = state.lookup
+    real, real_sink = state.lookup, state.sink_lookup
     monkeypatch.setattr(state, "lookup", lambda db, dest, account, ids: looked_up.append(len(ids)) or real(
         db, dest, account, ids))
+    monkeypatch.setattr(state, "sink_lookup", lambda db, dest, account, ids: looked_up.append(
+        len(ids)) or real_sink(db, dest, account, ids))
     result, verdicts, ledger, lines = _apply(cfg, monkeypatch, workers_setting=setting)
     older, recent = result.connections
     assert older.account_id == recent.account_id == "acme" and recent.seen > 10
@@ -362,8 +375,11 @@ def test_a_new_accounts_first_run_skips_the_lookup_before_classifying_and_still_
     dup = [d for _, _, v, r, d in verdicts if r == "duplicate"]
     assert len(dup) == older.skipped().get("duplicate", 0) + recent.skipped().get("duplicate", 0) > 0
     assert all("already imported on" in orjson.loads(d)["message"] for d in dup)
-    if setting == "0":  # looked up at delivery only, once per eligible invoice, never before classifying
+    if setting == "0" and _BACKEND[0] == "sqlite":  # looked up at delivery only, once per eligible invoice
         assert sum(looked_up) == len(keys) + len(dup)
+    elif setting == "0":  # PostgreSQL: a page is recorded before it is written, the ledger's key finding the
+        # duplicates; only a page that has one is looked up (to leave it out)
+        assert 0 < sum(looked_up) < len(keys) + len(dup)
     # exactly the cases the wider connection alone delivers
     alone = _workspace(tmp_path / "alone")
     alone.write_text(text)
@@ -479,24 +495,38 @@ def test_a_worker_killed_between_writing_and_recording_leaves_nothing_for_the_ot
     workers get them. The first to write is killed before it records its page. The other worker's page used
     to be looked up in the ledger, find nothing of the dead one's lines (the engine records those only when
     it learns of the death) and write them again (found in review: 20 lines for 16). A worker now records
-    what the file holds past the last recorded page before its lookup."""
+    what the file holds past the last recorded page before its lookup. Through PostgreSQL a page is recorded
+    before it is written: the dead one's rows claim lines the file does not hold, and the other worker
+    takes them back before it claims its own page, or those invoices would be in neither's page."""
     cfg = _workspace(tmp_path)
     text = cfg.read_text().replace("    window: {last: 3y}\n", "    window: {last: 3y}\n    account_id: acme\n")
     one = text[text.index("  - name: s"):]
     cfg.write_text(text + one.replace("name: s", "name: s2") + one.replace("name: s", "name: s3"))
     engine, flag = os.getpid(), str(tmp_path / "killed")
-    real = workers.state.record_written
+    real, real_claim = workers.state.record_written, workers.state.claim_written
 
-    def first_writer_killed(db, destination, run_id, rows, *args):
-        if os.getpid() != engine and rows:
-            try:
-                os.close(os.open(flag, os.O_CREAT | os.O_EXCL))  # the first page written in the run, once
-            except FileExistsError:
-                return real(db, destination, run_id, rows, *args)
-            time.sleep(0.3)  # a slow commit: the other worker waits for the file's lock with its page meanwhile
-            os._exit(9)
+    def first(kill: bool) -> bool:
+        """The first page written in the run, once: a slow commit (the other worker waits for the file's
+        lock with its page meanwhile), then the kill."""
+        if not kill:
+            return False
+        try:
+            os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        time.sleep(0.3)
+        os._exit(9)
+
+    def first_writer_killed(db, destination, run_id, rows, *args):  # SQLite: written, not recorded
+        first(os.getpid() != engine and bool(rows))
         return real(db, destination, run_id, rows, *args)
 
+    def first_claimer_killed(db, destination, run_id, rows, *args):  # PostgreSQL: recorded, not written
+        claimed = real_claim(db, destination, run_id, rows, *args)
+        first(os.getpid() != engine and claimed == "claimed")
+        return claimed
+
+    monkeypatch.setattr(workers.state, "claim_written", first_claimer_killed)
     monkeypatch.setattr(workers.state, "record_written", first_writer_killed)
     result, verdicts, ledger, lines = _apply(cfg, monkeypatch, workers_setting="2")
     keys = [orjson.loads(line)["idempotency_key"] for line in lines]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -420,6 +422,8 @@ class JsonlDestination:
         self.path: Path = cfg.path
         self._fh = None
         self._written: set[str] | None = None
+        # exclusive(): flock() excludes other handles of the file, not the threads sharing this one
+        self._turn = threading.Lock()
 
     def describe(self) -> str:
         return f"JSON lines file {self.path}"
@@ -486,6 +490,13 @@ class JsonlDestination:
     def write_many(self, items: list[tuple[dict | None, str, bytes | None]]) -> list[Delivery]:
         """A page of cases in one write; the engine flushes and records them in the ledger together.
         items: (invoice, key, the line encoded ahead or None); an ahead line is for the derived key."""
+        data, out = self.encode_page(items)
+        self.append(data)
+        return out
+
+    def encode_page(self, items: list[tuple[dict | None, str, bytes | None]]) -> tuple[bytes, list[Delivery]]:
+        """write_many's bytes and deliveries, nothing written yet (a writer that records a page before it
+        writes it: runner/engine/localsink.py)."""
         out, lines = [], []
         written = self._written
         for invoice, key, line in items:
@@ -498,9 +509,16 @@ class JsonlDestination:
                 line = self.encode(orjson.loads(line)["invoice"], key)
             lines.append(line)
             out.append(Delivery(case_id=key, case_reference=None))
-        if lines:
-            self._open().write(b"\n".join(lines) + b"\n")
-        return out
+        return (b"\n".join(lines) + b"\n" if lines else b""), out
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._open().write(data)
+
+    def cut(self, length: int) -> None:
+        """Take back what was appended past `length` (a page whose write failed halfway), under exclusive()."""
+        self.flush()
+        os.truncate(self.path, length)
 
     def _open(self):
         if self._fh is None:
@@ -534,14 +552,15 @@ class JsonlDestination:
         line another process left torn (killed mid-write) is ended first."""
         import fcntl
 
-        fh = self._open()
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            self._end_torn_line()
-            yield
-        finally:
-            fh.flush()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with self._turn:
+            fh = self._open()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                self._end_torn_line()
+                yield
+            finally:
+                fh.flush()
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def copy(self) -> "JsonlDestination":
         """The same file, with a handle of its own (for the classification worker, which writes pages too:

@@ -24,7 +24,7 @@ from loguru import logger
 
 from runner import metrics, state
 from runner.net import auth as auth_mod
-from runner.engine import incremental, pagination
+from runner.engine import incremental, localsink, pagination
 from runner.spec import secrets
 from runner.spec.config import Config, Connection
 from runner.state.sqlite import RECENT_RUNS
@@ -677,6 +677,9 @@ def _recover_local_sink(store, destination, *, clear: bool = True) -> None:
     mark = store.sink_mark()
     if mark is None:
         return
+    if getattr(store, "remote", False):  # other runs may be writing it: see runner/engine/localsink.py
+        localsink.repair_shared(store, destination)
+        return
     offset, run_id = mark  # what the file holds past the mark was written, and so imported, by that run
     rows, n = [], 0
     for row in destination.recover(offset):
@@ -702,6 +705,16 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     """Dedupe against the ledger and deliver. With `deferred`, a local sink's page is written without pending
     rows (the run's mark covers it) and its ledger rows are left there for the caller to record with the
     page's verdicts."""
+    if (deferred is not None and getattr(store, "remote", False) and hasattr(destination, "write_many")
+            and run.fatal is None):
+        # Other runs may write the same file at this moment: recorded and written in a turn at it (localsink)
+        run.mark_sink(store, destination, run_id)
+        await asyncio.to_thread(localsink.write_shared, store, destination, source.conn.name, source.account_key,
+                                run_id, eligible, own)
+        for v in eligible:
+            if v.verdict == IMPORTED and v.link:
+                source.document_links[v.invoice_id] = v.link
+        return
     # Looked up again, not taken from the lookup before classifying: the page before this one may have delivered
     # the same invoice since (offset paging shifts under changes).
     # A server's store waits for its answer off the event loop: a `runner worker`'s syncs all share it.
@@ -1118,8 +1131,9 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         writer.shutdown(wait=True)
         await dest.close()
         await clients.aclose()
-    if run.sink_marked and not run.unrecorded and not pool.unsure:
-        store.clear_sink_mark()  # every page written is recorded: the mark has done its job
+    if run.sink_marked and not run.unrecorded and not pool.unsure and not getattr(store, "remote", False):
+        # Every page written is recorded: the mark has done its job (on PostgreSQL it stays: see localsink)
+        store.clear_sink_mark()
     if run.fatal is not None and dest_error is None:
         dest_error = run.fatal.render()
     result = RunResult(run_id=run_id, mode=mode, destination=dest.describe(), connections=list(results),

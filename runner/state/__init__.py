@@ -112,11 +112,27 @@ def record_verdicts(db, run_id: int, rows: list[tuple]) -> None:
 
 def sink_lookup(db, destination: str, account_key: str,
                 ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
-    """sink_recorded's mark and these invoices' ledger rows (one round trip to a server): what a worker reads
-    under a local sink's lock (see localsink.write_page)."""
+    """sink_recorded's mark and these invoices' ledger rows: what a writer reads under a local sink's lock
+    through an SQLite store (see localsink.write_page)."""
     return _backend(db).sink_lookup(db, destination, account_key, ids)
 
 
-def sink_recorded(db, destination: str) -> tuple[int, int | None] | None:
-    return _backend(db).sink_recorded(db, destination)
+def records_first(db) -> bool:
+    """Whether writers of a local sink through this connection record each page before writing it, in one
+    round trip (PostgreSQL: claim_written, sink_state, settle_sink); else they look it up, write it and
+    record it (SQLite, one run at a time)."""
+    return _backend(db) is not sqlite
+
+
+def claim_written(db, destination: str, run_id: int, imported: list[tuple], at: int, length: int,
+                  verdicts: list[tuple], upsert: bool = False) -> str:
+    return _backend(db).claim_written(db, destination, run_id, imported, at, length, verdicts, upsert)
+
+
+def sink_state(db, destination: str) -> tuple | None:
+    return _backend(db).sink_state(db, destination)
+
+
+def settle_sink(db, destination: str, length: int, undo, imported: list[tuple], run_id: int | None) -> None:
+    _backend(db).settle_sink(db, destination, length, undo, imported, run_id)
 

@@ -10,10 +10,10 @@ One apply per store at a time: a session advisory lock, held on a connection of 
 releases by itself when the process dies.
 
 Hot path (a sync of 100,000 invoices): one query per page for the ledger lookups (a primary-key probe per id);
-a page a classification worker wrote to a local sink is looked up (with the sink's mark) in one round trip
-and recorded in one statement (record_written: its ledger rows by a plain insert, upserted only when one is
-there after all, the mark and its verdicts), since the other workers wait for the sink's lock meanwhile;
-verdicts alone in one statement too. Arrays go in binary (the text form's escaping is Python, per element): no round
+a page written to a local sink is recorded before it is written, in one statement (claim_written: its ledger
+rows by a plain insert, whose unique key does the look-up, the sink's mark and its verdicts), since the
+other writers wait for the sink's lock meanwhile (runner/engine/localsink.py); verdicts alone in one
+statement too. Arrays go in binary (the text form's escaping is Python, per element): no round
 trip per invoice.
 The engine's threads share a psycopg_pool pool; a forked classification worker opens a connection of its
 own (`connect`), as it does an SQLite connection.
@@ -166,6 +166,12 @@ CREATE TABLE IF NOT EXISTS rate_windows (
 );
 -- Retention counts the runs of one command (a worker's: of one connection) among hundreds of thousands.
 CREATE INDEX IF NOT EXISTS runs_command ON runs (command, id);
+"""), (4, """
+-- The page a writer of a local sink recorded and is writing (runner/engine/localsink.py): from which offset,
+-- of which account, which invoices. A writer that dies before the page is in the file leaves it here.
+ALTER TABLE sink_marks ADD COLUMN IF NOT EXISTS writing_from BIGINT;
+ALTER TABLE sink_marks ADD COLUMN IF NOT EXISTS writing_account TEXT;
+ALTER TABLE sink_marks ADD COLUMN IF NOT EXISTS writing_ids TEXT[];
 """)]
 VERSION = MIGRATIONS[-1][0]
 
@@ -283,10 +289,10 @@ def insert_imported(db: psycopg.Connection, destination: str, rows: list[tuple],
 def record_written(db: psycopg.Connection, destination: str, run_id: int, imported: list[tuple],
                    length: int | None, verdicts: list[tuple],
                    replacing: tuple[str, str, list[str]] | None = None) -> None:
-    """A page a worker wrote to a local sink, recorded in one statement (atomic on its own, one round trip
-    where a transaction of three takes five: under the sink's lock, which the other workers wait for):
-    `imported` as insert_imported's rows, the sink recorded up to `length` (None: unchanged), the page's
-    verdict rows (insert_verdicts's). `replacing`: as Store.record_page's."""
+    """A page's verdict rows (insert_verdicts's) and, if any, the invoices it wrote to a local sink, recorded in
+    one statement (atomic on its own, one round trip where a transaction of three takes five): `imported`
+    as insert_imported's rows, the sink recorded up to `length` (None: unchanged). `replacing`: as
+    Store.record_page's. (Writers of a local sink through this store record first: claim_written.)"""
     parts, args = [], []
     if replacing is not None and replacing[2]:
         # The statement's parts all see the table as it was before it: the rows deleted are the earlier ones.
@@ -316,6 +322,55 @@ def record_written(db: psycopg.Connection, destination: str, run_id: int, import
     db.execute(sql, args)
 
 
+_CLAIM_SQL = (
+    "WITH m AS (UPDATE sink_marks SET recorded=%s, run_id=%s, writing_from=%s, writing_account=%s, "
+    'writing_ids=%b::text[] WHERE destination=%s AND coalesce(recorded, "offset")=%s RETURNING 1), '
+    f"l AS ({_IMPORTED_SQL.replace(_UPSERT, ' WHERE EXISTS (SELECT 1 FROM m)' + _UPSERT)}), "
+    f"v AS ({_VERDICTS_SQL} WHERE EXISTS (SELECT 1 FROM m)) SELECT count(*) FROM m")
+
+
+def claim_written(db: psycopg.Connection, destination: str, run_id: int, imported: list[tuple], at: int,
+                  length: int, verdicts: list[tuple], upsert: bool = False) -> str:
+    """A page about to be written to a local sink from offset `at` to `length`, recorded first, in one
+    statement: its ledger rows (insert_imported's), its verdict rows, and the mark moved to `length` with the
+    page as the one being written. "claimed"; "conflict" if one of its invoices is in the ledger already
+    (nothing recorded; `upsert`: a row not delivered, kept from an unfinished delivery, is taken over
+    instead); "moved" if the mark is not at `at` (nothing recorded)."""
+    ids = [r[1] for r in imported]
+    args = [length, run_id, at, imported[0][0] if imported else None, ids, destination, at,
+            *_imported_args(destination, imported, run_id), *_verdicts_args(run_id, verdicts)]
+    try:
+        n = db.execute(_CLAIM_SQL if upsert else _CLAIM_SQL.replace(_UPSERT, ""), args).fetchone()[0]
+    except psycopg.errors.UniqueViolation:
+        return "conflict"
+    return "claimed" if n else "moved"
+
+
+def sink_state(db: psycopg.Connection, destination: str) -> tuple | None:
+    """(recorded, run_id, writing_from, writing_account, writing_ids) of a local sink's mark, or None."""
+    return db.execute('SELECT coalesce(recorded, "offset"), run_id, writing_from, writing_account, writing_ids '
+                      "FROM sink_marks WHERE destination=%s", (destination,)).fetchone()
+
+
+def settle_sink(db: psycopg.Connection, destination: str, length: int, undo: tuple[str, list[str], int] | None,
+                imported: list[tuple], run_id: int | None) -> None:
+    """The mark at `length` (the file's), in one statement: `undo` (account key, invoice ids, run id): the
+    ledger rows of a page recorded and never (wholly) written, removed; `imported`: lines written and never
+    recorded (insert_imported's rows, by `run_id`), recorded. A mark is made if there is none."""
+    parts = ['m AS (INSERT INTO sink_marks (destination, "offset", run_id, at, recorded) VALUES (%s, %s, %s, %s, %s) '
+             "ON CONFLICT (destination) DO UPDATE SET recorded=excluded.recorded, writing_from=NULL, "
+             "writing_account=NULL, writing_ids=NULL)"]
+    args: list = [destination, length, run_id, time.time(), length]
+    if undo is not None and undo[1]:
+        parts.append("u AS (DELETE FROM ledger WHERE destination=%s AND account_key=%s AND invoice_id = ANY(%b::text[]) "
+                     "AND run_id IS NOT DISTINCT FROM %s AND status='delivered')")
+        args += [destination, undo[0], list(undo[1]), undo[2]]
+    if imported:
+        parts.append(f"l AS ({_IMPORTED_SQL})")
+        args += _imported_args(destination, imported, run_id)
+    db.execute("WITH " + ", ".join(parts) + " SELECT 1", args)
+
+
 def record_verdicts(db: psycopg.Connection, run_id: int, rows: list[tuple]) -> None:
     """Verdict rows on their own: one statement, atomic in autocommit."""
     insert_verdicts(db, run_id, rows)
@@ -326,18 +381,13 @@ _SINK_SQL = 'SELECT coalesce(recorded, "offset"), run_id FROM sink_marks WHERE d
 
 def sink_lookup(db: psycopg.Connection, destination: str, account_key: str,
                 ids: list[str]) -> tuple[tuple[int, int | None] | None, dict[str, LedgerRow]]:
-    """sink_recorded's mark and lookup, in one round trip (a pipeline): what a worker reads under a local
-    sink's lock (see localsink.write_page)."""
+    """The sink's mark and lookup, in one round trip (a pipeline): the state interface's, as SQLite's (this
+    store's writers claim their pages instead: claim_written)."""
     with db.pipeline():
         mark = db.execute(_SINK_SQL, (destination,))
         rows = db.execute(LOOKUP_SQL, (list(ids), destination, account_key)) if ids else None
     r = mark.fetchone()
     return (None if r is None else (r[0], r[1])), ({} if rows is None else {r[1]: LedgerRow(*r) for r in rows})
-
-
-def sink_recorded(db: psycopg.Connection, destination: str) -> tuple[int, int | None] | None:
-    r = db.execute(_SINK_SQL, (destination,)).fetchone()
-    return None if r is None else (r[0], r[1])
 
 
 def unreachable(url: str, exc: BaseException) -> StateFileError:
@@ -400,6 +450,11 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         BEGIN ... COMMIT around it takes three); tx() for several that go together."""
         with self._pool.connection() as db:
             yield db
+
+    def session(self):
+        """One of the store's server connections, in autocommit mode, for the state functions that take one (as a
+        classification worker's own: runner/engine/localsink.py)."""
+        return self._db()
 
     def _all(self, sql: str, args=()) -> list[tuple]:
         with self._pool.connection() as db:
