@@ -27,15 +27,32 @@ from runner.engine.classify import Verdict, delivered, to_deliver, verdict_rows
 from runner.engine.destinations import idempotency_key
 
 
-def write_page(db, sink, destination: str, name: str, account_key: str, run_id: int, eligible: list[Verdict],
-               lines: dict[str, bytes] | None, ended: list[tuple] | None, own: tuple[int, str] | None = None) -> None:
-    """In a turn at the file: write the eligible invoices not delivered yet (`lines`, by invoice id, encoded
-    ahead for the derived key; None: encoded here) and record them; with `ended` (the verdict rows of the
-    rest of the page), the page's verdicts too (None: the caller records them). `own`: to_deliver's.
-    The eligible verdicts become imported, or duplicates."""
-    if state.records_first(db):
-        _claim_page(db, sink, destination, name, account_key, run_id, eligible, lines, ended, own)
+def write_page(connect, records_first: bool, sink, destination: str, name: str, account_key: str, run_id: int,
+               eligible: list[Verdict], lines: dict[str, bytes] | None, ended: list[tuple] | None,
+               own: tuple[int, str] | None = None) -> None:
+    """Take a turn at the file and in it write the eligible invoices not delivered yet (`lines`, by invoice
+    id, encoded ahead for the derived key; None: encoded here) and record them; with `ended` (the verdict
+    rows of the rest of the page), the page's verdicts too (None: the caller records them). `own`:
+    to_deliver's. The eligible verdicts become imported, or duplicates. `connect()`: a context manager
+    giving the store's connection, entered once the turn is taken (a pool's is not held waiting for it);
+    `records_first`: state.records_first's, for that connection."""
+    if records_first:
+        # Made before the turn (the other writers wait for it), as if none of the invoices were delivered (a
+        # first import; a page seen again rarely gets this far, its duplicates found before classifying):
+        # the claim finds out if one was.
+        first = _Page.of(sink, name, account_key, [(v, v.key or idempotency_key(account_key, v.invoice_id))
+                                                    for v in eligible], [], lines, ended)
+        with sink.exclusive(), connect() as db:
+            _claim_page(db, sink, destination, name, account_key, run_id, eligible, lines, ended, own, first)
         return
+    with sink.exclusive(), connect() as db:
+        _write_then_record(db, sink, destination, name, account_key, run_id, eligible, lines, ended, own)
+
+
+def _write_then_record(db, sink, destination: str, name: str, account_key: str, run_id: int,
+                       eligible: list[Verdict], lines: dict[str, bytes] | None, ended: list[tuple] | None,
+                       own: tuple[int, str] | None) -> None:
+    """SQLite's turn: look the page up, write those not delivered, record them with the file's new length."""
     ids = [v.invoice_id for v in eligible]
     mark, ledger = state.sink_lookup(db, destination, account_key, ids)
     if repair(db, sink, destination, mark):
@@ -72,52 +89,65 @@ def repair(db, sink, destination: str, mark: tuple[int, int | None] | None) -> b
     return bool(rows)
 
 
+@dataclasses.dataclass
+class _Page:
+    """What a claim records and then writes: the bytes, the ledger rows, the verdict rows, and the verdicts
+    as they will read once it is claimed (copies: the page's own change only then)."""
+    to_send: list[tuple]  # (verdict, idempotency key)
+    trial: list[Verdict]
+    written: list[tuple]
+    verdicts: list[tuple]
+    data: bytes
+
+    @classmethod
+    def of(cls, sink, name: str, account_key: str, to_send: list[tuple], done: list[Verdict],
+           lines: dict[str, bytes] | None, ended: list[tuple] | None) -> "_Page":
+        data, deliveries = sink.encode_page([(v.invoice, k, lines.get(v.invoice_id) if lines else None)
+                                             for v, k in to_send])
+        trial = [dataclasses.replace(v) for v, _ in to_send]
+        for t, d in zip(trial, deliveries):
+            delivered(t, d)
+        # Those the file holds already (an unfinished delivery's, see prepare) are recorded, not written again
+        written = [(account_key, t.invoice_id, name, t.number, k, d.case_id, d.case_reference)
+                   for t, (_, k), d in zip(trial, to_send, deliveries)]
+        verdicts = [] if ended is None else ended + verdict_rows(name, account_key, done + trial)
+        return cls(to_send, trial, written, verdicts, data)
+
+
 def _claim_page(db, sink, destination: str, name: str, account_key: str, run_id: int, eligible: list[Verdict],
-                lines: dict[str, bytes] | None, ended: list[tuple] | None, own: tuple[int, str] | None) -> None:
-    # First as if none of them were delivered (a first import; a page seen again rarely gets this far, its
-    # duplicates being found before classifying): the claim itself finds out if one was.
-    to_send = [(v, v.key or idempotency_key(account_key, v.invoice_id)) for v in eligible]
-    done = []  # verdicts the look-up turned into duplicates
-    outcome = _claim(db, sink, destination, name, account_key, run_id, to_send, done, lines, ended)
-    if outcome == "claimed":
+                lines: dict[str, bytes] | None, ended: list[tuple] | None, own: tuple[int, str] | None,
+                first: _Page) -> None:
+    """PostgreSQL's turn: claim `first` (the page as if none of it were delivered); failing that, settle
+    the mark, look the page up, and claim what is left of it."""
+    if _claim(db, sink, destination, run_id, first) == "claimed":
         return
     settle(db, sink, destination)
     ledger = state.lookup(db, destination, account_key, [v.invoice_id for v in eligible])
     to_send = to_deliver(eligible, ledger, account_key, own)
     sent = {id(v) for v, _ in to_send}
-    done = [v for v in eligible if id(v) not in sent]
+    done = [v for v in eligible if id(v) not in sent]  # the look-up made them duplicates
     if any(v.invoice_id in ledger for v, _ in to_send):  # a delivery left unfinished: is it in the file?
         sink.prepare({k for v, k in to_send if v.invoice_id in ledger})
-    outcome = _claim(db, sink, destination, name, account_key, run_id, to_send, done, lines, ended, replace=True)
+    page = _Page.of(sink, name, account_key, to_send, done, lines, ended)
+    outcome = _claim(db, sink, destination, run_id, page, upsert=True)
     if outcome != "claimed":  # the look-up and the claim were made in one turn: nothing can come between
         raise RuntimeError(f"the local sink {sink.describe()} changed during this writer's turn ({outcome})")
 
 
-def _claim(db, sink, destination: str, name: str, account_key: str, run_id: int, to_send: list[tuple],
-           done: list[Verdict], lines: dict[str, bytes] | None, ended: list[tuple] | None,
-           replace: bool = False) -> str:
-    """Record `to_send` (verdict, key) as written from the file's end, then write them. The verdicts change
-    only once the page is claimed."""
-    data, deliveries = sink.encode_page([(v.invoice, k, lines.get(v.invoice_id) if lines else None)
-                                         for v, k in to_send])
-    trial = [dataclasses.replace(v) for v, _ in to_send]
-    for t, d in zip(trial, deliveries):
-        delivered(t, d)
-    # Those the file holds already (an unfinished delivery's, see prepare) are recorded, not written again
-    written = [(account_key, t.invoice_id, name, t.number, k, d.case_id, d.case_reference)
-               for t, (_, k), d in zip(trial, to_send, deliveries)]
-    verdicts = [] if ended is None else ended + verdict_rows(name, account_key, done + trial)
+def _claim(db, sink, destination: str, run_id: int, page: _Page, upsert: bool = False) -> str:
+    """Record `page` as written from the file's end, then write it; its verdicts change only once it is."""
     at = sink.length()
-    if not written:
+    if not page.written:
         outcome = "claimed"
-        if verdicts:
-            state.record_verdicts(db, run_id, verdicts)
+        if page.verdicts:
+            state.record_verdicts(db, run_id, page.verdicts)
     else:
-        outcome = state.claim_written(db, destination, run_id, written, at, at + len(data), verdicts, replace)
+        outcome = state.claim_written(db, destination, run_id, page.written, at, at + len(page.data),
+                                      page.verdicts, upsert)
     if outcome != "claimed":
         return outcome
     try:
-        sink.append(data)
+        sink.append(page.data)
         sink.flush()
     except BaseException:
         try:  # the page is not in the file: take its claim back (else the next writer will)
@@ -126,7 +156,7 @@ def _claim(db, sink, destination: str, name: str, account_key: str, run_id: int,
         except Exception:  # noqa: BLE001 - the next writer's settle finds the file short and does it
             pass
         raise
-    for (v, _), t in zip(to_send, trial):
+    for (v, _), t in zip(page.to_send, page.trial):
         v.verdict, v.reason, v.message, v.detail = t.verdict, t.reason, t.message, t.detail
     return outcome
 
@@ -163,8 +193,7 @@ def write_shared(store, sink, name: str, account_key: str, run_id: int, eligible
     # id: the one written unless the ledger keeps another (see to_deliver).
     lines = {v.invoice_id: v.payload if v.payload is not None else
              sink.encode(v.invoice, v.key or idempotency_key(account_key, v.invoice_id)) for v in eligible}
-    with sink.exclusive(), store.session() as db:  # the lock first: no server connection held waiting for it
-        write_page(db, sink, store.destination, name, account_key, run_id, eligible, lines, None, own)
+    write_page(store.session, True, sink, store.destination, name, account_key, run_id, eligible, lines, None, own)
 
 
 def repair_shared(store, sink) -> None:
@@ -176,5 +205,5 @@ def repair_shared(store, sink) -> None:
         mark = state.sink_state(db, store.destination)
     if mark is not None and mark[0] == sink.length():  # the file and the mark agree: no turn needed
         return
-    with sink.exclusive(), store.session() as db:
+    with sink.exclusive(), store.session() as db:  # the lock first: no server connection held waiting for it
         settle(db, sink, store.destination)

@@ -119,13 +119,12 @@ def _classify_page(name: str, account_id: str | None, account_key: str, today: s
 
 
 def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) -> Tally:
-    """In the worker: write a page's eligible invoices to the local sink, then record the page (the ledger
+    """In the worker: write a page's eligible invoices to the local sink and record the page (the ledger
     rows of what was written, and every verdict) in one transaction: what the engine does with a page it
-    delivers (pipeline._deliver_page), without sending the invoices back to it. The run's sink mark is
-    committed before such a page is handed over, so a crash between the write and the commit is repaired
-    by recording what the file holds past the mark. Looked up, written and recorded under the file's lock:
-    another worker may have delivered one of these invoices (on a page of its own) since this page was
-    classified."""
+    delivers (pipeline._deliver_page), without sending the invoices back to it. In a turn at the file
+    (runner/engine/localsink.py): another worker may have delivered one of these invoices (on a page of its
+    own) since this page was classified, and a crash between the write and the record is made good by the
+    next writer, under the run's mark of the file (committed before such a page is handed over)."""
     global _own_sink
     if _own_sink is None:
         _own_sink = _sink.copy()
@@ -139,8 +138,8 @@ def _deliver(name: str, account_key: str, run_id: int, verdicts: list[Verdict]) 
         for v, key in zip(eligible, idempotency_keys(account_key, [v.invoice_id for v in eligible])):
             v.key = key
             lines[v.invoice_id] = encode(v.invoice, key)
-        with _own_sink.exclusive():
-            localsink.write_page(db, _own_sink, destination, name, account_key, run_id, eligible, lines, ended)
+        localsink.write_page(lambda: contextlib.nullcontext(db), state.records_first(db), _own_sink, destination,
+                             name, account_key, run_id, eligible, lines, ended)
     else:  # nothing to write (a second run: every invoice a duplicate): the file is not touched
         state.record_verdicts(db, run_id, ended)
     counted = Tally()
