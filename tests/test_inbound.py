@@ -2,6 +2,7 @@
 the state store and the Debitura simulator (persisted in <state dir>/sandbox) checked afterwards."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -309,3 +310,30 @@ def test_test_environment_server_creates_test_cases_and_refuses_production_keys(
     assert r.status_code == 200 and r.json()["imported"] == 1
     (case,) = cases(cfg)
     assert case["isTestCase"] is True
+
+
+def test_a_jsonl_destination_gets_each_posted_invoice_once(tmp_path, serve):
+    """`runner serve` writing to a jsonl file: on PostgreSQL in the same turns at the file as the runs and
+    workers that may write it at the same moment (runner/engine/localsink.py), so the file's mark stays true
+    to the file; on SQLite with a pending row before each write. A batch posted twice is in the file once."""
+    cfg = write(tmp_path)
+    cfg.write_text(cfg.read_text().replace(
+        'destination:\n  type: debitura\n  environment: sandbox\n  api_key: "${DEBITURA_API_KEY}"\n',
+        "destination: {type: jsonl, path: out/cases.jsonl}\n"))
+    assert "jsonl" in cfg.read_text()
+    key = make_key(cfg, "production")
+    srv = serve(cfg)
+    batch = {"invoices": [invoice(1), invoice(2), invoice(3, status="paid")]}
+    first = srv.post(key, batch).json()
+    again = srv.post(key, batch).json()
+    assert first["imported"] == 2 and again["imported"] == 0 and again["skipped"]["duplicate"] == 2, (first, again)
+    out = tmp_path / "out" / "cases.jsonl"
+    lines = [json.loads(line)["invoice"]["external_id"] for line in out.read_text().splitlines()]
+    assert sorted(lines) == ["INV-1", "INV-2"]
+    assert ledger(cfg) == {"INV-1": "delivered", "INV-2": "delivered"}
+    if _BACKEND[0] != "sqlite":
+        store = store_of(cfg, resolve=False)
+        try:
+            assert query(store, "SELECT recorded FROM sink_marks")[0][0] == out.stat().st_size
+        finally:
+            store.close()

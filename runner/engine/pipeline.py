@@ -705,8 +705,8 @@ async def _deliver_page(source: Source, result: ConnectionResult, eligible: list
     """Dedupe against the ledger and deliver. With `deferred`, a local sink's page is written without pending
     rows (the run's mark covers it) and its ledger rows are left there for the caller to record with the
     page's verdicts."""
-    if (deferred is not None and getattr(store, "remote", False) and hasattr(destination, "write_many")
-            and run.fatal is None):
+    if (run_id is not None and getattr(store, "remote", False) and hasattr(destination, "write_many")
+            and run.fatal is None):  # an apply's, a worker's and `runner serve`'s pages alike
         # Other runs may write the same file at this moment: recorded and written in a turn at it (localsink)
         run.mark_sink(store, destination, run_id)
         await asyncio.to_thread(localsink.write_shared, store, destination, source.conn.name, source.account_key,
