@@ -546,10 +546,10 @@ class JsonlDestination:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """This process alone writes the file meanwhile (an advisory lock of the file itself, released if the
-        process dies). Classification workers each deliver pages to the same file: each looks its page up in
-        the ledger, writes it and records it under this lock, so no invoice is written by two of them. A
-        line another process left torn (killed mid-write) is ended first."""
+        """This thread alone writes the file meanwhile (an advisory lock of the file itself, released if the
+        process dies, and a lock of this handle's threads). Every writer of a page takes this turn
+        (runner/engine/localsink.py), so no invoice is written by two of them. A line another process left
+        torn (killed mid-write) is ended first."""
         import fcntl
 
         with self._turn:

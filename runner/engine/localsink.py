@@ -203,7 +203,7 @@ def repair_shared(store, sink) -> None:
         return
     with store.session() as db:
         mark = state.sink_state(db, store.destination)
-    if mark is not None and mark[0] == sink.length():  # the file and the mark agree: no turn needed
+    if mark is None or mark[0] == sink.length():  # no writer yet, or the file and the mark agree: no turn needed
         return
     with sink.exclusive(), store.session() as db:  # the lock first: no server connection held waiting for it
         settle(db, sink, store.destination)

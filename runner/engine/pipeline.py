@@ -674,11 +674,11 @@ def _recover_local_sink(store, destination, *, clear: bool = True) -> None:
     record; the engine's own handle is reopened, so a line the worker left torn is ended before the next."""
     if not clear:
         destination.reopen()
-    mark = store.sink_mark()
-    if mark is None:
-        return
     if getattr(store, "remote", False):  # other runs may be writing it: see runner/engine/localsink.py
         localsink.repair_shared(store, destination)
+        return
+    mark = store.sink_mark()
+    if mark is None:
         return
     offset, run_id = mark  # what the file holds past the mark was written, and so imported, by that run
     rows, n = [], 0
