@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 import psycopg
+import pytest
 
 try:
     from tests.conftest import DEBITURA_KEY, ROOT, SANDBOX_CONFIG, STRIPE_KEY, run_cli, use_backend, write_config
@@ -261,6 +262,105 @@ def test_sigkill_workers_writing_one_jsonl_file_every_invoice_once(served, tmp_p
           f"twice {len(twice)}")
     assert not twice, f"invoices written twice: {sorted(twice)[:10]} (seed {SEED})"
     assert set(lines) == expected, f"missing {sorted(expected - set(lines))[:10]} (seed {SEED})"
+    with psycopg.connect(pg_url) as db:
+        delivered = db.execute("SELECT count(*) FROM ledger WHERE status='delivered' AND destination LIKE 'jsonl:%'"
+                               ).fetchone()[0]
+    assert delivered == len(expected)
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` forked and that still run (Linux: each of its threads lists its own)."""
+    out: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out |= {int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()}
+        except OSError:
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _jsonl_workspace(served, tmp_path, pg_url):
+    """Three connections of one Stripe account (SYNTHETIC invoices, several pages each) into one jsonl file."""
+    base, _ = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
+    cfg = _workspace(tmp_path, pg_url, base, SECOND + SECOND.replace("w-stripe-2", "w-stripe-3"))
+    text = cfg.read_text()
+    head, rest = text.split("destination:", 1)
+    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
+    return cfg, tmp_path / "out" / "cases.jsonl"
+
+
+def _wait_for_rounds(url: str, since: float, rounds: int, timeout: float = 90) -> None:
+    """Until every connection of the workspace has `rounds` finished syncs that started after `since`."""
+    names = {"w-stripe", "w-stripe-2", "w-stripe-3"}
+    deadline = time.monotonic() + timeout
+    while True:
+        done = Counter(s[0] for s in _syncs(url) if s[2] >= since and s[4] == "ok")
+        if all(done[n] >= rounds for n in names):
+            return
+        assert time.monotonic() < deadline, f"syncs finished after {timeout} s: {dict(done)}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+                    reason="classification workers are forked on Linux with more than one core")
+def test_a_workers_syncs_share_its_classification_processes_which_end_with_it(served, tmp_path, pg_url):
+    """A worker forks its classification processes once and every sync after that hands its pages to the same
+    ones (a set per sync made the worker classify small syncs itself, a third more CPU); SIGKILLed, the
+    worker takes them with it: nothing is left running that could write to the file."""
+    cfg, out = _jsonl_workspace(served, tmp_path, pg_url)
+    started = time.time()
+    proc = _start(cfg, tmp_path, 0, concurrency=3)
+    try:
+        _wait_for_rounds(pg_url, started, 1)
+        first = _children(proc.pid)
+        _wait_for_rounds(pg_url, time.time(), 2)
+        later = _children(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(first) == min(os.cpu_count() or 1, 4), f"classification processes after the first syncs: {first}"
+    assert later == first, f"the syncs after the first forked processes of their own: {first} then {later}"
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in first) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(c) for c in first), "a classification process outlived its killed worker"
+    lines = _jsonl_numbers(out)
+    assert set(lines) == _eligible_numbers(SYNTHETIC) and max(lines.values()) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+                    reason="classification workers are forked on Linux with more than one core")
+def test_a_classification_process_killed_mid_sync_loses_and_repeats_nothing(served, tmp_path, pg_url):
+    """One of a worker's classification processes SIGKILLed while the worker's syncs hand it pages: the
+    worker classifies the rest itself and goes on syncing; the file holds each invoice once, the ledger too."""
+    cfg, out = _jsonl_workspace(served, tmp_path, pg_url)
+    expected = _eligible_numbers(SYNTHETIC)
+    proc = _start(cfg, tmp_path, 0, concurrency=3)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_children(proc.pid) and out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim = min(_children(proc.pid))
+        os.kill(victim, signal.SIGKILL)  # mid-sync: the file is being written
+        killed = time.time()
+        _wait_for_rounds(pg_url, killed, 1)
+    finally:
+        _stop([proc])
+    lines = _jsonl_numbers(out)
+    assert not {n for n, c in lines.items() if c > 1}, "invoices written twice"
+    assert set(lines) == expected
     with psycopg.connect(pg_url) as db:
         delivered = db.execute("SELECT count(*) FROM ledger WHERE status='delivered' AND destination LIKE 'jsonl:%'"
                                ).fetchone()[0]
@@ -568,7 +668,7 @@ def test_a_worker_runs_as_many_syncs_at_once_as_its_concurrency(tmp_path, sandbo
     all_started = threading.Barrier(n, timeout=20)
     ran = []
 
-    def waits_for_the_others(cfg_, url, conn, name):
+    def waits_for_the_others(cfg_, url, conn, name, concurrency):
         all_started.wait()  # raises BrokenBarrierError if fewer than n run at once
         ran.append(conn.name)
         return "ok"

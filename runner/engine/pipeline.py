@@ -584,7 +584,8 @@ class RunResult:
 
 
 # Pages fetched ahead of the one being delivered, for the whole run: each worker always has a next page
-# waiting, and with many connections each keeps fewer (one at least).
+# waiting, and with many connections each keeps fewer (one at least). So do the syncs of a `runner worker`,
+# which share its classification workers (sync's `peers`).
 PAGES_AHEAD = 8
 # Pages fetched and not finished yet (classified, delivered, recorded), all connections together. Enough for
 # the requests in flight to keep every worker busy (a page is ~3 ms of a worker, a request 50-150 ms); it
@@ -1062,22 +1063,24 @@ async def _logged(coro, **context):
 async def sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None = None, details: bool = False,
                progress: Callable | None = None, command: str | None = None,
                stop: StopRequest | None = None, allow: Callable | None = None, full: bool = False,
-               fork_after: int = 1) -> RunResult:
+               workers: Workers | None = None, peers: int = 1) -> RunResult:
     """Run every (enabled) connection concurrently. mode 'plan' creates nothing; 'apply' delivers. `stop`: set
     by a stop signal, ends the run early with every page fetched finished (RunResult.interrupted). `allow`
     (connection name, eligible Verdict) -> None to deliver it, or (reason, message) to skip it: applying a
     saved plan (runner/engine/plan.py); it needs details=True (the engine, not a worker, then delivers).
     `full`: read the whole window even where a change feed would do (runner/engine/incremental.py).
-    `fork_after`: pages a connection classifies in this process before classification workers are forked
-    (runner/engine/workers.py)."""
+    `workers`: classification workers the caller keeps across runs (a `runner worker`'s, shared by its
+    syncs; runner/engine/workers.py), else the run forks its own. `peers`: the runs this process runs beside
+    this one on the same workers (a worker's --concurrency): each connection then keeps fewer pages ahead."""
     with _few_collections():
         return await _sync(cfg, mode=mode, store=store, connections=connections, details=details, progress=progress,
-                           command=command, stop=stop, allow=allow, full=full, fork_after=fork_after)
+                           command=command, stop=stop, allow=allow, full=full, workers=workers, peers=peers)
 
 
 async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] | None, details: bool,
                 progress: Callable | None, command: str | None, stop: StopRequest | None = None,
-                allow: Callable | None = None, full: bool = False, fork_after: int = 1) -> RunResult:
+                allow: Callable | None = None, full: bool = False, workers: Workers | None = None,
+                peers: int = 1) -> RunResult:
     from runner.engine import destinations
 
     from runner.net.http import reset_limiters
@@ -1095,9 +1098,9 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
     if store is not None:
         store.destination = destinations.ledger_id(cfg.destination)
         _share_budget(store, getattr(dest, "http", None))
-    pool = Workers(conns, dest if mode == "apply" else None, store,
-                   recover=(lambda: _recover_local_sink(store, dest, clear=False)) if hasattr(dest, "recover") else None,
-                   fork_after=fork_after)
+    pool = workers or Workers(conns, dest if mode == "apply" else None, store,
+                              recover=(lambda: _recover_local_sink(store, dest, clear=False))
+                              if hasattr(dest, "recover") else None)
     run_id = None
     dest_error = None
     try:
@@ -1119,7 +1122,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         results = await asyncio.gather(*(
             _logged(sync_connection(c, clients=clients, store=store, destination=dest if mode == "apply" else None,
                                     run_id=run_id, run=run, details=details, progress=progress, sem=sem,
-                                    workers=pool, writer=writer, connections=len(conns), full=full),
+                                    workers=pool, writer=writer, connections=len(conns) * max(1, peers),
+                                    full=full),
                     connection=c.name, run_id=run_id)
             for c in conns))
     except BaseException as exc:
@@ -1127,7 +1131,8 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
             _record_unfinished(store, run_id, mode, started, exc)
         raise
     finally:
-        pool.close()
+        if pool is not workers:  # a pool kept across runs is its owner's to close
+            pool.close()
         writer.shutdown(wait=True)
         await dest.close()
         await clients.aclose()

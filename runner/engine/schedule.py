@@ -120,7 +120,7 @@ def make_app(cfg, url: str, name: str, concurrency: int = 1):
         if conn is None or not conn.enabled:  # removed from the config since it was deferred
             logger.info("connection {} is no longer in the config; its job is dropped", connection)
             return
-        call = functools.partial(contextvars.copy_context().run, run_sync, cfg, url, conn, name)
+        call = functools.partial(contextvars.copy_context().run, run_sync, cfg, url, conn, name, concurrency)
         await asyncio.get_running_loop().run_in_executor(threads, call)
 
     return app
@@ -142,13 +142,9 @@ def sync_loop() -> asyncio.AbstractEventLoop:
         return _sync_loop
 
 
-# A worker syncs several connections at once on one core (run one worker per core): classification workers
-# are forked only for a sync past this many pages (5,000 invoices at 100 a page), where they pay for their
-# start and their own database connections.
-FORK_AFTER_PAGES = 50
-
 _stores: dict[str, object] = {}
 _stores_lock = threading.Lock()
+_pools: dict[str, object] = {}
 
 
 def _store(cfg, url: str, destination: str):
@@ -161,6 +157,29 @@ def _store(cfg, url: str, destination: str):
         if store is None:
             store = _stores[url] = state.open_store(cfg, destination=destination)
         return store
+
+
+def _workers(cfg, url: str, store):
+    """The classification workers of this process's syncs (runner/engine/workers.py), made at the first sync
+    and kept: forked once, at the first page a sync hands over, then shared by every sync, as the connections
+    of one `runner apply` share theirs. A pool per sync classified a small sync in the worker's own process
+    instead (forking for each cost more than it saved), which took a third more CPU than the apply's workers
+    for the same pages. Closed with close_stores()."""
+    import functools
+
+    from runner.engine import destinations, localsink
+    from runner.engine.workers import Workers
+
+    with _stores_lock:
+        pool = _pools.get(url)
+        if pool is None:
+            # A local sink of the pool's own, for what its workers write (each forks a handle of its own from
+            # it) and, if one dies mid-page, for settling the file (the runs' marks are not needed on this store)
+            sink = destinations.JsonlDestination(cfg.destination) if cfg.destination.type != "debitura" else None
+            pool = _pools[url] = Workers([c for c in cfg.connections if c.enabled and c.spec.pull], sink, store,
+                                        recover=functools.partial(localsink.repair_shared, store, sink)
+                                        if sink is not None else None)
+        return pool
 
 
 _guard_pools: dict[str, object] = {}
@@ -181,6 +200,10 @@ def _guards(url: str):
 
 def close_stores() -> None:
     with _stores_lock:
+        for pool in _pools.values():
+            # On the loop its workers' channels live on (their sockets are that loop's), once no sync runs
+            asyncio.run_coroutine_threadsafe(_close_pool(pool), sync_loop()).result()
+        _pools.clear()
         for store in _stores.values():
             store.close()
         _stores.clear()
@@ -189,9 +212,13 @@ def close_stores() -> None:
         _guard_pools.clear()
 
 
-def run_sync(cfg, url: str, conn, name: str) -> str:
-    """One sync of `conn` (called in a thread; the sync itself runs on `sync_loop()`). Holds the store's apply
-    lock shared while it runs."""
+async def _close_pool(pool) -> None:
+    pool.close()
+
+
+def run_sync(cfg, url: str, conn, name: str, concurrency: int = 1) -> str:
+    """One sync of `conn` (called in a thread; the sync itself runs on `sync_loop()`), beside up to
+    `concurrency` - 1 others of this worker. Holds the store's apply lock shared while it runs."""
     from runner.engine import pipeline
     from runner.engine.destinations import ledger_id
     from runner.state import postgres
@@ -212,7 +239,7 @@ def run_sync(cfg, url: str, conn, name: str) -> str:
                 # A run per sync, named after its connection: `keep_runs` then keeps each connection's last
                 # syncs, not the last few syncs of all the connections together.
                 pipeline.sync(cfg, mode="apply", store=store, connections=[conn], command=f"worker {conn.name}",
-                              fork_after=FORK_AFTER_PAGES),
+                              workers=_workers(cfg, url, store), peers=concurrency),
                 sync_loop()).result()
             status = "ok" if result.ok else "failed"
             logger.info("synced {}: {}", conn.name, status)

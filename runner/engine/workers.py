@@ -319,16 +319,17 @@ def _serve(sock: socket.socket, others: list[socket.socket] = ()) -> None:
 
 
 class Workers:
-    """Classifies pages for the connections of one run, in a worker process when that helps."""
+    """Classifies pages for the connections of one run, in a worker process when that helps. A `runner worker`
+    keeps one for its whole life instead, shared by all its syncs (runner/engine/schedule.py): its processes
+    are forked once, at the first page of a sync that is handed over, not once for every sync."""
 
     def __init__(self, connections: list[Connection], destination=None, store=None,
-                 recover: Callable[[], None] | None = None, fork_after: int = 1):
+                 recover: Callable[[], None] | None = None):
         """`recover`: records what the worker wrote to the local sink without recording it (it failed or died
-        mid-page), before the engine delivers such a page itself (see _answered). `fork_after`: the pages a
-        connection's sync classifies itself before workers are forked for the rest (see _takes)."""
+        mid-page), before the engine delivers such a page itself (see _answered). A pool kept across runs
+        gets it from none of them: on a PostgreSQL store settling the file needs no run (localsink.repair_shared)."""
         global _encode, _ledger, _sink
         self.enabled = _wanted()
-        self.fork_after = fork_after
         self._pool: list[_Worker] = []  # forked at the first page handed over
         self._names = {c.name for c in connections}
         self._recover = recover
@@ -342,9 +343,8 @@ class Workers:
 
     def _takes(self, source, store, page: int, more: bool = False) -> bool:
         # A connection's first page stays here unless more pages follow or the worker runs already: a
-        # one-page sync never forks (nor, with a larger fork_after, a sync of fewer pages than that). A store
-        # the worker cannot open (in memory) keeps the lookups here too.
-        return (self.enabled and (page > self.fork_after or (more and self.fork_after <= 1) or bool(self._pool))
+        # one-page sync never forks. A store the worker cannot open (in memory) keeps the lookups here too.
+        return (self.enabled and (page > 1 or more or bool(self._pool))
                 and source.conn.name in self._names and (store is None or _ledger is not None))
 
     def _delivers(self, store, run_id: int | None, deliver: Callable[[], None] | None) -> bool:
