@@ -179,13 +179,13 @@ def _wanted() -> bool:
     return sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1
 
 
-def _count() -> int:
-    """How many workers a large sync forks: RUNNER_WORKERS, else one per core. The engine itself mostly waits
-    for answers (fetching, bookkeeping), so with two cores two workers keep both busy."""
+def _count(default: int | None = None) -> int:
+    """How many workers a large sync forks: RUNNER_WORKERS, else `default`, else one per core. The engine
+    itself mostly waits for answers (fetching, bookkeeping), so with two cores two workers keep both busy."""
     setting = os.environ.get("RUNNER_WORKERS", "").strip()
     if setting.isdigit() and int(setting) > 0:
         return min(int(setting), 16)
-    return max(1, min(os.cpu_count() or 1, 4))
+    return default or max(1, min(os.cpu_count() or 1, 4))
 
 
 @dataclass
@@ -324,12 +324,14 @@ class Workers:
     are forked once, at the first page of a sync that is handed over, not once for every sync."""
 
     def __init__(self, connections: list[Connection], destination=None, store=None,
-                 recover: Callable[[], None] | None = None):
+                 recover: Callable[[], None] | None = None, processes: int | None = None):
         """`recover`: records what the worker wrote to the local sink without recording it (it failed or died
         mid-page), before the engine delivers such a page itself (see _answered). A pool kept across runs
-        gets it from none of them: on a PostgreSQL store settling the file needs no run (localsink.repair_shared)."""
+        gets it from none of them: on a PostgreSQL store settling the file needs no run (localsink.repair_shared).
+        `processes`: how many to fork unless RUNNER_WORKERS says (default: one per core, up to four)."""
         global _encode, _ledger, _sink
         self.enabled = _wanted()
+        self.processes = processes
         self._pool: list[_Worker] = []  # forked at the first page handed over
         self._names = {c.name for c in connections}
         self._recover = recover
@@ -466,7 +468,7 @@ class Workers:
         # A worker is a copy of this process: anything still buffered would be written twice.
         sys.stdout.flush()
         sys.stderr.flush()
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(_count())]
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(_count(self.processes))]
         for sock in (s for pair in pairs for s in pair):
             # Room for many pages in the kernel (capped by net.core.wmem_max): a page that does not fit is
             # copied into asyncio's own buffer instead, which is then shifted on every partial send.
