@@ -22,7 +22,6 @@ import asyncio
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 
 import psycopg
@@ -230,11 +229,12 @@ def run_sync(cfg, url: str, conn, name: str, concurrency: int = 1) -> str:
         guard.execute("UPDATE runner_schedule SET worker = %s, last_started = now(), "
                       "next_run = now() + make_interval(secs => every_s) WHERE connection = %s", (name, conn.name))
         # Waits while a `runner apply` holds the lock exclusively; let go at the end of the sync, and by the
-        # server when the connection closes (a killed worker's).
-        guard.execute("SELECT pg_advisory_lock_shared(%s)", (postgres.APPLY_LOCK,))
-        # A history of syncs (a killed worker's has no `finished`): what `runner status` and audits read.
-        sync_id = guard.execute("INSERT INTO runner_syncs (connection, worker, started) VALUES (%s, %s, %s) "
-                                "RETURNING id", (conn.name, name, time.time())).fetchone()[0]
+        # server when the connection closes (a killed worker's). Then a history of syncs (a killed worker's has
+        # no `finished`): what `runner status` and audits read, in the server's clock (one for every machine),
+        # started once the lock is held.
+        sync_id = guard.execute("INSERT INTO runner_syncs (connection, worker, started) SELECT %s, %s, "
+                                "extract(epoch FROM clock_timestamp()) FROM (SELECT pg_advisory_lock_shared(%s)) AS l "
+                                "RETURNING id", (conn.name, name, postgres.APPLY_LOCK)).fetchone()[0]
         status = "failed"
         try:
             store = _store(cfg, url, ledger_id(cfg.destination))
@@ -247,14 +247,18 @@ def run_sync(cfg, url: str, conn, name: str, concurrency: int = 1) -> str:
             status = "ok" if result.ok else "failed"
             logger.info("synced {}: {}", conn.name, status)
         finally:
-            guard.execute("UPDATE runner_schedule SET worker = NULL, last_finished = now(), last_status = %s "
-                          "WHERE connection = %s", (status, conn.name))
-            guard.execute("UPDATE runner_syncs SET finished = %s, status = %s WHERE id = %s",
-                          (time.time(), status, sync_id))
-            # A connection synced every few minutes adds hundreds of rows a day: keep a week of them.
-            guard.execute("DELETE FROM runner_syncs WHERE connection = %s AND started < %s",
-                          (conn.name, time.time() - KEEP_SYNCS_S))
-            guard.execute("SELECT pg_advisory_unlock_shared(%s)", (postgres.APPLY_LOCK,))
+            # One statement (a sync's bookkeeping is a round trip at each end): a connection synced every few
+            # minutes adds hundreds of rows a day, a week of them is kept. The lock goes with it: the sync's
+            # deliveries were committed by the store before.
+            guard.execute("WITH s AS (UPDATE runner_schedule SET worker = NULL, last_finished = now(), "
+                          "last_status = %(status)s WHERE connection = %(conn)s), "
+                          "y AS (UPDATE runner_syncs SET finished = extract(epoch FROM clock_timestamp()), "
+                          "status = %(status)s WHERE id = %(id)s), "
+                          "d AS (DELETE FROM runner_syncs WHERE connection = %(conn)s "
+                          "AND started < extract(epoch FROM now()) - %(keep)s) "
+                          "SELECT pg_advisory_unlock_shared(%(lock)s)",
+                          {"status": status, "conn": conn.name, "id": sync_id, "keep": KEEP_SYNCS_S,
+                           "lock": postgres.APPLY_LOCK})
     return status
 
 
