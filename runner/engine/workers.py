@@ -380,7 +380,9 @@ class Workers:
         return asyncio.ensure_future(self._ask(question, source, store, None))
 
     def _gone(self, exc: BaseException | None) -> None:
-        logger.debug("classifying in the engine's process: the worker failed ({})", exc)
+        # Not forked again: a `runner worker` classifies in its own process from then on, until it restarts
+        if self.enabled:
+            logger.warning("a classification process ended ({}); this process classifies the rest itself", exc)
         self.enabled = False
 
     def classify(self, source, store, records: list, answer: bytes | None, page: int, run_id: int | None = None,
