@@ -161,9 +161,8 @@ def _store(cfg, url: str, destination: str):
 def _workers(cfg, url: str, store):
     """The classification workers of this process's syncs (runner/engine/workers.py), made at the first sync
     and kept: forked once, at the first page a sync hands over, then shared by every sync, as the connections
-    of one `runner apply` share theirs. A pool per sync classified a small sync in the worker's own process
-    instead (forking for each cost more than it saved), which took a third more CPU than the apply's workers
-    for the same pages. Closed with close_stores()."""
+    of one `runner apply` share theirs (forking for each sync costs more than it saves, and classifying in
+    this process costs a third more CPU than in a worker). Closed with close_stores()."""
     import functools
 
     from runner.engine import destinations, localsink
@@ -175,9 +174,8 @@ def _workers(cfg, url: str, store):
             # A local sink of the pool's own, for what its workers write (each forks a handle of its own from
             # it) and, if one dies mid-page, for settling the file (the runs' marks are not needed on this store)
             sink = destinations.JsonlDestination(cfg.destination) if cfg.destination.type != "debitura" else None
-            # One process (RUNNER_WORKERS=N for more): a worker is meant to run beside others, one per core,
-            # and two workers of one each on two cores did the first import of 500 connections faster than
-            # two of two each.
+            # One process (RUNNER_WORKERS=N for more): workers run one per core, and two of one process each
+            # on two cores did a first import of 250 connections faster than two of two each.
             pool = _pools[url] = Workers([c for c in cfg.connections if c.enabled and c.spec.pull], sink, store,
                                         recover=functools.partial(localsink.repair_shared, store, sink)
                                         if sink is not None else None, processes=1)
