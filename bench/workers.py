@@ -160,7 +160,7 @@ def main() -> int:
             pairs = []
             for run in range(args.runs):
                 # Side by side, run after run: the machine's drift reaches both scenarios of a pair alike
-                cfg, _ = _workspace(tmp / f"apply-{run}", server_url, fake.url, args.connections)
+                cfg, adb = _workspace(tmp / f"apply-{run}", server_url, fake.url, args.connections)
                 first = _apply(cfg)
                 log(f"apply: first import {first[0]:.1f} s")
                 steady = _apply(cfg)
@@ -172,6 +172,8 @@ def main() -> int:
                 wsteady = _workers(cfg, db, args.connections, args.workers, args.concurrency)
                 log(f"workers: every connection again {wsteady[0]:.1f} s")
                 pairs.append((first, wfirst, steady, wsteady))
+                for url in (adb, db):  # the next pair's server has no autovacuum of these to do meanwhile
+                    workspace.drop_database(url)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
