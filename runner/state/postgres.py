@@ -55,7 +55,7 @@ def _types(script: str) -> str:
     return re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", script))
 
 
-# Numbered as runner/state/sqlite.py's MIGRATIONS (3 is PostgreSQL's alone); applied in order, each in the
+# Numbered as runner/state/sqlite.py's MIGRATIONS (3 and 4 are PostgreSQL's alone); applied in order, each in the
 # transaction that records it.
 MIGRATIONS: list[tuple[int, str]] = [(1, """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -172,7 +172,7 @@ CREATE INDEX IF NOT EXISTS runs_command ON runs (command, id);
 ALTER TABLE sink_marks ADD COLUMN IF NOT EXISTS writing_from BIGINT;
 ALTER TABLE sink_marks ADD COLUMN IF NOT EXISTS writing_account TEXT;
 ALTER TABLE sink_marks ADD COLUMN IF NOT EXISTS writing_ids TEXT[];
-""")]
+"""), (5, sqlite.DUPLICATES_INDEX)]
 VERSION = MIGRATIONS[-1][0]
 
 
