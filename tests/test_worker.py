@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -219,19 +220,35 @@ def _jsonl_numbers(path) -> Counter:
     return out
 
 
+def _jsonl_workspace(served, tmp_path, pg_url):
+    """Three connections of one Stripe account (SYNTHETIC invoices, several pages each) into one jsonl file."""
+    base, _ = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
+    cfg = _workspace(tmp_path, pg_url, base, SECOND + SECOND.replace("w-stripe-2", "w-stripe-3"))
+    return cfg, _to_jsonl(cfg)
+
+
+def _to_jsonl(cfg) -> Path:
+    """The workspace's destination made a jsonl file (out/cases.jsonl beside the config): its path."""
+    text = cfg.read_text()
+    head, rest = text.split("destination:", 1)
+    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
+    return cfg.parent / "out" / "cases.jsonl"
+
+
+def _delivered_to_jsonl(url: str) -> int:
+    """How many invoices the ledger has as delivered to a jsonl file."""
+    with psycopg.connect(url) as db:
+        return db.execute("SELECT count(*) FROM ledger WHERE status='delivered' AND destination LIKE 'jsonl:%'"
+                          ).fetchone()[0]
+
+
 def test_sigkill_workers_writing_one_jsonl_file_every_invoice_once(served, tmp_path, pg_url):
     """A jsonl destination written by several syncs at once: 3 workers of --concurrency 2 sync three
     connections of one Stripe account (the same invoices) into one file, a worker at random is SIGKILLed at
     a random moment, max(3, KILLS // 5) times. Afterwards the file holds every eligible invoice on exactly
     one line, and the ledger has each as delivered."""
-    base, _ = served
-    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
-    third = SECOND.replace("w-stripe-2", "w-stripe-3")
-    cfg = _workspace(tmp_path, pg_url, base, SECOND + third)
-    text = cfg.read_text()
-    head, rest = text.split("destination:", 1)
-    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
-    out = tmp_path / "out" / "cases.jsonl"
+    cfg, out = _jsonl_workspace(served, tmp_path, pg_url)
     expected = _eligible_numbers(SYNTHETIC)
     rng = random.Random(SEED)
     procs = {n: _start(cfg, tmp_path, n) for n in range(3)}
@@ -262,10 +279,7 @@ def test_sigkill_workers_writing_one_jsonl_file_every_invoice_once(served, tmp_p
           f"twice {len(twice)}")
     assert not twice, f"invoices written twice: {sorted(twice)[:10]} (seed {SEED})"
     assert set(lines) == expected, f"missing {sorted(expected - set(lines))[:10]} (seed {SEED})"
-    with psycopg.connect(pg_url) as db:
-        delivered = db.execute("SELECT count(*) FROM ledger WHERE status='delivered' AND destination LIKE 'jsonl:%'"
-                               ).fetchone()[0]
-    assert delivered == len(expected)
+    assert _delivered_to_jsonl(pg_url) == len(expected)
 
 
 def _children(pid: int) -> set[int]:
@@ -288,17 +302,6 @@ def _alive(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def _jsonl_workspace(served, tmp_path, pg_url):
-    """Three connections of one Stripe account (SYNTHETIC invoices, several pages each) into one jsonl file."""
-    base, _ = served
-    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": SYNTHETIC})
-    cfg = _workspace(tmp_path, pg_url, base, SECOND + SECOND.replace("w-stripe-2", "w-stripe-3"))
-    text = cfg.read_text()
-    head, rest = text.split("destination:", 1)
-    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
-    return cfg, tmp_path / "out" / "cases.jsonl"
 
 
 def _wait_for_rounds(url: str, since: float, rounds: int, timeout: float = 90) -> None:
@@ -363,10 +366,7 @@ def test_a_classification_process_killed_mid_sync_loses_and_repeats_nothing(serv
     lines = _jsonl_numbers(out)
     assert not {n for n, c in lines.items() if c > 1}, "invoices written twice"
     assert set(lines) == expected
-    with psycopg.connect(pg_url) as db:
-        delivered = db.execute("SELECT count(*) FROM ledger WHERE status='delivered' AND destination LIKE 'jsonl:%'"
-                               ).fetchone()[0]
-    assert delivered == len(expected)
+    assert _delivered_to_jsonl(pg_url) == len(expected)
 
 
 def _waiting_on(url: str, table: str) -> int:
@@ -393,11 +393,8 @@ def test_two_syncs_writing_one_jsonl_file_at_once_write_each_invoice_once(served
 
     base, _ = served
     cfg = _workspace(tmp_path, pg_url, base, SECOND)
-    text = cfg.read_text()
-    head, rest = text.split("destination:", 1)
-    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
+    out = _to_jsonl(cfg)
     open_store(pg_url).close()  # the schema, before the ledger is held
-    out = tmp_path / "out" / "cases.jsonl"
     out.parent.mkdir()
     out.touch()
     holder = psycopg.connect(pg_url)
@@ -439,10 +436,7 @@ def test_a_page_recorded_and_never_written_is_written_by_the_next_run_and_a_repl
     base, _ = served
     _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": 150})
     cfg = _workspace(tmp_path, pg_url, base)
-    text = cfg.read_text()
-    head, rest = text.split("destination:", 1)
-    cfg.write_text(head + "destination: {type: jsonl, path: out/cases.jsonl}\n" + rest[rest.index("connections:"):])
-    out = tmp_path / "out" / "cases.jsonl"
+    out = _to_jsonl(cfg)
     first = run_cli("apply", str(cfg), env=_env(), cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     expected = _eligible_numbers(150)

@@ -194,7 +194,8 @@ def _v2(db: sqlite3.Connection) -> None:
 # What the end of a connection's run reads (seen_in_run: the run's duplicates of one account). The index on
 # (run_id, connection) does not narrow by account: with 500 connections in one run each read went through
 # all of the run's verdicts (40-270 ms a read on PostgreSQL). Partial: a first import has no duplicates.
-DUPLICATES_INDEX = "CREATE INDEX IF NOT EXISTS verdicts_duplicates ON verdicts (run_id, account_key) WHERE reason = 'duplicate'"
+DUPLICATES_INDEX = ("CREATE INDEX IF NOT EXISTS verdicts_duplicates ON verdicts (run_id, account_key) "
+                    "WHERE reason = 'duplicate'")
 
 
 def _v5(db: sqlite3.Connection) -> None:
