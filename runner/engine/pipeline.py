@@ -1150,7 +1150,6 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
         working = [c for c in result.connections if c.status == "ok"]
         status = ("interrupted" if result.interrupted else "ok" if result.ok
                   else "partial" if working and not result.destination_error else "failed")
-        store.finish_run(run_id, status, result.stored())
-        store.prune_verdicts(command or "apply", cfg.keep_runs)
-        store.trim_summaries(command or "apply", max(cfg.keep_runs, RECENT_RUNS))
+        store.finish_run(run_id, status, result.stored(),
+                         keep=(command or "apply", cfg.keep_runs, max(cfg.keep_runs, RECENT_RUNS)))
     return result

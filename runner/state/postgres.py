@@ -413,6 +413,8 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         self.destination = destination
         self._lock = threading.RLock()
         self._apply: psycopg.Connection | None = None
+        self._known: set[tuple[str, str]] = set()  # (destination, account) with ledger rows: has_ledger
+        self._adopted: set[tuple] = set()  # adopt_account's, done
         try:
             # One connection first: a server that refuses is reported at once, in its own words (the pool
             # would retry until its timeout), and the schema is migrated before anything reads it.
@@ -460,6 +462,11 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         with self._pool.connection() as db:
             return db.execute(sql, args).fetchall()
 
+    def _write(self, sql: str, args=()) -> int:
+        """One statement, committed on return (sqlite.Portable's): in autocommit, one round trip."""
+        with self._db() as db:
+            return db.execute(self._q(sql), args).rowcount
+
     def _one(self, sql: str, args=()) -> tuple | None:
         with self._pool.connection() as db:
             return db.execute(sql, args).fetchone()
@@ -496,30 +503,51 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
                        "'mode', command, 'started', started, 'finished', %s::float8, 'error', %s::text)::text "
                        "WHERE status='running' AND command='apply'", (now, now, self.ABANDONED))
 
+    # --- connections -----------------------------------------------------------------------------------
+    def update_connection(self, name: str, **fields) -> None:
+        """sqlite.Connections' (the row upserted, a `changes` row for an account or credential that changed)
+        in one statement, where it reads the row first and writes in a transaction: four round trips at the
+        end of every sync. A `data` update merges into the saved data, as there."""
+        if "data" in fields or set(fields) - set(self.COLUMNS):
+            return super().update_connection(name, **fields)
+        now = time.time()
+        cols = ["name", "updated", *fields]
+        watched = [w for w in self.WATCHED if fields.get(w)]
+        changes = ("" if not watched else
+                   ", c AS (INSERT INTO changes (connection, what, old, new, at) SELECT %s, v.what, v.old, v.new, %s "
+                   "FROM o, LATERAL (VALUES " + ", ".join(f"('{w}', o.{w}, %s::text)" for w in watched) + ") "
+                   "AS v(what, old, new) WHERE v.old <> '' AND v.old IS DISTINCT FROM v.new)")
+        with self._db() as db:
+            db.execute("WITH o AS (SELECT * FROM connections WHERE name=%s FOR UPDATE), "
+                       f"u AS (INSERT INTO connections ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
+                       "ON CONFLICT (name) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols[1:]) + ")"
+                       + changes + " SELECT 1",
+                       [name, name, now, *fields.values(), *([name, now, *(fields[w] for w in watched)] if watched else [])])
+
     # --- runs ------------------------------------------------------------------------------------------
     def begin_run(self, command: str, config: str) -> int:
         with self._db() as db:
             return db.execute("INSERT INTO runs (command, config, started, status) VALUES (%s, %s, %s, 'running') "
                               "RETURNING id", (command, config, time.time())).fetchone()[0]
 
-    def prune_verdicts(self, command: str, keep_runs: int) -> int:
-        with self._db() as db:
-            return db.execute(
-                "DELETE FROM verdicts WHERE run_id IN (SELECT id FROM runs WHERE command=%s ORDER BY id DESC "
-                "LIMIT 1000 OFFSET %s)", (command, keep_runs)).rowcount
+    # sqlite.Store's prune_verdicts and trim_summaries (the retention of finish_run's `keep`)
+    _PRUNE = ("DELETE FROM verdicts WHERE run_id IN (SELECT id FROM runs WHERE command=%s ORDER BY id DESC "
+              "LIMIT 1000 OFFSET %s)")
+    _TRIM = ("UPDATE runs SET summary = (summary::jsonb - 'connections')::text WHERE id IN (SELECT id FROM runs "
+             "WHERE command=%s ORDER BY id DESC LIMIT 1000 OFFSET %s) AND summary LIKE '{%%' "
+             "AND jsonb_typeof(summary::jsonb) = 'object' AND summary::jsonb ? 'connections'")
 
-    def trim_summaries(self, command: str, keep_runs: int) -> int:
+    def finish_run(self, run_id: int, status: str, summary: dict, keep: tuple[str, int, int] | None = None) -> None:
+        """SQLite's, in one statement: a worker ends a run at every sync. The trim keeps the latest runs
+        (RECENT_RUNS at least), so it never reaches the run this statement ends."""
+        end = "UPDATE runs SET finished=%s, status=%s, summary=%s WHERE id=%s"
+        args = [time.time(), status, json.dumps(summary, default=str), run_id]
         with self._db() as db:
-            return db.execute(
-                "UPDATE runs SET summary = (summary::jsonb - 'connections')::text WHERE id IN (SELECT id FROM runs "
-                "WHERE command=%s ORDER BY id DESC LIMIT 1000 OFFSET %s) AND summary LIKE '{%%' "
-                "AND jsonb_typeof(summary::jsonb) = 'object' AND summary::jsonb ? 'connections'",
-                (command, keep_runs)).rowcount
-
-    def finish_run(self, run_id: int, status: str, summary: dict) -> None:
-        with self._db() as db:
-            db.execute("UPDATE runs SET finished=%s, status=%s, summary=%s WHERE id=%s",
-                       (time.time(), status, json.dumps(summary, default=str), run_id))
+            if keep is None:
+                db.execute(end, args)
+            else:
+                db.execute(f"WITH e AS ({end}), p AS ({self._PRUNE}), t AS ({self._TRIM}) SELECT 1",
+                           [*args, keep[0], keep[1], keep[0], max(1, keep[2])])
 
     def last_runs(self, limit: int = 10) -> list[dict]:
         rows = self._all("SELECT id, command, started, finished, status, summary FROM runs ORDER BY id DESC "
@@ -533,13 +561,26 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
             return lookup(db, self.destination, account_key, list(invoice_ids))
 
     def has_ledger(self, account_key: str) -> bool:
-        return self._one("SELECT 1 FROM ledger WHERE destination=%s AND account_key=%s LIMIT 1",
-                         (self.destination, account_key)) is not None
+        # Remembered once true: a long-lived process (`runner worker`) asks at every sync of every connection,
+        # and an account's ledger does not empty itself (if it did, the answer only costs a lookup).
+        if (self.destination, account_key) in self._known:
+            return True
+        found = self._one("SELECT 1 FROM ledger WHERE destination=%s AND account_key=%s LIMIT 1",
+                          (self.destination, account_key)) is not None
+        if found:
+            self._known.add((self.destination, account_key))
+        return found
 
     def adopt_account(self, account_key: str, legacy_keys: Iterable[str]) -> int:
+        # Once per account and process: no runner of this version writes under a legacy key, so what a first
+        # look finds is all there will be.
+        legacy = tuple(k for k in legacy_keys if k != account_key)
+        if (self.destination, account_key, legacy) in self._adopted:
+            return 0
         moved = 0
-        for old in legacy_keys:
-            if old == account_key or not self.has_ledger(old):
+        for old in legacy:
+            if not self._one("SELECT 1 FROM ledger WHERE destination=%s AND account_key=%s LIMIT 1",
+                             (self.destination, old)):
                 continue
             with self.tx() as db:
                 moved += db.execute(
@@ -548,6 +589,7 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
                     "AND l.invoice_id=ledger.invoice_id)", (account_key, self.destination, old, account_key)).rowcount
                 db.execute("DELETE FROM ledger WHERE destination=%s AND account_key=%s", (self.destination, old))
                 db.execute("UPDATE verdicts SET account_key=%s WHERE account_key=%s", (account_key, old))
+        self._adopted.add((self.destination, account_key, legacy))
         return moved
 
     def reader_target(self) -> tuple[str, str] | None:

@@ -544,6 +544,7 @@ class Connections(Portable):
 
     COLUMNS = ("name", "integration", "status", "account_id", "account_name", "credential_fingerprint", "data",
                "last_success", "last_error", "last_error_at", "last_run_id")
+    WATCHED = ("account_id", "account_name", "credential_fingerprint")  # a change of these is a `changes` row
 
     def connection(self, name: str) -> dict:
         r = self._row(f"SELECT {', '.join(self.COLUMNS)} FROM connections WHERE name=?", (name,))
@@ -563,7 +564,7 @@ class Connections(Portable):
             fields["data"] = json.dumps({**cur.get("data", {}), **fields["data"]})
         now = time.time()
         changes = []
-        for what in ("account_id", "account_name", "credential_fingerprint"):
+        for what in self.WATCHED:
             if what in fields and cur.get(what) and fields[what] and cur.get(what) != fields[what]:
                 changes.append((name, what, cur.get(what), fields[what], now))
         cols = ["name", "updated"] + list(fields)
@@ -1025,10 +1026,15 @@ class Store(Connections, CaseLife, CaseEvents, Cursors):
                 raise
             return 0
 
-    def finish_run(self, run_id: int, status: str, summary: dict) -> None:
+    def finish_run(self, run_id: int, status: str, summary: dict, keep: tuple[str, int, int] | None = None) -> None:
+        """The run's end and summary; with `keep` = (command, runs, summaries), the retention of that command's
+        runs after it: prune_verdicts(command, runs) and trim_summaries(command, summaries)."""
         with self.tx():
             self.db.execute("UPDATE runs SET finished=?, status=?, summary=? WHERE id=?",
                             (time.time(), status, json.dumps(summary, default=str), run_id))
+        if keep is not None:
+            self.prune_verdicts(keep[0], keep[1])
+            self.trim_summaries(keep[0], keep[2])
 
     def last_runs(self, limit: int = 10) -> list[dict]:
         rows = self.db.execute("SELECT id, command, started, finished, status, summary FROM runs "
