@@ -304,14 +304,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_for_rounds(url: str, since: float, rounds: int, timeout: float = 90) -> None:
-    """Until every connection of the workspace has `rounds` finished syncs that started after `since`."""
-    names = {"w-stripe", "w-stripe-2", "w-stripe-3"}
+def _wait_for_rounds(url: str, since: float, rounds: int, timeout: float = 90,
+                     names=("w-stripe", "w-stripe-2", "w-stripe-3"), proc: subprocess.Popen | None = None) -> None:
+    """Until every connection in `names` has `rounds` finished syncs that started after `since` (and the
+    worker `proc` runs meanwhile)."""
     deadline = time.monotonic() + timeout
     while True:
         done = Counter(s[0] for s in _syncs(url) if s[2] >= since and s[4] == "ok")
         if all(done[n] >= rounds for n in names):
             return
+        assert proc is None or proc.poll() is None, f"the worker ended (syncs finished: {dict(done)})"
         assert time.monotonic() < deadline, f"syncs finished after {timeout} s: {dict(done)}"
         time.sleep(0.2)
 
@@ -682,3 +684,70 @@ def test_a_worker_runs_as_many_syncs_at_once_as_its_concurrency(tmp_path, sandbo
 
     asyncio.run(work())
     assert sorted(ran) == sorted(c.name for c in cfg.connections[:n])
+
+
+def test_a_worker_whose_database_connections_are_dropped_goes_on_syncing(served, tmp_path, pg_url):
+    """Every server connection of a running worker terminated at once (a failover, a restarted server, a
+    proxy's idle timeout), its classification process's included: the worker's next syncs succeed, each
+    connection's pages still go to that process (a page it failed on once made the worker classify every
+    page of its life itself), and nothing is written twice. The pools test a connection before use only
+    when the server has said something on it meanwhile, instead of a round trip at every query."""
+    cfg, out = _jsonl_workspace(served, tmp_path, pg_url)
+    proc = _start(cfg, tmp_path, 0, concurrency=3)
+    try:
+        _wait_for_rounds(pg_url, 0, 1, proc=proc)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            pids = [r[0] for r in db.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                             "AND pid <> pg_backend_pid()").fetchall()]
+            assert len(pids) >= 4, pids  # the store's, the job queue's, the guards' and the classifier's at least
+            db.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS t(pid)", (pids,))
+            while db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()[0]:
+                time.sleep(0.01)  # terminating is asynchronous: until each of them has ended
+        after = time.time()
+        _wait_for_rounds(pg_url, after, 2, timeout=60, proc=proc)
+    finally:
+        _stop([proc])
+    failed = [s for s in _syncs(pg_url) if s[2] >= after and s[4] != "ok"]
+    with psycopg.connect(pg_url) as db:
+        why = db.execute("SELECT summary FROM runs WHERE started >= %s AND status <> 'ok'", (after,)).fetchall()
+    assert not failed, f"syncs started after the connections were dropped failed: {failed}: {why}"
+    log = (tmp_path / "worker-0.log").read_text()
+    assert "classifies the rest itself" not in log and "could not classify a page" not in log
+    lines = _jsonl_numbers(out)
+    assert set(lines) == _eligible_numbers(SYNTHETIC) and max(lines.values()) == 1
+
+
+def test_a_worker_whose_job_queue_fails_takes_jobs_again_once_it_works(served, tmp_path, pg_url):
+    """A query of procrastinate's own failing (here its functions to take and to defer a job gone for a
+    while, as a database restarting fails them) ended `runner worker` with "unexpected ConnectorException",
+    or silently ended its schedule: the worker ran on and never deferred a sync again. Now the worker lets
+    its running syncs finish, says why in its log, and defers and takes jobs again once the queue works."""
+    base, sim_db = served
+    cfg = _workspace(tmp_path, pg_url, base, SECOND)
+    names = ("w-stripe", "w-stripe-2")
+    proc = _start(cfg, tmp_path, 0)
+    log = tmp_path / "worker-0.log"
+    try:
+        _wait_for_rounds(pg_url, 0, 1, names=names, proc=proc)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            functions = [r[0] for r in db.execute(
+                "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE proname IN "
+                "('procrastinate_fetch_job_v2', 'procrastinate_defer_jobs_v1')").fetchall()]
+            assert len(functions) == 2, functions
+            for f in functions:
+                db.execute(f"ALTER FUNCTION {f} RENAME TO {f.split('(')[0]}_away")
+            deadline = time.monotonic() + 30
+            while not all(w in log.read_text() for w in ("taking jobs again", "cannot reach the state database")):
+                assert proc.poll() is None, "the worker ended when its job queue failed"
+                assert time.monotonic() < deadline, "the worker never noticed its job queue failing"
+                time.sleep(0.1)
+            for f in functions:
+                name = f.split("(")[0]
+                db.execute(f"ALTER FUNCTION {name}_away({f.split('(', 1)[1]} RENAME TO {name}")
+        _wait_for_rounds(pg_url, time.time(), 2, timeout=60, names=names, proc=proc)
+    finally:
+        _stop([proc])
+    assert "lost its database" in log.read_text() and "ConnectorException" not in log.read_text()
+    cases = dict(_cases(sim_db))
+    assert set(cases) == _eligible_numbers(0) and max(cases.values()) == 1
+

@@ -107,7 +107,7 @@ def make_app(cfg, url: str, name: str, concurrency: int = 1):
 
     import procrastinate
 
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url, pool_factory=_job_pool))
     connections = {c.name: c for c in cfg.connections}
     # Not asyncio.to_thread: its default executor has min(32, cores + 4) threads, and a worker of
     # --concurrency 16 on 2 cores ran 6 syncs at a time.
@@ -123,6 +123,18 @@ def make_app(cfg, url: str, name: str, concurrency: int = 1):
         await asyncio.get_running_loop().run_in_executor(threads, call)
 
     return app
+
+
+def _job_pool(**kwargs):
+    """procrastinate's connection pool, with a lighter check. procrastinate's own sends an empty query before
+    each use of a pooled connection (to replace one the server closed): three more round trips for every
+    sync (fetching, finishing and deferring its job). postgres.check_async tests only a connection the server
+    closed or spoke on meanwhile, the ones procrastinate's check is there for."""
+    import psycopg_pool
+
+    from runner.state import postgres
+
+    return psycopg_pool.AsyncConnectionPool(**{**kwargs, "check": postgres.check_async})
 
 
 _sync_loop: asyncio.AbstractEventLoop | None = None
@@ -190,11 +202,13 @@ def _guards(url: str):
     no connection of its own. As many as syncs run at once (--concurrency, up to 256)."""
     from psycopg_pool import ConnectionPool
 
+    from runner.state import postgres
+
     with _stores_lock:
         pool = _guard_pools.get(url)
         if pool is None:
             pool = _guard_pools[url] = ConnectionPool(url, min_size=1, max_size=256, kwargs={"autocommit": True},
-                                                      name="runner-sync-guards", open=True)
+                                                      check=postgres.check, name="runner-sync-guards", open=True)
         return pool
 
 
@@ -307,13 +321,17 @@ async def _retry_stalled(app, stalled_after: float) -> None:
 
 
 async def _schedule_loop(app, url: str, cfg, opts: Options) -> None:
+    from procrastinate.exceptions import ConnectorException
+
     tick = opts.tick or max(0.5, min(min((c.schedule_every for c in cfg.connections), default=60) / 4, 15))
     while True:
         try:
             await _defer_due(app, url, cfg)
             await _retry_stalled(app, opts.stalled_after)
-        except (psycopg.OperationalError, OSError) as exc:  # the database restarting: try again next tick
-            logger.warning("cannot reach the state database: {}", exc)
+        except (psycopg.Error, ConnectorException, OSError) as exc:  # the database restarting: next tick
+            # (procrastinate's own errors are ConnectorException: uncaught, one ended this loop for good,
+            # and the worker went on running without ever deferring a sync again)
+            logger.warning("cannot reach the state database: {}", exc.__cause__ or exc)
         await asyncio.sleep(tick)
 
 
@@ -327,11 +345,35 @@ async def serve(cfg, url: str, opts: Options, ready: asyncio.Event | None = None
         if ready is not None:
             ready.set()
         try:
+            await _run_jobs(app, name, opts)
+        finally:
+            loop.cancel()
+            await asyncio.to_thread(close_stores)
+
+
+async def _run_jobs(app, name: str, opts: Options) -> None:
+    """procrastinate's worker until cancelled. It ends with an error when a query of its own fails (the
+    database restarting, a failover): its running syncs finish first, then it starts again, as a new
+    worker, after a pause that grows while the database stays away. A job whose end could not be recorded
+    meanwhile is the old worker's, retried once that worker counts as stalled (_retry_stalled)."""
+    import time
+
+    from procrastinate.exceptions import ConnectorException
+
+    pause = 1.0
+    while True:
+        started = time.monotonic()
+        try:
             await app.run_worker_async(queues=[QUEUE], name=name, concurrency=opts.concurrency,
                                        update_heartbeat_interval=max(0.5, opts.stalled_after / 4),
                                        stalled_worker_timeout=opts.stalled_after,
                                        fetch_job_polling_interval=min(5.0, max(0.5, opts.stalled_after / 4)),
                                        install_signal_handlers=False, delete_jobs="successful")
-        finally:
-            loop.cancel()
-            await asyncio.to_thread(close_stores)
+            return
+        except ConnectorException as exc:
+            if asyncio.current_task().cancelling():  # stopping (SIGTERM), and the queue failed on the way out
+                raise
+            pause = 1.0 if time.monotonic() - started > 60 else min(pause * 2, 30.0)
+            logger.warning("the job queue lost its database ({}); taking jobs again in {:.0f} s",
+                           exc.__cause__ or exc, pause)
+        await asyncio.sleep(pause)

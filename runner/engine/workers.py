@@ -65,6 +65,9 @@ def _store():
     """In the worker: its own connection to the state store (WAL: it sees every transaction the engine has
     committed; its reads never block the engine, and its writes take turns with the engine's)."""
     global _db
+    if _db is not None and not state.alive(_db):  # the server closed it (a restart, a failover): a new one
+        _db.close()
+        _db = None
     if _db is None:
         _db = state.connect(_ledger[0])
     return _db
@@ -199,6 +202,10 @@ class WorkerGone(Exception):
     """The worker process ended (killed, crashed) with pages still unanswered."""
 
 
+class PageFailed(Exception):
+    """The worker could not classify a page (its cause: what it raised) and goes on with the next."""
+
+
 class _Channel(asyncio.Protocol):
     """The engine's end of the socket to the worker: pickled frames, each prefixed by its length. The worker
     answers one page at a time, in the order asked, so answers are matched to questions first in, first out.
@@ -235,7 +242,12 @@ class _Channel(asyncio.Protocol):
             del buf[:end]
             future = self.waiting.popleft()
             if not future.done():
-                future.set_result(value) if ok else future.set_exception(value)
+                if ok:
+                    future.set_result(value)
+                else:
+                    failed = PageFailed(str(value))
+                    failed.__cause__ = value
+                    future.set_exception(failed)
 
     def connection_lost(self, exc) -> None:
         self.lost = exc or WorkerGone("the worker closed its end")
@@ -422,7 +434,11 @@ class Workers:
         try:
             tuples, counted = await answer
         except Exception as exc:  # the worker died or failed on this page: the engine classifies it
-            self._gone(exc)
+            if isinstance(exc, PageFailed):  # it lives on, and takes the next page (its store may be back)
+                logger.warning("a classification process could not classify a page of {} ({}); this process "
+                               "classifies it", source.conn.name, exc.__cause__ or exc)
+            else:
+                self._gone(exc)
             if question[8]:
                 # The worker may have written some of this page to the local sink without recording it. The
                 # pages still with it are settled first (delivered, or failed), then what the file holds is

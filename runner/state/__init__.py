@@ -66,6 +66,15 @@ def connect(target: str):
     return sqlite.connect(target)
 
 
+def alive(db) -> bool:
+    """Whether a connection of connect()'s still answers (a PostgreSQL server may have closed it since)."""
+    if _backend(db) is sqlite:
+        return True
+    from runner.state import postgres
+
+    return postgres.alive(db)
+
+
 async def off_loop(store, fn, *args, **kwargs):
     """`fn(*args, **kwargs)`, a call of `store`'s, from async code: a remote store's (PostgreSQL) in a thread,
     so its wait for the server holds no event loop (the one every connection of a run, and every sync of a

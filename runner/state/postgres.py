@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import select
 import threading
 import time
 from contextlib import contextmanager
@@ -212,6 +213,37 @@ def connect(url: str) -> psycopg.Connection:
     db = psycopg.connect(url, autocommit=True)
     _configure(db)
     return db
+
+
+def spoken(db) -> bool:
+    """Whether an idle connection has something to read: the server closed it (a restart, a failover, an
+    idle timeout; its last words are a message) or said something unasked. Only then is it worth a round
+    trip to test before use; a socket test costs microseconds."""
+    return db.closed or bool(select.select([db.fileno()], [], [], 0)[0])
+
+
+def check(db: psycopg.Connection) -> None:
+    """A pool's `check` of a connection before it is lent: psycopg_pool's own (an empty query, which raises
+    if the server is gone, and the pool then opens another) only for a connection that has `spoken`."""
+    if spoken(db):
+        ConnectionPool.check_connection(db)
+
+
+async def check_async(db: psycopg.AsyncConnection) -> None:
+    """check() for an asyncio pool (procrastinate's)."""
+    if spoken(db):
+        from psycopg_pool import AsyncConnectionPool
+
+        await AsyncConnectionPool.check_connection(db)
+
+
+def alive(db: psycopg.Connection) -> bool:
+    """A process's own connection (connect()) still answers; False once the server has closed it."""
+    try:
+        check(db)
+    except psycopg.Error:
+        return False
+    return True
 
 
 LOOKUP_SQL = (f"SELECT {_LEDGER_COLS}, run_id FROM unnest(%b::text[]) AS t(id) CROSS JOIN LATERAL "
@@ -423,7 +455,7 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         except (psycopg.Error, OSError) as exc:
             raise unreachable(url, exc) from None
         self._pool = ConnectionPool(url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False,
-                                    configure=_configure, name="runner-state")
+                                    configure=_configure, check=check, name="runner-state")
         self._pool.open(wait=False)
 
     def describe(self) -> str:
@@ -834,7 +866,7 @@ class RateBudget:
         """(connection, tat, now) in a transaction that holds the scope's row."""
         with self._lock:
             try:
-                if self._db is None or self._db.closed:
+                if self._db is None or not alive(self._db):  # closed by the server since (a restart)
                     self._db = psycopg.connect(self.url, autocommit=True)
                 with self._db.transaction():
                     self._db.execute("INSERT INTO rate_budgets (scope, tat) VALUES (%s, 0) ON CONFLICT DO NOTHING",
