@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import math
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -1038,20 +1039,32 @@ def _record_health(store, conn: Connection, source: Source, result: ConnectionRe
     store.update_connection(conn.name, **fields)
 
 
+_collecting = {"runs": 0, "old": None}  # the runs inside _few_collections, and the thresholds before the first
+_collecting_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _few_collections():
     """A sync allocates millions of short-lived objects without cycles (parsed pages, mapped invoices). With
     the cyclic collector's defaults (a pass every 700 allocations, and full passes over every live object)
     parsing JSON cost twice as much with fifty connections in flight. The objects that exist before the
-    run (config, compiled specs, modules) are frozen out of collection; collections are rarer meanwhile."""
-    old = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    run (config, compiled specs, modules) are frozen out of collection; collections are rarer meanwhile.
+    Runs side by side (a `runner worker`'s syncs) share one such stretch, from the first run's start to the
+    last one's end: the first sync to end gave the defaults back to the fifteen still running."""
+    with _collecting_lock:
+        if _collecting["runs"] == 0:
+            _collecting["old"] = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 20)
+        _collecting["runs"] += 1
     try:
         yield
     finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
+        with _collecting_lock:
+            _collecting["runs"] -= 1
+            if _collecting["runs"] == 0:
+                gc.set_threshold(*_collecting["old"])
+                gc.unfreeze()
 
 
 async def _logged(coro, **context):
