@@ -773,3 +773,35 @@ def test_syncs_side_by_side_keep_the_collector_quiet_until_the_last_one_ends():
     second.__exit__(None, None, None)
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
+
+def test_a_tick_defers_every_due_connection_and_skips_one_with_a_job_waiting(tmp_path, sandbox_env, pg_url):
+    """A tick defers its due connections in one statement. One connection whose job still waits (a slow
+    sync, a backlog) makes that statement defer none: then each goes on its own, the waiting one is left
+    as it is (never two jobs of a connection), and the others are deferred all the same."""
+    import asyncio
+
+    from runner.engine import schedule
+
+    cfg = _sandbox_connections(tmp_path, pg_url, ["acme-stripe-eu", "acme-stripe-us"])
+    schedule.prepare(pg_url)
+    names = sorted(c.name for c in cfg.connections)
+
+    def jobs() -> Counter:
+        with psycopg.connect(pg_url) as db:
+            return Counter(r[0] for r in db.execute("SELECT args->>'connection' FROM procrastinate_jobs "
+                                                    "WHERE status = 'todo'").fetchall())
+
+    async def tick() -> None:
+        app = schedule.make_app(cfg, pg_url, "test:1")
+        async with app.open_async():
+            await schedule._defer_due(app, pg_url, cfg)
+
+    asyncio.run(tick())
+    assert jobs() == Counter({n: 1 for n in names})  # all due at first: deferred together
+    with psycopg.connect(pg_url) as db:
+        db.execute("DELETE FROM procrastinate_jobs WHERE args->>'connection' <> %s", (names[0],))
+        db.execute("UPDATE runner_schedule SET next_run = now()")  # all due again; names[0]'s job still waits
+    asyncio.run(tick())
+    assert jobs() == Counter({n: 1 for n in names})
+    with psycopg.connect(pg_url) as db:  # each claimed by the tick: due again after its interval
+        assert db.execute("SELECT count(*) FROM runner_schedule WHERE next_run <= now()").fetchone()[0] == 0

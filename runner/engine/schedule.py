@@ -296,10 +296,17 @@ async def _defer_due(app, url: str, cfg) -> None:
         todo = [name for name in names if name in due]
         deferred = 0
         try:
-            for name in todo:
-                key = job_key(name)
+            # All in one statement (a first import defers hundreds); if one of them has a job waiting
+            # already, the statement defers none, and they go one at a time.
+            try:
+                if todo:
+                    await app.job_manager.batch_defer_jobs_async(jobs=[_job(app, name) for name in todo])
+                    deferred = len(todo)
+            except AlreadyEnqueued:
+                pass
+            for name in todo[deferred:]:
                 try:
-                    await app.configure_task(TASK, lock=key, queueing_lock=key).defer_async(connection=name)
+                    await app.job_manager.defer_job_async(job=_job(app, name))
                 except AlreadyEnqueued:  # one is waiting already: nothing piles up behind a slow sync
                     pass
                 deferred += 1
@@ -307,6 +314,12 @@ async def _defer_due(app, url: str, cfg) -> None:
             if deferred < len(todo):  # not deferred (the database went away): due again at the next tick
                 await db.execute("UPDATE runner_schedule SET next_run = now() WHERE connection = ANY(%s)",
                                  (todo[deferred:],))
+
+
+def _job(app, connection: str):
+    """The sync job of a connection, locked by it (see the module's docstring)."""
+    key = job_key(connection)
+    return app.configure_task(TASK, lock=key, queueing_lock=key).make_new_job(connection=connection)
 
 
 async def _retry_stalled(app, stalled_after: float) -> None:
