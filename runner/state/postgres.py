@@ -219,7 +219,11 @@ def spoken(db) -> bool:
     """Whether an idle connection has something to read: the server closed it (a restart, a failover, an
     idle timeout; its last words are a message) or said something unasked. Only then is it worth a round
     trip to test before use; a socket test costs microseconds."""
-    return db.closed or bool(select.select([db.fileno()], [], [], 0)[0])
+    if db.closed:
+        return True
+    poll = select.poll()  # not select(): a worker may hold more than 1,024 descriptors
+    poll.register(db.fileno(), select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def check(db: psycopg.Connection) -> None:
