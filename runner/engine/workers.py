@@ -202,6 +202,9 @@ class WorkerGone(Exception):
     """The worker process ended (killed, crashed) with pages still unanswered."""
 
 
+FAILED_PAGES = 3  # a classification process that fails this many pages in a row is given up
+
+
 class PageFailed(Exception):
     """The worker could not classify a page (its cause: what it raised) and goes on with the next."""
 
@@ -348,6 +351,7 @@ class Workers:
         self._names = {c.name for c in connections}
         self._recover = recover
         self.unsure = False  # some page a worker wrote to the local sink may not be recorded (see close)
+        self._failed = 0  # pages in a row a worker could not classify (see _answered)
         if self.enabled:
             _CONNECTIONS.update({c.name: c for c in connections})
             local = hasattr(destination, "write_many")
@@ -434,7 +438,10 @@ class Workers:
         try:
             tuples, counted = await answer
         except Exception as exc:  # the worker died or failed on this page: the engine classifies it
-            if isinstance(exc, PageFailed):  # it lives on, and takes the next page (its store may be back)
+            self._failed += 1
+            if isinstance(exc, PageFailed) and self._failed < FAILED_PAGES:
+                # It lives on, and takes the next page (its store may be back); a process that fails page
+                # after page only doubles the work, and is given up as a dead one.
                 logger.warning("a classification process could not classify a page of {} ({}); this process "
                                "classifies it", source.conn.name, exc.__cause__ or exc)
             else:
@@ -454,6 +461,7 @@ class Workers:
                 records = source.page_records(question[4])
             # The worker may have recorded this page before it died: the engine's record of it replaces that.
             return self.here(source, store, records), None, True
+        self._failed = 0
         return [Verdict(*t) for t in tuples], counted
 
     async def _channel_for(self) -> _Channel:
