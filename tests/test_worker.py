@@ -805,3 +805,35 @@ def test_a_tick_defers_every_due_connection_and_skips_one_with_a_job_waiting(tmp
     assert jobs() == Counter({n: 1 for n in names})
     with psycopg.connect(pg_url) as db:  # each claimed by the tick: due again after its interval
         assert db.execute("SELECT count(*) FROM runner_schedule WHERE next_run <= now()").fetchone()[0] == 0
+
+
+def test_a_worker_starts_while_another_ones_sync_waits_for_an_apply(tmp_path, sandbox_env, pg_url):
+    """A sync waiting for a `runner apply` holds runner_syncs (its insert waits for the store's lock), and a
+    worker starting meanwhile created its tables again: CREATE INDEX IF NOT EXISTS locks the table before it
+    looks, so the new worker waited for the apply to end (two workers started under an apply never both
+    synced). A worker's start now leaves existing tables alone."""
+    import threading
+
+    from runner.engine import schedule
+    from runner.state import postgres
+
+    cfg = _sandbox_connections(tmp_path, pg_url, [])
+    schedule.prepare(pg_url)
+    apply_lock = psycopg.connect(pg_url, autocommit=True)
+    apply_lock.execute("SELECT pg_advisory_lock(%s)", (postgres.APPLY_LOCK,))  # as `runner apply` holds it
+    syncing = threading.Thread(target=schedule.run_sync, args=(cfg, pg_url, cfg.connections[0], "test:1"),
+                               daemon=True)
+    try:
+        syncing.start()
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            while not db.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                                 ).fetchone()[0]:
+                time.sleep(0.05)  # until the sync waits for the apply's lock
+        starting = threading.Thread(target=schedule.prepare, args=(pg_url,), daemon=True)
+        starting.start()
+        starting.join(timeout=15)
+        assert not starting.is_alive(), "a worker's start waited for the apply to end"
+    finally:
+        apply_lock.close()
+        syncing.join(timeout=60)
+        schedule.close_stores()

@@ -76,7 +76,12 @@ def prepare(url: str) -> None:
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key(SCHEMA_LOCK_NAME),))
         if db.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
             db.execute(SchemaManager.get_schema())
-        db.execute(SCHEDULE_TABLE)
+        # Only what is missing: CREATE INDEX IF NOT EXISTS locks its table before it looks, and a sync waiting
+        # for a `runner apply` holds runner_syncs (its insert waits for the lock): a worker starting then
+        # waited for the apply to end.
+        if None in db.execute("SELECT to_regclass('runner_schedule'), to_regclass('runner_syncs'), "
+                              "to_regclass('runner_syncs_connection')").fetchone():
+            db.execute(SCHEDULE_TABLE)
         db.commit()
 
 
