@@ -601,11 +601,14 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
         # and an account's ledger does not empty itself (if it did, the answer only costs a lookup).
         if (self.destination, account_key) in self._known:
             return True
-        found = self._one("SELECT 1 FROM ledger WHERE destination=%s AND account_key=%s LIMIT 1",
-                          (self.destination, account_key)) is not None
+        found = self._has_rows(account_key)
         if found:
             self._known.add((self.destination, account_key))
         return found
+
+    def _has_rows(self, account_key: str) -> bool:
+        return self._one("SELECT 1 FROM ledger WHERE destination=%s AND account_key=%s LIMIT 1",
+                         (self.destination, account_key)) is not None
 
     def adopt_account(self, account_key: str, legacy_keys: Iterable[str]) -> int:
         # Once per account and process: no runner of this version writes under a legacy key, so what a first
@@ -615,8 +618,7 @@ class Store(sqlite.Connections, sqlite.CaseLife, sqlite.CaseEvents, sqlite.Curso
             return 0
         moved = 0
         for old in legacy:
-            if not self._one("SELECT 1 FROM ledger WHERE destination=%s AND account_key=%s LIMIT 1",
-                             (self.destination, old)):
+            if not self._has_rows(old):  # not has_ledger: a legacy key's rows go, its answer must not be kept
                 continue
             with self.tx() as db:
                 moved += db.execute(
