@@ -14,11 +14,11 @@ import pytest
 try:
     from tests.conftest import free_port
     from tests.test_crash import _post, served  # noqa: F401 (a fixture)
-    from tests.test_worker import SECOND, _start, _stop, _syncs, _workspace
+    from tests.test_worker import SECOND, _env, _start, _stop, _syncs, _workspace
 except ImportError:  # tests/ without __init__.py
     from conftest import free_port
     from test_crash import _post, served  # noqa: F401
-    from test_worker import SECOND, _start, _stop, _syncs, _workspace
+    from test_worker import SECOND, _env, _start, _stop, _syncs, _workspace
 
 RATE = 4.0  # requests per second the test's Stripe spec declares
 
@@ -26,17 +26,28 @@ RATE = 4.0  # requests per second the test's Stripe spec declares
 class RecordingProxy:
     """Forwards every request to `upstream` and notes when it arrived: what the provider sees."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, delay: float = 0.0):
+        """`delay`: seconds each request takes at least (a provider's latency), so that requests sent at once
+        are in flight together."""
         self.upstream, self.arrivals, self.port = upstream, [], free_port()
-        client, arrivals = httpx.Client(timeout=30), self.arrivals
+        self.in_flight = self.most_in_flight = 0
+        client, arrivals, proxy, lock = httpx.Client(timeout=30), self.arrivals, self, threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):  # noqa: N802 (http.server's name)
                 arrivals.append((time.monotonic(), self.path))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                r = client.get(upstream + self.path, headers=headers)
+                with lock:
+                    proxy.in_flight += 1
+                    proxy.most_in_flight = max(proxy.most_in_flight, proxy.in_flight)
+                try:
+                    time.sleep(delay)
+                    r = client.get(upstream + self.path, headers={k: v for k, v in self.headers.items()
+                                                                  if k.lower() not in ("host", "connection")})
+                finally:
+                    with lock:
+                        proxy.in_flight -= 1
                 body = r.content
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
@@ -115,6 +126,56 @@ def test_two_workers_syncing_one_account_stay_within_its_declared_rate_together(
     # Spaced by 1/RATE among all: at most RATE + 1 arrivals in any second, give or take the network's jitter.
     assert _most_in_one_second(times) <= RATE + 2, sorted(times)
     assert (len(times) - 1) / span <= RATE * 1.1, (len(times), span)
+
+
+def test_syncs_of_one_account_side_by_side_in_one_worker_share_its_concurrency_cap(served, tmp_path, pg_url,
+                                                                                   monkeypatch):
+    """A worker runs its syncs side by side in one process (schedule.run_sync, as its job threads call it):
+    two connections of one account, the second starting while the first is under way, never have more
+    requests in flight together than the account's declared `concurrency`. Each sync used to start the
+    process's limiters afresh, and one started mid-way through another's gave each a cap of its own."""
+
+    from runner.engine import schedule
+    from runner.spec import config
+
+    base, _ = served
+    _post(base + "/_sandbox/faults/stripe", {"synthetic_invoices": 60})
+    proxy = RecordingProxy(base + "/stripe", delay=0.02)
+
+    def one_at_a_time(spec: dict) -> None:
+        spec["environments"]["sandbox"]["rate_limit"] = {"requests_per_second": 200, "concurrency": 1}
+        spec.pop("document", None)
+        spec["invoices"]["request"]["params"]["limit"] = "10"  # many requests
+
+    path = _workspace(tmp_path, pg_url, base, SECOND, spec_change=one_at_a_time,
+                      stripe_base=f"http://127.0.0.1:{proxy.port}")
+    for name, value in _env().items():
+        monkeypatch.setenv(name, value)
+    cfg = config.load(path)
+    first, second = cfg.connections
+    schedule.prepare(pg_url)
+    statuses = {}
+
+    def sync(conn) -> None:
+        statuses[conn.name] = schedule.run_sync(cfg, pg_url, conn, "test-worker", concurrency=2)
+
+    threads = [threading.Thread(target=sync, args=(conn,)) for conn in (first, second)]
+    try:
+        threads[0].start()
+        deadline = time.monotonic() + 60
+        while len(proxy.arrivals) < 5:  # the first sync is under way
+            assert time.monotonic() < deadline and threads[0].is_alive(), "the first sync made no requests"
+            time.sleep(0.01)
+        threads[1].start()
+        for t in threads:
+            t.join(120)
+    finally:
+        schedule.close_stores()
+        proxy.close()
+    assert statuses == {first.name: "ok", second.name: "ok"}
+    (s1, e1), (s2, e2) = [(s[2], s[3]) for s in sorted(_syncs(pg_url))]
+    assert max(s1, s2) < min(e1, e2), "the two syncs ran at the same time"
+    assert proxy.most_in_flight == 1, f"{proxy.most_in_flight} requests of one account in flight at once"
 
 
 def test_a_budget_is_one_for_every_process_on_the_database(pg_url):

@@ -1096,10 +1096,7 @@ async def _sync(cfg: Config, *, mode: str, store, connections: list[Connection] 
                 peers: int = 1) -> RunResult:
     from runner.engine import destinations
 
-    from runner.net.http import reset_limiters
-
     started = time.time()
-    reset_limiters()  # limiters hold asyncio primitives bound to one event loop: one set per run
     chosen = [c for c in (connections or cfg.connections) if c.enabled]
     conns = [c for c in chosen if c.spec.pull]
     inbound = [c.name for c in chosen if not c.spec.pull]  # they receive invoices through `runner serve`

@@ -14,6 +14,7 @@ import functools
 import random
 import re
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -174,7 +175,14 @@ class Limiter:
         self.tokens, self.stamp = 0.0, self.paused_until
 
 
-_limiters: dict[tuple, Limiter] = {}
+class _NoLoop:
+    """The key of the limiters made outside an event loop."""
+
+
+_NO_LOOP = _NoLoop()
+# By event loop (a limiter's lock and semaphore belong to one): every run on a loop shares its limiters, as
+# the syncs a `runner worker` runs side by side on its one loop must (runner/engine/schedule.py sync_loop).
+_limiters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Limiter]]" = weakref.WeakKeyDictionary()
 QUOTA_WAIT_LOGGED_S = 5.0
 # A wait shorter than this is the lock's own cost, not a rate limit (runner_rate_limit_waits counts the rest).
 RATE_WAIT_NOTED_S = 0.001
@@ -194,13 +202,20 @@ def limiter_for(scope: str, rate_limit: dict | None) -> Limiter:
         rps = rate_limit["requests_per_minute"] / 60.0
     windows = tuple((rate_limit[k], s) for k, s in WINDOWS.items() if rate_limit.get(k))
     key = (scope, rps, rate_limit.get("concurrency"), windows)
-    lim = _limiters.get(key)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # made outside a loop: its lock and semaphore bind to the first loop that uses them
+        loop = _NO_LOOP
+    mine = _limiters.setdefault(loop, {})
+    lim = mine.get(key)
     if lim is None:
-        lim = _limiters[key] = Limiter(rps, rate_limit.get("concurrency"), list(windows), scope=scope)
+        lim = mine[key] = Limiter(rps, rate_limit.get("concurrency"), list(windows), scope=scope)
     return lim
 
 
 def reset_limiters() -> None:
+    """Every limiter forgotten: the next requests start with fresh budgets (tests, and `runner doctor`'s
+    probes, which must not wait on a run's)."""
     _limiters.clear()
 
 
