@@ -10,8 +10,9 @@ same machine, and the per-connection costs a capacity model needs.
 
 Each scenario gets a new database on the server (tests/pgserver.py's, durable, as bench/store.py) and a
 workspace of N connections of the peers' fake Stripe server (bench/workspace.py: each connection an account
-of its own, the same 2,000 invoices each; jsonl destination). The apply's database is dropped before the
-workers start, and each timed pass starts after a checkpoint, so none pays for the writes of the one before:
+of its own, the same 2,000 invoices each; jsonl destination). Each scenario's database is dropped before the
+next starts, and each timed pass starts after a checkpoint, so none pays for the writes of the one before;
+with --runs, the pairs alternate which scenario goes first:
 
 1. `runner apply` (the first import of every connection), then `runner apply` again (every invoice already
    delivered: what a scheduled sync costs when nothing changed, with the full read of the window);
@@ -152,6 +153,33 @@ def _checkpoint(server_url: str) -> None:
         pass
 
 
+def _apply_pass(work: Path, server_url: str, fake_url: str, args) -> tuple:
+    """`runner apply`'s first import, then its re-run, on a database of their own (dropped after)."""
+    cfg, db = _workspace(work, server_url, fake_url, args.connections)
+    _checkpoint(server_url)
+    first = _apply(cfg)
+    log(f"apply: first import {first[0]:.1f} s")
+    _checkpoint(server_url)
+    steady = _apply(cfg)
+    log(f"apply: re-run {steady[0]:.1f} s")
+    workspace.drop_database(db)  # the next scenario's server has no autovacuum of this ledger to do meanwhile
+    return first, steady
+
+
+def _workers_pass(work: Path, server_url: str, fake_url: str, args) -> tuple:
+    """The workers' first import, then every connection again, on a database of their own (dropped after)."""
+    cfg, db = _workspace(work, server_url, fake_url, args.connections)
+    _checkpoint(server_url)
+    first = _workers(cfg, db, args.connections, args.workers, args.concurrency)
+    log(f"workers: first import {first[0]:.1f} s")
+    _due_again(db)
+    _checkpoint(server_url)
+    steady = _workers(cfg, db, args.connections, args.workers, args.concurrency)
+    log(f"workers: every connection again {steady[0]:.1f} s")
+    workspace.drop_database(db)
+    return first, steady
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=500)
@@ -159,8 +187,8 @@ def main() -> int:
     ap.add_argument("--latency-ms", type=int, default=50, help="the fake server's latency per request")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4, help="each worker's --concurrency")
-    ap.add_argument("--runs", type=int, default=1, help="pairs of apply and workers, one after the other; the "
-                                                         "median pair's figures are printed")
+    ap.add_argument("--runs", type=int, default=1, help="pairs of apply and workers, every other one in the "
+                                                         "other order; the median pair's figures are printed")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-workers-"))
@@ -172,29 +200,12 @@ def main() -> int:
                 f"{args.latency_ms} ms a request")
             pairs = []
             for run in range(args.runs):
-                # Side by side, run after run: the machine's drift reaches both scenarios of a pair alike.
-                # Each scenario starts on a server with nothing of the one before to do: the apply's database
-                # is dropped before the workers start (its autovacuum of a ledger just filled, and that
-                # CPU counted as theirs, went on during their first import), and a checkpoint flushes what
-                # the one before wrote.
-                cfg, adb = _workspace(tmp / f"apply-{run}", server_url, fake.url, args.connections)
-                _checkpoint(server_url)
-                first = _apply(cfg)
-                log(f"apply: first import {first[0]:.1f} s")
-                _checkpoint(server_url)
-                steady = _apply(cfg)
-                log(f"apply: re-run {steady[0]:.1f} s")
-                workspace.drop_database(adb)
-                cfg, db = _workspace(tmp / f"workers-{run}", server_url, fake.url, args.connections)
-                _checkpoint(server_url)
-                wfirst = _workers(cfg, db, args.connections, args.workers, args.concurrency)
-                log(f"workers: first import {wfirst[0]:.1f} s")
-                _due_again(db)
-                _checkpoint(server_url)
-                wsteady = _workers(cfg, db, args.connections, args.workers, args.concurrency)
-                log(f"workers: every connection again {wsteady[0]:.1f} s")
+                # Side by side, the order turned every other pair (apply first, then the workers first): the
+                # machine's drift, and whatever a scenario leaves the server, weigh on both alike.
+                order = (_apply_pass, _workers_pass) if run % 2 == 0 else (_workers_pass, _apply_pass)
+                done = {p: p(tmp / f"{p.__name__.strip('_')}-{run}", server_url, fake.url, args) for p in order}
+                (first, steady), (wfirst, wsteady) = done[_apply_pass], done[_workers_pass]
                 pairs.append((first, wfirst, steady, wsteady))
-                workspace.drop_database(db)  # the next pair's server has no autovacuum of it to do meanwhile
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
