@@ -12,7 +12,7 @@ import orjson
 
 from runner.sandbox import stripe as stripe_sim
 
-from conftest import ROOT, run_cli, stripe_workspace
+from conftest import ROOT, query, run_cli, store_of, stripe_workspace, use_backend
 
 
 def _apply(cfg: Path, *args: str) -> dict:
@@ -71,24 +71,38 @@ def test_moving_the_config_to_another_file_imports_nothing_again(tmp_path):
     assert again["imported"] == 0 and again["skipped"]["duplicate"] == first["imported"]
 
 
-def test_a_ledger_keyed_by_connection_name_is_adopted_without_importing_again(tmp_path):
+def test_a_ledger_keyed_by_connection_name_is_adopted_without_importing_again(tmp_path, backend):
     """A store written when Stripe sources were keyed by the connection's name ('stripe:s'): the first run
     after moves its rows to the account's key, and nothing is imported or written again."""
-    cfg = stripe_workspace(tmp_path)
+    cfg = use_backend(stripe_workspace(tmp_path), backend)
     first = _apply(cfg)["connections"][0]
-    db = sqlite3.connect(tmp_path / "state.db")
-    with db:
-        db.execute("UPDATE ledger SET account_key='stripe:s'")
-        db.execute("UPDATE verdicts SET account_key='stripe:s'")
-    db.close()
+    _write(tmp_path, backend, "UPDATE ledger SET account_key='stripe:s'", "UPDATE verdicts SET account_key='stripe:s'")
     written = len(_lines(cfg))
     again = _apply(cfg, "--full")["connections"][0]  # the whole window, as a run before change feeds read it
     assert again["imported"] == 0 and again["skipped"]["duplicate"] == first["imported"]
     assert len(_lines(cfg)) == written
-    db = sqlite3.connect(tmp_path / "state.db")
-    keys = {k for (k,) in db.execute("SELECT DISTINCT account_key FROM ledger")}
-    db.close()
+    store = store_of(cfg)
+    try:
+        keys = {k for (k,) in query(store, "SELECT DISTINCT account_key FROM ledger")}
+    finally:
+        store.close()
     assert keys == {f"stripe:{stripe_sim.ACCOUNT_ID}"}
+
+
+def _write(tmp_path: Path, backend: str, *statements: str) -> None:
+    """Statements run on the store as another program would (a store written by an older runner)."""
+    if backend == "sqlite":
+        db = sqlite3.connect(tmp_path / "state.db")
+        with db:
+            for sql in statements:
+                db.execute(sql)
+        db.close()
+        return
+    import psycopg
+
+    with psycopg.connect(backend) as db:
+        for sql in statements:
+            db.execute(sql)
 
 
 def test_expect_pins_the_stripe_account_and_a_mismatch_names_the_fix_for_an_api_key(tmp_path):
