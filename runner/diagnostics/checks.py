@@ -125,8 +125,6 @@ def _listing(items: list[str], limit: int = MAX_LISTED) -> str:
 def _clients(cfg: Config):
     from runner.net import http
 
-    if hasattr(http, "reset_limiters"):
-        http.reset_limiters()  # limiters hold asyncio primitives bound to one event loop
     return http.Clients(sandbox_dir=cfg.state_path.parent / "sandbox")
 
 

@@ -14,7 +14,6 @@ import functools
 import random
 import re
 import time
-import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -175,14 +174,10 @@ class Limiter:
         self.tokens, self.stamp = 0.0, self.paused_until
 
 
-class _NoLoop:
-    """The key of the limiters made outside an event loop."""
-
-
-_NO_LOOP = _NoLoop()
 # By event loop (a limiter's lock and semaphore belong to one): every run on a loop shares its limiters, as
 # the syncs a `runner worker` runs side by side on its one loop must (runner/engine/schedule.py sync_loop).
-_limiters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Limiter]]" = weakref.WeakKeyDictionary()
+# None: made outside a loop (they bind to the first loop that uses them).
+_limiters: dict[asyncio.AbstractEventLoop | None, dict[tuple, Limiter]] = {}
 QUOTA_WAIT_LOGGED_S = 5.0
 # A wait shorter than this is the lock's own cost, not a rate limit (runner_rate_limit_waits counts the rest).
 RATE_WAIT_NOTED_S = 0.001
@@ -204,9 +199,13 @@ def limiter_for(scope: str, rate_limit: dict | None) -> Limiter:
     key = (scope, rps, rate_limit.get("concurrency"), windows)
     try:
         loop = asyncio.get_running_loop()
-    except RuntimeError:  # made outside a loop: its lock and semaphore bind to the first loop that uses them
-        loop = _NO_LOOP
-    mine = _limiters.setdefault(loop, {})
+    except RuntimeError:
+        loop = None
+    mine = _limiters.get(loop)
+    if mine is None:
+        for ended in [other for other in _limiters if other is not None and other.is_closed()]:
+            del _limiters[ended]
+        mine = _limiters[loop] = {}
     lim = mine.get(key)
     if lim is None:
         lim = mine[key] = Limiter(rps, rate_limit.get("concurrency"), list(windows), scope=scope)
@@ -214,8 +213,7 @@ def limiter_for(scope: str, rate_limit: dict | None) -> Limiter:
 
 
 def reset_limiters() -> None:
-    """Every limiter forgotten: the next requests start with fresh budgets (tests, and `runner doctor`'s
-    probes, which must not wait on a run's)."""
+    """Every limiter forgotten: the next requests start with fresh budgets (a test's)."""
     _limiters.clear()
 
 
