@@ -138,8 +138,8 @@ def _share_budget(store, http: Http | None) -> None:
     """A store other processes use too (PostgreSQL) keeps the request budgets of the accounts this run calls,
     so runners side by side stay within each account's limits together."""
     budget = store.rate_budget() if store is not None else None
-    if budget is not None and http is not None and http.limiter is not None:
-        http.limiter.share(budget)
+    if http is not None and http.limiter is not None:
+        http.limiter.share(budget)  # None too: the limiter may be an earlier run's, on another store
 
 
 def credential_fingerprint(conn: Connection) -> str | None:

@@ -98,10 +98,10 @@ class Limiter:
         self.scope = scope  # whose budget: a provider account's (limiter_for)
         self.shared: SharedBudget | None = None  # a budget other processes draw on too (share)
 
-    def share(self, budget: "SharedBudget") -> None:
+    def share(self, budget: "SharedBudget | None") -> None:
         """Draw on `budget` as well, under this limiter's scope: the processes that share a state store (workers
         on several machines) then stay within the declared limits together. This process's own bucket still
-        paces its requests; the shared budget spaces them among all."""
+        paces its requests; the shared budget spaces them among all. None: no budget but this process's."""
         self.shared = budget
 
     async def _take_shared(self) -> None:
