@@ -157,17 +157,26 @@ def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tm
 
     kills = mid_delivery = completed_early = in_flight = 0
     progress_kills = 0  # kills after which Debitura had more cases than before the run
+    finished_since_kill = False
     outcomes = Counter()
     while kills < KILLS:
         before = sum(n for _, n in _cases(sim_db))
         proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(cfg), "-o", "json"], cwd=tmp_path,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # The crash point: a random moment of the run, from interpreter start-up through config loading,
-        # the first requests, page fetches and case deliveries (start-up takes ~0.6 s).
+        # the first requests, page fetches and case deliveries (start-up takes ~0.6 s). Every other kill
+        # strikes once the run has created its first case (a moment later, at random): on a machine slow
+        # enough that start-up takes most of the window, the dangerous moments are still reached. (Unless
+        # a run has just finished without creating one: everything may be delivered already.)
         delay = rng.uniform(0.1, 1.3)
+        if kills % 2 and not finished_since_kill:
+            while proc.poll() is None and sum(n for _, n in _cases(sim_db)) <= before:
+                time.sleep(0.01)  # polling the destination's cases, not waiting for a time
+            delay = rng.uniform(0.0, 0.3)
         try:
             rc = proc.wait(timeout=delay)
             completed_early += 1
+            finished_since_kill = True
             outcomes[f"exit {rc}"] += 1
             continue
         except subprocess.TimeoutExpired:
@@ -175,6 +184,7 @@ def test_sigkill_at_random_points_delivers_every_invoice_exactly_once(served, tm
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
+        finished_since_kill = False
         # The dangerous crash window: Debitura created the case, the ledger does not know it yet.
         unrecorded = _pending_numbers(state_db) & {ref for ref, _ in _cases(sim_db)}
         if unrecorded:
