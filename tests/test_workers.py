@@ -557,3 +557,38 @@ def test_a_worker_killed_after_recording_a_page_before_answering_leaves_one_verd
     assert result.totals() == reference[0].totals()
     assert _comparable(verdicts) == _comparable(reference[1])
     assert len(lines) == len(set(lines)) == len(ledger) == result.totals()["imported"]
+
+
+def test_a_sink_reopened_after_a_dead_worker_waits_for_the_page_being_written(tmp_path):
+    """When a classification process dies, the engine reopens its handle of the local sink (to end a line
+    the process may have left torn) while one of its threads may be writing another page in its turn at the
+    file. The handle was closed under that thread: its page went to a handle opened outside the file's lock,
+    and its turn failed at the end (the connection's sync failed). Reopening now waits for the turn to end."""
+    import threading
+
+    from runner.engine.destinations import JsonlDestination
+    from runner.spec.config import Destination
+
+    sink = JsonlDestination(Destination(type="jsonl", path=tmp_path / "out.jsonl"))
+    in_turn, go_on, failed = threading.Event(), threading.Event(), []
+
+    def write_a_page() -> None:
+        try:
+            with sink.exclusive():
+                in_turn.set()
+                go_on.wait(10)
+                sink.append(b'{"invoice": 1}\n')
+        except Exception as exc:  # noqa: BLE001 - what the writer's page would have failed with
+            failed.append(exc)
+
+    writer = threading.Thread(target=write_a_page)
+    writer.start()
+    assert in_turn.wait(10)
+    reopening = threading.Thread(target=sink.reopen)
+    reopening.start()
+    reopening.join(0.2)  # had it not waited for the turn, it would be done by now
+    go_on.set()
+    writer.join(10)
+    reopening.join(10)
+    assert failed == [] and not reopening.is_alive()
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"invoice": 1}\n'

@@ -569,10 +569,12 @@ class JsonlDestination:
 
     def reopen(self) -> None:
         """Close the handle: the next write opens the file again and first ends a line another process may
-        have left torn (a worker killed mid-write)."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        have left torn (a worker killed mid-write). After the turn a thread of this handle is taking, if any:
+        the handle is the turn's (exclusive)."""
+        with self._turn:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
     async def close(self) -> None:
         self.reopen()
