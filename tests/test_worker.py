@@ -305,16 +305,22 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_for_rounds(url: str, since: float, rounds: int, timeout: float = 90,
-                     names=("w-stripe", "w-stripe-2", "w-stripe-3"), proc: subprocess.Popen | None = None) -> None:
+                     names=("w-stripe", "w-stripe-2", "w-stripe-3"), proc: subprocess.Popen | None = None,
+                     log: Path | None = None) -> None:
     """Until every connection in `names` has `rounds` finished syncs that started after `since` (and the
-    worker `proc` runs meanwhile)."""
+    worker `proc` runs meanwhile). A failure shows the end of the worker's `log`, and the jobs of `names`."""
     deadline = time.monotonic() + timeout
     while True:
         done = Counter(s[0] for s in _syncs(url) if s[2] >= since and s[4] == "ok")
         if all(done[n] >= rounds for n in names):
             return
-        assert proc is None or proc.poll() is None, f"the worker ended (syncs finished: {dict(done)})"
-        assert time.monotonic() < deadline, f"syncs finished after {timeout} s: {dict(done)}"
+        if (proc is not None and proc.poll() is not None) or time.monotonic() >= deadline:
+            with psycopg.connect(url) as db:
+                jobs = db.execute("SELECT id, args->>'connection', status, worker_id FROM procrastinate_jobs "
+                                  "ORDER BY id").fetchall()
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            ended = "the worker ended" if proc is not None and proc.poll() is not None else f"after {timeout} s"
+            pytest.fail(f"{ended}: syncs finished: {dict(done)}; jobs: {jobs}\n{tail}")
         time.sleep(0.2)
 
 
@@ -704,7 +710,7 @@ def test_a_worker_whose_database_connections_are_dropped_goes_on_syncing(served,
             while db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()[0]:
                 time.sleep(0.01)  # terminating is asynchronous: until each of them has ended
         after = time.time()
-        _wait_for_rounds(pg_url, after, 2, timeout=60, proc=proc)
+        _wait_for_rounds(pg_url, after, 2, timeout=60, proc=proc, log=tmp_path / "worker-0.log")
     finally:
         _stop([proc])
     failed = [s for s in _syncs(pg_url) if s[2] >= after and s[4] != "ok"]
@@ -717,39 +723,124 @@ def test_a_worker_whose_database_connections_are_dropped_goes_on_syncing(served,
     assert set(lines) == _eligible_numbers(SYNTHETIC) and max(lines.values()) == 1
 
 
+TWO = ("w-stripe", "w-stripe-2")
+
+
+def _worker_of_two(served, tmp_path, pg_url, **start) -> tuple[subprocess.Popen, Path]:
+    """A worker (`_start` with `start`) syncing the connections TWO, each synced once already: it and its log."""
+    proc = _start(_workspace(tmp_path, pg_url, served[0], SECOND), tmp_path, 0, **start)
+    try:
+        _wait_for_rounds(pg_url, 0, 1, names=TWO, proc=proc, log=tmp_path / "worker-0.log")
+    except BaseException:
+        _stop([proc])
+        raise
+    return proc, tmp_path / "worker-0.log"
+
+
+def _rename_functions(db, names: tuple[str, ...], back: bool = False) -> None:
+    """procrastinate's SQL functions `names` renamed away (as a restarting database fails them), or `back`."""
+    for name in names:
+        old, new = (name + "_away", name) if back else (name, name + "_away")
+        signature = db.execute("SELECT p.oid::regprocedure::text FROM pg_proc p WHERE proname = %s",
+                               (old,)).fetchone()[0]
+        db.execute(f"ALTER FUNCTION {signature} RENAME TO {new}")
+
+
 def test_a_worker_whose_job_queue_fails_takes_jobs_again_once_it_works(served, tmp_path, pg_url):
     """A query of procrastinate's own failing (here its functions to take and to defer a job gone for a
     while, as a database restarting fails them) ended `runner worker` with "unexpected ConnectorException",
     or silently ended its schedule: the worker ran on and never deferred a sync again. Now the worker lets
     its running syncs finish, says why in its log, and defers and takes jobs again once the queue works."""
-    base, sim_db = served
-    cfg = _workspace(tmp_path, pg_url, base, SECOND)
-    names = ("w-stripe", "w-stripe-2")
-    proc = _start(cfg, tmp_path, 0)
-    log = tmp_path / "worker-0.log"
+    proc, log = _worker_of_two(served, tmp_path, pg_url)
     try:
-        _wait_for_rounds(pg_url, 0, 1, names=names, proc=proc)
         with psycopg.connect(pg_url, autocommit=True) as db:
-            functions = [r[0] for r in db.execute(
-                "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE proname IN "
-                "('procrastinate_fetch_job_v2', 'procrastinate_defer_jobs_v1')").fetchall()]
-            assert len(functions) == 2, functions
-            for f in functions:
-                db.execute(f"ALTER FUNCTION {f} RENAME TO {f.split('(')[0]}_away")
+            functions = ("procrastinate_fetch_job_v2", "procrastinate_defer_jobs_v1")
+            _rename_functions(db, functions)
             deadline = time.monotonic() + 30
             while not all(w in log.read_text() for w in ("taking jobs again", "cannot reach the state database")):
                 assert proc.poll() is None, "the worker ended when its job queue failed"
                 assert time.monotonic() < deadline, "the worker never noticed its job queue failing"
                 time.sleep(0.1)
-            for f in functions:
-                name = f.split("(")[0]
-                db.execute(f"ALTER FUNCTION {name}_away({f.split('(', 1)[1]} RENAME TO {name}")
-        _wait_for_rounds(pg_url, time.time(), 2, timeout=60, names=names, proc=proc)
+            _rename_functions(db, functions, back=True)
+        _wait_for_rounds(pg_url, time.time(), 2, timeout=60, names=TWO, proc=proc, log=log)
     finally:
         _stop([proc])
     assert "lost its database" in log.read_text() and "ConnectorException" not in log.read_text()
-    cases = dict(_cases(sim_db))
+    cases = dict(_cases(served[1]))
     assert set(cases) == _eligible_numbers(0) and max(cases.values()) == 1
+
+
+def _ended_but_doing(url: str) -> dict[str, tuple[int, int]]:
+    """The connections whose job is `doing` and whose last sync has ended: (the job's id, the sync's id)."""
+    with psycopg.connect(url) as db:
+        return {r[0]: (r[1], r[2]) for r in db.execute(
+            "SELECT j.args->>'connection', j.id, s.id FROM procrastinate_jobs j JOIN LATERAL (SELECT id, finished "
+            "FROM runner_syncs WHERE connection = j.args->>'connection' ORDER BY id DESC LIMIT 1) s ON true "
+            "WHERE j.status = 'doing' AND s.finished IS NOT NULL").fetchall()}
+
+
+def test_a_sync_whose_end_the_job_queue_could_not_record_holds_up_no_later_sync(served, tmp_path, pg_url):
+    """procrastinate records a job's end right after its sync; when that fails (the connection it used dropped
+    at that moment, the database restarting), the job stayed `doing` under a worker whose heartbeat went on:
+    never counted as stalled, its lock held every later sync of the connection back for good, while the
+    worker's other connections went on syncing. The worker now records such an end itself once the queue
+    works again, says so in its log, and the connection's syncs go on."""
+    proc, log = _worker_of_two(served, tmp_path, pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            _rename_functions(db, ("procrastinate_finish_job_v1",))
+            deadline = time.monotonic() + 30
+            # Until both syncs have ended and their jobs stay `doing` (for a moment between taking a job and
+            # starting its sync, a job is `doing` while the connection's last sync has ended too)
+            while True:
+                first = _ended_but_doing(pg_url)
+                time.sleep(0.5)
+                if all(n in first for n in TWO) and _ended_but_doing(pg_url) == first:
+                    break
+                assert proc.poll() is None, "the worker ended when its job queue failed"
+                assert time.monotonic() < deadline, f"no sync ended: {_syncs(pg_url)[-4:]}"
+            _rename_functions(db, ("procrastinate_finish_job_v1",), back=True)
+        _wait_for_rounds(pg_url, time.time(), 2, timeout=60, names=TWO, proc=proc, log=log)
+    finally:
+        _stop([proc])
+    assert "sync was not recorded in the job queue" in log.read_text()
+    assert "recorded the end of w-stripe's sync" in log.read_text()
+
+
+def test_a_worker_whose_heartbeat_fails_once_keeps_beating(served, tmp_path, pg_url):
+    """procrastinate's heartbeat task ended at its first failed query (the database away for a moment) and
+    nothing noticed: the worker ran on without a heartbeat, so `--stalled-after` later every sync it ran
+    counted as stalled and was started again beside the one still running. The worker now says so in its
+    log and beats again once the database answers: no sync of a connection overlaps another, none is handed
+    over, and the syncs go on."""
+    proc, log = _worker_of_two(served, tmp_path, pg_url, stalled_after=8)  # beats every 2 s
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            away = time.time()
+            _rename_functions(db, ("procrastinate_update_heartbeat_v1",))
+            deadline = time.monotonic() + 30
+            # Until a beat has failed: the last recorded one older than the interval between two
+            while db.execute("SELECT max(now() - last_heartbeat) < interval '2.5 s' FROM procrastinate_workers"
+                             ).fetchone()[0]:
+                assert proc.poll() is None, f"the worker ended when its heartbeat failed: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "the worker's heartbeat never failed"
+                time.sleep(0.1)
+            _rename_functions(db, ("procrastinate_update_heartbeat_v1",), back=True)
+        _wait_for_rounds(pg_url, time.time(), 2, timeout=60, names=TWO, proc=proc, log=log)
+        # Past --stalled-after and a tick since the outage began: a worker left without a heartbeat would
+        # count as stalled by now, and its syncs would be started again beside themselves.
+        settled = away + 8 + 4
+        _wait_for_rounds(pg_url, settled, 1, timeout=60, names=TWO, proc=proc, log=log)
+        with psycopg.connect(pg_url) as db:  # the other workers see this one alive: its heartbeat is recent
+            silent = db.execute("SELECT extract(epoch FROM now() - last_heartbeat) FROM procrastinate_workers"
+                                ).fetchall()
+        assert len(silent) == 1 and silent[0][0] < 8, f"seconds since the worker's heartbeat: {silent}"
+    finally:
+        _stop([proc])
+    text = log.read_text()
+    assert "cannot record this worker's heartbeat" in text
+    assert "stopped answering" not in text and "left the `doing` state" not in text, text[-3000:]
+    _assert_one_at_a_time(_syncs(pg_url), {})
 
 
 def test_syncs_side_by_side_keep_the_collector_quiet_until_the_last_one_ends():

@@ -9,7 +9,8 @@ database. Each worker process:
   deferred with `queueing_lock` = the connection (never two waiting jobs of one connection) and `lock` = the
   connection (procrastinate never runs two jobs of one lock at once, across all workers);
 - retries the jobs of workers whose heartbeat stopped (a killed machine or process) after `stalled_after`
-  seconds, so another worker finishes that connection;
+  seconds, so another worker finishes that connection, and records the end of a job that procrastinate
+  could not record when its sync ended (runner/engine/jobqueue.py);
 - runs the jobs: `pipeline.sync(cfg, mode="apply", connections=[conn])` on the shared store.
 
 A job holds the store's apply lock *shared* while it syncs: many workers sync side by side, and a
@@ -112,7 +113,10 @@ def make_app(cfg, url: str, name: str, concurrency: int = 1):
 
     import procrastinate
 
+    from runner.engine import jobqueue
+
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url, pool_factory=_job_pool))
+    app.job_manager = jobqueue.JobManager(app.connector)  # App takes no manager of its own: see jobqueue.py
     connections = {c.name: c for c in cfg.connections}
     # Not asyncio.to_thread: its default executor has min(32, cores + 4) threads, and a worker of
     # --concurrency 16 on 2 cores ran 6 syncs at a time.
@@ -346,6 +350,7 @@ async def _schedule_loop(app, url: str, cfg, opts: Options) -> None:
         try:
             await _defer_due(app, url, cfg)
             await _retry_stalled(app, opts.stalled_after)
+            await app.job_manager.record_unrecorded()  # last: one that still fails holds back no other step
         except (psycopg.Error, ConnectorException, OSError) as exc:  # the database restarting: next tick
             # (procrastinate's own errors are ConnectorException: uncaught, one ended this loop for good,
             # and the worker went on running without ever deferring a sync again)
@@ -371,9 +376,10 @@ async def serve(cfg, url: str, opts: Options, ready: asyncio.Event | None = None
 
 async def _run_jobs(app, name: str, opts: Options) -> None:
     """procrastinate's worker until cancelled. It ends with an error when a query of its own fails (the
-    database restarting, a failover): its running syncs finish first, then it starts again, as a new
-    worker, after a pause that grows while the database stays away. A job whose end could not be recorded
-    meanwhile is the old worker's, retried once that worker counts as stalled (_retry_stalled)."""
+    database restarting, a failover), or returns when it stops itself (the releases that fix procrastinate's
+    issue #1597 stop a worker whose heartbeat or listener fails); either way its running syncs finish first, then it starts again, as a new worker, after
+    a pause that grows while the database stays away. A job the old worker was running is retried once that
+    worker counts as stalled (_retry_stalled)."""
     import time
 
     from procrastinate.exceptions import ConnectorException
@@ -387,11 +393,12 @@ async def _run_jobs(app, name: str, opts: Options) -> None:
                                        stalled_worker_timeout=opts.stalled_after,
                                        fetch_job_polling_interval=min(5.0, max(0.5, opts.stalled_after / 4)),
                                        install_signal_handlers=False, delete_jobs="successful")
-            return
+            # Returned without being cancelled (it never is asked to stop otherwise): it stopped itself.
+            why = "it stopped on an error of its own"
         except ConnectorException as exc:
             if asyncio.current_task().cancelling():  # stopping (SIGTERM), and the queue failed on the way out
                 raise
-            pause = 1.0 if time.monotonic() - started > 60 else min(pause * 2, 30.0)
-            logger.warning("the job queue lost its database ({}); taking jobs again in {:.0f} s",
-                           exc.__cause__ or exc, pause)
+            why = exc.__cause__ or exc
+        pause = 1.0 if time.monotonic() - started > 60 else min(pause * 2, 30.0)
+        logger.warning("the job queue lost its database ({}); taking jobs again in {:.0f} s", why, pause)
         await asyncio.sleep(pause)
