@@ -297,3 +297,40 @@ def test_sandbox_controls_name_what_they_cannot_find(tmp_path):
     r = cli("sandbox", "void", str(cfg), "xero", "1", ok=False)
     assert "there is no simulated source called 'xero'" in r.stderr and "stripe, quickbooks, zoho" in r.stderr
     assert not (tmp_path / "state" / "sandbox" / "source-changes.json").exists()  # nothing recorded
+
+
+def test_open_cases_are_looked_up_least_recently_checked_first_on_both_stores(tmp_path, backend):
+    """A run looks up at most `max_lookups` open cases, never-checked first (oldest first), then the least
+    recently checked, so that a bounded number of look-ups per run reaches every case in turn; the cases the
+    run saw in its window, settled ones and those checked since `checked_before` are not looked up; an
+    account of 1,200 open cases gets 1,100 whole rows back."""
+    import time as clock
+
+    from runner.state import open_store
+
+    store = open_store(tmp_path / "state.db" if backend == "sqlite" else backend, destination="jsonl:out")
+    try:
+        for i in range(6):  # one transaction each: each its own `updated`, in this order
+            store.record_imported([("acct", f"i{i}", "c", f"N{i}", f"k{i}", f"case{i}", f"R{i}")], run_id=None)
+        store.mark_checked("acct", ["i0"])
+        between = clock.time()
+        store.mark_checked("acct", ["i1"])
+        later = clock.time() + 1
+        store.record_source_change("acct", "i5", "e5", "case5", "paid", True, {"state": "paid"}, "paid", None)
+
+        todo, due = store.cases_to_recheck("acct", 3, exclude={"i3"}, checked_before=later)
+        assert [r.invoice_id for r in todo] == ["i2", "i4", "i0"] and due == 4
+        assert todo[0].case_id == "case2" and todo[0].number == "N2"
+        todo, due = store.cases_to_recheck("acct", 10, exclude={"i3"}, checked_before=later)
+        assert [r.invoice_id for r in todo] == ["i2", "i4", "i0", "i1"] and due == 4
+        todo, due = store.cases_to_recheck("acct", 10, exclude=(), checked_before=between)  # i1 checked since
+        assert [r.invoice_id for r in todo] == ["i2", "i3", "i4", "i0"] and due == 4
+
+        many = [("big", f"b{i}", "c", f"B{i}", f"kb{i}", f"cb{i}", None) for i in range(1200)]
+        store.record_imported(many, run_id=None)
+        todo, due = store.cases_to_recheck("big", 1100, exclude={"b7"}, checked_before=later)
+        assert due == 1199 and len(todo) == 1100 and len({r.invoice_id for r in todo}) == 1100
+        assert "b7" not in {r.invoice_id for r in todo}
+        assert all(r.case_id == "cb" + r.invoice_id[1:] for r in todo)
+    finally:
+        store.close()
