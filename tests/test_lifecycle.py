@@ -334,3 +334,29 @@ def test_open_cases_are_looked_up_least_recently_checked_first_on_both_stores(tm
         assert all(r.case_id == "cb" + r.invoice_id[1:] for r in todo)
     finally:
         store.close()
+
+
+def test_what_a_run_saw_of_its_cases_is_read_back_on_both_stores(tmp_path, backend):
+    """The invoices with a case that a run saw again in its window: those it saw still unpaid (no look-up
+    needed) and, from their verdicts' detail, what the source shows of those no longer unpaid (told without
+    a request); another run's verdicts, another account's and other reasons are not this run's."""
+    import json as js
+
+    from runner.state import open_store
+
+    store = open_store(tmp_path / "state.db" if backend == "sqlite" else backend, destination="jsonl:out")
+    try:
+        run, other = store.begin_run("apply", "config.yaml"), store.begin_run("apply", "config.yaml")
+        paid = {"state": "paid", "paid_at": "2026-12-01"}
+        store.record_verdicts(run, [
+            ("c", "acct", "i1", "N1", "skipped", "duplicate", js.dumps({"case": "case1"})),
+            ("c", "acct", "i2", "N2", "skipped", "duplicate", js.dumps({"case": "case2", "at_source": paid})),
+            ("c", "acct", "i3", "N3", "skipped", "duplicate", None),
+            ("c", "acct", "i4", "N4", "skipped", "not_yet_due", js.dumps({"at_source": paid})),
+            ("c", "other", "i5", "N5", "skipped", "duplicate", None)])
+        store.record_verdicts(other, [("c", "acct", "i6", "N6", "skipped", "duplicate", None)])
+        store.record_imported([("acct", "i7", "c", "N7", "k7", "case7", "R7")], run_id=run)
+        unpaid, changed = store.seen_in_run(run, "acct")
+        assert unpaid == {"i1", "i3", "i7"} and changed == {"i2": paid}
+    finally:
+        store.close()

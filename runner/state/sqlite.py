@@ -763,10 +763,12 @@ class CaseLife(Portable):
         """Invoices with a case that this run saw in its window: (those still unpaid, or imported by the run;
         {invoice id: what the source shows} of those no longer unpaid, from their verdict's detail)."""
         unpaid, changed = set(), {}
+        # The detail only where it holds what the source shows: a run that saw tens of thousands of its cases
+        # again read every one's detail here, its peak memory (a third more than the sync's own).
         for iid, detail in self._rows(
-                "SELECT invoice_id, detail FROM verdicts WHERE run_id=? AND account_key=? AND reason='duplicate'",
-                (run_id, account_key)):
-            shows = json.loads(detail).get("at_source") if detail and '"at_source"' in detail else None
+                "SELECT invoice_id, CASE WHEN detail LIKE ? THEN detail END FROM verdicts "
+                "WHERE run_id=? AND account_key=? AND reason='duplicate'", ('%"at_source"%', run_id, account_key)):
+            shows = json.loads(detail).get("at_source") if detail else None
             if shows:
                 changed[iid] = shows
             else:
