@@ -34,11 +34,11 @@ class JobManager(manager.JobManager):
             logger.warning("cannot record this worker's heartbeat ({}); trying again at the next beat", _why(exc))
 
     async def finish_job(self, job: jobs.Job, status: jobs.Status, delete_job: bool) -> None:
-        assert job.id is not None
-        connection = str(job.task_kwargs.get("connection", job.task_name))
         try:
             await super().finish_job(job=job, status=status, delete_job=delete_job)
         except exceptions.ConnectorException as exc:
+            assert job.id is not None
+            connection = str(job.task_kwargs.get("connection", job.task_name))
             if _changed_meanwhile(exc):
                 _say_changed(connection)
                 return

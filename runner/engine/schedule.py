@@ -377,9 +377,9 @@ async def serve(cfg, url: str, opts: Options, ready: asyncio.Event | None = None
 async def _run_jobs(app, name: str, opts: Options) -> None:
     """procrastinate's worker until cancelled. It ends with an error when a query of its own fails (the
     database restarting, a failover), or returns when it stops itself (the releases that fix procrastinate's
-    issue #1597 stop a worker whose heartbeat or listener fails); either way its running syncs finish first, then it starts again, as a new worker, after
-    a pause that grows while the database stays away. A job the old worker was running is retried once that
-    worker counts as stalled (_retry_stalled)."""
+    issue #1597 stop a worker whose heartbeat or listener fails); either way its running syncs finish first,
+    then it starts again, as a new worker, after a pause that grows while the database stays away. A job the
+    old worker was running is retried once that worker counts as stalled (_retry_stalled)."""
     import time
 
     from procrastinate.exceptions import ConnectorException
